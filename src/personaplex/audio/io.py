@@ -1,0 +1,180 @@
+"""Audio in and out: reading and writing files, resampling, loudness, input validation.
+
+The model hears and speaks 24 kHz mono float32 PCM in frames of 1920 samples (80 ms).
+Everything a user hands us goes through `prepare_user_audio`, which turns the usual
+mistakes (stereo, int16, NaN, a wrong sample rate) into one clear error or a silent fix.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyloudnorm
+import scipy.signal
+import sphn
+import torch
+
+from personaplex.errors import InvalidAudioError
+
+SAMPLE_RATE = 24_000
+FRAME_SAMPLES = 1_920
+# The temporal transformer's KV cache holds 3000 frames of 80 ms: longer input falls out of
+# the model's context, so we refuse it instead of silently forgetting the start.
+MAX_SECONDS = 240.0
+VOICE_PROMPT_LUFS = -24.0
+
+# Integer PCM formats we convert silently, with the value that maps to full scale.
+_INT_FULL_SCALE = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0}
+
+
+def read_wav(path: str | Path, *, mono: bool = True) -> tuple[np.ndarray, int]:
+    """Read an audio file (WAV, FLAC, MP3, Ogg: whatever sphn decodes).
+
+    Returns (pcm, sample_rate) with pcm float32, 1-D when `mono` (channels averaged),
+    otherwise [channels, samples].
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidAudioError(f"audio file {path} does not exist: check the path")
+    try:
+        pcm, sample_rate = sphn.read(str(path))
+    except (ValueError, OSError) as err:
+        raise InvalidAudioError(
+            f"cannot decode audio file {path} ({err}): pass a WAV, FLAC, MP3 or Ogg file"
+        ) from err
+    pcm = np.asarray(pcm, dtype=np.float32)
+    if mono:
+        pcm = pcm.mean(axis=0) if pcm.shape[0] > 1 else pcm[0]
+    return np.ascontiguousarray(pcm), int(sample_rate)
+
+
+def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write mono float PCM (values in [-1, 1]) as a 16-bit WAV file; creates parent folders."""
+    pcm = np.asarray(pcm, dtype=np.float32)
+    if pcm.ndim == 2 and pcm.shape[0] == 1:
+        pcm = pcm[0]
+    if pcm.ndim != 1:
+        raise InvalidAudioError(
+            f"write_wav needs mono audio of shape [samples], got shape {tuple(pcm.shape)}"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sphn.write_wav(str(path), np.ascontiguousarray(pcm), int(sample_rate))
+
+
+def resample(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Resample mono float PCM; the output has exactly ceil(len * dst / src) samples.
+
+    We use a polyphase filter rather than `sphn.resample`: sphn's streaming resampler
+    delays the signal by a few hundred samples and pads the end to its chunk size, which
+    would shift the user's speech against the model's frames.
+    """
+    pcm = np.asarray(pcm, dtype=np.float32)
+    if src_rate == dst_rate:
+        return pcm.copy()
+    ratio = Fraction(int(dst_rate), int(src_rate))
+    resampled = scipy.signal.resample_poly(pcm, ratio.numerator, ratio.denominator, axis=-1)
+    return np.ascontiguousarray(resampled, dtype=np.float32)
+
+
+def normalize_loudness(
+    pcm: np.ndarray, sample_rate: int, target_lufs: float = VOICE_PROMPT_LUFS
+) -> np.ndarray:
+    """Scale mono PCM to an integrated loudness of `target_lufs` (ITU-R BS.1770).
+
+    The reference normalises voice-prompt WAVs to -24 LUFS before encoding them. Audio too
+    short to measure (under one 400 ms gating block) or silent has no defined loudness:
+    it is returned unchanged rather than scaled by an infinite gain.
+    """
+    pcm = np.asarray(pcm, dtype=np.float32)
+    meter = pyloudnorm.Meter(sample_rate)
+    if pcm.shape[-1] < meter.block_size * sample_rate:
+        return pcm.copy()
+    loudness = meter.integrated_loudness(pcm.astype(np.float64))
+    if not math.isfinite(loudness):
+        return pcm.copy()
+    gain = 10.0 ** ((target_lufs - loudness) / 20.0)
+    return (pcm * gain).astype(np.float32)
+
+
+def prepare_user_audio(
+    audio: Any, sample_rate: int = SAMPLE_RATE, *, max_seconds: float = MAX_SECONDS
+) -> np.ndarray:
+    """Validate user audio and return it as contiguous float32 mono PCM at 24 kHz.
+
+    Accepts a numpy array, a torch tensor or a list of floats, shaped [T], [1, T] or [T, 1].
+    int16/int32 PCM is scaled to [-1, 1]. Anything else raises InvalidAudioError.
+    """
+    _check_sample_rate(sample_rate)
+    pcm = _to_float_array(audio)
+    pcm = _to_mono(pcm)
+    if pcm.size == 0:
+        raise InvalidAudioError("the audio is empty: pass at least one sample")
+    if not np.all(np.isfinite(pcm)):
+        raise InvalidAudioError(
+            "the audio contains NaN or infinite samples: clean it (e.g. np.nan_to_num) first"
+        )
+    seconds = pcm.size / sample_rate
+    if seconds > max_seconds:
+        raise InvalidAudioError(
+            f"the audio lasts {seconds:.1f} s, longer than the {max_seconds:.0f} s the model "
+            "can keep in context: split it into shorter pieces"
+        )
+    return np.ascontiguousarray(resample(pcm, sample_rate, SAMPLE_RATE), dtype=np.float32)
+
+
+def _check_sample_rate(sample_rate: Any) -> None:
+    is_integer = isinstance(sample_rate, (int, np.integer)) and not isinstance(sample_rate, bool)
+    if not is_integer or sample_rate <= 0:
+        raise InvalidAudioError(
+            f"sample_rate must be a positive integer number of Hz (e.g. 24000), got {sample_rate!r}"
+        )
+
+
+def _to_float_array(audio: Any) -> np.ndarray:
+    """Turn any accepted container into a float32 numpy array, scaling integer PCM."""
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu()
+        # numpy has no bfloat16: widen floating tensors before converting.
+        audio = audio.float().numpy() if audio.is_floating_point() else audio.numpy()
+    elif isinstance(audio, (list, tuple)):
+        try:
+            audio = np.asarray(audio, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise InvalidAudioError(
+                f"a list of audio samples must hold only numbers ({err})"
+            ) from err
+    elif not isinstance(audio, np.ndarray):
+        raise InvalidAudioError(
+            f"audio must be a numpy array, a torch tensor or a list of floats, "
+            f"got {type(audio).__name__}"
+        )
+    if audio.dtype in _INT_FULL_SCALE:
+        return audio.astype(np.float32) / _INT_FULL_SCALE[audio.dtype]
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise InvalidAudioError(
+            f"audio samples must be float (or int16/int32 PCM), got dtype {audio.dtype}"
+        )
+    return audio.astype(np.float32, copy=False)
+
+
+def _to_mono(pcm: np.ndarray) -> np.ndarray:
+    """Accept [T], [1, T] and [T, 1]; refuse anything with several channels."""
+    if pcm.ndim == 1:
+        return pcm
+    if pcm.ndim == 2 and 1 in pcm.shape:
+        return pcm.reshape(-1)
+    if pcm.ndim == 2:
+        channels = min(pcm.shape)
+        axis = int(np.argmin(pcm.shape))
+        raise InvalidAudioError(
+            f"the audio has {channels} channels (shape {tuple(pcm.shape)}); the model takes "
+            f"mono: downmix it first, e.g. audio.mean(axis={axis})"
+        )
+    raise InvalidAudioError(
+        f"audio must be 1-D mono samples (shape [T] or [1, T]), got shape {tuple(pcm.shape)}"
+    )

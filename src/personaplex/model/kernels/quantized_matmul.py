@@ -1,0 +1,182 @@
+"""Weight-only quantized matrix products `x @ dequant(W).T` in Triton, for small batches.
+
+One pair of kernels serves three weight formats (`WeightKind`):
+- affine 4-bit: bytes [N, K/2], value 2j in the low nibble of byte j (MLX's order), one fp16
+  scale and bias per group of `group_size` inputs: w = q * scale + bias;
+- affine 8-bit: bytes [N, K], same scales and biases;
+- fp8 e4m3: [N, K] with one float32 scale per output row, applied to the finished sum.
+
+The weights are dequantized in registers and never written back: at 1 to 64 sessions a
+linear layer is bound by reading its weights, so reading 4 or 8 bits instead of 16 is the
+whole gain. `gemv` (one row of x) keeps a [BLOCK_N, BLOCK_K] float32 accumulator and reduces
+it at the end; `dot` (several rows) feeds the dequantized tile to the tensor cores. Both can
+split K over several programs (`split_k`) so that narrow layers still occupy every SM; the
+partial sums then meet in a float32 buffer through atomic adds.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+class WeightKind(enum.IntEnum):
+    INT4 = 0
+    INT8 = 1
+    FP8 = 2
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int  # 1 selects the GEMV kernel; >= 16 the tensor-core kernel
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K,
+                 KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dequantized weights [BLOCK_N, BLOCK_K] (float32) of rows offs_n, inputs k0 .. k0+BLOCK_K."""
+    if KIND == 0:
+        byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + byte_cols[None, :], mask=n_ok[:, None], other=0)
+        # interleave puts each byte's two values side by side: input order, low nibble first.
+        q = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(w_ptr + offs_n[:, None] * K + cols[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
+    if KIND == 2:
+        w = q  # fp8: the per-row scale is applied once to the finished sum
+    else:
+        GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+        group_cols = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
+        group_offsets = offs_n[:, None] * (K // GROUP_SIZE) + group_cols[None, :]
+        scale = tl.load(scales_ptr + group_offsets, mask=n_ok[:, None], other=0).to(tl.float32)
+        bias = tl.load(biases_ptr + group_offsets, mask=n_ok[:, None], other=0).to(tl.float32)
+        # One scale per group of GROUP_SIZE inputs: repeat each along its group.
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE)), (BLOCK_N, BLOCK_K))
+        bias = tl.reshape(tl.broadcast_to(bias[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE)), (BLOCK_N, BLOCK_K))
+        w = q * scale + bias
+    return w
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K,
+                 KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_slice = K // SPLIT_K
+    for k0 in range(pid_k * k_slice, (pid_k + 1) * k_slice, BLOCK_K):
+        w = _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
+        acc += w * x[None, :]
+    out = tl.sum(acc, axis=1)
+    if KIND == 2:
+        out *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(out_ptr + offs_n, out, mask=n_ok, sem="relaxed")
+
+
+@triton.jit
+def _dot_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_slice = K // SPLIT_K
+    for k0 in range(pid_k * k_slice, (pid_k + 1) * k_slice, BLOCK_K):
+        w = _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    if KIND == 2:
+        acc *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=ok, sem="relaxed")
+
+
+def default_config(kind: WeightKind, m: int, n: int, k: int) -> KernelConfig:
+    """The launch shape measured fastest on an H100 for this product (docs/QUANTIZATION.md)."""
+    if m == 1:
+        block_n = 16 if n <= 4096 else 32
+        return fit_config(KernelConfig(block_m=1, block_n=block_n, block_k=256, split_k=2 if n <= 4096 else 1), kind, k, 64)
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    return fit_config(KernelConfig(block_m=block_m, block_n=32, block_k=128, split_k=1), kind, k, 64)
+
+
+def fit_config(config: KernelConfig, kind: WeightKind, k: int, group_size: int) -> KernelConfig:
+    """Shrink split_k, then block_k, until they tile K exactly (small test models)."""
+    split_k, block_k = config.split_k, config.block_k
+    smallest_block_k = group_size if kind != WeightKind.FP8 else 16
+    while split_k > 1 and k % (split_k * block_k):
+        split_k //= 2
+    while block_k > smallest_block_k and k % block_k:
+        block_k //= 2
+    if k % block_k or block_k < smallest_block_k:
+        raise ValueError(f"no kernel tiling for K={k} (group size {group_size})")
+    return KernelConfig(config.block_m, config.block_n, block_k, split_k, config.num_warps, config.num_stages)
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None,
+    kind: WeightKind,
+    group_size: int,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, rows contiguous) @ dequant(weight).T -> [M, N] in x's dtype.
+
+    weight: uint8 [N, K/2] (INT4) or [N, K] (INT8), float8_e4m3fn [N, K] (FP8);
+    scales/biases: [N, K/group_size] (affine) or scales float32 [N] and biases None (FP8).
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    config = config or default_config(kind, m, n, k)
+    config = fit_config(config, kind, k, group_size)
+    biases = scales if biases is None else biases  # FP8 reads no biases; any pointer will do
+    if config.split_k == 1:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    if config.block_m == 1:
+        if m != 1:
+            raise ValueError("the GEMV kernel takes one row of x")
+        grid = (triton.cdiv(n, config.block_n), config.split_k)
+        _gemv_kernel[grid](
+            x, weight, scales, biases, out, n, k,
+            KIND=int(kind), GROUP_SIZE=group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    else:
+        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+        _dot_kernel[grid](
+            x, weight, scales, biases, out, m, n, k, x.stride(0), out.stride(0),
+            KIND=int(kind), GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return out if config.split_k == 1 else out.to(x.dtype)

@@ -1,0 +1,105 @@
+"""Ring KV cache of the temporal transformer: the last `context` frames of every layer.
+
+One `TemporalState` holds the whole streaming state of the temporal transformer for a
+batch of conversations. Each batch row has its own position, so conversations that
+started at different times (or were restored from a cached persona) share one batch.
+
+Slot `s` of row `b` holds the keys/values of the frame at position `slot_positions[b, s]`
+(-1: empty). A frame at position p is written at slot p % capacity, so with
+capacity == context the cache always holds exactly the frames the sliding window allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TemporalState:
+    keys: torch.Tensor  # [layers, B, heads, capacity, head_dim]
+    values: torch.Tensor  # [layers, B, heads, capacity, head_dim]
+    slot_positions: torch.Tensor  # [B, capacity] int64, -1 where empty
+    next_position: torch.Tensor  # [B] int64: position the next frame will get
+
+    @classmethod
+    def empty(
+        cls,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        capacity: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> "TemporalState":
+        shape = (num_layers, batch_size, num_heads, capacity, head_dim)
+        return cls(
+            keys=torch.zeros(shape, device=device, dtype=dtype),
+            values=torch.zeros(shape, device=device, dtype=dtype),
+            slot_positions=torch.full((batch_size, capacity), -1, device=device, dtype=torch.long),
+            next_position=torch.zeros(batch_size, device=device, dtype=torch.long),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.next_position.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.slot_positions.shape[1]
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Forget the history of the rows in the bool mask `rows` (all rows if None)."""
+        if rows is None:
+            self.slot_positions.fill_(-1)
+            self.next_position.zero_()
+            return
+        self.slot_positions.masked_fill_(rows[:, None], -1)
+        self.next_position.masked_fill_(rows, 0)
+
+    def copy_row_from(self, row: int, source: "TemporalState", source_row: int = 0) -> None:
+        """Overwrite row `row` with row `source_row` of `source` (e.g. a cached persona)."""
+        self.keys[:, row].copy_(source.keys[:, source_row])
+        self.values[:, row].copy_(source.values[:, source_row])
+        self.slot_positions[row].copy_(source.slot_positions[source_row])
+        self.next_position[row].copy_(source.next_position[source_row])
+
+    def clone(self) -> "TemporalState":
+        return TemporalState(self.keys.clone(), self.values.clone(), self.slot_positions.clone(), self.next_position.clone())
+
+    def chunk_positions(self, num_frames: int) -> torch.Tensor:
+        """Positions [B, T] of the next `num_frames` frames of every row."""
+        steps = torch.arange(num_frames, device=self.next_position.device)
+        return self.next_position[:, None] + steps
+
+    def attention_mask(self, query_positions: torch.Tensor, context: int) -> torch.Tensor:
+        """Bool mask [B, 1, T, capacity + T]: which keys (cache, then the chunk itself) each query sees."""
+        key_positions = torch.cat([self.slot_positions, query_positions], dim=1)
+        return sliding_window_mask(query_positions, key_positions, context)
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store a chunk's keys/values [B, H, T, D] of one layer at their ring slots."""
+        # A chunk longer than the ring keeps only its newest frames (older ones would be overwritten).
+        keys, values = keys[:, :, -self.capacity :], values[:, :, -self.capacity :]
+        slots = positions[:, -self.capacity :] % self.capacity  # [B, T]
+        index = slots[:, None, :, None].expand_as(keys)
+        self.keys[layer].scatter_(2, index, keys)
+        self.values[layer].scatter_(2, index, values)
+
+    def advance(self, positions: torch.Tensor) -> None:
+        """Record that the chunk at `positions` [B, T] is now in the cache (after every layer wrote it)."""
+        newest = positions[:, -self.capacity :]
+        self.slot_positions.scatter_(1, newest % self.capacity, newest)
+        self.next_position.copy_(positions[:, -1] + 1)
+
+
+def sliding_window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, context: int) -> torch.Tensor:
+    """Causal sliding-window mask [B, 1, T, S]: a query at p sees keys at q with p - context < q <= p.
+
+    Keys at a negative position are empty slots and are never seen.
+    """
+    delta = query_positions[:, :, None] - key_positions[:, None, :]
+    visible = (key_positions[:, None, :] >= 0) & (delta >= 0) & (delta < context)
+    return visible[:, None]

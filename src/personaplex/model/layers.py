@@ -1,0 +1,74 @@
+"""Building blocks shared by the temporal transformer and the depformer.
+
+Everything here is stateless: streaming state (KV caches, positions) is passed in
+explicitly by the caller, so one set of weights can serve many conversations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 whatever the activation dtype (`rms_norm_f32` upstream)."""
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        # Stored as [1, 1, dim] because that is the checkpoint's shape for `alpha`.
+        self.alpha = nn.Parameter(torch.ones(1, 1, dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        inv_rms = torch.rsqrt(self.eps + x32.pow(2).mean(dim=-1, keepdim=True))
+        return (x32 * (self.alpha.float() * inv_rms)).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
+    """Rotate interleaved (even, odd) channel pairs of `x` [B, H, T, D] by `positions` [B, T].
+
+    Angles are computed in float32 so that positions in the thousands keep their precision
+    in bf16 runs; the result is cast back to the input dtype.
+    """
+    head_dim = x.shape[-1]
+    pair_index = torch.arange(head_dim // 2, device=x.device, dtype=torch.float32)
+    inv_freq = torch.exp(pair_index * (-math.log(max_period) * 2 / head_dim))
+    angles = positions.float()[:, None, :, None] * inv_freq  # [B, 1, T, D/2]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    pairs = x.float().unflatten(-1, (head_dim // 2, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class GatedFFN(nn.Module):
+    """SiLU-gated feed-forward: `linear_in` yields two halves a, b; out = linear_out(silu(a) * b)."""
+
+    def __init__(self, dim: int, hidden: int, device=None, dtype=None):
+        super().__init__()
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
+        self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.linear_in(x).chunk(2, dim=-1)
+        return self.linear_out(F.silu(gate) * value)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, H*D] -> [B, H, T, D]."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, H*D]."""
+    return x.transpose(1, 2).flatten(-2)
+
+
+def embed_with_zero(embedding: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
+    """Look up `tokens`, where the id -1 means "no input" and embeds to exactly zero."""
+    vectors = embedding(tokens.clamp(min=0))
+    return torch.where((tokens == -1)[..., None], torch.zeros((), dtype=vectors.dtype, device=vectors.device), vectors)

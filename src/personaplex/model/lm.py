@@ -1,0 +1,306 @@
+"""The PersonaPlex language model: a temporal transformer over frames and a depformer over codebooks.
+
+Per 80 ms frame the model sees 17 token streams (1 text, 8 agent audio, 8 user audio),
+sums their embeddings, runs the 32-layer temporal transformer (causal over frames, with a
+3000-frame sliding window), predicts the text token with `text_linear`, then runs the small
+depformer once per audio codebook (causal over codebooks, separate weights per step) to
+predict the audio tokens one after the other.
+
+Two paths share the weights:
+- `forward(codes)`: teacher-forced over a whole sequence (no state), as upstream's training forward;
+- `forward_temporal(embeddings, state)` + `depformer_step(...)`: streaming, one frame (or a chunk
+  of prompt frames) at a time, with explicit state objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LMConfig
+from .kv_cache import TemporalState, sliding_window_mask
+from .layers import GatedFFN, RMSNorm, apply_rope, embed_with_zero, merge_heads, split_heads
+
+ZERO_TOKEN = -1  # "no input": embeds to zero
+UNGENERATED_TOKEN = -2  # "not generated yet": must never reach the model
+
+
+# --------------------------------------------------------------------------- temporal transformer
+
+
+class TemporalAttention(nn.Module):
+    def __init__(self, config: LMConfig, device=None, dtype=None):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.max_period = config.max_period
+        self.in_proj = nn.Linear(config.dim, 3 * config.dim, bias=False, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(config.dim, config.dim, bias=False, device=device, dtype=dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        state: TemporalState | None,
+        layer_index: int,
+    ) -> torch.Tensor:
+        q, k, v = (split_heads(t, self.num_heads) for t in self.in_proj(x).chunk(3, dim=-1))
+        q = apply_rope(q, positions, self.max_period)
+        k = apply_rope(k, positions, self.max_period)
+        if state is not None:
+            # Attend over (cache as it was before this chunk) + (the chunk itself), then store the
+            # chunk: writing first could overwrite keys that earlier frames of the chunk still need.
+            all_k = torch.cat([state.keys[layer_index], k], dim=2)
+            all_v = torch.cat([state.values[layer_index], v], dim=2)
+            state.write(layer_index, k, v, positions)
+            k, v = all_k, all_v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(merge_heads(out))
+
+
+class TemporalLayer(nn.Module):
+    def __init__(self, config: LMConfig, device=None, dtype=None):
+        super().__init__()
+        self.norm1 = RMSNorm(config.dim, config.norm_eps, device=device)
+        self.self_attn = TemporalAttention(config, device=device, dtype=dtype)
+        self.norm2 = RMSNorm(config.dim, config.norm_eps, device=device)
+        self.gating = GatedFFN(config.dim, config.hidden_dim, device=device, dtype=dtype)
+
+    def forward(self, x, positions, mask, state, layer_index):
+        x = x + self.self_attn(self.norm1(x), positions, mask, state, layer_index)
+        return x + self.gating(self.norm2(x))
+
+
+class TemporalTransformer(nn.Module):
+    def __init__(self, config: LMConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(TemporalLayer(config, device=device, dtype=dtype) for _ in range(config.num_layers))
+
+    def forward(self, x: torch.Tensor, state: TemporalState | None = None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]. Without state, the T frames are the whole history."""
+        batch, frames, _ = x.shape
+        if state is None:
+            positions = torch.arange(frames, device=x.device).expand(batch, frames)
+            mask = sliding_window_mask(positions, positions, self.config.context)
+        else:
+            positions = state.chunk_positions(frames)
+            mask = state.attention_mask(positions, self.config.context)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, positions, mask, state, index)
+        if state is not None:
+            state.advance(positions)
+        return x
+
+
+# --------------------------------------------------------------------------- depformer
+
+
+@dataclass
+class DepformerState:
+    """Keys/values of the depformer steps already run in the current frame."""
+
+    keys: torch.Tensor  # [layers, B, heads, steps, head_dim]
+    values: torch.Tensor
+
+
+class DepformerAttention(nn.Module):
+    """Causal attention over the codebook steps of one frame, with separate weights per step."""
+
+    def __init__(self, config: LMConfig, device=None, dtype=None):
+        super().__init__()
+        dim = config.depformer_dim
+        self.num_heads = config.depformer_num_heads
+        self.in_projs = nn.ModuleList(
+            nn.Linear(dim, 3 * dim, bias=False, device=device, dtype=dtype) for _ in range(config.dep_q)
+        )
+        self.out_projs = nn.ModuleList(
+            nn.Linear(dim, dim, bias=False, device=device, dtype=dtype) for _ in range(config.dep_q)
+        )
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced: x [N, steps, dim], step k uses weights k."""
+        steps = x.shape[1]
+        qkv = torch.stack([self.in_projs[k](x[:, k]) for k in range(steps)], dim=1)
+        q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
+        out = merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return torch.stack([self.out_projs[s](out[:, s]) for s in range(steps)], dim=1)
+
+    def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int) -> torch.Tensor:
+        """Streaming: x [B, 1, dim] is step `step`; attends to steps 0..step of this frame."""
+        q, k, v = (split_heads(t, self.num_heads) for t in self.in_projs[step](x).chunk(3, dim=-1))
+        state.keys[layer_index, :, :, step : step + 1] = k
+        state.values[layer_index, :, :, step : step + 1] = v
+        keys = state.keys[layer_index, :, :, : step + 1]
+        values = state.values[layer_index, :, :, : step + 1]
+        out = F.scaled_dot_product_attention(q, keys, values)
+        return self.out_projs[step](merge_heads(out))
+
+
+class DepformerLayer(nn.Module):
+    def __init__(self, config: LMConfig, device=None, dtype=None):
+        super().__init__()
+        dim = config.depformer_dim
+        self.norm1 = RMSNorm(dim, config.norm_eps, device=device)
+        self.self_attn = DepformerAttention(config, device=device, dtype=dtype)
+        self.norm2 = RMSNorm(dim, config.norm_eps, device=device)
+        self.gating = nn.ModuleList(
+            GatedFFN(dim, config.depformer_hidden_dim, device=device, dtype=dtype) for _ in range(config.dep_q)
+        )
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.forward_all(self.norm1(x))
+        ffn_in = self.norm2(x)
+        return x + torch.stack([self.gating[k](ffn_in[:, k]) for k in range(x.shape[1])], dim=1)
+
+    def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int) -> torch.Tensor:
+        x = x + self.self_attn.forward_step(self.norm1(x), step, state, layer_index)
+        return x + self.gating[step](self.norm2(x))
+
+
+class Depformer(nn.Module):
+    def __init__(self, config: LMConfig, device=None, dtype=None):
+        super().__init__()
+        self.layers = nn.ModuleList(DepformerLayer(config, device=device, dtype=dtype) for _ in range(config.depformer_num_layers))
+
+
+# --------------------------------------------------------------------------- the whole LM
+
+
+class LMModel(nn.Module):
+    def __init__(self, config: LMConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        c = config
+        kw = dict(device=device, dtype=dtype)
+        self.text_emb = nn.Embedding(c.text_card + 1, c.dim, **kw)
+        self.emb = nn.ModuleList(nn.Embedding(c.card + 1, c.dim, **kw) for _ in range(c.n_q))
+        self.transformer = TemporalTransformer(c, **kw)
+        self.out_norm = RMSNorm(c.dim, c.norm_eps, device=device)
+        self.text_linear = nn.Linear(c.dim, c.text_card, bias=False, **kw)
+        self.depformer_in = nn.ModuleList(nn.Linear(c.dim, c.depformer_dim, bias=False, **kw) for _ in range(c.dep_q))
+        self.depformer_text_emb = nn.Embedding(c.text_card + 1, c.depformer_dim, **kw)
+        self.depformer_emb = nn.ModuleList(nn.Embedding(c.card + 1, c.depformer_dim, **kw) for _ in range(c.dep_q - 1))
+        self.depformer = Depformer(c, **kw)
+        self.linears = nn.ModuleList(nn.Linear(c.depformer_dim, c.card, bias=False, **kw) for _ in range(c.dep_q))
+
+    # ---- special tokens
+
+    @property
+    def audio_start_token(self) -> int:
+        return self.config.card
+
+    @property
+    def text_start_token(self) -> int:
+        return self.config.text_card
+
+    def start_tokens(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The token every stream holds before the first frame: [num_codebooks]."""
+        tokens = torch.full((self.config.num_codebooks,), self.audio_start_token, dtype=torch.long, device=device)
+        tokens[0] = self.text_start_token
+        return tokens
+
+    # ---- streaming path
+
+    def new_temporal_state(self, batch_size: int, device=None, dtype=None) -> TemporalState:
+        weight = self.text_linear.weight
+        c = self.config
+        return TemporalState.empty(
+            c.num_layers, batch_size, c.num_heads, c.head_dim, c.context,
+            device=device or weight.device, dtype=dtype or self.activation_dtype,
+        )
+
+    def new_depformer_state(self, batch_size: int, device=None, dtype=None) -> DepformerState:
+        c = self.config
+        shape = (c.depformer_num_layers, batch_size, c.depformer_num_heads, c.dep_q, c.depformer_dim // c.depformer_num_heads)
+        device = device or self.text_linear.weight.device
+        dtype = dtype or self.activation_dtype
+        return DepformerState(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return self.text_emb.weight.dtype
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sum of the 17 stream embeddings: codes [B, num_codebooks, T] -> [B, T, dim]."""
+        if codes.shape[1] != self.config.num_codebooks:
+            raise ValueError(f"expected {self.config.num_codebooks} token streams, got {codes.shape[1]}")
+        total = None
+        for stream, embedding in enumerate(self.emb, start=1):
+            audio = embed_with_zero(embedding, codes[:, stream])
+            total = audio if total is None else total + audio
+        return total + embed_with_zero(self.text_emb, codes[:, 0])
+
+    def forward_temporal(
+        self, embeddings: torch.Tensor, state: TemporalState | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, T, dim] -> (normed hidden [B, T, dim], text logits [B, T, text_card])."""
+        hidden = self.out_norm(self.transformer(embeddings, state))
+        return hidden, self.text_linear(hidden)
+
+    def depformer_step(
+        self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor, state: DepformerState
+    ) -> torch.Tensor:
+        """Logits [B, card] of codebook `step` of one frame.
+
+        hidden [B, 1, dim] is the frame's normed temporal output; previous_token [B] is the
+        text token for step 0, else the audio token chosen at step - 1.
+        """
+        token_embedding = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
+        x = self.depformer_in[step](hidden) + embed_with_zero(token_embedding, previous_token[:, None])
+        for index, layer in enumerate(self.depformer.layers):
+            x = layer.forward_step(x, step, state, index)
+        return self.linears[step](x[:, 0])
+
+    # ---- teacher-forced path
+
+    def depformer_teacher_forced(self, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """All depformer steps at once: hidden [B, T, dim], inputs [B, num_codebooks, T]
+        (step k reads stream k: the text for k = 0, else the codebook before it)
+        -> logits [B, dep_q, T, card]."""
+        batch, frames, _ = hidden.shape
+        steps = []
+        for k in range(self.config.dep_q):
+            embedding = self.depformer_text_emb if k == 0 else self.depformer_emb[k - 1]
+            steps.append(self.depformer_in[k](hidden) + embed_with_zero(embedding, inputs[:, k]))
+        x = torch.stack(steps, dim=2).flatten(0, 1)  # [B*T, steps, ddim]
+        for layer in self.depformer.layers:
+            x = layer.forward_all(x)
+        logits = torch.stack([self.linears[k](x[:, k]) for k in range(self.config.dep_q)], dim=1)
+        return logits.unflatten(0, (batch, frames)).transpose(1, 2)
+
+    def forward(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits for a whole sequence of aligned codes [B, num_codebooks, T].
+
+        Returns (text_logits [B, 1, T, text_card], audio_logits [B, dep_q, T, card]), aligned
+        with `codes` (position t predicts codes[..., t]); positions a delay makes unpredictable
+        are NaN, as in upstream's training forward.
+        """
+        batch, _, frames = codes.shape
+        start = self.start_tokens(codes.device)[None, :, None].expand(batch, -1, 1)
+        delayed = torch.cat([start, delay_codes(codes, self.config.delays, start)], dim=2)
+        hidden, text_logits = self.forward_temporal(self.embed_codes(delayed[:, :, :-1]))
+        audio_logits = self.depformer_teacher_forced(hidden, delayed[:, :, 1:])
+        audio_delays = self.config.delays[1 : 1 + self.config.dep_q]
+        return undelay_logits(text_logits[:, None], self.config.delays[:1]), undelay_logits(audio_logits, audio_delays)
+
+
+def delay_codes(codes: torch.Tensor, delays: tuple[int, ...], padding: torch.Tensor) -> torch.Tensor:
+    """Shift stream k right by delays[k] frames, filling with `padding` [B, K, 1]."""
+    out = codes.clone()
+    for k, delay in enumerate(delays):
+        if delay:
+            out[:, k, delay:] = codes[:, k, :-delay]
+            out[:, k, :delay] = padding[:, k]
+    return out
+
+
+def undelay_logits(logits: torch.Tensor, delays: tuple[int, ...]) -> torch.Tensor:
+    """Shift logits [B, K, T, V] of stream k left by delays[k]; the tail becomes NaN."""
+    out = torch.full_like(logits, float("nan"))
+    for k, delay in enumerate(delays):
+        out[:, k, : logits.shape[2] - delay] = logits[:, k, delay:]
+    return out

@@ -1,0 +1,165 @@
+"""Mimi's transformer: causal, sliding-window attention with RoPE, LayerNorm, GELU FFN and
+layer scale, on [B, C, T] latents at 25 Hz.
+
+Two modes compute the same function:
+- `forward`: a whole clip, attention masked to the last `context` positions;
+- `step`: a few positions per call, keys/values kept in a ring of `context` slots per layer.
+Parameter names follow the official checkpoint (`layers.{i}.self_attn.in_proj_weight`, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from personaplex.model.config import MimiTransformerConfig
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q, k ([B, H, T, D]) by position `offset[b] + t`; (even, odd) pairs are the
+    (real, imaginary) parts. Angles and products in float32, whatever the input dtype."""
+    batch, _, steps, dim = q.shape
+    freqs = torch.exp(torch.arange(dim // 2, device=q.device, dtype=torch.float32) * (-math.log(max_period) * 2 / dim))
+    positions = offset.float().view(-1, 1) + torch.arange(steps, device=q.device, dtype=torch.float32)
+    angles = freqs * positions.view(batch, 1, steps, 1)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        pairs = x.view(*x.shape[:-1], dim // 2, 2)
+        real, imag = pairs[..., 0].float(), pairs[..., 1].float()
+        rotated = [(real * cos - imag * sin).to(x.dtype), (real * sin + imag * cos).to(x.dtype)]
+        return torch.stack(rotated, dim=-1).view(*x.shape)
+
+    return rotate(q), rotate(k)
+
+
+@dataclass
+class TransformerState:
+    """Streaming state of one Mimi transformer: a key/value ring per layer and the position
+    of each row's next step."""
+
+    keys: list[torch.Tensor]  # per layer [B, H, context, D]; slot = position % context
+    values: list[torch.Tensor]
+    offset: torch.Tensor  # [B] int64: positions consumed so far
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Rows of `rows` ([B] bool) start over; the others are untouched."""
+        self.offset.masked_fill_(rows, 0)
+        for cache in (*self.keys, *self.values):
+            cache.masked_fill_(rows.view(-1, 1, 1, 1), 0)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MimiTransformerConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        dim = config.d_model
+        self.num_heads = config.num_heads
+        self.context = config.context
+        self.max_period = config.max_period
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim, device=device, dtype=dtype))
+        self.out_proj = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+
+    def _qkv(self, x: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, steps, _ = x.shape
+        qkv = F.linear(x, self.in_proj_weight).view(batch, steps, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k = apply_rope(q, k, offset, self.max_period)
+        return q, k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        """query_pos [B, T, 1], key_pos [B, 1, S] (negative = empty slot)."""
+        delta = query_pos - key_pos
+        visible = (key_pos >= 0) & (delta >= 0) & (delta < self.context)
+        out = F.scaled_dot_product_attention(q, k, v, visible[:, None])
+        batch, heads, steps, head_dim = out.shape
+        return self.out_proj(out.permute(0, 2, 1, 3).reshape(batch, steps, heads * head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Whole clip x [B, T, C], positions 0..T-1."""
+        batch, steps, _ = x.shape
+        offset = torch.zeros(batch, device=x.device, dtype=torch.long)
+        q, k, v = self._qkv(x, offset)
+        positions = torch.arange(steps, device=x.device)
+        return self._attend(q, k, v, positions.view(1, -1, 1), positions.view(1, 1, -1))
+
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """x [B, T, C] at positions offset[b] + t; writes its keys/values into the ring."""
+        batch, steps, _ = x.shape
+        q, k, v = self._qkv(x, offset)
+        new_pos = offset.view(-1, 1) + torch.arange(steps, device=x.device)  # [B, T]
+        slots = (new_pos % self.context).view(batch, 1, steps, 1).expand(-1, k.shape[1], -1, k.shape[3])
+        keys.scatter_(2, slots, k)
+        values.scatter_(2, slots, v)
+        # Slot s holds the latest position p <= last with p = s (mod context); p < 0: never written.
+        last = new_pos[:, -1:]
+        ring = torch.arange(self.context, device=x.device)
+        key_pos = last - (last - ring) % self.context
+        return self._attend(q, keys, values, new_pos.view(batch, steps, 1), key_pos.view(batch, 1, -1))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: MimiTransformerConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        dim, factory = config.d_model, {"device": device, "dtype": dtype}
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5, **factory)
+        self.self_attn = Attention(config, **factory)
+        self.layer_scale_1 = LayerScale(dim, **factory)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5, **factory)
+        self.linear1 = nn.Linear(dim, config.dim_feedforward, bias=False, **factory)
+        self.linear2 = nn.Linear(config.dim_feedforward, dim, bias=False, **factory)
+        self.layer_scale_2 = LayerScale(dim, **factory)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer_scale_2(self.linear2(F.gelu(self.linear1(self.norm2(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.layer_scale_1(self.self_attn(self.norm1(x)))
+        return self._feed_forward(x)
+
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        x = x + self.layer_scale_1(self.self_attn.step(self.norm1(x), keys, values, offset))
+        return self._feed_forward(x)
+
+
+class MimiTransformer(nn.Module):
+    """[B, d_model, T] -> [B, d_model, T]. (Upstream can project in and out of a different
+    width; Mimi never does, so the codec checks d_model == SEANet dimension instead.)"""
+
+    def __init__(self, config: MimiTransformerConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList([TransformerLayer(config, device, dtype) for _ in range(config.num_layers)])
+
+    def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> TransformerState:
+        c = self.config
+        shape = (batch_size, c.num_heads, c.context, c.d_model // c.num_heads)
+        return TransformerState(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
+            offset=torch.zeros(batch_size, device=device, dtype=torch.long),
+        )
+
+    def forward(self, x: torch.Tensor, state: TransformerState | None = None) -> torch.Tensor:
+        """A whole clip if `state` is None, else the next x.shape[-1] positions of a stream."""
+        x = x.transpose(1, 2)
+        if state is None:
+            for layer in self.layers:
+                x = layer(x)
+        else:
+            for layer, keys, values in zip(self.layers, state.keys, state.values):
+                x = layer.step(x, keys, values, state.offset)
+            state.offset.add_(x.shape[1])
+        return x.transpose(1, 2)

@@ -1,0 +1,9 @@
+import sys
+from pathlib import Path
+
+# Tests import their fixtures as `tests.fixtures...` and the package from src/ even when
+# it is not installed (an installed copy takes precedence through site-packages order).
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "src"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
