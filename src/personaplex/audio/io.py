@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyloudnorm
-import scipy.signal
 import sphn
 import torch
 
@@ -76,6 +74,8 @@ def resample(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     pcm = np.asarray(pcm, dtype=np.float32)
     if src_rate == dst_rate:
         return pcm.copy()
+    import scipy.signal  # takes over a second to import: only when resampling
+
     ratio = Fraction(int(dst_rate), int(src_rate))
     resampled = scipy.signal.resample_poly(pcm, ratio.numerator, ratio.denominator, axis=-1)
     return np.ascontiguousarray(resampled, dtype=np.float32)
@@ -90,6 +90,8 @@ def normalize_loudness(
     short to measure (under one 400 ms gating block) or silent has no defined loudness:
     it is returned unchanged rather than scaled by an infinite gain.
     """
+    import pyloudnorm  # imports scipy.signal, slow: only when normalising
+
     pcm = np.asarray(pcm, dtype=np.float32)
     meter = pyloudnorm.Meter(sample_rate)
     if pcm.shape[-1] < meter.block_size * sample_rate:

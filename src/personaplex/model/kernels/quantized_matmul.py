@@ -51,7 +51,8 @@ def _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K,
         q = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
-        q = tl.load(w_ptr + offs_n[:, None] * K + cols[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
+        # Rows past N are never stored, so their (unloaded) values do not matter.
+        q = tl.load(w_ptr + offs_n[:, None] * K + cols[None, :], mask=n_ok[:, None]).to(tl.float32)
     if KIND == 2:
         w = q  # fp8: the per-row scale is applied once to the finished sum
     else:
@@ -77,7 +78,8 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K,
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_slice = K // SPLIT_K
-    for k0 in range(pid_k * k_slice, (pid_k + 1) * k_slice, BLOCK_K):
+    for step in range(0, k_slice, BLOCK_K):
+        k0 = pid_k * k_slice + step
         w = _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
         x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
         acc += w * x[None, :]
@@ -103,7 +105,8 @@ def _dot_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, M, N, K, stride_x
     m_ok = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_slice = K // SPLIT_K
-    for k0 in range(pid_k * k_slice, (pid_k + 1) * k_slice, BLOCK_K):
+    for step in range(0, k_slice, BLOCK_K):
+        k0 = pid_k * k_slice + step
         w = _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0)

@@ -1,0 +1,170 @@
+"""`personaplex respond IN.wav -o OUT.wav`: the model's spoken answer to a recording.
+
+Two modes:
+- turn-based (default): the model listens to the whole recording, then speaks for
+  `--max-steps` frames (80 ms each);
+- `--duplex`: full duplex over the file, one agent frame per input frame, so the reply
+  is as long as the input and may overlap it, as in a live conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from personaplex.audio.io import read_wav, write_wav
+from personaplex.errors import PersonaPlexError
+from personaplex.hub import DEFAULT_REPO
+from personaplex.runtime.prompts import PROMPT_PRESETS, resolve_prompt
+from personaplex.runtime.voices import DEFAULT_VOICE, is_wav_voice
+
+DEFAULT_MAX_STEPS = 75  # 6 s of reply
+
+
+@dataclass
+class Reply:
+    """What the command writes, gathered from either engine call."""
+
+    audio: np.ndarray  # float32, 24 kHz
+    text: str
+    frames: list[dict[str, Any]]  # one JSON object per generated frame
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "respond",
+        help="answer a recorded question: audio file in, WAV out",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", type=Path, help="the user's audio (WAV, FLAC, MP3 or Ogg)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="WAV file to write")
+    parser.add_argument(
+        "--model", help=f"local model folder or Hugging Face repo id (default {DEFAULT_REPO})"
+    )
+    voice = parser.add_mutually_exclusive_group()
+    voice.add_argument(
+        "--voice",
+        default=DEFAULT_VOICE,
+        help=f"preset voice (`personaplex voices`) or a .pt/.safetensors file ({DEFAULT_VOICE})",
+    )
+    voice.add_argument("--voice-wav", type=Path, help="speak in the voice of this recording")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--system-prompt", help="the persona, in plain text")
+    prompt.add_argument(
+        "--prompt-preset", help=f"a named persona: {', '.join(PROMPT_PRESETS)} (default)"
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        help=f"frames to speak after the input, 12.5 per second ({DEFAULT_MAX_STEPS})",
+    )
+    parser.add_argument("--seed", type=int, help="random seed, for a reproducible reply")
+    parser.add_argument("--greedy", action="store_true", help="always pick the likeliest token")
+    parser.add_argument("--json", type=Path, help="also write the text, frame by frame, as JSON")
+    parser.add_argument(
+        "--codes", action="store_true", help="add each frame's audio codes to --json"
+    )
+    parser.add_argument("--duplex", action="store_true", help="full duplex over the whole file")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: best available)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Everything cheap is checked before the model loads, which takes a while.
+    _check_flag_combinations(args)
+    system_prompt = resolve_prompt(args.prompt_preset, args.system_prompt)
+    audio, sample_rate = read_wav(args.input)
+
+    from personaplex import PersonaPlex  # the engine pulls in torch and the model code
+
+    engine = PersonaPlex.from_pretrained(args.model, device=args.device)
+    persona = _persona_arguments(args, system_prompt)
+    if args.duplex:
+        reply = _reply_from_response(
+            engine.respond_duplex(audio, sample_rate=sample_rate, **persona), args.codes
+        )
+    else:
+        max_steps = args.max_steps or DEFAULT_MAX_STEPS
+        reply = _turn_based_reply(engine, audio, sample_rate, persona, max_steps, args.codes)
+
+    write_wav(args.output, reply.audio, engine.sample_rate)
+    if args.json is not None:
+        _write_json(args.json, reply)
+    print(reply.text.strip())
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of frames, got {text!r}")
+    return int(text)
+
+
+def _check_flag_combinations(args: argparse.Namespace) -> None:
+    if args.codes and args.json is None:
+        raise PersonaPlexError("--codes adds the audio codes to the JSON output: give --json too")
+    if args.duplex and args.max_steps is not None:
+        raise PersonaPlexError(
+            "--duplex replies for exactly as long as the input: drop --max-steps"
+        )
+
+
+def _persona_arguments(args: argparse.Namespace, system_prompt: str) -> dict[str, Any]:
+    """The keyword arguments shared by every engine call."""
+    voice_wav = args.voice_wav
+    voice = args.voice
+    if voice_wav is None and is_wav_voice(voice):
+        voice_wav, voice = Path(voice), DEFAULT_VOICE  # `--voice me.wav` means --voice-wav
+    return {
+        "voice": voice,
+        "voice_wav": None if voice_wav is None else str(voice_wav),
+        "system_prompt": system_prompt,
+        "seed": args.seed,
+        "greedy": args.greedy,
+    }
+
+
+def _turn_based_reply(
+    engine: Any,
+    audio: np.ndarray,
+    sample_rate: int,
+    persona: dict[str, Any],
+    max_steps: int,
+    with_codes: bool,
+) -> Reply:
+    if with_codes:
+        # Only the full Response carries the audio codes; the stream carries audio and text.
+        response = engine.respond(audio, sample_rate=sample_rate, max_steps=max_steps, **persona)
+        return _reply_from_response(response, with_codes)
+    pcm_frames: list[np.ndarray] = []
+    frames: list[dict[str, Any]] = []
+    chunks = engine.respond_stream(audio, sample_rate=sample_rate, max_steps=max_steps, **persona)
+    for chunk in tqdm(chunks, total=max_steps, unit="frame", desc="speaking", leave=False):
+        pcm_frames.append(chunk.pcm)
+        frames.append({"index": chunk.frame_index, "text": chunk.text})
+    audio_out = np.concatenate(pcm_frames) if pcm_frames else np.zeros(0, np.float32)
+    return Reply(audio=audio_out, text="".join(f["text"] for f in frames), frames=frames)
+
+
+def _reply_from_response(response: Any, with_codes: bool) -> Reply:
+    frames = []
+    for frame in response.frames:
+        entry: dict[str, Any] = {"index": frame.index, "text": frame.text}
+        if with_codes:
+            entry["text_token"] = frame.text_token
+            entry["agent_codes"] = list(frame.agent_codes)
+        frames.append(entry)
+    return Reply(audio=response.audio, text=response.text, frames=frames)
+
+
+def _write_json(path: Path, reply: Reply) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"text": reply.text, "frames": reply.frames}
+    path.write_text(json.dumps(document, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

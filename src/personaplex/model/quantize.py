@@ -1,0 +1,344 @@
+"""Weight formats for the LM's linear layers: bf16, fp8 (e4m3) and affine int4/int8.
+
+`quantize_model` swaps `nn.Linear` leaves for quantized modules in place, one layer at a
+time, so quantizing the 16 GB bf16 model never holds a second full copy. `save_quantized`
+and `load_quantized` keep the result as one safetensors file whose metadata says how each
+layer is stored, so a reload builds the quantized modules directly (no bf16 detour).
+
+Formats
+- int4 / int8: MLX's affine groups, w = q * scale + bias with q in [0, 2^bits), one fp16
+  scale and bias per `group_size` inputs of a row (32, 64 or 128). Codes are stored as bytes
+  in input order, two 4-bit codes per byte low nibble first: exactly the bytes of MLX's
+  uint32 words on a little-endian machine, so MLX files load without repacking (see mlx.py).
+- fp8: float8 e4m3 weights with one float32 scale per output row (amax / 448).
+- bf16: the plain `nn.Linear`, cast to bf16.
+
+On CUDA the quantized layers run the Triton kernels of `kernels/quantized_matmul.py`
+(weights dequantized in registers, see docs/QUANTIZATION.md for why these and not torch's
+tinygemm or `_scaled_mm`); elsewhere they dequantize to the activation dtype and call
+`F.linear`, which is exact with respect to the stored weights and fast enough for tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import CheckpointError, check_tensor_shapes, read_safetensors_shapes
+
+WeightFormat = Literal["bf16", "fp8", "int4", "int8"]
+WEIGHT_FORMATS: tuple[str, ...] = ("bf16", "fp8", "int4", "int8")
+GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value
+
+FILE_FORMAT = "personaplex-quantized"
+FILE_VERSION = "1"
+
+
+# --------------------------------------------------------------------------- affine int4 / int8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes uint8 [N, K] in [0, 2^bits) -> bytes [N, K * bits / 8], low nibble first for 4 bits."""
+    if bits == 8:
+        return codes.contiguous()
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: bytes -> codes uint8 [N, K]."""
+    if bits == 8:
+        return packed
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def quantize_affine(
+    weight: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weight [N, K] -> (packed bytes, scales fp16 [N, K/G], biases fp16 [N, K/G]).
+
+    Each group maps its [min, max] onto the 2^bits codes (as MLX's conversion of this model
+    does). The codes are rounded against the fp16 scale and bias actually stored, so the
+    rounding of the scale is not added to the error a second time.
+    """
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"input size {in_features} is not a multiple of the group size {group_size}")
+    top = (1 << bits) - 1
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    low = groups.amin(dim=-1)
+    high = groups.amax(dim=-1)
+    scales = ((high - low) / top).to(torch.float16)
+    biases = low.to(torch.float16)
+    # A constant group has scale 0: any code reproduces it, so divide by 1 instead.
+    safe_scales = torch.where(scales == 0, 1.0, scales.float())
+    codes = ((groups - biases.float()[..., None]) / safe_scales[..., None]).round_().clamp_(0, top)
+    codes = codes.to(torch.uint8).reshape(out_features, in_features)
+    return pack_codes(codes, bits), scales, biases
+
+
+def dequantize_affine(
+    packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    codes = unpack_codes(packed, bits).float()
+    out_features, in_features = codes.shape
+    groups = codes.reshape(out_features, in_features // group_size, group_size)
+    weight = groups * scales.float()[..., None] + biases.float()[..., None]
+    return weight.reshape(out_features, in_features).to(dtype)
+
+
+class AffineQuantizedLinear(nn.Module):
+    """A bias-free linear layer with `bits`-bit affine group-quantized weights (MLX's format)."""
+
+    bits: int
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 64, device=None):
+        super().__init__()
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
+        if in_features % group_size:
+            raise ValueError(f"input size {in_features} is not a multiple of the group size {group_size}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features * self.bits // 8, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("biases", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, group_size: int) -> "AffineQuantizedLinear":
+        module = cls(weight.shape[1], weight.shape[0], group_size, device="meta")
+        module.qweight, module.scales, module.biases = quantize_affine(weight, cls.bits, group_size)
+        return module
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_affine(self.qweight, self.scales, self.biases, self.bits, self.group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from .kernels.quantized_matmul import WeightKind, quantized_linear
+
+            kind = WeightKind.INT4 if self.bits == 4 else WeightKind.INT8
+            x2d = x.reshape(-1, self.in_features).contiguous()
+            out = quantized_linear(x2d, self.qweight, self.scales, self.biases, kind, self.group_size)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized_weight(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class Int4Linear(AffineQuantizedLinear):
+    bits = 4
+
+
+class Int8Linear(AffineQuantizedLinear):
+    bits = 8
+
+
+# --------------------------------------------------------------------------- fp8
+
+
+class Fp8Linear(nn.Module):
+    """A bias-free linear layer with float8 e4m3 weights and one float32 scale per output row.
+
+    The codes are held as their uint8 bit patterns: `Module.to(dtype)` casts every floating
+    buffer, and would otherwise turn the fp8 weights into bf16 ones.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight_bits", torch.empty(out_features, in_features, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> "Fp8Linear":
+        module = cls(weight.shape[1], weight.shape[0], device="meta")
+        w = weight.float()
+        scales = w.abs().amax(dim=1).clamp_(min=1e-12) / FP8_MAX
+        module.weight_bits = (w / scales[:, None]).to(torch.float8_e4m3fn).view(torch.uint8)
+        module.scales = scales
+        return module
+
+    @property
+    def weight_fp8(self) -> torch.Tensor:
+        return self.weight_bits.view(torch.float8_e4m3fn)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight_fp8.float() * self.scales.float()[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from .kernels.quantized_matmul import WeightKind, quantized_linear
+
+            x2d = x.reshape(-1, self.in_features).contiguous()
+            out = quantized_linear(x2d, self.weight_fp8, self.scales.float(), None, WeightKind.FP8, group_size=1)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized_weight(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def default_filter(name: str) -> bool:
+    """The layers MLX's conversion quantizes: every temporal and depformer linear, and
+    `depformer_in`; `text_linear` and the `linears.*` heads stay bf16 (they decide the tokens)."""
+    return name.startswith(("transformer.", "depformer.", "depformer_in."))
+
+
+def quantize_linear(linear: nn.Linear, fmt: WeightFormat, group_size: int = 64) -> nn.Module:
+    """The quantized replacement of one bias-free `nn.Linear`, on the device of its weight."""
+    if linear.bias is not None:
+        raise ValueError("quantized layers have no bias; this model's linear layers never do")
+    weight = linear.weight.detach()
+    if fmt == "int4":
+        return Int4Linear.from_weight(weight, group_size)
+    if fmt == "int8":
+        return Int8Linear.from_weight(weight, group_size)
+    if fmt == "fp8":
+        return Fp8Linear.from_weight(weight)
+    if fmt == "bf16":
+        return linear.to(torch.bfloat16)
+    raise ValueError(f"unknown weight format {fmt!r}; expected one of {WEIGHT_FORMATS}")
+
+
+def quantize_model(
+    model: nn.Module,
+    fmt: WeightFormat,
+    *,
+    group_size: int = 64,
+    include: Callable[[str], bool] = default_filter,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Replace every `nn.Linear` whose name passes `include` by its `fmt` form, in place.
+
+    Layers are converted one at a time and the bf16 original is dropped before the next, so
+    peak memory is the model plus one layer. With `device`, each weight is moved there before
+    it is quantized (e.g. quantize a CPU-loaded model straight onto the GPU: the GPU then
+    only ever holds the quantized layers). Other modules are left where they are.
+    """
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; expected one of {WEIGHT_FORMATS}")
+    if fmt in ("int4", "int8") and group_size not in GROUP_SIZES:
+        raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
+    # Names only: holding the modules themselves would keep every original weight alive.
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and include(name)]
+    with torch.no_grad():
+        for name in names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            linear = getattr(parent, attr)
+            if device is not None:
+                linear = linear.to(device)
+            try:
+                replacement = quantize_linear(linear, fmt, group_size)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from exc
+            setattr(parent, attr, replacement)
+            del linear
+    return model
+
+
+def _layer_spec(module: nn.Module) -> dict[str, object] | None:
+    """How a layer is stored, for the file's metadata (None for layers not quantized)."""
+    if isinstance(module, AffineQuantizedLinear):
+        return {"format": f"int{module.bits}", "group_size": module.group_size,
+                "in_features": module.in_features, "out_features": module.out_features}
+    if isinstance(module, Fp8Linear):
+        return {"format": "fp8", "in_features": module.in_features, "out_features": module.out_features}
+    return None
+
+
+def _empty_layer(spec: dict[str, object]) -> nn.Module:
+    fmt = spec["format"]
+    in_features, out_features = int(spec["in_features"]), int(spec["out_features"])
+    if fmt == "int4":
+        return Int4Linear(in_features, out_features, int(spec["group_size"]), device="meta")
+    if fmt == "int8":
+        return Int8Linear(in_features, out_features, int(spec["group_size"]), device="meta")
+    if fmt == "fp8":
+        return Fp8Linear(in_features, out_features, device="meta")
+    raise ValueError(f"unknown layer format {fmt!r}")
+
+
+def save_quantized(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
+    """Write the whole model (quantized layers and the rest) to one safetensors file.
+
+    The metadata records the file format and version and, for each quantized layer, its
+    format, group size and shape; `extra_metadata` (e.g. the model config as JSON) is kept too.
+    """
+    layers = {name: spec for name, module in model.named_modules() if (spec := _layer_spec(module)) is not None}
+    metadata = {**(extra_metadata or {}), "format": FILE_FORMAT, "version": FILE_VERSION, "layers": json.dumps(layers)}
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(path), metadata=metadata)
+
+
+def read_quantized_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a file written by `save_quantized`; CheckpointError for any other file."""
+    read_safetensors_shapes(path)  # absent, not safetensors or truncated: a clear error first
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FILE_FORMAT:
+        raise CheckpointError(f"{path}: not a quantized PersonaPlex file (no '{FILE_FORMAT}' metadata)")
+    if metadata.get("version") != FILE_VERSION:
+        raise CheckpointError(
+            f"{path}: quantized file version {metadata.get('version')!r}; this engine reads version {FILE_VERSION}"
+        )
+    return metadata
+
+
+def load_quantized(path: str | Path, model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Fill `model` (best built on the meta device) from a `save_quantized` file.
+
+    The layers the file stores quantized are replaced by empty quantized modules first, then
+    every tensor is read straight onto `device` and assigned, so no bf16 copy of those
+    layers is ever made. The file must match the model exactly: missing, extra or reshaped
+    tensors raise CheckpointError naming them.
+    """
+    metadata = read_quantized_metadata(path)
+    try:
+        layers: dict[str, dict[str, object]] = json.loads(metadata["layers"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable layer table in the metadata ({exc})") from exc
+    for name, spec in layers.items():
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            current = model.get_submodule(name)
+            parent = model.get_submodule(parent_name)
+        except AttributeError as exc:
+            raise CheckpointError(f"{path}: quantized layer {name!r} does not exist in this model") from exc
+        if not isinstance(current, nn.Linear) or (current.in_features, current.out_features) != (
+            spec.get("in_features"), spec.get("out_features")):
+            raise CheckpointError(f"{path}: quantized layer {name!r} does not match the model's {current}")
+        try:
+            setattr(parent, attr, _empty_layer(spec))
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    found = read_safetensors_shapes(path)
+    check_tensor_shapes(path, found, expected)
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for name in expected:
+            tensor = f.get_tensor(name)
+            # Quantized buffers must come back bit for bit; float tensors may follow the model.
+            if not dtypes[name].is_floating_point and tensor.dtype != dtypes[name]:
+                raise CheckpointError(f"{path}: {name} is {tensor.dtype}, expected {dtypes[name]}")
+            state[name] = tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

@@ -1,0 +1,236 @@
+"""Frame-by-frame generation: the token ring buffer, delays, forcing and sampling.
+
+This is the reference `LMGen` state machine (NVIDIA/personaplex `moshi/models/lm.py`),
+with one difference in form: every batch row has its own `offset`, so conversations that
+joined at different times can run in one batch.
+
+The ring holds `max_delay + 3` frames of the 17 token streams, with a "provided" flag per
+slot. Provided tokens (user audio, prompts) are written at `offset + delay`. A step reads
+slot `offset - 1` as the transformer input and predicts slot `offset`; sampled tokens are
+written only where nothing was provided; the frame returned is read at
+`offset - 1 + delay`, so acoustic codebooks (delay 1) come out one frame late.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.lm import UNGENERATED_TOKEN, LMModel
+from .sampling import SamplingConfig, sample_tokens
+
+
+@dataclass
+class TokenRing:
+    tokens: torch.Tensor  # [B, streams, slots] int64
+    provided: torch.Tensor  # [B, streams, slots] bool
+    offset: torch.Tensor  # [B] int64: the frame being predicted
+
+    @classmethod
+    def empty(cls, batch_size: int, streams: int, slots: int, device) -> "TokenRing":
+        return cls(
+            tokens=torch.full((batch_size, streams, slots), UNGENERATED_TOKEN, dtype=torch.long, device=device),
+            provided=torch.zeros((batch_size, streams, slots), dtype=torch.bool, device=device),
+            offset=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
+    @property
+    def slots(self) -> int:
+        return self.tokens.shape[2]
+
+    def slot(self, shift: int | torch.Tensor = 0) -> torch.Tensor:
+        """Ring slot [B, 1] (or [B, streams] for a per-stream shift) of `offset + shift`."""
+        if isinstance(shift, torch.Tensor):
+            return (self.offset[:, None] + shift[None, :]) % self.slots
+        return ((self.offset + shift) % self.slots)[:, None]
+
+    def read(self, slots: torch.Tensor, streams: slice = slice(None)) -> torch.Tensor:
+        """Tokens at per-row slots [B, 1] or per-(row, stream) slots [B, S] -> [B, S]."""
+        view = self.tokens[:, streams]
+        return view.gather(2, slots.expand(-1, view.shape[1])[..., None])[..., 0]
+
+    def read_provided(self, slots: torch.Tensor, streams: slice = slice(None)) -> torch.Tensor:
+        view = self.provided[:, streams]
+        return view.gather(2, slots.expand(-1, view.shape[1])[..., None])[..., 0]
+
+    def clear_provided(self, slots: torch.Tensor) -> None:
+        """Drop the provided flags of every stream at per-row slots [B, 1]."""
+        self.provided.scatter_(2, slots[..., None].expand(-1, self.provided.shape[1], 1), False)
+
+    def write(self, streams: slice, slots: torch.Tensor, values: torch.Tensor, provided: bool | None) -> None:
+        """tokens[b, streams, slots[b, s]] = values[b, s]; optionally set the provided flags."""
+        index = slots[..., None]
+        self.tokens[:, streams].scatter_(2, index, values[..., None])
+        if provided is not None:
+            self.provided[:, streams].scatter_(2, index, torch.full_like(index, provided, dtype=torch.bool))
+
+    def clone(self) -> "TokenRing":
+        return TokenRing(self.tokens.clone(), self.provided.clone(), self.offset.clone())
+
+    def copy_row_from(self, row: int, source: "TokenRing", source_row: int = 0) -> None:
+        self.tokens[row].copy_(source.tokens[source_row])
+        self.provided[row].copy_(source.provided[source_row])
+        self.offset[row].copy_(source.offset[source_row])
+
+
+@dataclass
+class StepInputs:
+    """Tokens provided for one frame; None streams are left to the model. Each [B, n] int64."""
+
+    text: torch.Tensor | None = None  # [B, 1]
+    agent: torch.Tensor | None = None  # [B, 8]
+    user: torch.Tensor | None = None  # [B, 8]
+
+
+@dataclass
+class StepOutput:
+    tokens: torch.Tensor  # [B, 1 + depformer steps]: text, then audio codebooks, aligned in time
+    valid: torch.Tensor  # [B] bool: False while the delays are still filling (first frames)
+    text_logits: torch.Tensor  # [B, text_card]
+    hidden: torch.Tensor  # [B, dim]: the frame's normed temporal output
+
+
+class FrameGenerator:
+    """Generation state for a batch of conversations in lockstep, and the step that advances it.
+
+    `agent_only` runs the 8 agent depformer steps only: steps 8-15 predict the user's audio,
+    which inference always replaces with the real user tokens, so skipping them changes
+    nothing but the RNG consumption.
+    """
+
+    def __init__(self, lm: LMModel, batch_size: int = 1, sampling: SamplingConfig | None = None,
+                 agent_only: bool = True, seed: int | None = None):
+        self.lm = lm
+        config = lm.config
+        self.device = lm.text_linear.weight.device
+        self.batch_size = batch_size
+        self.depformer_steps = config.agent_codebooks if agent_only else config.dep_q
+        self.delays = torch.tensor(config.delays, dtype=torch.long, device=self.device)
+        self.start = lm.start_tokens(self.device)
+        self.ring = TokenRing.empty(batch_size, config.num_codebooks, config.max_delay + 3, self.device)
+        self.temporal = lm.new_temporal_state(batch_size)
+        self.depformer_state = lm.new_depformer_state(batch_size)
+        self.rng = torch.Generator(device=self.device)
+        self.rng.manual_seed(torch.seed() if seed is None else seed)
+        shape = (batch_size,)
+        self.text_temperature = torch.empty(shape, device=self.device)
+        self.text_top_k = torch.empty(shape, dtype=torch.long, device=self.device)
+        self.audio_temperature = torch.empty(shape, device=self.device)
+        self.audio_top_k = torch.empty(shape, dtype=torch.long, device=self.device)
+        self.max_text_top_k = self.max_audio_top_k = 1
+        self.set_sampling(sampling or SamplingConfig())
+
+    # ---- settings
+
+    def set_sampling(self, sampling: SamplingConfig, rows: torch.Tensor | slice = slice(None)) -> None:
+        scale = 0.0 if sampling.greedy else 1.0
+        self.text_temperature[rows] = sampling.text_temperature * scale
+        self.audio_temperature[rows] = sampling.audio_temperature * scale
+        self.text_top_k[rows] = sampling.text_top_k
+        self.audio_top_k[rows] = sampling.audio_top_k
+        self.max_text_top_k = max(self.max_text_top_k, sampling.text_top_k)
+        self.max_audio_top_k = max(self.max_audio_top_k, sampling.audio_top_k)
+
+    # ---- the reference's prepare_step_input
+
+    def _provide(self, inputs: StepInputs) -> None:
+        agents = self.lm.config.agent_codebooks
+        for first, values in ((0, inputs.text), (1, inputs.agent), (1 + agents, inputs.user)):
+            if values is None:
+                continue
+            streams = slice(first, first + values.shape[1])
+            self.ring.write(streams, self.ring.slot(self.delays[streams]), values, provided=True)
+        # Until a stream's delay has passed, its slot holds the start token.
+        at_start = self.ring.offset[:, None] <= self.delays[None, :]  # [B, streams]
+        slots = self.ring.slot().expand(-1, self.delays.shape[0])
+        current = self.ring.read(slots)
+        self.ring.write(slice(None), slots, torch.where(at_start, self.start[None, :], current), provided=None)
+        flags = self.ring.read_provided(slots) | at_start
+        self.ring.provided.scatter_(2, slots[..., None], flags[..., None])
+
+    def begin(self, inputs: StepInputs = StepInputs()) -> None:
+        """The step at offset 0 of every row: it only fills slot 0 with start tokens (no forward)."""
+        if bool((self.ring.offset != 0).any()):
+            raise RuntimeError("begin() is for conversations at offset 0")
+        self._provide(inputs)
+        self.ring.tokens[:, :, 0] = self.start
+        self.ring.offset += 1
+
+    def prepare(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Provide this frame's tokens; return (model input [B, streams], target, provided) at the
+        input slot `offset - 1` and the target slot `offset`."""
+        self._provide(inputs)
+        model_input = self.ring.read(self.ring.slot(-1))
+        target = self.ring.read(self.ring.slot())
+        provided = self.ring.read_provided(self.ring.slot())
+        return model_input, target, provided
+
+    # ---- the step
+
+    def step(self, inputs: StepInputs = StepInputs(), embeddings: torch.Tensor | None = None) -> StepOutput:
+        """Advance every row by one frame. `embeddings` [B, 1, dim] replaces the token input
+        (voice-prompt replay), as the reference's `step_embeddings`."""
+        model_input, target, provided = self.prepare(inputs)
+        if embeddings is None:
+            embeddings = self.lm.embed_codes(model_input[:, :, None])
+        hidden, text_logits = self.lm.forward_temporal(embeddings, self.temporal)
+        return self._finish_step(hidden, text_logits[:, -1], target, provided)
+
+    def _finish_step(self, hidden: torch.Tensor, text_logits: torch.Tensor, target: torch.Tensor,
+                     provided: torch.Tensor) -> StepOutput:
+        sampled_text = sample_tokens(text_logits, self.text_temperature, self.text_top_k, self.max_text_top_k, self.rng)
+        text_token = torch.where(provided[:, 0], target[:, 0], sampled_text)
+        sampled_audio = self._run_depformer(hidden, text_token, target[:, 1:], provided[:, 1:])
+        generated = torch.cat([sampled_text[:, None], sampled_audio], dim=1)
+        self._store(generated)
+        return self._advance(text_logits, hidden[:, -1])
+
+    def _run_depformer(self, hidden, text_token, audio_target, audio_provided) -> torch.Tensor:
+        previous = text_token
+        sampled = []
+        for step in range(self.depformer_steps):
+            logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state)
+            token = sample_tokens(logits, self.audio_temperature, self.audio_top_k, self.max_audio_top_k, self.rng)
+            sampled.append(token)
+            # Provided tokens (prompts, the user's audio) are forced as the next step's input.
+            previous = torch.where(audio_provided[:, step], audio_target[:, step], token)
+        return torch.stack(sampled, dim=1)
+
+    def _store(self, generated: torch.Tensor) -> None:
+        """Write sampled tokens [B, 1 + steps] at the target slot, where nothing was provided."""
+        streams = slice(0, generated.shape[1])
+        target_slots = self.ring.slot().expand(-1, generated.shape[1])
+        self.ring.clear_provided(self.ring.slot(-1))
+        current = self.ring.read(target_slots, streams)
+        still_provided = self.ring.read_provided(target_slots, streams)
+        self.ring.write(streams, target_slots, torch.where(still_provided, current, generated), provided=None)
+
+    def _advance(self, text_logits: torch.Tensor, hidden: torch.Tensor) -> StepOutput:
+        config = self.lm.config
+        streams = 1 + self.depformer_steps
+        out_slots = self.ring.slot(self.delays[:streams] - config.max_delay)
+        tokens = self.ring.read(out_slots, slice(0, streams))
+        valid = self.ring.offset > config.max_delay
+        self.ring.offset += 1
+        return StepOutput(tokens=tokens, valid=valid, text_logits=text_logits, hidden=hidden)
+
+    # ---- prompt frames without the depformer
+
+    def prefill(self, frames: list[StepInputs], embeddings: list[torch.Tensor | None]) -> None:
+        """Run prompt frames where every stream is provided: the ring bookkeeping frame by frame
+        (cheap), and the temporal transformer once over all frames together.
+
+        Since every stream is provided, nothing sampled would ever be stored, so skipping the
+        depformer and sampling leaves exactly the state the stepwise path leaves.
+        """
+        chunk = []
+        for inputs, embedding in zip(frames, embeddings):
+            model_input, _, provided = self.prepare(inputs)
+            if not bool(provided.all()):
+                raise ValueError("prefill needs every stream provided for every frame")
+            chunk.append(self.lm.embed_codes(model_input[:, :, None]) if embedding is None else embedding)
+            self.ring.clear_provided(self.ring.slot(-1))
+            self.ring.offset += 1
+        if chunk:
+            self.lm.forward_temporal(torch.cat(chunk, dim=1), self.temporal)

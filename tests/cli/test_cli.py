@@ -1,0 +1,268 @@
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import personaplex
+from personaplex.audio.io import FRAME_SAMPLES, SAMPLE_RATE, read_wav, write_wav
+from personaplex.cli import main as cli_main
+from personaplex.cli.main import main
+from personaplex.runtime.prompts import DEFAULT_PROMPT, PROMPT_PRESETS
+from personaplex.runtime.voices import VOICE_NAMES
+
+
+def tone_file(path: Path, seconds: float = 0.5, rate: int = 16_000) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    write_wav(path, (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), rate)
+    return path
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("personaplex: error: ")
+    return lines[0]
+
+
+# --- A stand-in engine with the documented API, to test the command without a model. ---
+
+
+@dataclass
+class FakeFrame:
+    index: int
+    text: str
+    text_token: int
+    agent_codes: list[int]
+
+
+@dataclass
+class FakeResponse:
+    audio: np.ndarray
+    text_tokens: list[int]
+    text: str
+    frames: list[FakeFrame]
+
+
+@dataclass
+class FakeChunk:
+    pcm: np.ndarray
+    text: str
+    frame_index: int
+    elapsed_ms: float = 1.0
+
+
+@dataclass
+class FakeEngine:
+    calls: list = field(default_factory=list)
+    sample_rate: int = SAMPLE_RATE
+    frame_samples: int = FRAME_SAMPLES
+    loaded_with: tuple = ()
+
+    @classmethod
+    def from_pretrained(cls, source=None, device=None, dtype=None):
+        engine = cls()
+        engine.loaded_with = (source, device)
+        FakeEngine.last = engine
+        return engine
+
+    def _response(self, frames: int) -> FakeResponse:
+        words = [" hi" if i % 2 else "" for i in range(frames)]
+        return FakeResponse(
+            audio=np.full(frames * FRAME_SAMPLES, 0.1, np.float32),
+            text_tokens=[5 if w else 3 for w in words],
+            text="".join(words),
+            frames=[FakeFrame(i, w, 5 if w else 3, [i] * 8) for i, w in enumerate(words)],
+        )
+
+    def respond(self, audio, **kwargs):
+        self.calls.append(("respond", audio, kwargs))
+        return self._response(kwargs["max_steps"])
+
+    def respond_stream(self, audio, **kwargs):
+        self.calls.append(("respond_stream", audio, kwargs))
+        for frame in self._response(kwargs["max_steps"]).frames:
+            yield FakeChunk(np.full(FRAME_SAMPLES, 0.1, np.float32), frame.text, frame.index)
+
+    def respond_duplex(self, audio, **kwargs):
+        self.calls.append(("respond_duplex", audio, kwargs))
+        frames = -(-round(len(audio) * SAMPLE_RATE / kwargs["sample_rate"]) // FRAME_SAMPLES)
+        return self._response(frames)
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    monkeypatch.setattr(personaplex, "PersonaPlex", FakeEngine, raising=False)
+    return FakeEngine
+
+
+# --- voices / prompts ---
+
+
+def test_voices_lists_all_presets(capsys):
+    assert main(["voices"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(VOICE_NAMES)
+    assert "natural, female" in lines[0] and "(default)" in "".join(lines)
+
+
+def test_prompts_lists_presets(capsys):
+    assert main(["prompts"]) == 0
+    out = capsys.readouterr().out
+    for name in PROMPT_PRESETS:
+        assert f"\n{name}\n" in f"\n{out}"
+    assert "wise and friendly teacher" in out
+
+
+def test_prompts_prints_one_preset(capsys):
+    assert main(["prompts", "teacher"]) == 0
+    assert capsys.readouterr().out.strip() == PROMPT_PRESETS["teacher"]
+    assert main(["prompts", "pirate"]) == 1
+    assert "unknown prompt preset 'pirate'" in one_error_line(capsys)
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+
+
+# --- respond: argument and error handling ---
+
+
+def test_respond_missing_input(tmp_path, capsys, fake_engine):
+    code = main(["respond", str(tmp_path / "nope.wav"), "-o", str(tmp_path / "out.wav")])
+    assert code == 1 and "does not exist" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--codes"], "give --json too"),
+        (["--duplex", "--max-steps", "5"], "drop --max-steps"),
+        (["--prompt-preset", "pirate"], "unknown prompt preset"),
+    ],
+)
+def test_respond_bad_flag_combinations_fail_before_loading(
+    tmp_path, capsys, fake_engine, extra, message
+):
+    FakeEngine.last = None
+    wav = tone_file(tmp_path / "in.wav")
+    assert main(["respond", str(wav), "-o", str(tmp_path / "o.wav"), *extra]) == 1
+    assert message in one_error_line(capsys)
+    assert FakeEngine.last is None and not (tmp_path / "o.wav").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--voice", "NATF0", "--voice-wav", "x.wav"],
+        ["--system-prompt", "hi", "--prompt-preset", "teacher"],
+        ["--max-steps", "0"],
+        ["--max-steps", "many"],
+    ],
+)
+def test_respond_usage_errors(tmp_path, capsys, extra):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["respond", "in.wav", "-o", str(tmp_path / "o.wav"), *extra])
+    assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_respond_engine_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from personaplex.errors import ModelUnavailableError
+
+    class Unavailable:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            raise ModelUnavailableError("nvidia/personaplex-7b-v1 is gated: accept its licence")
+
+    monkeypatch.setattr(personaplex, "PersonaPlex", Unavailable, raising=False)
+    wav = tone_file(tmp_path / "in.wav")
+    assert main(["respond", str(wav), "-o", str(tmp_path / "o.wav")]) == 1
+    assert "is gated" in one_error_line(capsys)
+
+
+# --- respond with a stand-in engine ---
+
+
+def test_respond_turn_based(tmp_path, capsys, fake_engine):
+    wav = tone_file(tmp_path / "in.wav", rate=16_000)
+    out, js = tmp_path / "out" / "reply.wav", tmp_path / "reply.json"
+    args = ["respond", str(wav), "-o", str(out), "--json", str(js), "--max-steps", "6"]
+    args += ["--model", "some/repo", "--device", "cpu", "--seed", "7", "--greedy"]
+    assert main(args) == 0
+    engine = FakeEngine.last
+    assert engine.loaded_with == ("some/repo", "cpu")
+    kind, audio, kwargs = engine.calls[0]
+    assert kind == "respond_stream" and audio.shape == (8000,)
+    assert kwargs == {
+        "sample_rate": 16_000, "max_steps": 6, "voice": "NATM0", "voice_wav": None,
+        "system_prompt": DEFAULT_PROMPT, "seed": 7, "greedy": True,
+    }
+    pcm, rate = read_wav(out)
+    assert rate == SAMPLE_RATE and pcm.shape == (6 * FRAME_SAMPLES,)
+    document = json.loads(js.read_text())
+    assert document["text"] == " hi hi hi"
+    assert document["frames"][1] == {"index": 1, "text": " hi"} and len(document["frames"]) == 6
+    assert capsys.readouterr().out.strip() == "hi hi hi"
+
+
+def test_respond_codes_and_persona(tmp_path, fake_engine):
+    wav = tone_file(tmp_path / "in.wav")
+    voice_wav = tone_file(tmp_path / "me.wav")
+    js = tmp_path / "r.json"
+    args = ["respond", str(wav), "-o", str(tmp_path / "o.wav"), "--json", str(js), "--codes"]
+    args += ["--voice", str(voice_wav), "--prompt-preset", "teacher", "--max-steps", "3"]
+    assert main(args) == 0
+    kind, _, kwargs = FakeEngine.last.calls[0]
+    assert kind == "respond" and kwargs["voice_wav"] == str(voice_wav)
+    assert kwargs["system_prompt"] == PROMPT_PRESETS["teacher"]
+    frame = json.loads(js.read_text())["frames"][2]
+    assert frame == {"index": 2, "text": "", "text_token": 3, "agent_codes": [2] * 8}
+
+
+def test_respond_duplex(tmp_path, fake_engine):
+    wav = tone_file(tmp_path / "in.wav", seconds=1.0, rate=SAMPLE_RATE)
+    out = tmp_path / "o.wav"
+    assert main(["respond", str(wav), "-o", str(out), "--duplex", "--system-prompt", "Hi."]) == 0
+    kind, _, kwargs = FakeEngine.last.calls[0]
+    assert kind == "respond_duplex" and "max_steps" not in kwargs
+    assert kwargs["system_prompt"] == "Hi."
+    pcm, _ = read_wav(out)
+    assert pcm.shape == (13 * FRAME_SAMPLES,)
+
+
+# --- optional server commands ---
+
+
+def test_optional_command_registration(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fake_ok_cmd.py").write_text(
+        "def register(subparsers):\n"
+        "    p = subparsers.add_parser('okcmd')\n"
+        "    p.set_defaults(handler=lambda args: 0)\n"
+    )
+    (tmp_path / "fake_broken_cmd.py").write_text("import not_a_real_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(
+        cli_main,
+        "_SERVER_COMMANDS",
+        {"okcmd": "fake_ok_cmd", "broken": "fake_broken_cmd", "absent": "fake_absent_cmd"},
+    )
+    assert main(["okcmd"]) == 0
+    assert main(["broken", "--port", "1"]) == 1
+    assert "needs the package 'not_a_real_dependency_xyz'" in one_error_line(capsys)
+    with pytest.raises(SystemExit):
+        main(["absent"])
+    for name in ("fake_ok_cmd", "fake_broken_cmd"):
+        sys.modules.pop(name, None)
+
+
+def test_parser_has_all_commands():
+    parser = cli_main.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"respond", "voices", "prompts"} <= set(commands.choices)
