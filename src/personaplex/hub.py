@@ -37,7 +37,8 @@ VOICES_ARCHIVE_FILENAME = "voices.tgz"
 VOICES_DIRNAME = "voices"
 REQUIRED_FILES = (LM_FILENAME, MIMI_FILENAME, TEXT_TOKENIZER_FILENAME)
 # What we download: the weights and the voices, not dist.tgz (the reference's web UI).
-DOWNLOADED_FILES = (*REQUIRED_FILES, VOICES_ARCHIVE_FILENAME)
+# Small files first, so a licence or network problem shows before the 16.7 GB one.
+DOWNLOADED_FILES = (TEXT_TOKENIZER_FILENAME, VOICES_ARCHIVE_FILENAME, MIMI_FILENAME, LM_FILENAME)
 
 
 def resolve_model_folder(source: str | Path | None = None, *, progress: bool = True) -> Path:

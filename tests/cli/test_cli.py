@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import personaplex
+import personaplex.api
 from personaplex.audio.io import FRAME_SAMPLES, SAMPLE_RATE, read_wav, write_wav
 from personaplex.cli import main as cli_main
 from personaplex.cli.main import main
@@ -64,7 +64,7 @@ class FakeEngine:
     loaded_with: tuple = ()
 
     @classmethod
-    def from_pretrained(cls, source=None, device=None, dtype=None):
+    def from_pretrained(cls, source=None, device=None, dtype=None, progress=None):
         engine = cls()
         engine.loaded_with = (source, device)
         FakeEngine.last = engine
@@ -96,7 +96,7 @@ class FakeEngine:
 
 @pytest.fixture
 def fake_engine(monkeypatch):
-    monkeypatch.setattr(personaplex, "PersonaPlex", FakeEngine, raising=False)
+    monkeypatch.setattr(personaplex.api, "PersonaPlex", FakeEngine)
     return FakeEngine
 
 
@@ -181,7 +181,7 @@ def test_respond_engine_errors_are_one_line(tmp_path, capsys, monkeypatch):
         def from_pretrained(cls, *args, **kwargs):
             raise ModelUnavailableError("nvidia/personaplex-7b-v1 is gated: accept its licence")
 
-    monkeypatch.setattr(personaplex, "PersonaPlex", Unavailable, raising=False)
+    monkeypatch.setattr(personaplex.api, "PersonaPlex", Unavailable)
     wav = tone_file(tmp_path / "in.wav")
     assert main(["respond", str(wav), "-o", str(tmp_path / "o.wav")]) == 1
     assert "is gated" in one_error_line(capsys)
@@ -207,7 +207,7 @@ def test_respond_turn_based(tmp_path, capsys, fake_engine):
     pcm, rate = read_wav(out)
     assert rate == SAMPLE_RATE and pcm.shape == (6 * FRAME_SAMPLES,)
     document = json.loads(js.read_text())
-    assert document["text"] == " hi hi hi"
+    assert document["text"] == "hi hi hi"
     assert document["frames"][1] == {"index": 1, "text": " hi"} and len(document["frames"]) == 6
     assert capsys.readouterr().out.strip() == "hi hi hi"
 

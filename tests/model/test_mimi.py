@@ -240,12 +240,13 @@ def test_steps_do_not_synchronise_and_update_state_in_place(mimi, pcm, codes):
 def test_bfloat16_stays_close_to_float32(checkpoint, config, mimi, pcm, codes):
     half = load_mimi(checkpoint, config, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16 and half.quantizer.dtype == torch.float32
-    half_codes = stream_encode(half, pcm)
-    # Measured on this fixture: 100% of semantic codes and ~85% of all codes agree (deep
-    # acoustic levels quantize small residuals, where bf16 rounding flips near ties).
-    assert (half_codes[:, 0] == codes[:, 0]).float().mean() >= 0.9
-    assert (half_codes == codes).float().mean() >= 0.7
-    # Decoding the same codes: measured relative error ~0.6%.
+    half_codes, full_codes = stream_encode(half, pcm), stream_encode(mimi, pcm)
+    # Measured on this fixture (24 frames x 8 levels): 96% of semantic codes and 92% of all
+    # codes agree (~93% whole-clip); flips are near-ties of the random codebooks.
+    assert (half_codes[:, 0] == full_codes[:, 0]).float().mean() >= 0.9
+    assert (half_codes == full_codes).float().mean() >= 0.85
+    assert (half.encode(pcm) == codes).float().mean() >= 0.85
+    # Decoding the same codes: measured relative error 1.1% (whole clip and streaming).
     assert rel_error(half.decode(codes), mimi.decode(codes)) < 0.03
     assert rel_error(stream_decode(half, codes), stream_decode(mimi, codes)) < 0.03
 
@@ -271,6 +272,8 @@ def test_bad_audio_and_codes_are_refused(mimi):
         mimi.encode_step(torch.zeros(1, 1, 960), mimi.init_stream(1))
     with pytest.raises(ValueError, match="integer tensor"):
         mimi.decode(torch.zeros(1, 8, 2))
+    with pytest.raises(ValueError, match="zero frames"):
+        mimi.decode(torch.zeros(1, 8, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="9 codebooks, expected 1 to 8"):
         mimi.decode(torch.zeros(1, 9, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 64\)"):

@@ -57,6 +57,11 @@ def test_safetensors_mlx_layout_is_normalised(tmp_path):
     assert torch.equal(voice.cache, cache)
 
 
+def test_missing_voice_file_path(tmp_path):
+    with pytest.raises(UnknownVoiceError, match="does not exist"):
+        load_voice(tmp_path / "gone.pt", tmp_path, dim=DIM)
+
+
 def test_unknown_name_lists_valid_ones(tmp_path):
     with pytest.raises(UnknownVoiceError, match="unknown voice 'BOB'.*NATF0.*VARM4"):
         load_voice("BOB", tmp_path, dim=DIM)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
     system_prompt = resolve_prompt(args.prompt_preset, args.system_prompt)
     audio, sample_rate = read_wav(args.input)
 
-    from personaplex import PersonaPlex  # the engine pulls in torch and the model code
+    from personaplex.api import PersonaPlex  # the engine pulls in the model code: only now
 
-    engine = PersonaPlex.from_pretrained(args.model, device=args.device)
+    engine = PersonaPlex.from_pretrained(args.model, device=args.device, progress=_show_progress)
     persona = _persona_arguments(args, system_prompt)
     if args.duplex:
         reply = _reply_from_response(
@@ -99,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
         _write_json(args.json, reply)
     print(reply.text.strip())
     return 0
+
+
+def _show_progress(progress: Any) -> None:
+    """Loading takes a while (a 16.7 GB download the first time): say what is happening."""
+    print(f"[{progress.elapsed_s:6.1f} s] {progress.message}", file=sys.stderr)
 
 
 def _positive_int(text: str) -> int:
@@ -150,7 +156,8 @@ def _turn_based_reply(
         pcm_frames.append(chunk.pcm)
         frames.append({"index": chunk.frame_index, "text": chunk.text})
     audio_out = np.concatenate(pcm_frames) if pcm_frames else np.zeros(0, np.float32)
-    return Reply(audio=audio_out, text="".join(f["text"] for f in frames), frames=frames)
+    text = "".join(frame["text"] for frame in frames).strip()
+    return Reply(audio=audio_out, text=text, frames=frames)
 
 
 def _reply_from_response(response: Any, with_codes: bool) -> Reply:

@@ -13,6 +13,7 @@ written only where nothing was provided; the frame returned is read at
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,8 @@ class FrameGenerator:
         self.audio_top_k = torch.empty(shape, dtype=torch.long, device=self.device)
         self.max_text_top_k = self.max_audio_top_k = 1
         self.set_sampling(sampling or SamplingConfig())
+        # Called with (step, logits [B, card]) for every depformer step; diagnostics use it.
+        self.audio_logits_hook: Callable[[int, torch.Tensor], None] | None = None
 
     # ---- settings
 
@@ -191,6 +194,8 @@ class FrameGenerator:
         sampled = []
         for step in range(self.depformer_steps):
             logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state)
+            if self.audio_logits_hook is not None:
+                self.audio_logits_hook(step, logits)
             token = sample_tokens(logits, self.audio_temperature, self.audio_top_k, self.max_audio_top_k, self.rng)
             sampled.append(token)
             # Provided tokens (prompts, the user's audio) are forced as the next step's input.
@@ -217,20 +222,18 @@ class FrameGenerator:
 
     # ---- prompt frames without the depformer
 
-    def prefill(self, frames: list[StepInputs], embeddings: list[torch.Tensor | None]) -> None:
-        """Run prompt frames where every stream is provided: the ring bookkeeping frame by frame
-        (cheap), and the temporal transformer once over all frames together.
+    def provide_prompt_frame(self, inputs: StepInputs, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """The ring bookkeeping of one prompt frame, without running the model: returns the
+        frame's transformer input [B, 1, dim], for the caller to run many frames in one forward.
 
-        Since every stream is provided, nothing sampled would ever be stored, so skipping the
-        depformer and sampling leaves exactly the state the stepwise path leaves.
+        Every stream must be provided: then nothing sampled would ever be stored, and skipping
+        the depformer and sampling leaves exactly the state the stepwise path leaves.
         """
-        chunk = []
-        for inputs, embedding in zip(frames, embeddings):
-            model_input, _, provided = self.prepare(inputs)
-            if not bool(provided.all()):
-                raise ValueError("prefill needs every stream provided for every frame")
-            chunk.append(self.lm.embed_codes(model_input[:, :, None]) if embedding is None else embedding)
-            self.ring.clear_provided(self.ring.slot(-1))
-            self.ring.offset += 1
-        if chunk:
-            self.lm.forward_temporal(torch.cat(chunk, dim=1), self.temporal)
+        model_input, _, provided = self.prepare(inputs)
+        if not bool(provided.all()):
+            raise ValueError("a prompt frame must provide every stream")
+        self.ring.clear_provided(self.ring.slot(-1))
+        self.ring.offset += 1
+        if embedding is not None:
+            return embedding.expand(self.batch_size, -1, -1)
+        return self.lm.embed_codes(model_input[:, :, None])

@@ -79,15 +79,18 @@ def write_voice_pt(path: str | Path, embeddings: torch.Tensor, cache: torch.Tens
 
 def _find_voice_file(name_or_path: str | Path, voices_dir: str | Path | None) -> Path:
     candidate = Path(name_or_path)
-    if candidate.suffix.lower() in VOICE_FILE_SUFFIXES and candidate.is_file():
+    is_voice_file = candidate.suffix.lower() in VOICE_FILE_SUFFIXES
+    if is_voice_file and candidate.is_file():
         return candidate
+    if is_voice_file and len(candidate.parts) > 1:
+        raise UnknownVoiceError(f"voice file {candidate} does not exist: check the path")
     if is_wav_voice(candidate):
         raise UnknownVoiceError(
             f"{name_or_path} is an audio file: pass it as a WAV voice prompt "
             "(voice_wav= / --voice-wav), which the engine encodes into a voice"
         )
     # "NATF2" and the reference's "NATF2.pt" both name the preset NATF2.
-    name = candidate.stem if candidate.suffix.lower() in VOICE_FILE_SUFFIXES else str(name_or_path)
+    name = candidate.stem if is_voice_file else str(name_or_path)
     if voices_dir is not None:
         for stem in (name, name.upper()):
             for suffix in VOICE_FILE_SUFFIXES:

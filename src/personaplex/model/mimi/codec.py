@@ -107,8 +107,10 @@ class Mimi(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, K, F] (K <= num_codebooks, values in [0, bins)) -> pcm [B, 1, F * 1920] float32."""
         self._check_codes(codes)
+        if codes.shape[-1] == 0:
+            raise ValueError("cannot decode zero frames (F = 0)")
         bins = self.config.quantizer.bins
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= bins):
+        if int(codes.min()) < 0 or int(codes.max()) >= bins):
             raise ValueError(f"codes must lie in [0, {bins}), got values in [{int(codes.min())}, {int(codes.max())}]")
         batch = codes.shape[0]
         x = self.quantizer.decode(codes.to(self.device)).to(self.dtype)

@@ -21,6 +21,8 @@ class StreamingConv1d(nn.Module):
     """Causal Conv1d. `replicate_pad` starts a stream by repeating its first sample instead of
     zeros (Mimi's downsampling conv does this)."""
 
+    state_slot: int  # index of this conv's buffer in its stack's state list (see `streaming_convs`)
+
     def __init__(
         self,
         in_channels: int,
@@ -74,6 +76,8 @@ class StreamingConv1d(nn.Module):
 class StreamingConvTranspose1d(nn.Module):
     """Causal ConvTranspose1d: all trimming on the right, the overlap carried to the next step."""
 
+    state_slot: int
+
     def __init__(
         self,
         in_channels: int,
@@ -116,10 +120,11 @@ class StreamingConvTranspose1d(nn.Module):
 StreamingConv = StreamingConv1d | StreamingConvTranspose1d
 
 
-def streaming_convs(*roots: nn.Module) -> list[StreamingConv]:
-    """The streaming convs under `roots`, in registration order, which is execution order for
-    Mimi's sequential stacks. Each gets `state_slot`, its index into the state list."""
-    convs = [m for root in roots for m in root.modules() if isinstance(m, StreamingConv1d | StreamingConvTranspose1d)]
+def streaming_convs(root: nn.Module) -> list[StreamingConv]:
+    """The streaming convs under `root` in registration order, which is execution order for
+    Mimi's sequential stacks. Each gets `state_slot`, its index in that list (and so in the
+    stack's list of state buffers)."""
+    convs = [m for m in root.modules() if isinstance(m, StreamingConv)]
     for slot, conv in enumerate(convs):
         conv.state_slot = slot
     return convs

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from personaplex.model.config import ConfigError, SEANetConfig
-from personaplex.model.mimi.conv import StreamingConv1d, StreamingConvTranspose1d, streaming_convs
+from personaplex.model.mimi.conv import StreamingConv, StreamingConv1d, StreamingConvTranspose1d, streaming_convs
 
 
 class ResnetBlock(nn.Module):
@@ -37,7 +37,7 @@ class ResnetBlock(nn.Module):
 def _run(layers: nn.ModuleList, x: torch.Tensor, buffers: list[torch.Tensor]) -> torch.Tensor:
     """Apply a stack of activations, streaming convs and residual blocks in order."""
     for layer in layers:
-        if isinstance(layer, StreamingConv1d | StreamingConvTranspose1d):
+        if isinstance(layer, StreamingConv):
             x = layer(x, buffers[layer.state_slot])
         elif isinstance(layer, ResnetBlock):
             x = layer(x, buffers)

@@ -1,0 +1,260 @@
+"""The voice assistant's server: the page, the HTTP API and the conversation websocket.
+
+Why FastAPI on uvicorn: one ASGI application serves the static page, a small JSON API
+(described by the OpenAPI schema FastAPI generates from the response models, at
+/openapi.json and /docs) and the websocket, on one port and one asyncio event loop, where
+each conversation is a set of tasks and blocking model work runs in worker threads.
+uvicorn is the standard production ASGI server (websockets, TLS, graceful shutdown).
+The reference server uses aiohttp, which has no generated API description.
+
+Endpoints: GET / (the page), GET /api/health, GET /api/status (loading progress,
+sessions), GET /api/voices, GET /api/prompts, GET /metrics (Prometheus), WS /api/chat
+(the conversation protocol: see protocol.py for the messages, sessions.py for the query
+parameters). Until the model is ready the websocket answers an error message
+("model loading ...") and closes with code 1013 (try again later); the page waits for
+GET /api/status to say "ready" before it offers the talk button.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+
+from personaplex.audio.vad import UtteranceDetector
+from personaplex.errors import PersonaPlexError
+from personaplex.runtime.prompts import PROMPT_PRESETS
+from personaplex.runtime.voices import VOICE_NAMES
+from personaplex.server import protocol
+from personaplex.server.conversation import (
+    Channel,
+    ConversationServices,
+    DuplexConversation,
+    TurnBasedConversation,
+)
+from personaplex.server.metrics import ServerMetrics
+from personaplex.server.model_host import ModelHost
+from personaplex.server.security import AccessPolicy
+from personaplex.server.sessions import DEFAULT_VOICE, ServerBusyError, SessionConfig, SessionManager
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_PROMPT_PRESET = "default"
+
+# Websocket close codes (RFC 6455): 1008 policy violation, 1011 server error, 1013 try again later.
+CLOSE_POLICY, CLOSE_SERVER_ERROR, CLOSE_TRY_LATER = 1008, 1011, 1013
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    max_sessions: int = 4
+    policy: AccessPolicy = field(default_factory=AccessPolicy)
+    # Full-duplex: microphone audio kept waiting for the model before the oldest is dropped.
+    ring_frames: int = 8
+    make_detector: Callable[[], UtteranceDetector] = UtteranceDetector
+
+
+class Health(BaseModel):
+    status: str
+    model_ready: bool
+
+
+class AsrStatus(BaseModel):
+    model: str | None
+    state: str  # off | loading | ready | error
+    error: str | None
+
+
+class SessionSummary(BaseModel):
+    id: int
+    mode: str
+    voice: str
+    seconds: float
+
+
+class Status(BaseModel):
+    state: str  # loading | ready | error
+    stage: str  # download | load | warmup | ready (or starting)
+    fraction: float | None
+    message: str
+    elapsed_s: float
+    timings: dict[str, float]  # seconds per finished (or current) stage
+    error: str | None
+    help: str | None  # what to do when the model is unavailable
+    asr: AsrStatus
+    sessions: list[SessionSummary]
+    max_sessions: int
+
+
+class Voices(BaseModel):
+    voices: list[str]
+    default: str
+
+
+class Prompts(BaseModel):
+    presets: dict[str, str]
+    default: str
+
+
+def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastAPI:
+    """The ASGI application; `host` starts loading the model when the app starts."""
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics()
+    sessions = SessionManager(settings.max_sessions)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        host.start()
+        yield
+
+    app = FastAPI(
+        title="PersonaPlex voice assistant",
+        version="1",
+        description=_api_description(),
+        lifespan=lifespan,
+    )
+    if settings.policy.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=sorted(settings.policy.allowed_origins),
+            allow_methods=["GET"],
+            allow_headers=["Authorization"],
+        )
+
+    def require_token(request: Request) -> None:
+        if not settings.policy.token_accepted(request.query_params, request.headers):
+            raise HTTPException(status_code=401, detail=_TOKEN_MESSAGE)
+
+    authorised = [Depends(require_token)]
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/api/health", response_model=Health, summary="Liveness; whether the model is ready")
+    async def health() -> Health:
+        return Health(status="ok", model_ready=host.engine is not None)
+
+    @app.get("/api/status", response_model=Status, dependencies=authorised, summary="Model loading progress and running conversations")
+    async def status() -> Status:
+        metrics.model_ready.set(1 if host.engine is not None else 0)
+        return Status(
+            **host.status(),
+            sessions=[SessionSummary(**info.describe()) for info in sessions.active()],
+            max_sessions=sessions.limit,
+        )
+
+    @app.get("/api/voices", response_model=Voices, dependencies=authorised, summary="Voice presets")
+    async def voices() -> Voices:
+        return Voices(voices=list(VOICE_NAMES), default=DEFAULT_VOICE)
+
+    @app.get("/api/prompts", response_model=Prompts, dependencies=authorised, summary="System prompt presets")
+    async def prompts() -> Prompts:
+        return Prompts(presets=dict(PROMPT_PRESETS), default=DEFAULT_PROMPT_PRESET)
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=authorised, summary="Prometheus metrics")
+    async def prometheus_metrics() -> PlainTextResponse:
+        metrics.model_ready.set(1 if host.engine is not None else 0)
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.websocket("/api/chat")
+    async def chat(websocket: WebSocket) -> None:
+        if not settings.policy.origin_accepted(websocket.headers):
+            metrics.sessions_rejected.inc(reason="origin")
+            await websocket.close(code=CLOSE_POLICY)  # before accepting: the handshake gets a 403
+            return
+        await websocket.accept()
+        channel = Channel(websocket)
+        try:
+            await _serve_conversation(channel, websocket)
+        finally:
+            if channel.open:
+                channel.open = False
+                await _close_quietly(websocket, 1000)
+
+    async def _serve_conversation(channel: Channel, websocket: WebSocket) -> None:
+        if not settings.policy.token_accepted(websocket.query_params, websocket.headers):
+            await _refuse(channel, websocket, "unauthorised", _TOKEN_MESSAGE, CLOSE_POLICY)
+            return
+        try:
+            config = SessionConfig.from_query(websocket.query_params)
+        except PersonaPlexError as err:
+            await _refuse(channel, websocket, "settings", str(err), CLOSE_POLICY)
+            return
+        engine = host.engine
+        if engine is None:
+            await _refuse(channel, websocket, "loading", host.not_ready_reason(), CLOSE_TRY_LATER)
+            return
+        services = ConversationServices(
+            engine=engine,
+            metrics=metrics,
+            make_detector=settings.make_detector,
+            transcriber=host.transcriber,
+            ring_frames=settings.ring_frames,
+        )
+        try:
+            with sessions.slot(config) as info:
+                metrics.sessions_total.inc(mode=config.mode)
+                metrics.sessions_active.inc(mode=config.mode)
+                try:
+                    kind = TurnBasedConversation if config.mode == "turn" else DuplexConversation
+                    await kind(channel, services, config, info).run()
+                finally:
+                    metrics.sessions_active.dec(mode=config.mode)
+        except ServerBusyError as err:
+            await _refuse(channel, websocket, "busy", str(err), CLOSE_TRY_LATER)
+        except Exception as err:
+            # One conversation's failure ends that conversation only.
+            logger.exception("conversation failed")
+            metrics.session_crashes.inc()
+            await channel.send(protocol.error(f"internal error: {err}"))
+            channel.open = False
+            await _close_quietly(websocket, CLOSE_SERVER_ERROR)
+
+    async def _refuse(channel: Channel, websocket: WebSocket, reason: str, message: str, code: int) -> None:
+        metrics.sessions_rejected.inc(reason=reason)
+        await channel.send(protocol.error(message))
+        channel.open = False
+        await _close_quietly(websocket, code)
+
+    return app
+
+
+_TOKEN_MESSAGE = (
+    "unauthorised: this server needs its access token; open the page with ?token=TOKEN "
+    "(the URL `personaplex serve` printed) or pass --token to `personaplex chat`"
+)
+
+
+async def _close_quietly(websocket: WebSocket, code: int) -> None:
+    try:
+        await websocket.close(code=code)
+    except (RuntimeError, OSError):
+        pass  # the peer closed first
+
+
+def _api_description() -> str:
+    from personaplex.server import sessions as sessions_module
+
+    return (
+        "HTTP API of the PersonaPlex voice assistant. The conversation itself runs over the "
+        "websocket `/api/chat` (not listed below, OpenAPI has no websockets).\n\n"
+        "## Websocket messages\n" + _dedent_doc(protocol.__doc__) + "\n\n"
+        "## Websocket query parameters\n" + _dedent_doc(sessions_module.__doc__)
+    )
+
+
+def _dedent_doc(doc: str | None) -> str:
+    return "\n".join(line.strip() for line in (doc or "").strip().splitlines()[1:]).strip()
+

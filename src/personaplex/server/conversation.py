@@ -1,0 +1,458 @@
+"""One conversation over one websocket: turn-based or full-duplex.
+
+Each conversation owns its Opus decoder and encoder, its VAD state or microphone ring
+buffer, and its tasks; nothing is shared with other conversations but the engine (which
+serialises model work itself), the ASR model and the metrics. When the socket closes,
+generation stops at once and the slot is freed by the caller.
+
+Events the server sends as metadata (0x04), each a JSON object with a "type":
+- `session`: the settings in force, `sample_rate`, `frame_samples`, the session `id`.
+- `state`: `listening` | `hearing` (user speaking) | `thinking` (ASR, prefill) | `speaking`
+  (turn-based), `live` (full-duplex).
+- `speech_started`: turn-based; the user talks over the reply: stop playing it.
+- `transcript`: `{"role": "user", "text": ...}`: the user's words (turn-based, with ASR).
+- `frame`: `{"index", "compute_ms", "rtf"}` for each generated 80 ms frame; full-duplex
+  adds `buffered_ms`, the microphone audio waiting for the model.
+- `reply_end`: turn-based; `{"frames": n, "reason": "done" | "interrupted"}`.
+- `dropped`: full-duplex; `{"frames": total}` microphone frames dropped so far because
+  inference fell behind (sent at most once a second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from personaplex.audio.asr import Transcriber
+from personaplex.audio.opus import OpusStreamDecoder, OpusStreamEncoder
+from personaplex.audio.vad import SpeechStarted, UtteranceDetector, UtteranceEnded
+from personaplex.errors import PersonaPlexError
+from personaplex.server import protocol
+from personaplex.server.metrics import ServerMetrics
+from personaplex.server.protocol import ControlAction, MessageKind, ProtocolError
+from personaplex.server.sessions import UPDATABLE_SETTINGS, SessionConfig, SessionInfo, SettingsError
+
+logger = logging.getLogger(__name__)
+
+FRAME_MS = 80.0
+DROP_EVENT_INTERVAL_S = 1.0
+
+
+class Chunk(Protocol):
+    """What the engine yields for each generated frame (personaplex.AudioChunk)."""
+
+    pcm: np.ndarray
+    text: str
+    frame_index: int
+    elapsed_ms: float
+
+
+class Engine(Protocol):
+    """The part of personaplex.PersonaPlex a conversation uses."""
+
+    sample_rate: int
+    frame_samples: int
+
+    def respond_stream(self, audio: np.ndarray, **settings: Any) -> Iterator[Chunk]: ...
+
+    def respond_realtime(
+        self, mic_frames: AsyncIterator[np.ndarray], **settings: Any
+    ) -> AsyncIterator[Chunk]: ...
+
+
+@dataclass(frozen=True)
+class ConversationServices:
+    """What the server shares with every conversation."""
+
+    engine: Engine
+    metrics: ServerMetrics
+    make_detector: Callable[[], UtteranceDetector]
+    transcriber: Transcriber | None
+    ring_frames: int
+
+
+class Channel:
+    """The websocket, with sends serialised (several tasks send) and a closed flag."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._websocket = websocket
+        self._send_lock = asyncio.Lock()
+        self.open = True
+
+    async def send(self, message: bytes) -> None:
+        if not self.open:
+            return
+        async with self._send_lock:
+            try:
+                await self._websocket.send_bytes(message)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                # The peer went away between our check and the send: the receive side
+                # sees the disconnect and ends the conversation.
+                self.open = False
+
+    async def receive(self) -> bytes | str | None:
+        """The next message, or None once the peer has closed the socket."""
+        if not self.open:
+            return None
+        message = await self._websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            self.open = False
+            return None
+        if message.get("bytes") is not None:
+            return message["bytes"]
+        return message.get("text") or ""
+
+
+class Conversation(ABC):
+    """The protocol side shared by both modes: reading messages and answering errors."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        services: ConversationServices,
+        config: SessionConfig,
+        info: SessionInfo,
+    ) -> None:
+        self.channel = channel
+        self.services = services
+        self.config = config
+        self.info = info
+        self._decoder = OpusStreamDecoder(services.engine.sample_rate)
+        self._encoder = OpusStreamEncoder(services.engine.sample_rate)
+
+    @abstractmethod
+    async def run(self) -> None:
+        """Serve the conversation until the socket closes or generation fails."""
+
+    async def send_event(self, event_type: str, **fields: Any) -> None:
+        await self.channel.send(protocol.metadata({"type": event_type, **fields}))
+
+    async def send_error(self, message: str) -> None:
+        await self.channel.send(protocol.error(message))
+
+    async def send_session_event(self) -> None:
+        await self.send_event(
+            "session",
+            id=self.info.session_id,
+            sample_rate=self.services.engine.sample_rate,
+            frame_samples=self.services.engine.frame_samples,
+            **self.config.describe(),
+        )
+
+    async def send_chunk(self, chunk: Chunk, **frame_fields: Any) -> None:
+        """The frame's audio and text, then its timing event."""
+        ogg = self._encoder.encode(chunk.pcm)
+        if ogg:
+            await self.channel.send(protocol.audio(ogg))
+        if chunk.text:
+            await self.channel.send(protocol.text(chunk.text))
+        self.services.metrics.frame_seconds.observe(chunk.elapsed_ms / 1000.0)
+        await self.send_event(
+            "frame",
+            index=chunk.frame_index,
+            compute_ms=round(chunk.elapsed_ms, 2),
+            rtf=round(chunk.elapsed_ms / FRAME_MS, 3),
+            **frame_fields,
+        )
+
+    async def receive_loop(self) -> None:
+        """Handle client messages until the socket closes."""
+        while (message := await self.channel.receive()) is not None:
+            try:
+                await self._handle(message)
+            except PersonaPlexError as err:  # protocol, audio and settings errors alike
+                self.services.metrics.protocol_errors.inc()
+                await self.send_error(str(err))
+
+    async def _handle(self, message: bytes | str) -> None:
+        if isinstance(message, str):
+            raise ProtocolError("text websocket frames are not part of the protocol: send binary messages")
+        decoded = protocol.decode_message(message)
+        if decoded.kind == MessageKind.AUDIO:
+            pcm = self._decoder.decode(decoded.payload)
+            if len(pcm):
+                await self.on_audio(pcm)
+        elif decoded.kind == MessageKind.CONTROL:
+            await self.on_control(protocol.parse_control(decoded.payload))
+        elif decoded.kind == MessageKind.METADATA:
+            await self.on_settings(protocol.parse_metadata(decoded.payload))
+        elif decoded.kind == MessageKind.PING:
+            await self.channel.send(protocol.ping())
+        else:
+            raise ProtocolError(f"the server does not accept {decoded.kind.name.lower()} messages")
+
+    @abstractmethod
+    async def on_audio(self, pcm: np.ndarray) -> None:
+        """Decoded microphone audio (24 kHz float32)."""
+
+    @abstractmethod
+    async def on_control(self, action: ControlAction) -> None:
+        """A control message (0x03)."""
+
+    @abstractmethod
+    async def on_settings(self, changes: dict[str, Any]) -> None:
+        """A metadata message (0x04) from the client."""
+
+
+class TurnBasedConversation(Conversation):
+    """Listen, detect the end of the utterance, transcribe, reply; speaking over a reply stops it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._detector = self.services.make_detector()
+        self._reply_task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        await self.channel.send(protocol.handshake())
+        await self.send_session_event()
+        await self.send_event("state", state="listening")
+        try:
+            await self.receive_loop()
+        finally:
+            await self._stop_reply()
+
+    async def on_audio(self, pcm: np.ndarray) -> None:
+        for event in self._detector.feed(pcm):
+            if isinstance(event, SpeechStarted):
+                await self._stop_reply()
+                await self.send_event("speech_started")
+                await self.send_event("state", state="hearing")
+            elif isinstance(event, UtteranceEnded):
+                self._start_reply(event.audio)
+
+    async def on_control(self, action: ControlAction) -> None:
+        if action == ControlAction.END_TURN:
+            utterance = self._detector.end_now()
+            if utterance is not None:
+                self._start_reply(utterance.audio)
+        elif action == ControlAction.PAUSE:
+            await self._stop_reply()
+        else:
+            raise ProtocolError(f"control action {action.name.lower()} is not supported by this server")
+
+    async def on_settings(self, changes: dict[str, Any]) -> None:
+        unknown = set(changes) - UPDATABLE_SETTINGS
+        if unknown:
+            raise SettingsError(
+                f"cannot change {', '.join(sorted(unknown))}; changeable: {', '.join(sorted(UPDATABLE_SETTINGS))}"
+            )
+        self.config = self.config.updated(changes)
+        await self.send_session_event()
+
+    def _start_reply(self, audio: np.ndarray) -> None:
+        self._reply_task = asyncio.create_task(self._reply(audio, self.config))
+
+    async def _stop_reply(self) -> None:
+        task, self._reply_task = self._reply_task, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await self.send_event("state", state="listening")
+
+    async def _reply(self, audio: np.ndarray, config: SessionConfig) -> None:
+        frames = 0
+        reason = "interrupted"
+        try:
+            await self.send_event("state", state="thinking")
+            await self._send_transcript(audio)
+            chunks = iterate_in_thread(
+                lambda: self.services.engine.respond_stream(
+                    audio,
+                    sample_rate=self.services.engine.sample_rate,
+                    voice=config.voice,
+                    system_prompt=config.system_prompt,
+                    max_steps=config.max_steps,
+                    seed=config.seed,
+                )
+            )
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    if frames == 0:
+                        await self.send_event("state", state="speaking")
+                    await self.send_chunk(chunk)
+                    frames += 1
+            reason = "done"
+        except PersonaPlexError as err:
+            reason = "error"
+            await self.send_error(str(err))
+        except Exception as err:
+            # A bug in one reply must not take the server down: report it, keep listening.
+            reason = "error"
+            logger.exception("session %d: reply failed", self.info.session_id)
+            self.services.metrics.session_crashes.inc()
+            await self.send_error(f"internal error while replying: {err}")
+        finally:
+            # Sent on cancellation too, so the client knows how much of the reply came.
+            await asyncio.shield(self.send_event("reply_end", frames=frames, reason=reason))
+        await self.send_event("state", state="listening")
+
+    async def _send_transcript(self, audio: np.ndarray) -> None:
+        transcriber = self.services.transcriber
+        if transcriber is None:
+            return
+        words = await asyncio.to_thread(transcriber.transcribe, audio, self.services.engine.sample_rate)
+        await self.send_event("transcript", role="user", text=words)
+
+
+class DuplexConversation(Conversation):
+    """Microphone frames go through a ring buffer to the engine, one reply frame per mic frame."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        engine = self.services.engine
+        self._ring = PcmRing(self.services.ring_frames * engine.frame_samples)
+        self._dropped_frames = 0
+        self._last_drop_event = 0.0
+
+    async def run(self) -> None:
+        generation = asyncio.create_task(self._generate())
+        receiving = asyncio.create_task(self.receive_loop())
+        try:
+            done, _pending = await asyncio.wait(
+                {generation, receiving}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            # Whichever side ends first ends the other: a closed socket stops inference now.
+            for task in (generation, receiving):
+                task.cancel()
+            await asyncio.gather(generation, receiving, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def on_audio(self, pcm: np.ndarray) -> None:
+        dropped_samples = self._ring.write(pcm)
+        if dropped_samples == 0:
+            return
+        frames = dropped_samples / self.services.engine.frame_samples
+        self._dropped_frames += frames
+        self.services.metrics.dropped_frames.inc(frames)
+        now = time.monotonic()
+        if now - self._last_drop_event >= DROP_EVENT_INTERVAL_S:
+            self._last_drop_event = now
+            await self.send_event("dropped", frames=round(self._dropped_frames, 1))
+
+    async def on_control(self, action: ControlAction) -> None:
+        raise ProtocolError(
+            f"control action {action.name.lower()} does not apply to a full-duplex conversation"
+        )
+
+    async def on_settings(self, changes: dict[str, Any]) -> None:
+        raise SettingsError(
+            "the settings of a full-duplex conversation are fixed when it starts: reconnect to change them"
+        )
+
+    async def _generate(self) -> None:
+        config = self.config
+        replies = self.services.engine.respond_realtime(
+            self._microphone_frames(),
+            voice=config.voice,
+            system_prompt=config.system_prompt,
+            seed=config.seed,
+        )
+        try:
+            async with contextlib.aclosing(replies):
+                async for chunk in replies:
+                    await self.send_chunk(chunk, buffered_ms=round(self._ring.seconds(self.services.engine.sample_rate) * 1000))
+        except PersonaPlexError as err:
+            await self.send_error(str(err))
+
+    async def _microphone_frames(self) -> AsyncIterator[np.ndarray]:
+        """Frames for the engine; the first request means the persona prefill is done."""
+        await self.channel.send(protocol.handshake())
+        await self.send_session_event()
+        await self.send_event("state", state="live")
+        frame_samples = self.services.engine.frame_samples
+        while self.channel.open:
+            yield await self._ring.read(frame_samples)
+
+
+class PcmRing:
+    """Microphone audio waiting for the model, capped: when full, the oldest is dropped.
+
+    Dropping keeps the conversation in real time when inference is slower than the
+    microphone, instead of answering ever later.
+    """
+
+    def __init__(self, capacity_samples: int) -> None:
+        self._capacity = capacity_samples
+        self._samples = np.zeros(0, dtype=np.float32)
+        self._changed = asyncio.Event()
+
+    def write(self, pcm: np.ndarray) -> int:
+        """Append `pcm`; returns how many old samples were dropped to make room."""
+        self._samples = np.concatenate([self._samples, np.asarray(pcm, dtype=np.float32)])
+        overflow = max(0, len(self._samples) - self._capacity)
+        self._samples = self._samples[overflow:]
+        self._changed.set()
+        return overflow
+
+    async def read(self, count: int) -> np.ndarray:
+        """Wait until `count` samples are there and take them."""
+        while len(self._samples) < count:
+            self._changed.clear()
+            await self._changed.wait()
+        taken, self._samples = self._samples[:count], self._samples[count:]
+        return taken
+
+    def seconds(self, sample_rate: int) -> float:
+        return len(self._samples) / sample_rate
+
+
+async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+    """Run a blocking iterator in a worker thread and hand its items to the event loop.
+
+    Closing this async generator (or cancelling its consumer) stops the worker after the
+    item it is computing; the worker then closes the iterator in its own thread, so the
+    engine frees the conversation's state without anything left running.
+    """
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def hand_over(tag: str, value: Any) -> None:
+        if stop.is_set():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed: the server is stopping
+            loop.call_soon_threadsafe(items.put_nowait, (tag, value))
+
+    def pump() -> None:
+        iterator: Iterator[Any] | None = None
+        try:
+            iterator = make_iterator()
+            for item in iterator:
+                if stop.is_set():
+                    break
+                hand_over("item", item)
+            hand_over("end", None)
+        except Exception as err:  # handed to the consumer, which raises it
+            hand_over("error", err)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=pump, name="personaplex-reply", daemon=True)
+    worker.start()
+    try:
+        while True:
+            tag, value = await items.get()
+            if tag == "end":
+                return
+            if tag == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()

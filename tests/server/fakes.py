@@ -1,0 +1,114 @@
+"""A small deterministic stand-in for personaplex.PersonaPlex, for server tests only.
+
+Same call signatures as the real engine. Each reply frame is a sine tone whose pitch
+depends on the voice, and its text pieces name the voice, so a test can tell which
+conversation a message belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from personaplex.errors import UnknownVoiceError
+from personaplex.runtime.prompts import DEFAULT_PROMPT
+from personaplex.runtime.voices import VOICE_NAMES
+
+SAMPLE_RATE = 24_000
+FRAME = 1_920
+
+
+@dataclass(frozen=True)
+class FakeChunk:
+    pcm: np.ndarray
+    text: str
+    frame_index: int
+    elapsed_ms: float
+
+
+def voice_pitch(voice: str) -> float:
+    return 200.0 + 20.0 * VOICE_NAMES.index(voice)
+
+
+def tone(voice: str, frame_index: int) -> np.ndarray:
+    t = (np.arange(FRAME) + frame_index * FRAME) / SAMPLE_RATE
+    return (0.3 * np.sin(2 * np.pi * voice_pitch(voice) * t)).astype(np.float32)
+
+
+class FakeEngine:
+    sample_rate = SAMPLE_RATE
+    frame_samples = FRAME
+
+    def __init__(self, frame_seconds: float = 0.0) -> None:
+        self.frame_seconds = frame_seconds  # simulated compute time per frame
+        self._lock = threading.Lock()
+        self.running = 0  # generations in progress now
+        self.stream_calls: list[dict] = []
+        self.realtime_frames_in = 0
+
+    def _started(self) -> None:
+        with self._lock:
+            self.running += 1
+
+    def _ended(self) -> None:
+        with self._lock:
+            self.running -= 1
+
+    def respond_stream(
+        self,
+        audio: np.ndarray,
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        voice: str = "NATM0",
+        system_prompt: str = DEFAULT_PROMPT,
+        max_steps: int = 75,
+        seed: int | None = None,
+        greedy: bool = False,
+    ) -> Iterator[FakeChunk]:
+        if voice not in VOICE_NAMES:
+            raise UnknownVoiceError(f"unknown voice {voice!r}")
+        self.stream_calls.append(
+            {"samples": len(audio), "voice": voice, "system_prompt": system_prompt, "max_steps": max_steps}
+        )
+        return self._stream(voice, max_steps)
+
+    def _stream(self, voice: str, max_steps: int) -> Iterator[FakeChunk]:
+        self._started()
+        try:
+            for index in range(max_steps):
+                started = time.perf_counter()
+                time.sleep(self.frame_seconds)
+                text = f" {voice}" if index % 10 == 0 else ""
+                yield FakeChunk(tone(voice, index), text, index, (time.perf_counter() - started) * 1000)
+        finally:
+            self._ended()
+
+    async def respond_realtime(
+        self,
+        mic_frames: AsyncIterator[np.ndarray],
+        *,
+        voice: str = "NATM0",
+        system_prompt: str = DEFAULT_PROMPT,
+        seed: int | None = None,
+        greedy: bool = False,
+    ) -> AsyncIterator[FakeChunk]:
+        if voice not in VOICE_NAMES:
+            raise UnknownVoiceError(f"unknown voice {voice!r}")
+        self._started()
+        try:
+            index = 0
+            async for frame in mic_frames:
+                assert len(frame) == FRAME
+                self.realtime_frames_in += 1
+                started = time.perf_counter()
+                await asyncio.sleep(self.frame_seconds)
+                text = f" {voice}" if index % 5 == 0 else ""
+                yield FakeChunk(tone(voice, index), text, index, (time.perf_counter() - started) * 1000)
+                index += 1
+        finally:
+            self._ended()
