@@ -7,3 +7,5 @@ ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "src"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+from tests.fixtures.engine import engine, tiny_folder  # noqa: E402,F401  (shared fixtures)

@@ -244,7 +244,7 @@ def test_optional_command_registration(tmp_path, monkeypatch, capsys):
     (tmp_path / "fake_ok_cmd.py").write_text(
         "def register(subparsers):\n"
         "    p = subparsers.add_parser('okcmd')\n"
-        "    p.set_defaults(handler=lambda args: 0)\n"
+        "    p.set_defaults(func=lambda args: 0)\n"
     )
     (tmp_path / "fake_broken_cmd.py").write_text("import not_a_real_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -262,7 +262,68 @@ def test_optional_command_registration(tmp_path, monkeypatch, capsys):
         sys.modules.pop(name, None)
 
 
+def test_missing_package_at_run_time_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fake_lazy_cmd.py").write_text(
+        "def run(args):\n"
+        "    import not_installed_server_xyz\n"
+        "def register(subparsers):\n"
+        "    subparsers.add_parser('lazy').set_defaults(func=run)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli_main, "_SERVER_COMMANDS", {"lazy": "fake_lazy_cmd"})
+    assert main(["lazy"]) == 1
+    assert "needs the package 'not_installed_server_xyz'" in one_error_line(capsys)
+    sys.modules.pop("fake_lazy_cmd", None)
+
+
 def test_parser_has_all_commands():
     parser = cli_main.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert {"respond", "voices", "prompts"} <= set(commands.choices)
+
+
+# --- end to end on a tiny random model folder ---
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory) -> Path:
+    from tests.fixtures.tiny_model import make_tiny_model_folder
+
+    # The default system prompt needs ~100 frames of context with the tiny tokenizer.
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny_model"), context=256)
+
+
+def noise_file(path: Path, seconds: float, rate: int) -> Path:
+    noise = 0.1 * np.random.default_rng(0).standard_normal(int(seconds * rate))
+    write_wav(path, noise.astype(np.float32), rate)
+    return path
+
+
+def test_end_to_end_turn_based(tmp_path, tiny_model_folder, capsys):
+    wav = noise_file(tmp_path / "question.wav", seconds=0.3, rate=16_000)
+    out, js = tmp_path / "answer.wav", tmp_path / "answer.json"
+    args = ["respond", str(wav), "-o", str(out), "--json", str(js), "--max-steps", "3"]
+    args += ["--model", str(tiny_model_folder), "--device", "cpu", "--seed", "1"]
+    assert main(args) == 0, capsys.readouterr().err
+    pcm, rate = read_wav(out)
+    assert rate == SAMPLE_RATE and pcm.shape == (3 * FRAME_SAMPLES,)
+    assert np.all(np.isfinite(pcm))
+    document = json.loads(js.read_text())
+    assert [frame["index"] for frame in document["frames"]] == [0, 1, 2]
+    assert document["text"] == "".join(frame["text"] for frame in document["frames"]).strip()
+
+
+def test_end_to_end_duplex_with_codes(tmp_path, tiny_model_folder, capsys):
+    wav = noise_file(tmp_path / "talk.wav", seconds=0.3, rate=SAMPLE_RATE)
+    out, js = tmp_path / "duplex.wav", tmp_path / "duplex.json"
+    args = ["respond", str(wav), "-o", str(out), "--json", str(js), "--codes", "--duplex"]
+    args += ["--model", str(tiny_model_folder), "--device", "cpu", "--greedy"]
+    args += ["--voice", "VARF1", "--prompt-preset", "conversation"]
+    assert main(args) == 0, capsys.readouterr().err
+    pcm, rate = read_wav(out)
+    assert rate == SAMPLE_RATE and pcm.shape == (7200,)  # as long as the input
+    frames = json.loads(js.read_text())["frames"]
+    assert len(frames) == 4  # ceil(7200 / 1920)
+    for frame in frames:
+        assert len(frame["agent_codes"]) == 8 and isinstance(frame["text_token"], int)
+        assert all(0 <= code < 2048 for code in frame["agent_codes"])

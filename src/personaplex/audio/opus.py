@@ -74,14 +74,15 @@ def split_ogg_pages(data: bytes) -> list[bytes]:
 
 def _page_length(data: bytes, offset: int) -> int:
     """Length of the Ogg page starting at `offset`, after checking its head fits."""
-    if len(data) - offset < _PAGE_HEAD.size:
-        raise InvalidAudioError("the audio message ends inside an Ogg page head")
-    capture, version, *_, segment_count = _PAGE_HEAD.unpack_from(data, offset)
-    if capture != _CAPTURE_PATTERN:
+    capture = data[offset : offset + len(_CAPTURE_PATTERN)]
+    if capture != _CAPTURE_PATTERN[: len(capture)]:
         raise InvalidAudioError(
             f"the audio message is not Ogg/Opus (expected 'OggS' at byte {offset}, "
             f"got {capture!r})"
         )
+    if len(data) - offset < _PAGE_HEAD.size:
+        raise InvalidAudioError("the audio message ends inside an Ogg page head")
+    _capture, version, *_, segment_count = _PAGE_HEAD.unpack_from(data, offset)
     if version != 0:
         raise InvalidAudioError(f"unsupported Ogg version {version}")
     lacing_start = offset + _PAGE_HEAD.size

@@ -19,7 +19,7 @@ _VOICE_KINDS = {
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     voices = subparsers.add_parser("voices", help="list the preset voices")
-    voices.set_defaults(handler=list_voices)
+    voices.set_defaults(func=list_voices)
 
     prompts = subparsers.add_parser(
         "prompts",
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="List the presets, or print one preset's text (for --system-prompt).",
     )
     prompts.add_argument("name", nargs="?", help="print only this preset's text")
-    prompts.set_defaults(handler=list_prompts)
+    prompts.set_defaults(func=list_prompts)
 
 
 def list_voices(_: argparse.Namespace) -> int:

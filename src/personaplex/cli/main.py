@@ -1,7 +1,7 @@
 """The `personaplex` command: one subcommand per module.
 
 Every subcommand module exposes `register(subparsers) -> None`, which adds its parser and
-sets `handler`, a function `(argparse.Namespace) -> int` (the exit status). Errors the user
+sets `func`, a function `(argparse.Namespace) -> int` (the exit status). Errors the user
 can act on (PersonaPlexError, OSError) become one line on stderr, never a traceback.
 """
 
@@ -42,9 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown and not getattr(args, "ignores_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return args.handler(args)
+        return args.func(args)
     except (PersonaPlexError, OSError) as err:
         print(f"{PROGRAM}: error: {err}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as err:  # commands import their optional packages when they run
+        print(f"{PROGRAM}: error: {_missing_package_message(args.command, err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted", file=sys.stderr)
@@ -57,15 +60,19 @@ def _register_optional(
     """Register a command from a module that may be absent or lack its optional packages."""
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
+    except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) and err.name == module_name:
             return  # this installation has no such command
         _register_unavailable(subparsers, command, err)
         return
-    except ImportError as err:
-        _register_unavailable(subparsers, command, err)
-        return
     module.register(subparsers)
+
+
+def _missing_package_message(command: str, err: ImportError) -> str:
+    return (
+        f"`{PROGRAM} {command}` needs the package {err.name or str(err)!r}, which is not "
+        "installed: install it (`pip install 'personaplex[server]'` has the server's packages)"
+    )
 
 
 def _register_unavailable(
@@ -73,16 +80,13 @@ def _register_unavailable(
 ) -> None:
     """A stand-in command that explains which package to install instead of crashing."""
     missing = err.name or str(err)
-    message = (
-        f"`{PROGRAM} {command}` needs the package {missing!r}, which is not installed: "
-        "run `pip install 'personaplex[server]'`"
-    )
+    message = _missing_package_message(command, err)
 
     def explain(_: argparse.Namespace) -> int:
         raise PersonaPlexError(message)
 
     stand_in = subparsers.add_parser(command, help=f"(unavailable: needs {missing})")
-    stand_in.set_defaults(handler=explain, ignores_arguments=True)
+    stand_in.set_defaults(func=explain, ignores_arguments=True)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--duplex", action="store_true", help="full duplex over the whole file")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: best available)")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

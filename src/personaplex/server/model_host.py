@@ -108,12 +108,13 @@ class ModelHost:
         with self._lock:
             load = self._load
             now = time.monotonic()
+            finished_at = load.stage_started_at.get("ready", now)
             return {
                 "state": load.state,
                 "stage": load.stage,
                 "fraction": load.fraction,
                 "message": load.message,
-                "elapsed_s": round(now - load.started_at, 2),
+                "elapsed_s": round(finished_at - load.started_at, 2),
                 "timings": self._stage_timings(now),
                 "error": load.error,
                 "help": MODEL_HELP if load.state == "error" else None,

@@ -90,7 +90,11 @@ class Mimi(nn.Module):
     @torch.no_grad()
     def encode(self, pcm: torch.Tensor) -> torch.Tensor:
         """pcm [B, 1, T] float -> codes [B, num_codebooks, ceil(T / 1920)] int64.
-        The clip is zero-padded at the end to whole frames."""
+
+        The clip is zero-padded at the end to whole frames. Equal to upstream's whole-clip
+        encode; equal to `encode_step` frame by frame only for the first context/2 frames
+        (10 s): see `Attention.step`. The reference encodes WAV voice prompts frame by frame,
+        so use `encode_step` to reproduce it. Attention memory grows with T^2."""
         self._check_pcm(pcm)
         batch, _, length = pcm.shape
         if length == 0:
@@ -109,9 +113,9 @@ class Mimi(nn.Module):
         self._check_codes(codes)
         if codes.shape[-1] == 0:
             raise ValueError("cannot decode zero frames (F = 0)")
-        bins = self.config.quantizer.bins
-        if int(codes.min()) < 0 or int(codes.max()) >= bins):
-            raise ValueError(f"codes must lie in [0, {bins}), got values in [{int(codes.min())}, {int(codes.max())}]")
+        bins, low, high = self.config.quantizer.bins, int(codes.min()), int(codes.max())
+        if low < 0 or high >= bins:
+            raise ValueError(f"codes must lie in [0, {bins}), got values in [{low}, {high}]")
         batch = codes.shape[0]
         x = self.quantizer.decode(codes.to(self.device)).to(self.dtype)
         x = self.upsample(x, self.upsample.new_state(batch, self.device, self.dtype))

@@ -1,9 +1,10 @@
 """Mimi's transformer: causal, sliding-window attention with RoPE, LayerNorm, GELU FFN and
 layer scale, on [B, C, T] latents at 25 Hz.
 
-Two modes compute the same function:
+Two modes, each equal to its upstream counterpart:
 - `forward`: a whole clip, attention masked to the last `context` positions;
 - `step`: a few positions per call, keys/values kept in a ring of `context` slots per layer.
+They agree until the ring is full, then differ slightly (see `Attention.step`).
 Parameter names follow the official checkpoint (`layers.{i}.self_attn.in_proj_weight`, ...).
 """
 
@@ -96,7 +97,12 @@ class Attention(nn.Module):
         return self._attend(q, k, v, positions.view(1, -1, 1), positions.view(1, 1, -1))
 
     def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """x [B, T, C] at positions offset[b] + t; writes its keys/values into the ring."""
+        """x [B, T, C] at positions offset[b] + t; writes its keys/values into the ring.
+
+        As upstream, the T new keys are written before attending, so once the ring is full
+        they overwrite the oldest T - 1 keys that the first queries could still see under
+        the whole-clip mask: streaming then differs slightly from `forward` (and matches
+        upstream's streaming exactly)."""
         batch, steps, _ = x.shape
         q, k, v = self._qkv(x, offset)
         new_pos = offset.view(-1, 1) + torch.arange(steps, device=x.device)  # [B, T]

