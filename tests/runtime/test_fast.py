@@ -16,7 +16,7 @@ def user_audio(seed: int) -> np.ndarray:
     return (0.1 * rng.standard_normal((FRAMES, 1920))).astype(np.float32)
 
 
-def conversation_tokens(engine, audio: np.ndarray) -> list[list[int]]:
+def conversation_tokens(engine, audio: np.ndarray) -> tuple[list[list[int]], list[np.ndarray]]:
     conversation = engine.conversation(greedy=True, seed=0)
     results = [conversation.step(frame) for frame in audio]
     return [[r.text_token, *r.agent_codes] for r in results], [r.pcm for r in results]
