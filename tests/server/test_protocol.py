@@ -11,7 +11,7 @@ import pytest
 from personaplex.server import protocol
 from personaplex.server.protocol import ControlAction, MessageKind, ProtocolError
 from tests.server.fakes import FRAME
-from tests.server.harness import ChatClient, silence
+from tests.server.harness import ChatClient, get_text, silence
 
 
 def test_each_kind_has_its_reference_byte():
@@ -92,7 +92,7 @@ def test_malformed_messages_get_an_error_and_the_socket_stays_sane(start_server,
     assert "cannot change mode" in client.received.errors[-1] or "fixed when it starts" in client.received.errors[-1]
     assert not client.closed
     client.close()
-    metrics = __import__("urllib.request").request.urlopen(server.http_url + "/metrics").read().decode()
+    metrics = get_text(server.http_url + "/metrics")
     assert f"personaplex_protocol_errors_total {len(MALFORMED) + 1}" in metrics
 
 

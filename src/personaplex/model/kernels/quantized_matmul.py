@@ -49,63 +49,61 @@ def _codes_to_float(codes):
 
 
 @triton.jit
-def _chunk(w_ptr, scales_ptr, biases_ptr, x_ptr, offs_n, n_ok, x_rows, x_ok, stride_xm, kc, K,
-           KIND: tl.constexpr, CHUNK: tl.constexpr):
-    """Weights and inputs of one chunk of CHUNK inputs starting at kc (one scale group for the
-    affine kinds, so that its scale and bias are one value per row).
+def _chunk(w_ptr, stride_wn, scales_ptr, biases_ptr, offs_n, n_ok, kc, K,
+           KIND: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr):
+    """Dequantized weights [BLOCK_N, CHUNK] (float32) of rows offs_n, inputs kc .. kc+CHUNK.
 
-    Returns (w_a, x_a, w_b, x_b): w float32 [BLOCK_N, cols], x [rows, cols] in x's dtype, such
-    that the chunk's product is x_a @ w_a.T + x_b @ w_b.T. 4-bit codes come as the even and
-    the odd inputs (low and high nibbles), the other kinds as one half and an all-zero other.
+    For the affine kinds a chunk is one scale group, so its scale and bias are one value
+    per row, broadcast along the row. EVEN_N (N a multiple of BLOCK_N, as in every layer of
+    the real model) drops the row masks, which otherwise cost a predicate per load.
     """
+    # The alignment hints let each thread load 16 bytes at once instead of one byte at a time.
     if KIND == 0:
-        cols = tl.arange(0, CHUNK // 2)
-        packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + (kc // 2 + cols)[None, :], mask=n_ok[:, None], other=0)
-        packed = packed.to(tl.int32)
-        scale = tl.load(scales_ptr + offs_n * (K // CHUNK) + kc // CHUNK, mask=n_ok, other=0).to(tl.float32)[:, None]
-        bias = tl.load(biases_ptr + offs_n * (K // CHUNK) + kc // CHUNK, mask=n_ok, other=0).to(tl.float32)[:, None]
-        w_a = _codes_to_float(packed & 0xF) * scale + bias
-        w_b = _codes_to_float(packed >> 4) * scale + bias
-        x_base = x_ptr + x_rows[:, None] * stride_xm + kc + 2 * cols[None, :]
-        x_a = tl.load(x_base, mask=x_ok[:, None], other=0)
-        x_b = tl.load(x_base + 1, mask=x_ok[:, None], other=0)
-    else:
-        cols = tl.arange(0, CHUNK)
-        # Rows past N are never stored, so their (unloaded) values do not matter.
-        q = tl.load(w_ptr + offs_n[:, None] * K + (kc + cols)[None, :], mask=n_ok[:, None])
-        if KIND == 1:
-            scale = tl.load(scales_ptr + offs_n * (K // CHUNK) + kc // CHUNK, mask=n_ok, other=0).to(tl.float32)[:, None]
-            bias = tl.load(biases_ptr + offs_n * (K // CHUNK) + kc // CHUNK, mask=n_ok, other=0).to(tl.float32)[:, None]
-            w_a = _codes_to_float(q.to(tl.int32)) * scale + bias
+        cols = tl.multiple_of(kc // 2, CHUNK // 2) + tl.arange(0, CHUNK // 2)
+        if EVEN_N:
+            packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :])
         else:
-            w_a = q.to(tl.float32)  # fp8: the per-row scale is applied once to the finished sum
-        x_a = tl.load(x_ptr + x_rows[:, None] * stride_xm + kc + cols[None, :], mask=x_ok[:, None], other=0)
-        w_b = tl.zeros_like(w_a)
-        x_b = tl.zeros_like(x_a)
-    return w_a, x_a, w_b, x_b
+            packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None], other=0)
+        packed = packed.to(tl.int32)
+        # interleave puts each byte's two codes side by side: input order, low nibble first.
+        codes = tl.interleave(packed & 0xF, packed >> 4)
+    else:
+        cols = tl.multiple_of(kc, CHUNK) + tl.arange(0, CHUNK)
+        if EVEN_N:
+            codes = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :])
+        else:
+            # Rows past N are never stored, so their (unloaded) values do not matter.
+            codes = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None])
+    if KIND == 2:
+        w = codes.to(tl.float32)  # fp8: the per-row scale is applied once to the finished sum
+    else:
+        group = offs_n * (K // CHUNK) + kc // CHUNK
+        if EVEN_N:
+            scale = tl.load(scales_ptr + group).to(tl.float32)
+            bias = tl.load(biases_ptr + group).to(tl.float32)
+        else:
+            scale = tl.load(scales_ptr + group, mask=n_ok, other=0).to(tl.float32)
+            bias = tl.load(biases_ptr + group, mask=n_ok, other=0).to(tl.float32)
+        w = _codes_to_float(codes.to(tl.int32)) * scale[:, None] + bias[:, None]
+    return w
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K,
+def _gemv_kernel(x_ptr, w_ptr, stride_wn, scales_ptr, biases_ptr, out_ptr, N, K,
                  KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr):
+                 SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    row = tl.arange(0, 1)
-    row_ok = row < 1
-    COLS: tl.constexpr = CHUNK // 2 if KIND == 0 else CHUNK
-    acc = tl.zeros((BLOCK_N, COLS), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
     k_slice = K // SPLIT_K
     for step in range(0, k_slice, BLOCK_K):
         for c in tl.static_range(BLOCK_K // CHUNK):
-            kc = pid_k * k_slice + step + c * CHUNK
-            w_a, x_a, w_b, x_b = _chunk(w_ptr, scales_ptr, biases_ptr, x_ptr, offs_n, n_ok, row, row_ok, 0, kc, K,
-                                        KIND, CHUNK)
-            acc += w_a * x_a.to(tl.float32)
-            if KIND == 0:
-                acc += w_b * x_b.to(tl.float32)
+            kc = tl.multiple_of(pid_k * k_slice + step + c * CHUNK, CHUNK)
+            w = _chunk(w_ptr, stride_wn, scales_ptr, biases_ptr, offs_n, n_ok, kc, K, KIND, CHUNK, EVEN_N)
+            x = tl.load(x_ptr + kc + tl.arange(0, CHUNK)).to(tl.float32)
+            acc += w * x[None, :]
     out = tl.sum(acc, axis=1)
     if KIND == 2:
         out *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)
@@ -116,9 +114,9 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K,
 
 
 @triton.jit
-def _dot_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+def _dot_kernel(x_ptr, w_ptr, stride_wn, scales_ptr, biases_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                 KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -130,12 +128,11 @@ def _dot_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, M, N, K, stride_x
     k_slice = K // SPLIT_K
     for step in range(0, k_slice, BLOCK_K):
         for c in tl.static_range(BLOCK_K // CHUNK):
-            kc = pid_k * k_slice + step + c * CHUNK
-            w_a, x_a, w_b, x_b = _chunk(w_ptr, scales_ptr, biases_ptr, x_ptr, offs_n, n_ok, offs_m, m_ok, stride_xm,
-                                        kc, K, KIND, CHUNK)
-            acc = tl.dot(x_a, tl.trans(w_a.to(x_a.dtype)), acc)
-            if KIND == 0:
-                acc = tl.dot(x_b, tl.trans(w_b.to(x_b.dtype)), acc)
+            kc = tl.multiple_of(pid_k * k_slice + step + c * CHUNK, CHUNK)
+            w = _chunk(w_ptr, stride_wn, scales_ptr, biases_ptr, offs_n, n_ok, kc, K, KIND, CHUNK, EVEN_N)
+            cols = kc + tl.arange(0, CHUNK)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     if KIND == 2:
         acc *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -198,15 +195,15 @@ def quantized_linear(
             raise ValueError("the GEMV kernel takes one row of x")
         grid = (triton.cdiv(n, config.block_n), config.split_k)
         _gemv_kernel[grid](
-            x, weight, scales, biases, out, n, k,
+            x, weight, weight.stride(0), scales, biases, out, n, k,
             KIND=int(kind), CHUNK=chunk, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
+            SPLIT_K=config.split_k, EVEN_N=n % config.block_n == 0, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
         _dot_kernel[grid](
-            x, weight, scales, biases, out, m, n, k, x.stride(0), out.stride(0),
+            x, weight, weight.stride(0), scales, biases, out, m, n, k, x.stride(0), out.stride(0),
             KIND=int(kind), CHUNK=chunk, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            BLOCK_K=config.block_k, SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
+            BLOCK_K=config.block_k, SPLIT_K=config.split_k, EVEN_N=n % config.block_n == 0, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return out if config.split_k == 1 else out.to(x.dtype)

@@ -1,0 +1,58 @@
+"""config.json in upstream moshi's format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from personaplex.model.config import PERSONAPLEX_7B, ConfigError, LMConfig, ModelConfig
+
+
+def test_defaults_are_personaplex_7b():
+    lm = PERSONAPLEX_7B.lm
+    assert (lm.dim, lm.num_layers, lm.num_heads, lm.context, lm.dep_q) == (4096, 32, 32, 3000, 16)
+    assert lm.hidden_dim == 11264 and lm.depformer_hidden_dim == 2816
+    assert PERSONAPLEX_7B.mimi.frame_samples == 1920 and PERSONAPLEX_7B.mimi.seanet.hop_length == 960
+
+
+def test_folder_without_config_gets_the_7b_shape(tmp_path):
+    assert ModelConfig.from_folder(tmp_path) == PERSONAPLEX_7B
+
+
+def test_moshi_format_fields_and_ignored_keys(tmp_path):
+    raw = {
+        "dim": 256, "num_heads": 8, "num_layers": 3, "context": 100, "depformer_dim": 64,
+        "depformer_num_heads": 4, "delays": [0] + [1] * 16, "moshi_name": "model.safetensors",
+        "lm_gen_config": {"temp": 0.5}, "mimi": {"seanet": {"n_filters": 8, "ratios": [4, 4, 4, 4]},
+                                                   "transformer": {"num_layers": 2}, "quantizer": {"bins": 512}},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = ModelConfig.from_folder(tmp_path)
+    assert (config.lm.dim, config.lm.num_layers, config.lm.context, config.lm.dep_q) == (256, 3, 100, 16)
+    assert config.lm.delays == (0,) + (1,) * 16
+    assert config.mimi.seanet.ratios == (4, 4, 4, 4) and config.mimi.seanet.n_filters == 8
+    assert config.mimi.transformer.num_layers == 2 and config.mimi.quantizer.bins == 512
+    assert config.mimi.transformer.d_model == 512  # absent: the 7B value
+
+
+def test_round_trip_through_moshi_dict():
+    config = ModelConfig(lm=LMConfig(dim=128, num_heads=4, num_layers=2))
+    assert ModelConfig.from_moshi_dict(config.to_moshi_dict()) == config
+
+
+@pytest.mark.parametrize("key, value", [("gating", "gelu"), ("norm", "layer_norm"), ("depformer_pos_emb", "sin")])
+def test_other_architectures_are_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"{key}={value!r}"):
+        LMConfig.from_moshi_dict({key: value})
+
+
+def test_bad_json_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config.json: not valid JSON"):
+        ModelConfig.from_folder(tmp_path)
+
+
+def test_inconsistent_delays():
+    with pytest.raises(ConfigError, match="delays has 3 entries"):
+        LMConfig(delays=(0, 1, 1))
