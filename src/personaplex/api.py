@@ -55,6 +55,8 @@ class AudioChunk:
     text: str  # inner-monologue piece of this frame ("" for padding)
     frame_index: int
     elapsed_ms: float  # compute time of this frame
+    text_token: int = 0
+    agent_codes: list[int] = field(default_factory=list)  # the 8 Mimi codes decoded into `pcm`
 
 
 @dataclass
@@ -248,17 +250,21 @@ class PersonaPlex:
     def respond(self, audio: Any, **kwargs: Any) -> Response:
         """Turn-based: the whole reply at once (the chunks of `respond_stream`, joined)."""
         chunks = list(self.respond_stream(audio, **kwargs))
-        return _response(chunks, self.tokenizer, [c.text_token for c in chunks], [c.agent_codes for c in chunks])
+        return _response(chunks)
 
     def respond_duplex(self, audio: Any, *, sample_rate: int = SAMPLE_RATE, voice: str = DEFAULT_VOICE,
                        voice_wav: str | None = None, system_prompt: str = DEFAULT_PROMPT, seed: int | None = None,
-                       greedy: bool = False) -> Response:
+                       greedy: bool = False, on_chunk: Callable[[AudioChunk], None] | None = None) -> Response:
         """Full duplex over a recording, as the reference offline script: one agent frame per
-        input frame, the reply as long as the input."""
+        input frame, the reply as long as the input. `on_chunk` sees each frame as it is made."""
         user_pcm = prepare_user_audio(audio, sample_rate)
         conversation = self.conversation(voice_wav or voice, system_prompt, seed, greedy)
-        chunks = [_chunk(conversation.step(frame), i) for i, frame in enumerate(_frames_of(user_pcm, self.frame_samples))]
-        response = _response(chunks, self.tokenizer, [c.text_token for c in chunks], [c.agent_codes for c in chunks])
+        chunks = []
+        for index, frame in enumerate(_frames_of(user_pcm, self.frame_samples)):
+            chunks.append(_chunk(conversation.step(frame), index))
+            if on_chunk is not None:
+                on_chunk(chunks[-1])
+        response = _response(chunks)
         response.audio = response.audio[: user_pcm.shape[-1]]
         return response
 
@@ -327,20 +333,15 @@ def _rms(pcm: np.ndarray | None) -> float:
     return float(np.sqrt(np.mean(np.square(pcm)))) if pcm is not None and pcm.size else 0.0
 
 
-@dataclass
-class _Chunk(AudioChunk):
-    text_token: int = 0
-    agent_codes: list[int] = field(default_factory=list)
-
-
-def _chunk(result: FrameResult, index: int) -> _Chunk:
+def _chunk(result: FrameResult, index: int) -> AudioChunk:
     if result.pcm is None:  # only the first frames of a bare (persona-less) generator lack audio
         raise RuntimeError(f"frame {index} produced no agent audio")
-    return _Chunk(pcm=result.pcm, text=result.text, frame_index=index, elapsed_ms=sum(result.timings_ms.values()),
+    return AudioChunk(pcm=result.pcm, text=result.text, frame_index=index, elapsed_ms=sum(result.timings_ms.values()),
                   text_token=result.text_token, agent_codes=result.agent_codes)
 
 
-def _response(chunks: list[AudioChunk], tokenizer: TextTokenizer, text_tokens: list[int], codes: list[list[int]]) -> Response:
+def _response(chunks: list[AudioChunk]) -> Response:
     audio = np.concatenate([c.pcm for c in chunks]) if chunks else np.zeros(0, dtype=np.float32)
-    frames = [FrameOutput(c.frame_index, c.text, t, k) for c, t, k in zip(chunks, text_tokens, codes)]
+    frames = [FrameOutput(c.frame_index, c.text, c.text_token, c.agent_codes) for c in chunks]
+    text_tokens = [c.text_token for c in chunks]
     return Response(audio=audio, text_tokens=text_tokens, text="".join(c.text for c in chunks).strip(), frames=frames)

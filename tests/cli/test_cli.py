@@ -54,6 +54,8 @@ class FakeChunk:
     text: str
     frame_index: int
     elapsed_ms: float = 1.0
+    text_token: int = 3
+    agent_codes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -86,12 +88,16 @@ class FakeEngine:
     def respond_stream(self, audio, **kwargs):
         self.calls.append(("respond_stream", audio, kwargs))
         for frame in self._response(kwargs["max_steps"]).frames:
-            yield FakeChunk(np.full(FRAME_SAMPLES, 0.1, np.float32), frame.text, frame.index)
+            yield FakeChunk(np.full(FRAME_SAMPLES, 0.1, np.float32), frame.text, frame.index,
+                            text_token=frame.text_token, agent_codes=frame.agent_codes)
 
     def respond_duplex(self, audio, **kwargs):
         self.calls.append(("respond_duplex", audio, kwargs))
         frames = -(-round(len(audio) * SAMPLE_RATE / kwargs["sample_rate"]) // FRAME_SAMPLES)
-        return self._response(frames)
+        response = self._response(frames)
+        for frame in response.frames:
+            kwargs["on_chunk"](frame)
+        return response
 
 
 @pytest.fixture
@@ -220,7 +226,7 @@ def test_respond_codes_and_persona(tmp_path, fake_engine):
     args += ["--voice", str(voice_wav), "--prompt-preset", "teacher", "--max-steps", "3"]
     assert main(args) == 0
     kind, _, kwargs = FakeEngine.last.calls[0]
-    assert kind == "respond" and kwargs["voice_wav"] == str(voice_wav)
+    assert kind == "respond_stream" and kwargs["voice_wav"] == str(voice_wav)
     assert kwargs["system_prompt"] == PROMPT_PRESETS["teacher"]
     frame = json.loads(js.read_text())["frames"][2]
     assert frame == {"index": 2, "text": "", "text_token": 3, "agent_codes": [2] * 8}

@@ -189,7 +189,7 @@ class UtteranceDetector:
         *,
         end_silence_s: float = 1.0,
         min_speech_s: float = 0.1,
-        pre_roll_s: float = 0.3,
+        pre_roll_s: float = 0.5,
         tail_s: float = 0.2,
         max_utterance_s: float = 30.0,
     ) -> None:

@@ -88,9 +88,7 @@ def run(args: argparse.Namespace) -> int:
     engine = PersonaPlex.from_pretrained(args.model, device=args.device, progress=_show_progress)
     persona = _persona_arguments(args, system_prompt)
     if args.duplex:
-        reply = _reply_from_response(
-            engine.respond_duplex(audio, sample_rate=sample_rate, **persona), args.codes
-        )
+        reply = _duplex_reply(engine, audio, sample_rate, persona, args.codes)
     else:
         max_steps = args.max_steps or DEFAULT_MAX_STEPS
         reply = _turn_based_reply(engine, audio, sample_rate, persona, max_steps, args.codes)
@@ -145,30 +143,27 @@ def _turn_based_reply(
     max_steps: int,
     with_codes: bool,
 ) -> Reply:
-    if with_codes:
-        # Only the full Response carries the audio codes; the stream carries audio and text.
-        response = engine.respond(audio, sample_rate=sample_rate, max_steps=max_steps, **persona)
-        return _reply_from_response(response, with_codes)
-    pcm_frames: list[np.ndarray] = []
-    frames: list[dict[str, Any]] = []
     chunks = engine.respond_stream(audio, sample_rate=sample_rate, max_steps=max_steps, **persona)
-    for chunk in tqdm(chunks, total=max_steps, unit="frame", desc="speaking", leave=False):
-        pcm_frames.append(chunk.pcm)
-        frames.append({"index": chunk.frame_index, "text": chunk.text})
-    audio_out = np.concatenate(pcm_frames) if pcm_frames else np.zeros(0, np.float32)
-    text = "".join(frame["text"] for frame in frames).strip()
-    return Reply(audio=audio_out, text=text, frames=frames)
+    chunks = list(tqdm(chunks, total=max_steps, unit="frame", desc="speaking", leave=False))
+    audio_out = np.concatenate([c.pcm for c in chunks]) if chunks else np.zeros(0, np.float32)
+    text = "".join(c.text for c in chunks).strip()
+    return Reply(audio=audio_out, text=text, frames=[_frame_entry(c, c.frame_index, with_codes) for c in chunks])
 
 
-def _reply_from_response(response: Any, with_codes: bool) -> Reply:
-    frames = []
-    for frame in response.frames:
-        entry: dict[str, Any] = {"index": frame.index, "text": frame.text}
-        if with_codes:
-            entry["text_token"] = frame.text_token
-            entry["agent_codes"] = list(frame.agent_codes)
-        frames.append(entry)
+def _duplex_reply(engine: Any, audio: np.ndarray, sample_rate: int, persona: dict[str, Any], with_codes: bool) -> Reply:
+    total = -(-int(audio.shape[-1] * engine.sample_rate / sample_rate) // engine.frame_samples)
+    with tqdm(total=total, unit="frame", desc="conversing", leave=False) as bar:
+        response = engine.respond_duplex(audio, sample_rate=sample_rate, on_chunk=lambda _: bar.update(), **persona)
+    frames = [_frame_entry(f, f.index, with_codes) for f in response.frames]
     return Reply(audio=response.audio, text=response.text, frames=frames)
+
+
+def _frame_entry(frame: Any, index: int, with_codes: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"index": index, "text": frame.text}
+    if with_codes:
+        entry["text_token"] = frame.text_token
+        entry["agent_codes"] = list(frame.agent_codes)
+    return entry
 
 
 def _write_json(path: Path, reply: Reply) -> None:

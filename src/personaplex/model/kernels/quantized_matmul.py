@@ -41,23 +41,20 @@ class KernelConfig:
 
 
 @triton.jit
-def _codes_to_float(codes):
-    """int32 codes in [0, 2^23) -> float32, exactly. Placing the code in the mantissa of 2^23
-    and subtracting 2^23 costs one OR and one add, where the int-to-float instruction runs
-    at an eighth of the FMA rate and made the first version of these kernels ALU-bound."""
-    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
 def _chunk(w_ptr, stride_wn, scales_ptr, biases_ptr, offs_n, n_ok, kc, K,
            KIND: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr):
     """Dequantized weights [BLOCK_N, CHUNK] (float32) of rows offs_n, inputs kc .. kc+CHUNK.
 
-    For the affine kinds a chunk is one scale group, so its scale and bias are one value
-    per row, broadcast along the row. EVEN_N (N a multiple of BLOCK_N, as in every layer of
-    the real model) drops the row masks, which otherwise cost a predicate per load.
+    The kernels are bound by instruction issue, not by memory, unless dequantizing costs
+    only a few instructions per weight, hence:
+    - a chunk of an affine kind is one scale group, so its scale and bias are one value per
+      row, broadcast along the row;
+    - a code q is turned into a float without the slow int-to-float instruction, by writing
+      it into the top mantissa bits of 1.0: f = 1 + q / 2^bits (one shift and one LOP3), and
+      w = q * scale + bias = f * (2^bits scale) + (bias - 2^bits scale), one FMA;
+    - EVEN_N (N a multiple of BLOCK_N, true of every layer of the real model) drops the row
+      masks, and the alignment hints let each thread load 16 bytes at once.
     """
-    # The alignment hints let each thread load 16 bytes at once instead of one byte at a time.
     if KIND == 0:
         cols = tl.multiple_of(kc // 2, CHUNK // 2) + tl.arange(0, CHUNK // 2)
         if EVEN_N:
@@ -66,7 +63,7 @@ def _chunk(w_ptr, stride_wn, scales_ptr, biases_ptr, offs_n, n_ok, kc, K,
             packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None], other=0)
         packed = packed.to(tl.int32)
         # interleave puts each byte's two codes side by side: input order, low nibble first.
-        codes = tl.interleave(packed & 0xF, packed >> 4)
+        mantissa = tl.interleave(((packed & 0xF) << 19) | 0x3F800000, ((packed >> 4) << 19) | 0x3F800000)
     else:
         cols = tl.multiple_of(kc, CHUNK) + tl.arange(0, CHUNK)
         if EVEN_N:
@@ -74,17 +71,20 @@ def _chunk(w_ptr, stride_wn, scales_ptr, biases_ptr, offs_n, n_ok, kc, K,
         else:
             # Rows past N are never stored, so their (unloaded) values do not matter.
             codes = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None])
+        if KIND == 1:
+            mantissa = (codes.to(tl.int32) << 15) | 0x3F800000
     if KIND == 2:
         w = codes.to(tl.float32)  # fp8: the per-row scale is applied once to the finished sum
     else:
+        levels: tl.constexpr = 16.0 if KIND == 0 else 256.0
         group = offs_n * (K // CHUNK) + kc // CHUNK
         if EVEN_N:
-            scale = tl.load(scales_ptr + group).to(tl.float32)
-            bias = tl.load(biases_ptr + group).to(tl.float32)
+            scale = tl.load(scales_ptr + group).to(tl.float32) * levels
+            bias = tl.load(biases_ptr + group).to(tl.float32) - scale
         else:
-            scale = tl.load(scales_ptr + group, mask=n_ok, other=0).to(tl.float32)
-            bias = tl.load(biases_ptr + group, mask=n_ok, other=0).to(tl.float32)
-        w = _codes_to_float(codes.to(tl.int32)) * scale[:, None] + bias[:, None]
+            scale = tl.load(scales_ptr + group, mask=n_ok, other=0).to(tl.float32) * levels
+            bias = tl.load(biases_ptr + group, mask=n_ok, other=0).to(tl.float32) - scale
+        w = mantissa.to(tl.float32, bitcast=True) * scale[:, None] + bias[:, None]
     return w
 
 
