@@ -49,7 +49,7 @@ class FakeEngine:
         self._lock = threading.Lock()
         self.running = 0  # generations in progress now
         self.stream_calls: list[dict] = []
-        self.realtime_frames_in = 0
+        self.realtime_input_peaks: list[float] = []  # loudness of each microphone frame received
 
     def _started(self) -> None:
         with self._lock:
@@ -104,7 +104,7 @@ class FakeEngine:
             index = 0
             async for frame in mic_frames:
                 assert len(frame) == FRAME
-                self.realtime_frames_in += 1
+                self.realtime_input_peaks.append(float(np.abs(frame).max()))
                 started = time.perf_counter()
                 await asyncio.sleep(self.frame_seconds)
                 text = f" {voice}" if index % 5 == 0 else ""

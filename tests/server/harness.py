@@ -1,5 +1,6 @@
-"""Helpers for the server, audio and CLI tests: a live server in a thread, a protocol
-client, espeak-ng speech, and the skip rule for missing system tools."""
+"""Helpers for the server, audio and CLI tests: a live server in a thread (and the
+`start_server` fixture around it), a protocol client, espeak-ng speech, and the skip rule
+for missing system tools."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -25,7 +28,10 @@ from websockets.sync.client import ClientConnection, connect
 from personaplex.audio.io import read_wav, resample
 from personaplex.audio.opus import OpusStreamDecoder, OpusStreamEncoder
 from personaplex.server import protocol
+from personaplex.server.app import ServerSettings, create_app
+from personaplex.server.model_host import ModelHost
 from personaplex.server.protocol import MessageKind
+from tests.server.fakes import FakeEngine
 
 SAMPLE_RATE = 24_000
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -210,3 +216,47 @@ def stream_realtime(client: ChatClient, pcm: np.ndarray, block: int = 1920, spee
     for start in range(0, len(pcm), block):
         client.send_pcm(pcm[start : start + block])
         client.drain(block / SAMPLE_RATE / speed)
+
+
+def instant_loader(engine: Any) -> Callable[[Callable[[Any], None]], Any]:
+    """A loader that reports the three stages quickly, then hands out `engine`."""
+
+    def load(progress: Callable[[Any], None]) -> Any:
+        for stage in ("download", "load", "warmup"):
+            progress(SimpleNamespace(stage=stage, fraction=1.0, message=f"{stage} done"))
+            time.sleep(0.01)
+        return engine
+
+    return load
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ServerThread]]:
+    """start_server(engine=None, loader=None, transcriber=None, **ServerSettings fields)."""
+    with ExitStack() as stack:
+
+        def start(
+            engine: Any = None,
+            *,
+            loader: Callable[..., Any] | None = None,
+            transcriber: Any = None,
+            wait: bool = True,
+            **settings: Any,
+        ) -> ServerThread:
+            engine = engine if engine is not None else FakeEngine()
+            host = ModelHost(
+                loader or instant_loader(engine),
+                (lambda: transcriber) if transcriber is not None else None,
+                "test-asr" if transcriber is not None else None,
+            )
+            server = stack.enter_context(ServerThread(create_app(host, ServerSettings(**settings))))
+            if wait:
+                assert host.wait_ready(timeout=60), host.status()
+                if transcriber is not None:
+                    deadline = time.monotonic() + 10
+                    while host.transcriber is None and time.monotonic() < deadline:
+                        time.sleep(0.01)
+            server.host = host  # type: ignore[attr-defined]
+            return server
+
+        yield start

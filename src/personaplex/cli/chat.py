@@ -53,6 +53,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--token", help="the server's access token, if it has one")
     parser.add_argument("--input-device", help="sounddevice input device (name or index)")
     parser.add_argument("--output-device", help="sounddevice output device (name or index)")
+    parser.add_argument("--seconds", type=float, help="end the conversation after this long (default: at Ctrl-C)")
     parser.set_defaults(func=run)
 
 
@@ -315,7 +316,7 @@ class ChatClient:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Converse until Ctrl-C."""
+    """Converse until Ctrl-C (or --seconds)."""
     options = ChatOptions(
         url=args.url,
         mode=args.mode,
@@ -329,6 +330,6 @@ def run(args: argparse.Namespace) -> int:
     audio = SoundDeviceAudio(args.input_device, args.output_device)
     print("Speak when you see [listening] or [live]; Ctrl-C ends the conversation.", flush=True)
     try:
-        return asyncio.run(ChatClient(options, audio).run())
+        return asyncio.run(ChatClient(options, audio).run(args.seconds))
     except KeyboardInterrupt:
         return 0

@@ -74,10 +74,14 @@ class TemporalState:
         steps = torch.arange(num_frames, device=self.next_position.device)
         return self.next_position[:, None] + steps
 
-    def attention_mask(self, query_positions: torch.Tensor, context: int) -> torch.Tensor:
-        """Bool mask [B, 1, T, capacity + T]: which keys (cache, then the chunk itself) each query sees."""
-        key_positions = torch.cat([self.slot_positions, query_positions], dim=1)
-        return sliding_window_mask(query_positions, key_positions, context)
+    def slot_positions_after(self, positions: torch.Tensor) -> torch.Tensor:
+        """Slot positions [B, capacity] once the single frame at `positions` [B, 1] is written."""
+        return self.slot_positions.scatter(1, positions % self.capacity, positions)
+
+    def filled_slots_after(self, positions: torch.Tensor) -> torch.Tensor:
+        """How many slots [B] hold a frame once the single frame at `positions` is written:
+        slots fill from 0 upwards until the ring wraps, then all of them."""
+        return torch.clamp(positions[:, -1] + 1, max=self.capacity)
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Store a chunk's keys/values [B, H, T, D] of one layer at their ring slots."""

@@ -39,26 +39,50 @@ class TemporalAttention(nn.Module):
         self.in_proj = nn.Linear(config.dim, 3 * config.dim, bias=False, device=device, dtype=dtype)
         self.out_proj = nn.Linear(config.dim, config.dim, bias=False, device=device, dtype=dtype)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        mask: torch.Tensor,
-        state: TemporalState | None,
-        layer_index: int,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, view: "AttentionView", layer_index: int) -> torch.Tensor:
         q, k, v = (split_heads(t, self.num_heads) for t in self.in_proj(x).chunk(3, dim=-1))
         q = apply_rope(q, positions, self.max_period)
         k = apply_rope(k, positions, self.max_period)
-        if state is not None:
-            # Attend over (cache as it was before this chunk) + (the chunk itself), then store the
-            # chunk: writing first could overwrite keys that earlier frames of the chunk still need.
+        state = view.state
+        if state is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=view.mask)
+        elif x.shape[1] == 1:
+            # One live frame: its slot holds the frame that just left the window, so write
+            # first and attend over the ring in place (no copy of the cache).
+            state.write(layer_index, k, v, positions)
+            out = attend_ring(q, state.keys[layer_index], state.values[layer_index], view)
+        else:
+            # A chunk of prompt frames: attend over (cache before the chunk) + (the chunk), then
+            # store it; writing first could overwrite keys earlier frames of the chunk still need.
             all_k = torch.cat([state.keys[layer_index], k], dim=2)
             all_v = torch.cat([state.values[layer_index], v], dim=2)
             state.write(layer_index, k, v, positions)
-            k, v = all_k, all_v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=view.mask)
         return self.out_proj(merge_heads(out))
+
+
+@dataclass
+class AttentionView:
+    """What every layer's attention needs for one forward: the state, the mask, and for a
+    single live frame the number of filled ring slots per row (for the fast kernel)."""
+
+    state: TemporalState | None
+    mask: torch.Tensor  # [B, 1, T, keys] bool
+    filled_slots: torch.Tensor | None = None  # [B] int64, single-frame steps only
+
+
+# Set to False to run the readable attention everywhere (tests compare the two).
+USE_FAST_KERNELS = True
+
+
+def attend_ring(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: AttentionView) -> torch.Tensor:
+    """One query per row over its ring. On CUDA a Triton kernel reads only the filled slots;
+    elsewhere SDPA with the mask reads them all (the same function)."""
+    if USE_FAST_KERNELS and q.is_cuda and view.filled_slots is not None:
+        from .kernels.decode_attention import decode_attention
+
+        return decode_attention(q, keys, values, view.filled_slots)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=view.mask)
 
 
 class TemporalLayer(nn.Module):
@@ -69,8 +93,8 @@ class TemporalLayer(nn.Module):
         self.norm2 = RMSNorm(config.dim, config.norm_eps, device=device)
         self.gating = GatedFFN(config.dim, config.hidden_dim, device=device, dtype=dtype)
 
-    def forward(self, x, positions, mask, state, layer_index):
-        x = x + self.self_attn(self.norm1(x), positions, mask, state, layer_index)
+    def forward(self, x, positions, view, layer_index):
+        x = x + self.self_attn(self.norm1(x), positions, view, layer_index)
         return x + self.gating(self.norm2(x))
 
 
@@ -85,12 +109,17 @@ class TemporalTransformer(nn.Module):
         batch, frames, _ = x.shape
         if state is None:
             positions = torch.arange(frames, device=x.device).expand(batch, frames)
-            mask = sliding_window_mask(positions, positions, self.config.context)
+            view = AttentionView(None, sliding_window_mask(positions, positions, self.config.context))
+        elif frames == 1:
+            positions = state.chunk_positions(1)
+            mask = sliding_window_mask(positions, state.slot_positions_after(positions), self.config.context)
+            view = AttentionView(state, mask, state.filled_slots_after(positions))
         else:
             positions = state.chunk_positions(frames)
-            mask = state.attention_mask(positions, self.config.context)
+            key_positions = torch.cat([state.slot_positions, positions], dim=1)
+            view = AttentionView(state, sliding_window_mask(positions, key_positions, self.config.context))
         for index, layer in enumerate(self.layers):
-            x = layer(x, positions, mask, state, index)
+            x = layer(x, positions, view, index)
         if state is not None:
             state.advance(positions)
         return x

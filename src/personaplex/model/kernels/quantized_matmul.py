@@ -145,11 +145,11 @@ def _dot_kernel(x_ptr, w_ptr, stride_wn, scales_ptr, biases_ptr, out_ptr, M, N, 
 
 def default_config(kind: WeightKind, m: int, n: int, k: int) -> KernelConfig:
     """The launch shape measured fastest on an H100 for this product (docs/QUANTIZATION.md)."""
+    narrow = n <= 4096  # too few row blocks to fill 132 SMs without splitting K
     if m == 1:
-        block_n = 16 if n <= 4096 else 32
-        return fit_config(KernelConfig(block_m=1, block_n=block_n, block_k=256, split_k=2 if n <= 4096 else 1), kind, k, 64)
+        return KernelConfig(block_m=1, block_n=16, block_k=256, split_k=2 if narrow and k > 1024 else 1)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    return fit_config(KernelConfig(block_m=block_m, block_n=32, block_k=128, split_k=1), kind, k, 64)
+    return KernelConfig(block_m=block_m, block_n=64, block_k=128, split_k=2 if narrow and k > 1024 else 1)
 
 
 def fit_config(config: KernelConfig, kind: WeightKind, k: int, group_size: int) -> KernelConfig:
@@ -181,8 +181,7 @@ def quantized_linear(
     """
     m, k = x.shape
     n = weight.shape[0]
-    config = config or default_config(kind, m, n, k)
-    config = fit_config(config, kind, k, group_size)
+    config = fit_config(config or default_config(kind, m, n, k), kind, k, group_size)
     biases = scales if biases is None else biases  # FP8 reads no biases; any pointer will do
     # Affine kinds work one scale group at a time; fp8 has no groups and takes a whole block.
     chunk = config.block_k if kind == WeightKind.FP8 else group_size

@@ -147,6 +147,14 @@ const transcript = {
   newModelLine() {
     this.modelLine = null;
   },
+  addDivider(text) {
+    const line = document.createElement("p");
+    line.className = "divider";
+    line.textContent = text;
+    $("transcript").append(line);
+    this.modelLine = null;
+    this.scroll();
+  },
   appendModel(piece) {
     if (!this.modelLine) {
       this.modelLine = document.createElement("p");
@@ -349,9 +357,18 @@ class Conversation {
   }
 }
 
+function resetStats() {
+  for (const [id, value] of [["stat-frame-ms", "–"], ["stat-rtf", "–"], ["stat-frames", "0"], ["stat-audio-seconds", "0.0"], ["stat-buffer-ms", "0"], ["stat-drops", "0"]]) {
+    $(id).textContent = value;
+  }
+}
+
 async function startConversation() {
   showError("");
-  conversation = new Conversation(currentSettings());
+  resetStats();
+  const settings = currentSettings();
+  transcript.addDivider(`${settings.mode === "turn" ? "Turn-based" : "Full-duplex"} conversation, voice ${settings.voice}`);
+  conversation = new Conversation(settings);
   setSettingsEnabled(false);
   updateTalkButton();
   try {
