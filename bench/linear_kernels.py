@@ -150,7 +150,7 @@ def tuned_config(kind: WeightKind, m: int, n: int, k: int) -> KernelConfig:
 DEFAULT_CONFIG = qmm.default_config
 
 
-def bench_shape(n: int, k: int, m: int, sweep: bool) -> dict[str, object]:
+def bench_shape(n: int, k: int, m: int, do_sweep: bool) -> dict[str, object]:
     row: dict[str, object] = {"n": n, "k": k, "m": m}
     torch.manual_seed(n + k + m)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
@@ -177,7 +177,7 @@ def bench_shape(n: int, k: int, m: int, sweep: bool) -> dict[str, object]:
     row["fp8_triton_us"] = graph_time_us(
         [lambda wi=wi: quantized_linear(x, wi, w_scale, None, WeightKind.FP8, 1) for wi in w8s])
     row["fp8_triton_err"] = rel_err(quantized_linear(x, w_fp8, w_scale, None, WeightKind.FP8, 1), ref)
-    if sweep and n * k >= 4096 * 4096 and elapsed() < TIME_BUDGET_S * 0.5:
+    if do_sweep and n * k >= 4096 * 4096 and elapsed() < TIME_BUDGET_S * 0.5:
         fp8_sweep = sweep(WeightKind.FP8, m, n, k, x, [(wi, w_scale, None) for wi in w8s], 1,
                           x.float() @ (w_fp8.float() * w_scale[:, None]).t())
         row["fp8_triton_best"] = fp8_sweep["best"]
@@ -206,7 +206,7 @@ def bench_shape(n: int, k: int, m: int, sweep: bool) -> dict[str, object]:
     row["int4_triton_us"] = graph_time_us(
         [lambda q=q: quantized_linear(x, q[0], q[1], q[2], WeightKind.INT4, GROUP_SIZE) for q in q4])
     row["int4_triton_kernel_err"] = rel_err(quantized_linear(x, packed, scales, biases, WeightKind.INT4, GROUP_SIZE), deq_ref)
-    if sweep and elapsed() < TIME_BUDGET_S * 0.5:
+    if do_sweep and elapsed() < TIME_BUDGET_S * 0.5:
         int4_sweep = sweep(WeightKind.INT4, m, n, k, x, q4, GROUP_SIZE, deq_ref)
         row["int4_triton_best"] = int4_sweep["best"]
         row["int4_triton_sweep"] = int4_sweep["trials"]
@@ -335,7 +335,7 @@ def main() -> None:
     for n, k in TEMPORAL_SHAPES + DEPFORMER_SHAPES:
         for m in BATCHES:
             try:
-                row = bench_shape(n, k, m, sweep=True)
+                row = bench_shape(n, k, m, do_sweep=True)
             except Exception as exc:  # keep measuring the other shapes; the JSON says what broke
                 rows.append({"n": n, "k": k, "m": m, "error": repr(exc)[:400]})
                 print(n, k, m, "ERROR", repr(exc)[:400], flush=True)

@@ -110,7 +110,8 @@ def test_full_duplex_chat_streams_and_can_mute_the_microphone_while_the_reply_pl
     assert status == 0
     assert "[live]" in printed and "persona: NATF0" in printed
     frames_in = len(engine.realtime_input_peaks)
-    assert frames_in >= 10 and audio.received_samples == frames_in * FRAME
+    # One reply frame per microphone frame (the last ones may still be on the way at the end).
+    assert frames_in >= 10 and frames_in - 2 <= audio.received_samples / FRAME <= frames_in
     muted = [peak < 1e-6 for peak in engine.realtime_input_peaks]  # Opus gives back silence as ~1e-34
     if echo_suppression:
         # The first frames reach the model; once the reply is audible the microphone sends silence.

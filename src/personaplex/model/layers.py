@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    inv_rms = torch.rsqrt(eps + x32.pow(2).mean(dim=-1, keepdim=True))
+    return (x32 * (alpha.float() * inv_rms)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 whatever the activation dtype (`rms_norm_f32` upstream)."""
 
@@ -23,12 +29,14 @@ class RMSNorm(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, 1, dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        inv_rms = torch.rsqrt(self.eps + x32.pow(2).mean(dim=-1, keepdim=True))
-        return (x32 * (self.alpha.float() * inv_rms)).to(x.dtype)
+        return _elementwise["rms_norm"](x, self.alpha, self.eps)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
+    return _elementwise["rope"](x, positions, max_period)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
     """Rotate interleaved (even, odd) channel pairs of `x` [B, H, T, D] by `positions` [B, T].
 
     Angles are computed in float32 so that positions in the thousands keep their precision
@@ -54,8 +62,29 @@ class GatedFFN(nn.Module):
         self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.linear_in(x).chunk(2, dim=-1)
-        return self.linear_out(F.silu(gate) * value)
+        return self.linear_out(_elementwise["silu_gate"](self.linear_in(x)))
+
+
+def silu_gate(hidden: torch.Tensor) -> torch.Tensor:
+    gate, value = hidden.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
+# The element-wise pieces of a layer. Eager PyTorch runs each as several small kernels (the
+# float32 norm alone is six); `compile_elementwise()` swaps in torch.compile'd versions that
+# fuse each into one, which matters once a CUDA graph has removed the launch gaps.
+_READABLE = {"rms_norm": rms_norm, "rope": rope, "silu_gate": silu_gate}
+_elementwise = dict(_READABLE)
+
+
+def compile_elementwise(enabled: bool = True) -> None:
+    """Use torch.compile'd element-wise kernels (GPU fast path) or the readable ones."""
+    if enabled:
+        # One compiled kernel per shape: batch sizes x (temporal, depformer) widths add up.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _elementwise.update({name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in _READABLE.items()})
+    else:
+        _elementwise.update(_READABLE)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

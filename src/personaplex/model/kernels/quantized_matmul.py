@@ -1,4 +1,4 @@
-"""Weight-only quantized matrix products `x @ dequant(W).T` in Triton, for small batches.
+"""Weight-only quantized matrix products `x @ dequant(W).T` in Triton, for 1 to 64 rows of x.
 
 One pair of kernels serves three weight formats (`WeightKind`):
 - affine 4-bit: bytes [N, K/2], value 2j in the low nibble of byte j (MLX's order), one fp16
@@ -8,10 +8,11 @@ One pair of kernels serves three weight formats (`WeightKind`):
 
 The weights are dequantized in registers and never written back: at 1 to 64 sessions a
 linear layer is bound by reading its weights, so reading 4 or 8 bits instead of 16 is the
-whole gain. `gemv` (one row of x) keeps a [BLOCK_N, BLOCK_K] float32 accumulator and reduces
-it at the end; `dot` (several rows) feeds the dequantized tile to the tensor cores. Both can
-split K over several programs (`split_k`) so that narrow layers still occupy every SM; the
-partial sums then meet in a float32 buffer through atomic adds.
+whole gain. `_gemv_kernel` (one row of x) keeps a [BLOCK_N, BLOCK_K] float32 accumulator and
+reduces it at the end; `_dot_kernel` (several rows) feeds the dequantized tile to the tensor
+cores. Both can split K over several programs (`split_k`) so that narrow layers still occupy
+every SM; the partial sums then meet in a float32 buffer through atomic adds.
+Measurements and the reasons for this design: docs/QUANTIZATION.md.
 """
 
 from __future__ import annotations
@@ -41,69 +42,48 @@ class KernelConfig:
 
 
 @triton.jit
-def _chunk(w_ptr, stride_wn, scales_ptr, biases_ptr, offs_n, n_ok, kc, K,
-           KIND: tl.constexpr, CHUNK: tl.constexpr, EVEN_N: tl.constexpr):
-    """Dequantized weights [BLOCK_N, CHUNK] (float32) of rows offs_n, inputs kc .. kc+CHUNK.
-
-    The kernels are bound by instruction issue, not by memory, unless dequantizing costs
-    only a few instructions per weight, hence:
-    - a chunk of an affine kind is one scale group, so its scale and bias are one value per
-      row, broadcast along the row;
-    - a code q is turned into a float without the slow int-to-float instruction, by writing
-      it into the top mantissa bits of 1.0: f = 1 + q / 2^bits (one shift and one LOP3), and
-      w = q * scale + bias = f * (2^bits scale) + (bias - 2^bits scale), one FMA;
-    - EVEN_N (N a multiple of BLOCK_N, true of every layer of the real model) drops the row
-      masks, and the alignment hints let each thread load 16 bytes at once.
-    """
+def _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K,
+                 KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dequantized weights [BLOCK_N, BLOCK_K] (float32) of rows offs_n, inputs k0 .. k0+BLOCK_K."""
     if KIND == 0:
-        cols = tl.multiple_of(kc // 2, CHUNK // 2) + tl.arange(0, CHUNK // 2)
-        if EVEN_N:
-            packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :])
-        else:
-            packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None], other=0)
-        packed = packed.to(tl.int32)
-        # interleave puts each byte's two codes side by side: input order, low nibble first.
-        mantissa = tl.interleave(((packed & 0xF) << 19) | 0x3F800000, ((packed >> 4) << 19) | 0x3F800000)
+        byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + byte_cols[None, :], mask=n_ok[:, None], other=0)
+        # interleave puts each byte's two values side by side: input order, low nibble first.
+        q = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)
     else:
-        cols = tl.multiple_of(kc, CHUNK) + tl.arange(0, CHUNK)
-        if EVEN_N:
-            codes = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :])
-        else:
-            # Rows past N are never stored, so their (unloaded) values do not matter.
-            codes = tl.load(w_ptr + offs_n[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None])
-        if KIND == 1:
-            mantissa = (codes.to(tl.int32) << 15) | 0x3F800000
+        cols = k0 + tl.arange(0, BLOCK_K)
+        # Rows past N are never stored, so their (unloaded) values do not matter.
+        q = tl.load(w_ptr + offs_n[:, None] * K + cols[None, :], mask=n_ok[:, None]).to(tl.float32)
     if KIND == 2:
-        w = codes.to(tl.float32)  # fp8: the per-row scale is applied once to the finished sum
+        w = q  # fp8: the per-row scale is applied once to the finished sum
     else:
-        levels: tl.constexpr = 16.0 if KIND == 0 else 256.0
-        group = offs_n * (K // CHUNK) + kc // CHUNK
-        if EVEN_N:
-            scale = tl.load(scales_ptr + group).to(tl.float32) * levels
-            bias = tl.load(biases_ptr + group).to(tl.float32) - scale
-        else:
-            scale = tl.load(scales_ptr + group, mask=n_ok, other=0).to(tl.float32) * levels
-            bias = tl.load(biases_ptr + group, mask=n_ok, other=0).to(tl.float32) - scale
-        w = mantissa.to(tl.float32, bitcast=True) * scale[:, None] + bias[:, None]
+        GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+        group_cols = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
+        group_offsets = offs_n[:, None] * (K // GROUP_SIZE) + group_cols[None, :]
+        scale = tl.load(scales_ptr + group_offsets, mask=n_ok[:, None], other=0).to(tl.float32)
+        bias = tl.load(biases_ptr + group_offsets, mask=n_ok[:, None], other=0).to(tl.float32)
+        # One scale per group of GROUP_SIZE inputs: repeat each along its group.
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE)), (BLOCK_N, BLOCK_K))
+        bias = tl.reshape(tl.broadcast_to(bias[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE)), (BLOCK_N, BLOCK_K))
+        w = q * scale + bias
     return w
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, stride_wn, scales_ptr, biases_ptr, out_ptr, N, K,
-                 KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K,
+                 KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_slice = K // SPLIT_K
     for step in range(0, k_slice, BLOCK_K):
-        for c in tl.static_range(BLOCK_K // CHUNK):
-            kc = tl.multiple_of(pid_k * k_slice + step + c * CHUNK, CHUNK)
-            w = _chunk(w_ptr, stride_wn, scales_ptr, biases_ptr, offs_n, n_ok, kc, K, KIND, CHUNK, EVEN_N)
-            x = tl.load(x_ptr + kc + tl.arange(0, CHUNK)).to(tl.float32)
-            acc += w * x[None, :]
+        k0 = pid_k * k_slice + step
+        w = _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
+        acc += w * x[None, :]
     out = tl.sum(acc, axis=1)
     if KIND == 2:
         out *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)
@@ -114,9 +94,9 @@ def _gemv_kernel(x_ptr, w_ptr, stride_wn, scales_ptr, biases_ptr, out_ptr, N, K,
 
 
 @triton.jit
-def _dot_kernel(x_ptr, w_ptr, stride_wn, scales_ptr, biases_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                KIND: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr):
+def _dot_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -127,12 +107,11 @@ def _dot_kernel(x_ptr, w_ptr, stride_wn, scales_ptr, biases_ptr, out_ptr, M, N, 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_slice = K // SPLIT_K
     for step in range(0, k_slice, BLOCK_K):
-        for c in tl.static_range(BLOCK_K // CHUNK):
-            kc = tl.multiple_of(pid_k * k_slice + step + c * CHUNK, CHUNK)
-            w = _chunk(w_ptr, stride_wn, scales_ptr, biases_ptr, offs_n, n_ok, kc, K, KIND, CHUNK, EVEN_N)
-            cols = kc + tl.arange(0, CHUNK)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        k0 = pid_k * k_slice + step
+        w = _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     if KIND == 2:
         acc *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -143,13 +122,68 @@ def _dot_kernel(x_ptr, w_ptr, stride_wn, scales_ptr, biases_ptr, out_ptr, M, N, 
         tl.atomic_add(out_ptrs, acc, mask=ok, sem="relaxed")
 
 
+# Fastest int4 launch shape per (rows bucket, N, K) of the PersonaPlex layers, from the
+# sweep of bench/linear_kernels.py on an H100 80GB HBM3 (values: block_m, block_n, block_k,
+# split_k). The same shapes serve int8 and fp8, which were not swept separately.
+_TUNED_H100: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
+    (1, 12288, 4096): (1, 16, 256, 1),
+    (8, 12288, 4096): (16, 32, 256, 1),
+    (32, 12288, 4096): (32, 64, 128, 2),
+    (64, 12288, 4096): (64, 64, 128, 2),
+    (1, 4096, 4096): (1, 16, 512, 1),
+    (8, 4096, 4096): (16, 32, 128, 2),
+    (32, 4096, 4096): (32, 32, 256, 2),
+    (64, 4096, 4096): (64, 64, 128, 4),
+    (1, 22528, 4096): (1, 16, 256, 1),
+    (8, 22528, 4096): (16, 64, 256, 1),
+    (32, 22528, 4096): (32, 64, 128, 1),
+    (64, 22528, 4096): (64, 64, 128, 1),
+    (1, 4096, 11264): (1, 16, 256, 2),
+    (8, 4096, 11264): (16, 32, 128, 2),
+    (32, 4096, 11264): (32, 64, 256, 4),
+    (64, 4096, 11264): (64, 64, 128, 4),
+    (1, 1024, 4096): (1, 16, 512, 4),
+    (8, 1024, 4096): (16, 32, 256, 4),
+    (32, 1024, 4096): (32, 32, 256, 4),
+    (64, 1024, 4096): (64, 32, 256, 4),
+    (1, 3072, 1024): (1, 16, 512, 1),
+    (8, 3072, 1024): (16, 32, 128, 1),
+    (32, 3072, 1024): (32, 32, 256, 1),
+    (64, 3072, 1024): (64, 32, 256, 1),
+    (1, 1024, 1024): (1, 16, 512, 1),
+    (8, 1024, 1024): (16, 32, 128, 1),
+    (32, 1024, 1024): (32, 32, 256, 1),
+    (64, 1024, 1024): (64, 32, 128, 4),
+    (1, 5632, 1024): (1, 16, 512, 1),
+    (8, 5632, 1024): (16, 32, 128, 1),
+    (32, 5632, 1024): (32, 32, 256, 1),
+    (64, 5632, 1024): (64, 32, 128, 1),
+    (1, 1024, 2816): (1, 16, 256, 1),
+    (8, 1024, 2816): (16, 32, 128, 2),
+    (32, 1024, 2816): (32, 32, 128, 2),
+    (64, 1024, 2816): (64, 32, 128, 2),
+}
+
+
+def _rows_bucket(m: int) -> int:
+    return 1 if m == 1 else next(b for b in (8, 32, 64, 1 << 30) if m <= b)
+
+
 def default_config(kind: WeightKind, m: int, n: int, k: int) -> KernelConfig:
-    """The launch shape measured fastest on an H100 for this product (docs/QUANTIZATION.md)."""
-    narrow = n <= 4096  # too few row blocks to fill 132 SMs without splitting K
+    """The launch shape measured fastest on an H100 for this product (docs/QUANTIZATION.md).
+
+    Shapes outside the table (tiny test models, another model) get the rule the table
+    mostly follows: 16 rows per GEMV program, 32 per tensor-core program, and K split over
+    2 or 4 programs when the layer is much deeper than wide.
+    """
+    bucket = _rows_bucket(m)
+    tuned = _TUNED_H100.get((bucket, n, k))
+    if tuned is not None:
+        return KernelConfig(*tuned)
+    split_k = min(4, 1 << max(0, (k // n).bit_length() - 1)) if k >= 4096 else 1
     if m == 1:
-        return KernelConfig(block_m=1, block_n=16, block_k=256, split_k=2 if narrow and k > 1024 else 1)
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    return KernelConfig(block_m=block_m, block_n=64, block_k=128, split_k=2 if narrow and k > 1024 else 1)
+        return KernelConfig(block_m=1, block_n=16, block_k=256, split_k=split_k)
+    return KernelConfig(block_m=min(bucket, 64) if bucket > 8 else 16, block_n=32, block_k=128, split_k=split_k)
 
 
 def fit_config(config: KernelConfig, kind: WeightKind, k: int, group_size: int) -> KernelConfig:
@@ -183,8 +217,6 @@ def quantized_linear(
     n = weight.shape[0]
     config = fit_config(config or default_config(kind, m, n, k), kind, k, group_size)
     biases = scales if biases is None else biases  # FP8 reads no biases; any pointer will do
-    # Affine kinds work one scale group at a time; fp8 has no groups and takes a whole block.
-    chunk = config.block_k if kind == WeightKind.FP8 else group_size
     if config.split_k == 1:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     else:
@@ -194,15 +226,15 @@ def quantized_linear(
             raise ValueError("the GEMV kernel takes one row of x")
         grid = (triton.cdiv(n, config.block_n), config.split_k)
         _gemv_kernel[grid](
-            x, weight, weight.stride(0), scales, biases, out, n, k,
-            KIND=int(kind), CHUNK=chunk, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            SPLIT_K=config.split_k, EVEN_N=n % config.block_n == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+            x, weight, scales, biases, out, n, k,
+            KIND=int(kind), GROUP_SIZE=group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
         _dot_kernel[grid](
-            x, weight, weight.stride(0), scales, biases, out, m, n, k, x.stride(0), out.stride(0),
-            KIND=int(kind), CHUNK=chunk, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            BLOCK_K=config.block_k, SPLIT_K=config.split_k, EVEN_N=n % config.block_n == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+            x, weight, scales, biases, out, m, n, k, x.stride(0), out.stride(0),
+            KIND=int(kind), GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return out if config.split_k == 1 else out.to(x.dtype)
