@@ -189,7 +189,7 @@ class Bench:
             return round(_median(values), 3) if values else None
 
         row = dict(
-            impl=impl, weights=weights, kv="bf16", sessions=sessions, context_frames=context,
+            impl=impl, weights=weights, kv=self.args.kv, sessions=sessions, context_frames=context,
             frame_ms_median=round(_median(timing.frame), 3), frame_ms_p99=round(_p99(timing.frame), 3),
             encode_ms=median_or_none(timing.encode), lm_ms=median_or_none(timing.lm), decode_ms=median_or_none(timing.decode),
             gpu_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2), timed_frames=len(timing.frame),
@@ -238,7 +238,7 @@ class Bench:
     def ours_rows(self, weights: str, lm: LMModel, mimi: Mimi, persona: PersonaSnapshot, sessions: int) -> None:
         frames, warmup = self.args.frames, self.args.warmup
         torch.cuda.reset_peak_memory_stats()
-        runner = FastFrameRunner((lm, mimi), sessions, seed=0)
+        runner = FastFrameRunner((lm, mimi), sessions, seed=0, kv_dtype=KV_DTYPES[self.args.kv])
         audio = user_audio(frames + warmup, sessions, self.device)
         current: dict[str, torch.Tensor] = {}
 
@@ -248,7 +248,7 @@ class Bench:
         def load(pcm: torch.Tensor) -> None:
             current["pcm"] = pcm
 
-        impls = ("eager", "graph") if weights == "bf16" else ("graph",)
+        impls = ("eager", "graph") if weights == "bf16" and not self.args.no_eager else ("graph",)
         for fill in ("early", "full"):
             for impl in impls:
                 use_fast_path(impl == "graph")
@@ -401,6 +401,9 @@ def print_table(rows: list[dict]) -> None:
         print(" | ".join(str(row[key]) for key in header))
 
 
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
 def use_fast_path(enabled: bool) -> None:
     """The fast path's kernels (Triton ring attention, compiled element-wise ops) or the readable ones."""
     lm_module.USE_FAST_KERNELS = enabled
@@ -415,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=100, help="timed frames per row (>= 100 for the report)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-upstream", action="store_true", help="skip upstream moshi")
+    parser.add_argument("--kv", choices=sorted(KV_DTYPES), default="bf16", help="KV cache dtype")
+    parser.add_argument("--no-eager", action="store_true", help="time only the fast (graphed) path")
     args = parser.parse_args(argv)
     args.sessions = [int(s) for s in args.sessions.split(",")]
     if not torch.cuda.is_available():

@@ -75,7 +75,7 @@ def test_utterance_ends_after_about_a_second_of_silence(sentence, vad):
 def test_end_now_cuts_the_current_utterance(sentence, vad):
     detector = UtteranceDetector(vad)
     assert detector.end_now() is None  # nobody is speaking
-    events = detector.feed(np.concatenate([silence(0.5), sentence[: RATE]]))
+    events = detector.feed(np.concatenate([silence(0.5), sentence[:RATE]]))
     assert any(isinstance(event, SpeechStarted) for event in events)
     ended = detector.end_now()
     assert isinstance(ended, UtteranceEnded) and len(ended.audio) >= 0.8 * RATE

@@ -20,7 +20,8 @@ from personaplex.cli.chat import ChatClient, ChatOptions, JitterBuffer
 from personaplex.errors import ModelUnavailableError
 from tests.server.fakes import FRAME, FakeEngine
 from tests.server.harness import ChatClient as ProtocolClient
-from tests.server.harness import silence, speak, start_server  # noqa: F401  (fixture)
+from tests.server.harness import silence, speak
+from tests.server.harness import start_server as start_server  # the fixture, shared with tests/server
 
 RATE = 24_000
 BLOCK = 480
@@ -101,12 +102,16 @@ def test_turn_based_chat_prints_both_sides_and_plays_the_reply(start_server, tra
 
 
 @pytest.mark.parametrize("echo_suppression", [False, True])
-def test_full_duplex_chat_streams_and_can_mute_the_microphone_while_the_reply_plays(start_server, echo_suppression):
+def test_full_duplex_chat_streams_and_can_mute_the_microphone_while_the_reply_plays(
+    start_server, echo_suppression
+):
     engine = FakeEngine()
     server = start_server(engine)
     tone = (0.2 * np.sin(2 * np.pi * 300 * np.arange(5 * RATE) / RATE)).astype(np.float32)
     audio = FakeSoundDevice(tone, speed=2.0)
-    status, printed = converse(server, audio, 1.5, mode="duplex", voice="NATF0", echo_suppression=echo_suppression)
+    status, printed = converse(
+        server, audio, 1.5, mode="duplex", voice="NATF0", echo_suppression=echo_suppression
+    )
     assert status == 0
     assert "[live]" in printed and "persona: NATF0" in printed
     frames_in = len(engine.realtime_input_peaks)
@@ -149,17 +154,32 @@ def test_an_unreachable_server_is_reported():
 
 
 def test_options_become_the_websocket_url():
-    options = ChatOptions(url="https://host:8443", mode="turn", voice="NATF3", prompt="teacher", max_steps=120, token="t k")
-    assert options.websocket_url() == "wss://host:8443/api/chat?mode=turn&voice=NATF3&prompt=teacher&max_steps=120&token=t+k"
+    options = ChatOptions(
+        url="https://host:8443", mode="turn", voice="NATF3", prompt="teacher", max_steps=120, token="t k"
+    )
+    assert (
+        options.websocket_url()
+        == "wss://host:8443/api/chat?mode=turn&voice=NATF3&prompt=teacher&max_steps=120&token=t+k"
+    )
     duplex = ChatOptions(mode="duplex", system_prompt="Be brief.")
-    assert duplex.websocket_url() == "ws://127.0.0.1:8998/api/chat?mode=duplex&voice=NATM0&text_prompt=Be+brief."
+    assert (
+        duplex.websocket_url() == "ws://127.0.0.1:8998/api/chat?mode=duplex&voice=NATM0&text_prompt=Be+brief."
+    )
 
 
 def test_the_subcommand_parses_its_options():
     parser = argparse.ArgumentParser()
     chat.register(parser.add_subparsers())
-    args = parser.parse_args(["chat", "--mode", "duplex", "--echo-suppression", "--voice", "VARF0", "--seconds", "5"])
-    assert (args.mode, args.echo_suppression, args.voice, args.seconds, args.func) == ("duplex", True, "VARF0", 5.0, chat.run)
+    args = parser.parse_args(
+        ["chat", "--mode", "duplex", "--echo-suppression", "--voice", "VARF0", "--seconds", "5"]
+    )
+    assert (args.mode, args.echo_suppression, args.voice, args.seconds, args.func) == (
+        "duplex",
+        True,
+        "VARF0",
+        5.0,
+        chat.run,
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["chat", "--prompt", "teacher", "--system-prompt", "x"])
 

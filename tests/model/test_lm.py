@@ -185,3 +185,16 @@ def test_not_a_safetensors_file(tmp_path, config):
 def test_missing_file(tmp_path, config):
     with pytest.raises(CheckpointError, match=r"not found"):
         load_lm(tmp_path / "nope.safetensors", config)
+
+
+def test_fp8_kv_cache_stays_close_to_full_precision(lm, config):
+    codes = random_codes(config, batch=2, frames=12, seed=6)
+    logits = {}
+    with torch.no_grad():
+        for kv_dtype in (torch.float32, torch.float8_e4m3fn):
+            state = lm.new_temporal_state(2, dtype=kv_dtype)
+            steps = [lm.forward_temporal(lm.embed_codes(codes[:, :, t : t + 1]), state)[1] for t in range(12)]
+            logits[kv_dtype] = torch.cat(steps, dim=1)
+    assert state.keys.dtype == torch.float8_e4m3fn
+    # Measured 3.3e-3 here (e4m3 keeps 3 mantissa bits per cached key/value).
+    assert relative_error(logits[torch.float8_e4m3fn].float(), logits[torch.float32]) < 2e-2

@@ -73,7 +73,9 @@ class ServerThread:
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="on", ws="websockets-sansio")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
 
     @property
     def http_url(self) -> str:
@@ -183,9 +185,13 @@ class ChatClient:
         deadline = time.monotonic() + timeout
         while not predicate(self.received):
             if self.closed:
-                raise AssertionError(f"socket closed while waiting; got {self.received.errors} {self.received.events[-5:]}")
+                raise AssertionError(
+                    f"socket closed while waiting; got {self.received.errors} {self.received.events[-5:]}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out; last events {self.received.events[-5:]}, errors {self.received.errors}")
+                raise TimeoutError(
+                    f"timed out; last events {self.received.events[-5:]}, errors {self.received.errors}"
+                )
             self.poll(timeout=0.05)
 
     def close(self) -> None:

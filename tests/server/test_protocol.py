@@ -32,7 +32,11 @@ def test_decoding_splits_kind_and_payload():
 
 @pytest.mark.parametrize(
     "data, complaint",
-    [(b"", "empty message"), (b"\x07", "unknown message kind 0x07"), (b"\xff\x00", "unknown message kind 0xff")],
+    [
+        (b"", "empty message"),
+        (b"\x07", "unknown message kind 0x07"),
+        (b"\xff\x00", "unknown message kind 0xff"),
+    ],
 )
 def test_bad_framing_is_a_protocol_error(data, complaint):
     with pytest.raises(ProtocolError, match=complaint):
@@ -77,7 +81,7 @@ def test_malformed_messages_get_an_error_and_the_socket_stays_sane(start_server,
         client.send(message)
     client.send(protocol.ping())
     client.wait_for(lambda got: len(got.errors) == len(MALFORMED) and got.pings == 1)
-    for (_message, complaint), error in zip(MALFORMED, client.received.errors):
+    for (_message, complaint), error in zip(MALFORMED, client.received.errors, strict=True):
         assert complaint in error
     # Still a working conversation: audio in gives frames out (duplex) or is accepted (turn).
     client.send_pcm(silence(0.48))
@@ -89,7 +93,10 @@ def test_malformed_messages_get_an_error_and_the_socket_stays_sane(start_server,
         client.wait_for(lambda got: got.events_of("session")[-1]["max_steps"] == 60)
     client.send(protocol.metadata({"mode": "duplex"}))
     client.wait_for(lambda got: len(got.errors) == len(MALFORMED) + 1)
-    assert "cannot change mode" in client.received.errors[-1] or "fixed when it starts" in client.received.errors[-1]
+    assert (
+        "cannot change mode" in client.received.errors[-1]
+        or "fixed when it starts" in client.received.errors[-1]
+    )
     assert not client.closed
     client.close()
     metrics = get_text(server.http_url + "/metrics")
@@ -101,7 +108,9 @@ def test_events_are_json_objects_with_a_type(start_server):
     client = ChatClient(server.ws_url, mode="duplex", voice="NATF2")
     client.wait_for(lambda got: got.handshakes == 1 and got.events_of("session"))
     session = client.received.events_of("session")[0]
-    assert session["voice"] == "NATF2" and session["sample_rate"] == 24_000 and session["frame_samples"] == FRAME
+    assert (
+        session["voice"] == "NATF2" and session["sample_rate"] == 24_000 and session["frame_samples"] == FRAME
+    )
     client.send_pcm(np.zeros(FRAME * 3, dtype=np.float32))
     client.wait_for(lambda got: len(got.events_of("frame")) == 3)
     frame = client.received.events_of("frame")[0]

@@ -23,7 +23,9 @@ def run_duplex(client: ChatClient, pcm: np.ndarray) -> None:
 
 
 def test_full_duplex_gives_one_frame_per_microphone_frame(start_server, engine):
-    server = start_server(engine, ring_frames=64)  # no drops: the tiny model is slower than real time on a CPU
+    server = start_server(
+        engine, ring_frames=64
+    )  # no drops: the tiny model is slower than real time on a CPU
     client = ChatClient(server.ws_url, mode="duplex", voice="NATF0", seed=3)
     run_duplex(client, tone(0.48, 300))
     client.wait_for(lambda got: len(got.events_of("frame")) == 6, timeout=60)
@@ -54,7 +56,9 @@ def test_simultaneous_conversations_do_not_disturb_each_other(start_server, engi
     for client in (together, other):
         client.wait_for(lambda got: len(got.events_of("frame")) == 4, timeout=60)
     assert together.received.text == alone.received.text
-    np.testing.assert_allclose(np.concatenate(together.received.pcm), np.concatenate(alone.received.pcm), atol=1e-6)
+    np.testing.assert_allclose(
+        np.concatenate(together.received.pcm), np.concatenate(alone.received.pcm), atol=1e-6
+    )
     together.close()
     other.close()
 
@@ -81,7 +85,10 @@ def test_turn_based_reply_streams_max_steps_frames(start_server, engine, tmp_pat
     client.send_pcm(np.concatenate([silence(0.2), speak("Hello there.", tmp_path), silence(0.2)]))
     client.wait_for(lambda got: got.events_of("speech_started"))
     client.send(protocol.control(ControlAction.END_TURN))  # do not wait for a second of silence
-    client.wait_for(lambda got: got.events_of("reply_end") and got.events_of("state")[-1]["state"] == "listening", timeout=120)
+    client.wait_for(
+        lambda got: got.events_of("reply_end") and got.events_of("state")[-1]["state"] == "listening",
+        timeout=120,
+    )
     got = client.received
     assert got.events_of("reply_end") == [{"type": "reply_end", "frames": 50, "reason": "done"}]
     assert [event["index"] for event in got.events_of("frame")] == list(range(50))

@@ -31,7 +31,11 @@ RATE = 24_000
 def test_settings_from_the_query_with_defaults():
     config = SessionConfig.from_query({})
     assert (config.mode, config.voice, config.system_prompt, config.max_steps, config.seed) == (
-        "duplex", "NATM0", DEFAULT_PROMPT, 75, None,
+        "duplex",
+        "NATM0",
+        DEFAULT_PROMPT,
+        75,
+        None,
     )
     config = SessionConfig.from_query(
         {"mode": "turn", "voice": "varf3", "prompt": "teacher", "max_steps": "120", "seed": "7"}
@@ -41,7 +45,9 @@ def test_settings_from_the_query_with_defaults():
 
 
 def test_reference_ui_parameter_names_are_understood():
-    config = SessionConfig.from_query({"voice_prompt": "NATF2.pt", "text_prompt": "You enjoy a chat.", "seed": "-1"})
+    config = SessionConfig.from_query(
+        {"voice_prompt": "NATF2.pt", "text_prompt": "You enjoy a chat.", "seed": "-1"}
+    )
     assert (config.voice, config.system_prompt, config.seed) == ("NATF2", "You enjoy a chat.", None)
     assert SessionConfig.from_query({"text_prompt": ""}).system_prompt == ""
 

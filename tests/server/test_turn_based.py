@@ -50,7 +50,9 @@ def test_one_exchange(start_server, transcriber, utterance):
     client.wait_for(lambda got: states(client)[-1] == "listening")
 
     got = client.received
-    assert [e["text"] for e in got.events_of("transcript")] and words(got.events_of("transcript")[0]["text"]) == words(SENTENCE)
+    assert [e["text"] for e in got.events_of("transcript")] and words(
+        got.events_of("transcript")[0]["text"]
+    ) == words(SENTENCE)
     assert got.events_of("transcript")[0]["role"] == "user"
     assert got.events_of("reply_end") == [{"type": "reply_end", "frames": 60, "reason": "done"}]
     assert states(client) == ["listening", "hearing", "thinking", "speaking", "listening"]

@@ -37,6 +37,12 @@ class Transcriber:
 
         self.model_name = str(model)
         self._language = language
+        if _looks_like_path(self.model_name) and not Path(self.model_name).expanduser().is_dir():
+            raise ModelUnavailableError(
+                f"the speech recognition model folder {self.model_name} does not exist: pass "
+                "--asr-model with a CTranslate2 Whisper folder, a model name (tiny.en, base.en, ...) "
+                "or 'none'"
+            )
         # One transcription at a time: CTranslate2 already uses every core for one.
         self._lock = threading.Lock()
         try:
@@ -64,3 +70,8 @@ class Transcriber:
                 condition_on_previous_text=False,
             )
             return " ".join(segment.text.strip() for segment in segments).strip()
+
+
+def _looks_like_path(model: str) -> bool:
+    # Model names are "base.en" or "owner/repo"; anything else with a slash is a folder.
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1

@@ -77,8 +77,7 @@ def _page_length(data: bytes, offset: int) -> int:
     capture = data[offset : offset + len(_CAPTURE_PATTERN)]
     if capture != _CAPTURE_PATTERN[: len(capture)]:
         raise InvalidAudioError(
-            f"the audio message is not Ogg/Opus (expected 'OggS' at byte {offset}, "
-            f"got {capture!r})"
+            f"the audio message is not Ogg/Opus (expected 'OggS' at byte {offset}, got {capture!r})"
         )
     if len(data) - offset < _PAGE_HEAD.size:
         raise InvalidAudioError("the audio message ends inside an Ogg page head")

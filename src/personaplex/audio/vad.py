@@ -13,6 +13,7 @@ so each 768-sample block is resampled to exactly one window by a streaming polyp
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +40,7 @@ def bundled_model_path() -> Path:
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or spec.origin is None:
         raise PersonaPlexError(
-            "voice activity detection needs the silero-vad package: "
-            "pip install 'personaplex[server]'"
+            "voice activity detection needs the silero-vad package: pip install 'personaplex[server]'"
         )
     path = Path(spec.origin).parent / "data" / "silero_vad.onnx"
     if not path.is_file():
@@ -107,7 +107,10 @@ class SileroVad:
         """Probabilities of every whole window of `pcm` (24 kHz), continuing the stream."""
         whole = len(pcm) // WINDOW_SAMPLES
         return np.array(
-            [self.window_probability(pcm[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]) for i in range(whole)],
+            [
+                self.window_probability(pcm[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES])
+                for i in range(whole)
+            ],
             dtype=np.float32,
         )
 
@@ -196,7 +199,7 @@ class UtteranceDetector:
         self._vad = vad or SileroVad()
         self._end_silence_windows = max(1, round(end_silence_s / WINDOW_SECONDS))
         self._min_speech_windows = max(1, round(min_speech_s / WINDOW_SECONDS))
-        self._pre_roll_samples = int(pre_roll_s * SAMPLE_RATE)
+        self._pre_roll_windows = math.ceil(pre_roll_s / WINDOW_SECONDS)
         self._tail_samples = int(tail_s * SAMPLE_RATE)
         self._max_samples = int(max_utterance_s * SAMPLE_RATE)
         self.reset()
@@ -249,8 +252,8 @@ class UtteranceDetector:
     def _while_waiting(self, probability: float) -> VadEvent | None:
         self._speech_run = self._speech_run + 1 if probability >= SPEECH_THRESHOLD else 0
         if self._speech_run < self._min_speech_windows:
-            keep = self._speech_run + -(-self._pre_roll_samples // WINDOW_SAMPLES)
-            self._recent = self._recent[-keep:]
+            keep = self._speech_run + self._pre_roll_windows
+            self._recent = self._recent[max(0, len(self._recent) - keep) :]
             return None
         self._in_utterance = True
         self._silence_run = 0

@@ -40,20 +40,34 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "chat",
         help="talk to a running `personaplex serve` with the microphone and speaker",
-        description="A terminal client for the voice assistant server (needs `pip install 'personaplex[chat]'`).",
+        description="A terminal client for the voice assistant server "
+        "(needs `pip install 'personaplex[chat]'`).",
     )
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
-    parser.add_argument("--mode", choices=("turn", "duplex"), default="turn", help="turn-based or full-duplex (default turn)")
+    parser.add_argument(
+        "--mode", choices=("turn", "duplex"), default="turn", help="turn-based or full-duplex (default turn)"
+    )
     parser.add_argument("--voice", default="NATM0", help="voice preset (default NATM0)")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="system prompt preset name (see the server's /api/prompts)")
     prompt.add_argument("--system-prompt", help="system prompt text")
-    parser.add_argument("--max-steps", type=int, default=75, help="turn-based: reply length in 80 ms frames, 50-500 (default 75)")
-    parser.add_argument("--echo-suppression", action="store_true", help="full-duplex: mute the microphone while the assistant speaks (without headphones)")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=75,
+        help="turn-based: reply length in 80 ms frames, 50-500 (default 75)",
+    )
+    parser.add_argument(
+        "--echo-suppression",
+        action="store_true",
+        help="full-duplex: mute the microphone while the assistant speaks (without headphones)",
+    )
     parser.add_argument("--token", help="the server's access token, if it has one")
     parser.add_argument("--input-device", help="sounddevice input device (name or index)")
     parser.add_argument("--output-device", help="sounddevice output device (name or index)")
-    parser.add_argument("--seconds", type=float, help="end the conversation after this long (default: at Ctrl-C)")
+    parser.add_argument(
+        "--seconds", type=float, help="end the conversation after this long (default: at Ctrl-C)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -208,7 +222,9 @@ class ChatClient:
                     asyncio.create_task(self._receive(socket)),
                     asyncio.create_task(self._send_microphone(socket, microphone)),
                 ]
-                done, pending = await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(
+                    tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+                )
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -225,7 +241,10 @@ class ChatClient:
             try:
                 status = self._get_status()
             except (urllib.error.URLError, OSError) as err:
-                self._print(f"cannot reach the server at {self.options.url} ({err}): start it with `personaplex serve`")
+                self._print(
+                    f"cannot reach the server at {self.options.url} ({err}): "
+                    "start it with `personaplex serve`"
+                )
                 return False
             if status["state"] == "ready":
                 return True

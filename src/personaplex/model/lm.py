@@ -50,12 +50,13 @@ class TemporalAttention(nn.Module):
             # One live frame: its slot holds the frame that just left the window, so write
             # first and attend over the ring in place (no copy of the cache).
             state.write(layer_index, k, v, positions)
-            out = attend_ring(q, state.keys[layer_index], state.values[layer_index], view)
+            out = attend_ring(q, state, layer_index, view)
         else:
             # A chunk of prompt frames: attend over (cache before the chunk) + (the chunk), then
             # store it; writing first could overwrite keys earlier frames of the chunk still need.
-            all_k = torch.cat([state.keys[layer_index], k], dim=2)
-            all_v = torch.cat([state.values[layer_index], v], dim=2)
+            cached_k, cached_v = state.layer_kv(layer_index, k.dtype)
+            all_k = torch.cat([cached_k, k], dim=2)
+            all_v = torch.cat([cached_v, v], dim=2)
             state.write(layer_index, k, v, positions)
             out = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=view.mask)
         return self.out_proj(merge_heads(out))
@@ -75,13 +76,14 @@ class AttentionView:
 USE_FAST_KERNELS = True
 
 
-def attend_ring(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, view: AttentionView) -> torch.Tensor:
-    """One query per row over its ring. On CUDA a Triton kernel reads only the filled slots;
-    elsewhere SDPA with the mask reads them all (the same function)."""
+def attend_ring(q: torch.Tensor, state: TemporalState, layer_index: int, view: AttentionView) -> torch.Tensor:
+    """One query per row over its ring. On CUDA a Triton kernel reads only the filled slots
+    (and reads fp8 caches as they are); elsewhere SDPA with the mask reads them all."""
     if USE_FAST_KERNELS and q.is_cuda and view.filled_slots is not None:
         from .kernels.decode_attention import decode_attention
 
-        return decode_attention(q, keys, values, view.filled_slots)
+        return decode_attention(q, state.keys[layer_index], state.values[layer_index], view.filled_slots)
+    keys, values = state.layer_kv(layer_index, q.dtype)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=view.mask)
 
 
@@ -235,6 +237,8 @@ class LMModel(nn.Module):
     # ---- streaming path
 
     def new_temporal_state(self, batch_size: int, device=None, dtype=None) -> TemporalState:
+        """Empty streaming state; `dtype` is the KV cache's (default: the activations', or
+        torch.float8_e4m3fn for half the memory)."""
         weight = self.text_linear.weight
         c = self.config
         return TemporalState.empty(

@@ -30,13 +30,14 @@ class FastFrameRunner:
     """
 
     def __init__(self, engine_or_parts, batch_size: int, *, sampling: SamplingConfig | None = None,
-                 seed: int = 0, use_graphs: bool | None = None):
-        """`engine_or_parts`: a `PersonaPlex` engine or an `(lm, mimi)` pair."""
+                 seed: int = 0, use_graphs: bool | None = None, kv_dtype: torch.dtype | None = None):
+        """`engine_or_parts`: a `PersonaPlex` engine or an `(lm, mimi)` pair; `kv_dtype`
+        torch.float8_e4m3fn halves the KV cache (default: the activation dtype)."""
         lm, mimi = (engine_or_parts.lm, engine_or_parts.mimi) if hasattr(engine_or_parts, "lm") else engine_or_parts
         self.lm: LMModel = lm
         self.mimi: Mimi = mimi
         self.batch_size = batch_size
-        self.generator = FrameGenerator(lm, batch_size, sampling, agent_only=True, seed=seed)
+        self.generator = FrameGenerator(lm, batch_size, sampling, agent_only=True, seed=seed, kv_dtype=kv_dtype)
         self.codec_state = mimi.init_stream(batch_size)
         device = self.generator.device
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs

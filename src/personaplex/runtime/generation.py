@@ -101,7 +101,7 @@ class FrameGenerator:
     """
 
     def __init__(self, lm: LMModel, batch_size: int = 1, sampling: SamplingConfig | None = None,
-                 agent_only: bool = True, seed: int | None = None):
+                 agent_only: bool = True, seed: int | None = None, kv_dtype: torch.dtype | None = None):
         self.lm = lm
         config = lm.config
         self.device = lm.text_linear.weight.device
@@ -110,7 +110,7 @@ class FrameGenerator:
         self.delays = torch.tensor(config.delays, dtype=torch.long, device=self.device)
         self.start = lm.start_tokens(self.device)
         self.ring = TokenRing.empty(batch_size, config.num_codebooks, config.max_delay + 3, self.device)
-        self.temporal = lm.new_temporal_state(batch_size)
+        self.temporal = lm.new_temporal_state(batch_size, dtype=kv_dtype)
         self.depformer_state = lm.new_depformer_state(batch_size)
         self.rng = torch.Generator(device=self.device)
         self.rng.manual_seed(torch.seed() if seed is None else seed)

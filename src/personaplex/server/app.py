@@ -146,7 +146,12 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
     async def health() -> Health:
         return Health(status="ok", model_ready=host.engine is not None)
 
-    @app.get("/api/status", response_model=Status, dependencies=authorised, summary="Model loading progress and running conversations")
+    @app.get(
+        "/api/status",
+        response_model=Status,
+        dependencies=authorised,
+        summary="Model loading progress and running conversations",
+    )
     async def status() -> Status:
         metrics.model_ready.set(1 if host.engine is not None else 0)
         return Status(
@@ -163,7 +168,9 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
     async def prompts() -> Prompts:
         return Prompts(presets=dict(PROMPT_PRESETS), default=DEFAULT_PROMPT_PRESET)
 
-    @app.get("/metrics", response_class=PlainTextResponse, dependencies=authorised, summary="Prometheus metrics")
+    @app.get(
+        "/metrics", response_class=PlainTextResponse, dependencies=authorised, summary="Prometheus metrics"
+    )
     async def prometheus_metrics() -> PlainTextResponse:
         metrics.model_ready.set(1 if host.engine is not None else 0)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -179,22 +186,20 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
         try:
             await _serve_conversation(channel, websocket)
         finally:
-            if channel.open:
-                channel.open = False
-                await _close_quietly(websocket, 1000)
+            await channel.close()
 
     async def _serve_conversation(channel: Channel, websocket: WebSocket) -> None:
         if not settings.policy.token_accepted(websocket.query_params, websocket.headers):
-            await _refuse(channel, websocket, "unauthorised", _TOKEN_MESSAGE, CLOSE_POLICY)
+            await _refuse(channel, "unauthorised", _TOKEN_MESSAGE, CLOSE_POLICY)
             return
         try:
             config = SessionConfig.from_query(websocket.query_params)
         except PersonaPlexError as err:
-            await _refuse(channel, websocket, "settings", str(err), CLOSE_POLICY)
+            await _refuse(channel, "settings", str(err), CLOSE_POLICY)
             return
         engine = host.engine
         if engine is None:
-            await _refuse(channel, websocket, "loading", host.not_ready_reason(), CLOSE_TRY_LATER)
+            await _refuse(channel, "loading", host.not_ready_reason(), CLOSE_TRY_LATER)
             return
         services = ConversationServices(
             engine=engine,
@@ -213,20 +218,18 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
                 finally:
                     metrics.sessions_active.dec(mode=config.mode)
         except ServerBusyError as err:
-            await _refuse(channel, websocket, "busy", str(err), CLOSE_TRY_LATER)
+            await _refuse(channel, "busy", str(err), CLOSE_TRY_LATER)
         except Exception as err:
             # One conversation's failure ends that conversation only.
             logger.exception("conversation failed")
             metrics.session_crashes.inc()
             await channel.send(protocol.error(f"internal error: {err}"))
-            channel.open = False
-            await _close_quietly(websocket, CLOSE_SERVER_ERROR)
+            await channel.close(CLOSE_SERVER_ERROR)
 
-    async def _refuse(channel: Channel, websocket: WebSocket, reason: str, message: str, code: int) -> None:
+    async def _refuse(channel: Channel, reason: str, message: str, code: int) -> None:
         metrics.sessions_rejected.inc(reason=reason)
         await channel.send(protocol.error(message))
-        channel.open = False
-        await _close_quietly(websocket, code)
+        await channel.close(code)
 
     return app
 
@@ -235,13 +238,6 @@ _TOKEN_MESSAGE = (
     "unauthorised: this server needs its access token; open the page with ?token=TOKEN "
     "(the URL `personaplex serve` printed) or pass --token to `personaplex chat`"
 )
-
-
-async def _close_quietly(websocket: WebSocket, code: int) -> None:
-    try:
-        await websocket.close(code=code)
-    except (RuntimeError, OSError):
-        pass  # the peer closed first
 
 
 def _api_description() -> str:
@@ -257,4 +253,3 @@ def _api_description() -> str:
 
 def _dedent_doc(doc: str | None) -> str:
     return "\n".join(line.strip() for line in (doc or "").strip().splitlines()[1:]).strip()
-

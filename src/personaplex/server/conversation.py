@@ -100,6 +100,15 @@ class Channel:
                 # sees the disconnect and ends the conversation.
                 self.open = False
 
+    async def close(self, code: int = 1000) -> None:
+        """Close the socket with `code` (RFC 6455), unless the peer already did."""
+        if not self.open:
+            return
+        self.open = False
+        async with self._send_lock:
+            with contextlib.suppress(RuntimeError, OSError):  # the peer closed first
+                await self._websocket.close(code=code)
+
     async def receive(self) -> bytes | str | None:
         """The next message, or None once the peer has closed the socket."""
         if not self.open:
@@ -244,7 +253,8 @@ class TurnBasedConversation(Conversation):
         unknown = set(changes) - UPDATABLE_SETTINGS
         if unknown:
             raise SettingsError(
-                f"cannot change {', '.join(sorted(unknown))}; changeable: {', '.join(sorted(UPDATABLE_SETTINGS))}"
+                f"cannot change {', '.join(sorted(unknown))}; "
+                f"changeable: {', '.join(sorted(UPDATABLE_SETTINGS))}"
             )
         self.config = self.config.updated(changes)
         await self.send_session_event()
@@ -313,16 +323,14 @@ class DuplexConversation(Conversation):
         super().__init__(*args, **kwargs)
         engine = self.services.engine
         self._ring = PcmRing(self.services.ring_frames * engine.frame_samples)
-        self._dropped_frames = 0
+        self._dropped_frames = 0.0
         self._last_drop_event = 0.0
 
     async def run(self) -> None:
         generation = asyncio.create_task(self._generate())
         receiving = asyncio.create_task(self.receive_loop())
         try:
-            done, _pending = await asyncio.wait(
-                {generation, receiving}, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _pending = await asyncio.wait({generation, receiving}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             # Whichever side ends first ends the other: a closed socket stops inference now.
             for task in (generation, receiving):
@@ -365,7 +373,9 @@ class DuplexConversation(Conversation):
         try:
             async with contextlib.aclosing(replies):
                 async for chunk in replies:
-                    await self.send_chunk(chunk, buffered_ms=round(self._ring.seconds(self.services.engine.sample_rate) * 1000))
+                    await self.send_chunk(
+                        chunk, buffered_ms=round(self._ring.seconds(self.services.engine.sample_rate) * 1000)
+                    )
         except PersonaPlexError as err:
             await self.send_error(str(err))
 

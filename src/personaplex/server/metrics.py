@@ -29,7 +29,7 @@ class _Metric:
         return tuple(str(labels[name]) for name in self.label_names)
 
     def _label_text(self, values: LabelValues, extra: str = "") -> str:
-        pairs = [f'{name}="{_escape(value)}"' for name, value in zip(self.label_names, values)]
+        pairs = [f'{name}="{_escape(value)}"' for name, value in zip(self.label_names, values, strict=True)]
         if extra:
             pairs.append(extra)
         return "{" + ",".join(pairs) + "}" if pairs else ""
@@ -100,7 +100,7 @@ class Histogram(_Metric):
             counts, total, total_sum = list(self._bucket_counts), self._count, self._sum
         lines = self.header()
         cumulative = 0
-        for bound, count in zip(self._bounds, counts):
+        for bound, count in zip(self._bounds, counts, strict=True):
             cumulative += count
             lines.append(f'{self.name}_bucket{{le="{_number(bound)}"}} {cumulative}')
         lines.append(f'{self.name}_bucket{{le="+Inf"}} {total}')
@@ -113,12 +113,8 @@ class ServerMetrics:
     """Everything GET /metrics reports."""
 
     def __init__(self) -> None:
-        self.sessions_active = Gauge(
-            "personaplex_sessions_active", "Conversations running now.", ["mode"]
-        )
-        self.sessions_total = Counter(
-            "personaplex_sessions_total", "Conversations started.", ["mode"]
-        )
+        self.sessions_active = Gauge("personaplex_sessions_active", "Conversations running now.", ["mode"])
+        self.sessions_total = Counter("personaplex_sessions_total", "Conversations started.", ["mode"])
         self.sessions_rejected = Counter(
             "personaplex_sessions_rejected_total",
             "Conversations refused (busy, loading, unauthorised, bad settings).",
@@ -140,9 +136,7 @@ class ServerMetrics:
         self.session_crashes = Counter(
             "personaplex_session_errors_total", "Conversations ended by an unexpected error."
         )
-        self.model_ready = Gauge(
-            "personaplex_model_ready", "1 once the model is loaded and warmed up."
-        )
+        self.model_ready = Gauge("personaplex_model_ready", "1 once the model is loaded and warmed up.")
         for mode in ("turn", "duplex"):
             self.sessions_active.set(0, mode=mode)
             self.sessions_total.inc(0, mode=mode)

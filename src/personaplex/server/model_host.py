@@ -69,7 +69,11 @@ class ModelHost:
         self._load = _LoadState()
         self._engine: Engine | None = None
         self._transcriber: Any = None
-        self._asr = {"model": asr_model_name, "state": "off" if load_transcriber is None else "loading", "error": None}
+        self._asr = {
+            "model": asr_model_name,
+            "state": "off" if load_transcriber is None else "loading",
+            "error": None,
+        }
         self._ready = threading.Event()
 
     def start(self) -> None:
@@ -77,7 +81,10 @@ class ModelHost:
         threading.Thread(target=self._load_engine_thread, name="personaplex-load", daemon=True).start()
         if self._load_transcriber is not None:
             threading.Thread(
-                target=self._load_asr_thread, args=(self._load_transcriber,), name="personaplex-asr", daemon=True
+                target=self._load_asr_thread,
+                args=(self._load_transcriber,),
+                name="personaplex-asr",
+                daemon=True,
             ).start()
 
     @property
@@ -101,7 +108,10 @@ class ModelHost:
             if self._load.state == "error":
                 return f"model unavailable: {self._load.error} {MODEL_HELP}"
             percent = "" if self._load.fraction is None else f" {self._load.fraction:.0%}"
-            return f"model loading ({self._load.stage}{percent}: {self._load.message}); try again when it is ready"
+            return (
+                f"model loading ({self._load.stage}{percent}: {self._load.message}); "
+                "try again when it is ready"
+            )
 
     def status(self) -> dict[str, Any]:
         """Everything GET /api/status reports about loading."""

@@ -75,9 +75,7 @@ def decode_message(data: bytes) -> Message:
 def parse_control(payload: bytes) -> ControlAction:
     """The action of a control message (exactly one byte)."""
     if len(payload) != 1:
-        raise ProtocolError(
-            f"a control message holds one action byte, got {len(payload)} bytes"
-        )
+        raise ProtocolError(f"a control message holds one action byte, got {len(payload)} bytes")
     try:
         return ControlAction(payload[0])
     except ValueError:

@@ -52,7 +52,9 @@ async function pollStatus() {
 function renderStatus(status) {
   const percent = status.fraction == null ? "" : ` (${Math.round(status.fraction * 100)}%)`;
   $("load-message").textContent =
-    status.state === "ready" ? `Ready, after ${status.elapsed_s.toFixed(1)} s.` : `${status.message}${percent}`;
+    status.state === "ready" ? `Ready, after ${status.elapsed_s.toFixed(1)} s.`
+    : status.state === "error" ? "The model could not be loaded:"
+    : `${status.message}${percent}`;
   const progress = $("load-progress");
   if (status.fraction == null && status.state === "loading") progress.removeAttribute("value");
   else progress.value = status.state === "ready" ? 1 : status.fraction || 0;
@@ -75,7 +77,8 @@ function renderStatus(status) {
 
   $("load-error").hidden = status.state !== "error";
   $("load-error-message").textContent = status.error || "";
-  $("load-error-help").textContent = status.help || "";
+  // One line per numbered step ("1) ... 2) ...") of what to do.
+  $("load-error-help").textContent = (status.help || "").replace(/ (?=\d\) )/g, "\n");
   document.body.dataset.model = status.state;
 }
 
