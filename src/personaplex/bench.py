@@ -134,8 +134,9 @@ def fill_context(runner: FastFrameRunner) -> int:
     keys/values, without running 3000 frames. Returns the context length."""
     temporal = runner.generator.temporal
     capacity = temporal.capacity
-    temporal.keys.normal_()
-    temporal.values.normal_()
+    for cache in (temporal.keys, temporal.values):
+        for layer in cache:  # one layer at a time: fp8 caches need a bf16 staging tensor
+            layer.copy_(torch.randn(layer.shape, device=layer.device, dtype=torch.bfloat16))
     temporal.slot_positions.copy_(torch.arange(capacity, device=temporal.slot_positions.device).expand_as(temporal.slot_positions))
     temporal.next_position.fill_(capacity)
     return capacity
