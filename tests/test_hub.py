@@ -165,7 +165,7 @@ def test_repo_download(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "hf_hub_download", recording_download)
     assert resolve_model_folder(None, progress=False) == snapshot
-    assert {name for _, name in requested} == {*REQUIRED_FILES, VOICES_ARCHIVE_FILENAME}
+    assert {name for _, name in requested} == {*REQUIRED_FILES, VOICES_ARCHIVE_FILENAME, "config.json"}
     assert {repo for repo, _ in requested} == {DEFAULT_REPO}
     assert (snapshot / "voices" / "NATM0.pt").is_file()
     assert resolve_model_folder("someone/other-repo") == snapshot
@@ -217,3 +217,26 @@ def test_progress_flag_restores_bars(monkeypatch, tmp_path):
     before = are_progress_bars_disabled()
     resolve_model_folder(DEFAULT_REPO, progress=False)
     assert all(seen) and are_progress_bars_disabled() == before
+
+
+def test_mlx_repo_download_fetches_its_own_layout(tmp_path, monkeypatch):
+    import json
+
+    snapshot = tmp_path / "snap"
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text(json.dumps({"temporal": {}, "quantization": {"bits": 4}, "voices": ["NATF0", "VARM1"]}))
+    requested = []
+
+    def download(repo_id: str, filename: str) -> str:
+        requested.append(filename)
+        path = snapshot / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_bytes(b"x")
+        return str(path)
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    assert resolve_model_folder("aufklarer/PersonaPlex-7B-MLX-4bit", progress=False) == snapshot
+    assert set(requested) == {"config.json", "tokenizer_spm_32k_3.model", "voices/NATF0.safetensors", "voices/VARM1.safetensors",
+                              "mimi.safetensors", "temporal.safetensors", "depformer.safetensors", "embeddings.safetensors"}
+    assert hub.is_mlx_folder(snapshot)

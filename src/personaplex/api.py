@@ -23,7 +23,7 @@ import torch
 
 from .audio.io import SAMPLE_RATE, normalize_loudness, prepare_user_audio, read_wav, resample
 from .errors import InvalidAudioError, PersonaPlexError, UnknownVoiceError
-from .hub import find_voices_dir, resolve_model_folder
+from .hub import MLX_MIMI_FILENAME, find_voices_dir, is_mlx_folder, resolve_model_folder
 from .model.config import ModelConfig
 from .model.lm import LMModel
 from .model.lm_checkpoint import LM_FILENAME, load_lm
@@ -149,14 +149,21 @@ class PersonaPlex:
         folder = resolve_model_folder(source)
         config = ModelConfig.from_folder(folder)
         report("load", 0.0, f"loading the language model from {folder}")
-        lm = load_lm(folder / LM_FILENAME, config.lm, device=device, dtype=dtype)
-        if weights != "bf16":
+        mlx = is_mlx_folder(folder)
+        if mlx:  # already quantized (4 or 8 bits): used as stored
+            from .model.mlx import load_mlx_lm
+
+            lm = load_mlx_lm(folder, config.lm, device=device, dtype=dtype)
+        else:
+            lm = load_lm(folder / LM_FILENAME, config.lm, device=device, dtype=dtype)
+        if weights != "bf16" and not mlx:
             from .model.quantize import quantize_model
 
             report("load", 0.6, f"quantizing the language model to {weights}")
             quantize_model(lm, weights)
         report("load", 0.8, "loading the Mimi codec")
-        mimi = load_mimi(folder / MIMI_FILENAME, config.mimi, device=device, dtype=torch.float32)
+        mimi_file = folder / (MLX_MIMI_FILENAME if mlx else MIMI_FILENAME)
+        mimi = load_mimi(mimi_file, config.mimi, device=device, dtype=torch.float32)
         tokenizer = TextTokenizer(folder / TEXT_TOKENIZER_FILENAME)
         engine = cls(lm, mimi, tokenizer, find_voices_dir(folder), weights=weights)
         report("warmup", 0.0, "warming up (default persona + one frame)")

@@ -3,11 +3,14 @@
 A model folder holds the language model, the Mimi codec, the text tokenizer and the voice
 presets (`voices/`, unpacked once from `voices.tgz`). The official repo is gated: the
 errors below tell the user exactly which step (licence, token, network) is missing.
+Folders (and repos) of the MLX 4-bit/8-bit conversion are recognised by their
+`temporal.safetensors` and used as they are.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tarfile
@@ -36,6 +39,11 @@ MIMI_FILENAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 VOICES_ARCHIVE_FILENAME = "voices.tgz"
 VOICES_DIRNAME = "voices"
 REQUIRED_FILES = (LM_FILENAME, MIMI_FILENAME, TEXT_TOKENIZER_FILENAME)
+# The MLX conversion: the LM split in three quantized files, Mimi copied as mimi.safetensors,
+# voices as voices/NAME.safetensors, and a config.json of its own that lists the voices.
+MLX_LM_FILES = ("temporal.safetensors", "depformer.safetensors", "embeddings.safetensors")
+MLX_MIMI_FILENAME = "mimi.safetensors"
+MLX_REQUIRED_FILES = (*MLX_LM_FILES, MLX_MIMI_FILENAME, TEXT_TOKENIZER_FILENAME)
 # What we download: the weights and the voices, not dist.tgz (the reference's web UI).
 # Small files first, so a licence or network problem shows before the 16.7 GB one.
 DOWNLOADED_FILES = (TEXT_TOKENIZER_FILENAME, VOICES_ARCHIVE_FILENAME, MIMI_FILENAME, LM_FILENAME)
@@ -81,13 +89,19 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
 
 
+def is_mlx_folder(folder: str | Path) -> bool:
+    """True for a folder of the MLX conversion (`temporal.safetensors` instead of `model.safetensors`)."""
+    return (Path(folder) / MLX_LM_FILES[0]).is_file()
+
+
 def _check_local_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise ModelUnavailableError(
             f"model folder {folder} does not exist: pass a folder holding "
             f"{', '.join(REQUIRED_FILES)}, or a Hugging Face repo id such as {DEFAULT_REPO}"
         )
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    required = MLX_REQUIRED_FILES if is_mlx_folder(folder) else REQUIRED_FILES
+    missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise ModelUnavailableError(
             f"model folder {folder} lacks {', '.join(missing)}: download them from "
@@ -97,9 +111,23 @@ def _check_local_folder(folder: Path) -> None:
 
 def _download_repo(repo_id: str, *, progress: bool) -> Path:
     with _progress_bars(progress):
-        paths = [_download_file(repo_id, filename) for filename in DOWNLOADED_FILES]
+        config = _download_file(repo_id, "config.json")
+        paths = [_download_file(repo_id, filename) for filename in _repo_files(config)]
     # hf_hub_download puts every file of one revision in the same snapshot folder.
     return paths[0].parent
+
+
+def _repo_files(config_path: Path) -> list[str]:
+    """The files to fetch, by the repo's layout: official, or the MLX conversion (whose
+    config.json has a `quantization` section and lists its voices)."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict) and "quantization" in config and "temporal" in config:
+        voices = [f"{VOICES_DIRNAME}/{name}.safetensors" for name in config.get("voices", [])]
+        return [TEXT_TOKENIZER_FILENAME, *voices, MLX_MIMI_FILENAME, *MLX_LM_FILES]
+    return list(DOWNLOADED_FILES)
 
 
 def _download_file(repo_id: str, filename: str) -> Path:

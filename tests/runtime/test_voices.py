@@ -90,13 +90,23 @@ GOOD_CACHE = torch.zeros(1, 17, 4, dtype=torch.int64)
         (torch.zeros(3, 1, 1, DIM + 1), GOOD_CACHE, "embeddings of shape"),
         (torch.zeros(3, 2, 1, DIM), GOOD_CACHE, "embeddings of shape"),
         (torch.zeros(3, 1, 1, DIM), torch.zeros(1, 9, 4, dtype=torch.int64), "token cache"),
-        (torch.zeros(3, 1, 1, DIM), torch.zeros(1, 17, 4), "non-integer"),
+        (torch.zeros(3, 1, 1, DIM), torch.full((1, 17, 4), 0.5), "non-integer"),
     ],
 )
 def test_wrong_shapes(tmp_path, embeddings, cache, message):
     torch.save({"embeddings": embeddings, "cache": cache}, tmp_path / "v.pt")
     with pytest.raises(UnknownVoiceError, match=message):
         load_voice(tmp_path / "v.pt", None, dim=DIM)
+
+
+def test_mlx_converter_float_token_cache_is_accepted(tmp_path):
+    """The MLX converter stores the int64 cache as float32; integral values load as ids."""
+    from safetensors.torch import save_file
+
+    cache = torch.randint(0, 2048, (1, 17, 4)).float()
+    save_file({"embeddings": torch.zeros(3, 1, 1, DIM, dtype=torch.float16), "cache": cache}, str(tmp_path / "NATF0.safetensors"))
+    voice = load_voice("NATF0", tmp_path, dim=DIM)
+    assert voice.cache.dtype == torch.int64 and torch.equal(voice.cache.float(), cache)
 
 
 def test_corrupt_and_incomplete_files(tmp_path):

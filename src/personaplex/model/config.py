@@ -117,6 +117,21 @@ class LMConfig:
             kwargs["depformer_dim_feedforward"] = int(kwargs["hidden_scale"] * kwargs["depformer_dim"])
         return cls(**kwargs)
 
+    @classmethod
+    def from_mlx_dict(cls, raw: dict[str, Any]) -> "LMConfig":
+        """Read the `temporal` / `depformer` sections of an MLX conversion's config.json."""
+        temporal, depformer = raw.get("temporal") or {}, raw.get("depformer") or {}
+        kwargs = {name: temporal[name] for name in ("dim", "num_layers", "num_heads", "hidden_scale", "card",
+                                                    "text_card", "context", "max_period") if name in temporal}
+        renamed = {"dim": "depformer_dim", "num_layers": "depformer_num_layers", "num_heads": "depformer_num_heads",
+                   "num_steps": "dep_q"}
+        kwargs.update({ours: depformer[theirs] for theirs, ours in renamed.items() if theirs in depformer})
+        if "dim_feedforward" in depformer:  # MLX states the gated width; ours is 3/2 of it (moshi's)
+            kwargs["depformer_dim_feedforward"] = depformer["dim_feedforward"] * 3 // 2
+        if "delays" in raw:
+            kwargs["delays"] = tuple(int(d) for d in raw["delays"])
+        return cls(**kwargs)
+
     def to_moshi_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["delays"] = list(self.delays)
@@ -229,8 +244,16 @@ class ModelConfig:
         return cls(lm=LMConfig.from_moshi_dict(raw), mimi=MimiConfig.from_moshi_dict(raw.get("mimi") or {}))
 
     @classmethod
+    def from_mlx_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        """An MLX conversion's config.json. Its Mimi is the official file; its `mimi` section
+        describes it in its own terms, so only moshi-style nested objects, if any, are read."""
+        mimi = {k: v for k, v in (raw.get("mimi") or {}).items() if k in ("seanet", "transformer", "quantizer")}
+        return cls(lm=LMConfig.from_mlx_dict(raw), mimi=MimiConfig.from_moshi_dict(mimi))
+
+    @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelConfig":
-        """The folder's config.json if it has one, else the PersonaPlex 7B shape."""
+        """The folder's config.json (moshi's format, or the MLX conversion's) if it has one,
+        else the PersonaPlex 7B shape."""
         path = Path(folder) / "config.json"
         if not path.exists():
             return cls()
@@ -240,6 +263,8 @@ class ModelConfig:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
+        if "quantization" in raw and "temporal" in raw:
+            return cls.from_mlx_dict(raw)
         return cls.from_moshi_dict(raw)
 
     def to_moshi_dict(self) -> dict[str, Any]:

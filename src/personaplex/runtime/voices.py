@@ -159,6 +159,7 @@ def _normalise_cache(cache: torch.Tensor, num_codebooks: int, path: Path) -> tor
             f"voice file {path} has a token cache of shape {tuple(cache.shape)}; this model "
             f"needs [1, {num_codebooks}, ring]: the voice was made for a different model"
         )
-    if cache.is_floating_point():
-        raise UnknownVoiceError(f"voice file {path} has a non-integer token cache ({cache.dtype})")
+    # The MLX converter writes every non-bf16 tensor as float32, token ids included.
+    if cache.is_floating_point() and not torch.equal(cache, cache.round()):
+        raise UnknownVoiceError(f"voice file {path} has a token cache with non-integer values ({cache.dtype})")
     return cache.to(torch.int64)
