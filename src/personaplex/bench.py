@@ -34,6 +34,7 @@ from .model import lm as lm_module
 from .model.layers import compile_elementwise
 from .model.lm import LMModel
 from .model.mimi import Mimi
+from .runtime.capacity import free_gpu_bytes, sessions_that_fit
 from .runtime.fast import FastFrameRunner
 from .runtime.generation import FrameGenerator, StepInputs
 from .runtime.persona import PersonaSnapshot, build_script, prefill_batched
@@ -227,6 +228,9 @@ class Bench:
         mimi = build_mimi(self.device)
         self.note(f"{weights}: build_s", round(build_s, 2))
         self.note(f"{weights}: weights_gb", round(torch.cuda.memory_allocated() / 1e9, 2))
+        for kv in KV_DTYPES:
+            fit = sessions_that_fit(lm.config, free_gpu_bytes(self.device), KV_DTYPES[kv])
+            self.note(f"{weights}: sessions that fit at 3000 frames, {kv} KV (computed)", fit)
         persona, prefill_s = make_persona(lm)
         self.note(f"{weights}: persona_prefill_ms (uncached, {persona.frames} frames)", round(1e3 * prefill_s, 1))
         if weights == "bf16":
@@ -411,8 +415,7 @@ def use_fast_path(enabled: bool) -> None:
     compile_elementwise(enabled)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="personaplex bench", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for the JSON and PNG ($OUT by default)")
     parser.add_argument("--sessions", default="1,8,32,64", help="comma-separated batch sizes")
     parser.add_argument("--weights", default="bf16,int4,fp8", help="comma-separated weight formats (bf16 first: the reference)")
@@ -421,10 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-upstream", action="store_true", help="skip upstream moshi")
     parser.add_argument("--kv", choices=sorted(KV_DTYPES), default="bf16", help="KV cache dtype")
     parser.add_argument("--no-eager", action="store_true", help="time only the fast (graphed) path")
-    args = parser.parse_args(argv)
-    args.sessions = [int(s) for s in args.sessions.split(",")]
+
+
+def run(args: argparse.Namespace) -> int:
+    args.sessions = [int(s) for s in str(args.sessions).split(",")]
     if not torch.cuda.is_available():
-        parser.error("the benchmark needs a CUDA GPU")
+        raise SystemExit("personaplex bench: error: the benchmark needs a CUDA GPU")
     bench = Bench(args)
     if not args.no_upstream:
         bench.guarded("moshi", bench.upstream)
@@ -434,6 +439,12 @@ def main(argv: list[str] | None = None) -> int:
         bench.guarded("plot", lambda: plot(bench.rows, bench.out / f"{bench.card.replace(' ', '_')}.png"))
         print_table(bench.rows)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="personaplex bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from personaplex import __version__
-from personaplex.cli import catalog, respond
+from personaplex.cli import bench, catalog, respond
 from personaplex.errors import PersonaPlexError
 
 PROGRAM = "personaplex"
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     respond.register(subparsers)
     catalog.register(subparsers)
+    bench.register(subparsers)
     for command, module_name in _SERVER_COMMANDS.items():
         _register_optional(subparsers, command, module_name)
     return parser
