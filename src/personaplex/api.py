@@ -155,7 +155,8 @@ class PersonaPlex:
 
             lm = load_mlx_lm(folder, config.lm, device=device, dtype=dtype)
         else:
-            lm = load_lm(folder / LM_FILENAME, config.lm, device=device, dtype=dtype)
+            lm = load_lm(folder / LM_FILENAME, config.lm, device=device, dtype=dtype,
+                         depformer_steps=config.lm.agent_codebooks)
         if weights != "bf16" and not mlx:
             from .model.quantize import quantize_model
 
@@ -186,12 +187,15 @@ class PersonaPlex:
             raise PersonaPlexError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
         if not isinstance(voice, (str, Path)):
             raise UnknownVoiceError(f"voice must be a preset name or a file path, got {type(voice).__name__}")
-        key = (str(voice), system_prompt)
-        if key in self._personas:
-            self._personas.move_to_end(key)
-            return self._personas[key]
+        # A WAV voice is keyed by its modification time too, so an edited file is prefilled anew.
+        wav_version = Path(voice).stat().st_mtime_ns if is_wav_voice(voice) and Path(voice).is_file() else None
+        key = (str(voice), wav_version, system_prompt)
         prompt_tokens = self.tokenizer.encode(wrap_system_prompt(system_prompt)) if system_prompt.strip() else []
+        # Under the compute lock: conversations in other threads share the cache and the model.
         with self.compute_lock, torch.no_grad():
+            if key in self._personas:
+                self._personas.move_to_end(key)
+                return self._personas[key]
             if is_wav_voice(voice):
                 script = build_script(self.lm, prompt_tokens, voice_codes=self._encode_voice_wav(Path(voice)))
             else:
@@ -199,9 +203,9 @@ class PersonaPlex:
             generator = FrameGenerator(self.lm, 1, agent_only=True)
             prefill_batched(generator, script)
             snapshot = PersonaSnapshot.capture(generator)
-        self._personas[key] = snapshot
-        while len(self._personas) > self._persona_cache_size:
-            self._personas.popitem(last=False)
+            self._personas[key] = snapshot
+            while len(self._personas) > self._persona_cache_size:
+                self._personas.popitem(last=False)
         return snapshot
 
     def _preset(self, voice: str | Path) -> VoicePrompt:

@@ -91,7 +91,8 @@ def build_lm(weights: str, device: torch.device) -> tuple[LMModel, float]:
     """The 7B LM with random weights in `weights` format, and the seconds it took."""
     start = time.perf_counter()
     with torch.device("meta"):
-        lm = LMModel(LMConfig(), dtype=torch.bfloat16)
+        # The agent's 8 depformer steps only, as the engine loads it (`load_lm(depformer_steps=8)`).
+        lm = LMModel(LMConfig(dep_q=8), dtype=torch.bfloat16)
     lm = lm.to_empty(device=device)
     _randomize_(lm, torch.Generator(device=device).manual_seed(0))
     lm.eval().requires_grad_(False)

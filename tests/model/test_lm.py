@@ -198,3 +198,18 @@ def test_fp8_kv_cache_stays_close_to_full_precision(lm, config):
     assert state.keys.dtype == torch.float8_e4m3fn
     # Measured 3.3e-3 here (e4m3 keeps 3 mantissa bits per cached key/value).
     assert relative_error(logits[torch.float8_e4m3fn].float(), logits[torch.float32]) < 2e-2
+
+
+def test_keeping_only_the_agent_depformer_steps(lm_file, config, lm):
+    agent_only = load_lm(lm_file, config, dtype=torch.float32, depformer_steps=8)
+    assert agent_only.config.dep_q == 8 and len(agent_only.linears) == 8
+    assert sum(p.numel() for p in agent_only.parameters()) < sum(p.numel() for p in lm.parameters())
+    codes = random_codes(config, batch=1, frames=6, seed=8)
+    with torch.no_grad():
+        text_full, audio_full = lm(codes)
+        text_cut, audio_cut = agent_only(codes)
+    assert torch.equal(text_cut, text_full)
+    assert torch.allclose(audio_cut, audio_full[:, :8], atol=1e-6, equal_nan=True)
+    # The cut steps are copies, not views holding the 16-step tensors alive.
+    in_proj = agent_only.depformer.layers[0].self_attn.in_projs[0].weight
+    assert in_proj.untyped_storage().nbytes() == in_proj.numel() * in_proj.element_size()

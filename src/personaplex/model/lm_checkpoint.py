@@ -10,6 +10,7 @@ as the PersonaPlex loader does (and a zero input embedding for step 8, which it 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Iterator
@@ -79,15 +80,18 @@ def official_to_module(name: str, tensor: torch.Tensor, file_steps: int, dep_q: 
         target = "in_projs" if kind == "in_proj_weight" else "out_projs"
         per_step = tensor.chunk(file_steps, dim=0)
         for k in range(dep_q):
-            yield f"depformer.layers.{layer}.self_attn.{target}.{k}.weight", per_step[k % file_steps]
+            # Cut to fewer steps, a view would keep the whole stacked tensor alive: copy instead.
+            step_weight = per_step[k % file_steps]
+            yield f"depformer.layers.{layer}.self_attn.{target}.{k}.weight", step_weight.clone() if file_steps > dep_q else step_weight
         return
     if name.endswith(".self_attn.in_proj_weight"):
         yield name.replace("in_proj_weight", "in_proj.weight"), tensor
         return
     per_step_match = _PER_STEP.match(name)
-    if per_step_match and file_steps < dep_q:
+    if per_step_match:
         prefix, k, rest = per_step_match.groups()
         count = dep_q - 1 if prefix == "depformer_emb" else dep_q
+        # Same steps: k itself. A narrow file: k, k + 8, ... A model cut to fewer steps: k if kept.
         for target in range(int(k), count, file_steps):
             yield f"{prefix}.{target}.{rest}", tensor
         return
@@ -114,16 +118,21 @@ def load_lm(
     config: LMConfig | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
+    depformer_steps: int | None = None,
 ) -> LMModel:
     """Load an official `model.safetensors` into an `LMModel` on `device` in `dtype`.
 
     The model is built on the meta device and each tensor is read, converted and assigned
-    one at a time, so peak memory stays near one copy of the weights.
+    one at a time, so peak memory stays near one copy of the weights. `depformer_steps=8`
+    keeps only the agent's depformer steps, all that inference runs (the 8 user-audio steps
+    are always overridden by the real user tokens): 1.4 GB less in bf16 for the 7B model.
     """
     config = config or LMConfig()
     found = read_safetensors_shapes(path)
     file_steps = _file_depformer_steps(found, config)
     check_tensor_shapes(path, found, official_lm_shapes(config, file_steps))
+    if depformer_steps is not None:
+        config = dataclasses.replace(config, dep_q=depformer_steps)
     with torch.device("meta"):
         model = LMModel(config, dtype=dtype)
     # Norm scales stay float32: the norms compute in float32 anyway.
