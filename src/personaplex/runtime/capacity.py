@@ -24,5 +24,7 @@ def sessions_that_fit(config: LMConfig, free_bytes: int, kv_dtype: torch.dtype =
 
 
 def free_gpu_bytes(device: torch.device | str | None = None) -> int:
+    """Memory the KV caches can still get: free on the card plus what PyTorch's allocator holds
+    but no tensor uses (e.g. bf16 weights just replaced by quantized ones)."""
     free, _ = torch.cuda.mem_get_info(device)
-    return free
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
