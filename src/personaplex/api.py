@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -28,6 +29,7 @@ from .model.config import ModelConfig
 from .model.lm import LMModel
 from .model.lm_checkpoint import LM_FILENAME, load_lm
 from .model.mimi import MIMI_FILENAME, Mimi, load_mimi
+from .runtime.batching import LockstepBatcher
 from .runtime.conversation import Conversation, FrameResult
 from .runtime.diagnostics import DiagnosticInfo, DiagnosticRecorder
 from .runtime.generation import FrameGenerator
@@ -114,6 +116,7 @@ class PersonaPlex:
         self.compute_lock = threading.Lock()
         self._personas: OrderedDict[tuple, PersonaSnapshot] = OrderedDict()
         self._persona_cache_size = persona_cache_size
+        self._batcher: LockstepBatcher | None = None
 
     @property
     def frame_samples(self) -> int:
@@ -232,6 +235,16 @@ class PersonaPlex:
         sampling = sampling or SamplingConfig(greedy=greedy)
         return Conversation(self.lm, self.mimi, self.tokenizer, persona, sampling, seed, self.compute_lock)
 
+    def enable_batching(self, max_sessions: int, kv_dtype: torch.dtype | None = None, max_wait_s: float = 0.08) -> None:
+        """Run `respond_realtime` conversations together, up to `max_sessions` rows of one batched
+        frame (one CUDA graph on a GPU), instead of one after another. Rows share one sampling
+        RNG, so a seed makes a conversation reproducible only when it runs alone."""
+        self._batcher = LockstepBatcher(self, max_sessions, kv_dtype=kv_dtype, max_wait_s=max_wait_s)
+
+    @property
+    def batcher(self) -> LockstepBatcher | None:
+        return self._batcher
+
     # ------------------------------------------------------------------ the four calls
 
     def respond_stream(self, audio: Any, *, sample_rate: int = SAMPLE_RATE, voice: str = DEFAULT_VOICE,
@@ -284,7 +297,12 @@ class PersonaPlex:
                                system_prompt: str = DEFAULT_PROMPT, seed: int | None = None,
                                greedy: bool = False) -> AsyncIterator[AudioChunk]:
         """Full duplex in lock-step: microphone blocks of any size in, one 1920-sample agent
-        frame out per 1920 samples in. Stops when the input ends or the consumer stops."""
+        frame out per 1920 samples in. Stops when the input ends or the consumer stops.
+        With `enable_batching`, the conversation runs as one row of the shared batch."""
+        if self._batcher is not None:
+            async for chunk in self._batched_realtime(mic_frames, sample_rate, voice_wav or voice, system_prompt, greedy):
+                yield chunk
+            return
         conversation = await asyncio.to_thread(self.conversation, voice_wav or voice, system_prompt, seed, greedy)
         pending = np.zeros(0, dtype=np.float32)
         index = 0
@@ -300,6 +318,18 @@ class PersonaPlex:
             frame = np.zeros(self.frame_samples, dtype=np.float32)
             frame[: pending.shape[0]] = pending
             yield _chunk(await asyncio.to_thread(conversation.step, frame), index)
+
+    async def _batched_realtime(self, mic_frames: AsyncIterator[np.ndarray], sample_rate: int, voice: str,
+                                system_prompt: str, greedy: bool) -> AsyncIterator[AudioChunk]:
+        persona = await asyncio.to_thread(self.persona, voice, system_prompt)
+        frames = self._batcher.conversation(mic_frames, persona, SamplingConfig(greedy=greedy), sample_rate)
+        async with contextlib.aclosing(frames):
+            index = 0
+            async for out in frames:
+                text = self.tokenizer.piece_text(out.text_token) if out.text_token < self.tokenizer.vocab_size else ""
+                yield AudioChunk(pcm=out.pcm, text=text, frame_index=index, elapsed_ms=out.elapsed_ms,
+                                 text_token=out.text_token, agent_codes=out.agent_codes)
+                index += 1
 
     def respond_diagnostic(self, audio: Any, *, sample_rate: int = SAMPLE_RATE, voice: str = DEFAULT_VOICE,
                            voice_wav: str | None = None, system_prompt: str = DEFAULT_PROMPT, max_steps: int = 75,

@@ -43,6 +43,16 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cuda when available)")
     parser.add_argument(
+        "--batch",
+        action="store_true",
+        help="run full-duplex conversations together, one batched frame (one CUDA graph) for all, "
+        "up to --max-sessions: how one GPU serves many conversations",
+    )
+    parser.add_argument(
+        "--kv-cache", choices=("bf16", "fp8"), default="bf16",
+        help="KV cache format with --batch (fp8: half the memory, twice the conversations)",
+    )
+    parser.add_argument(
         "--max-sessions",
         type=int,
         default=4,
@@ -118,9 +128,15 @@ def run(args: argparse.Namespace) -> int:
 def _load_engine(args: argparse.Namespace, progress: Any) -> Any:
     from personaplex import PersonaPlex
 
-    return PersonaPlex.from_pretrained(
+    engine = PersonaPlex.from_pretrained(
         args.model, device=args.device, weights=args.weights, progress=progress
     )
+    if args.batch:
+        import torch
+
+        kv_dtype = torch.float8_e4m3fn if args.kv_cache == "fp8" else None
+        engine.enable_batching(args.max_sessions, kv_dtype=kv_dtype)
+    return engine
 
 
 def _transcriber_loader(asr_model: str) -> Any:
