@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model.layers import compile_elementwise
 from ..model.lm import LMModel
 from ..model.mimi import Mimi
 from .generation import FrameGenerator, StepInputs
@@ -41,6 +42,9 @@ class FastFrameRunner:
         self.codec_state = mimi.init_stream(batch_size)
         device = self.generator.device
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        if self.use_graphs:
+            # Fused norm / RoPE / gate kernels: once launches are gone, kernel count is the cost.
+            compile_elementwise(True)
         self.agent_codebooks = lm.config.agent_codebooks
         samples = mimi.frame_samples
         # Static buffers: the graph reads and writes these addresses on every replay.
