@@ -225,3 +225,31 @@ def test_mlx_conversion_folder_loads_and_talks(tmp_path, tiny_folder):
     assert engine.lm.config == lm_config
     assert isinstance(engine.lm.transformer.layers[0].self_attn.in_proj, AffineQuantizedLinear)
     assert engine.respond(speech_like(0.2), max_steps=2, seed=0).audio.shape == (2 * FRAME,)
+
+
+def test_realtime_at_another_sample_rate(engine):
+    """16 kHz microphone blocks are resampled as one stream: 1.5 samples out per sample in."""
+    sizes = [1280] * 10 + [7, 633]  # 13 440 samples at 16 kHz = 20 160 at 24 kHz -> 11 frames
+
+    async def blocks16k():
+        pcm = speech_like(sum(sizes) / 16000, rate=16000)
+        start = 0
+        for size in sizes:
+            yield pcm[start : start + size]
+            start += size
+
+    async def run():
+        return [chunk async for chunk in engine.respond_realtime(blocks16k(), sample_rate=16000, seed=0)]
+
+    assert len(asyncio.run(run())) == -(-20_160 // FRAME) == 11
+
+
+def test_realtime_refuses_a_bad_sample_rate(engine):
+    async def run():
+        async def blocks():
+            yield np.zeros(100, np.float32)
+
+        return [chunk async for chunk in engine.respond_realtime(blocks(), sample_rate=-5)]
+
+    with pytest.raises(InvalidAudioError, match="sample"):
+        asyncio.run(run())

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio.io import SAMPLE_RATE, normalize_loudness, prepare_user_audio, read_wav, resample
+from .audio.io import SAMPLE_RATE, model_rate_blocks, normalize_loudness, prepare_user_audio, read_wav, resample
 from .errors import InvalidAudioError, PersonaPlexError, UnknownVoiceError
 from .hub import MLX_MIMI_FILENAME, find_voices_dir, is_mlx_folder, resolve_model_folder
 from .model.config import ModelConfig
@@ -306,8 +306,7 @@ class PersonaPlex:
         conversation = await asyncio.to_thread(self.conversation, voice_wav or voice, system_prompt, seed, greedy)
         pending = np.zeros(0, dtype=np.float32)
         index = 0
-        async for block in mic_frames:
-            block = prepare_user_audio(block, sample_rate, max_seconds=float("inf")) if np.size(block) else np.zeros(0, np.float32)
+        async for block in model_rate_blocks(mic_frames, sample_rate):
             pending = np.concatenate([pending, block])
             while pending.shape[0] >= self.frame_samples:
                 frame, pending = pending[: self.frame_samples], pending[self.frame_samples :]

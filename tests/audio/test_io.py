@@ -154,3 +154,28 @@ def test_prepare_rejects_too_long():
     assert prepare_user_audio(np.zeros(24_000 * 2, np.float32), max_seconds=2.0).size == 48_000
     with pytest.raises(InvalidAudioError, match="longer than the 1 s"):
         prepare_user_audio(np.zeros(24_000 * 2, np.float32), max_seconds=1.0)
+
+
+def test_streaming_resampler_is_independent_of_block_sizes():
+    from personaplex.audio.io import StreamingResampler
+
+    rate = 16_000
+    t = np.arange(rate) / rate
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    whole = StreamingResampler(rate, 24_000).process(tone)
+    resampler = StreamingResampler(rate, 24_000)
+    sizes = [1, 7, 333, 1920, 5000, 2]
+    pieces, start = [], 0
+    while start < tone.size:
+        size = sizes[len(pieces) % len(sizes)]
+        pieces.append(resampler.process(tone[start : start + size]))
+        start += size
+    streamed = np.concatenate(pieces)
+    assert streamed.shape == whole.shape == (24_000,)
+    np.testing.assert_allclose(streamed, whole, atol=1e-6)
+    # Still a 440 Hz tone at 24 kHz, and close to the offline polyphase resampler once aligned.
+    spectrum = np.abs(np.fft.rfft(streamed[2000:]))
+    assert abs(np.argmax(spectrum) * 24_000 / (streamed.size - 2000) - 440) < 2
+    offline = resample(tone, rate, 24_000)
+    delay = int(np.argmax(np.correlate(streamed[1000:3000], offline[1000:1100], mode="valid")))
+    np.testing.assert_allclose(streamed[1000 + delay : 20_000 + delay], offline[1000:20_000], atol=2e-2)

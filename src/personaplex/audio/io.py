@@ -8,6 +8,7 @@ mistakes (stereo, int16, NaN, a wrong sample rate) into one clear error or a sil
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,50 @@ def resample(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     return np.ascontiguousarray(resampled, dtype=np.float32)
 
 
+class StreamingResampler:
+    """Resample a stream block by block, with filter state carried between blocks.
+
+    Resampling each microphone block on its own would filter every block edge as if the
+    signal stopped there. This is a polyphase FIR (upsample by `up`, low-pass, keep every
+    `down`-th sample) whose tail and phase survive from one block to the next, so blocks of
+    any size give the same samples as the whole stream. It is causal: the output lags by
+    half the filter (under 1 ms).
+    """
+
+    def __init__(self, src_rate: int, dst_rate: int, taps_per_phase: int = 16):
+        import scipy.signal
+
+        ratio = Fraction(int(dst_rate), int(src_rate))
+        self.up, self.down = ratio.numerator, ratio.denominator
+        cutoff = 1.0 / max(self.up, self.down)  # Nyquist of the lower of the two rates
+        self._taps = (self.up * scipy.signal.firwin(taps_per_phase * self.up, cutoff)).astype(np.float64)
+        self._state = np.zeros(len(self._taps) - 1)
+        self._phase = 0  # index, in the upsampled stream, of the next sample to keep
+
+    def process(self, pcm: np.ndarray) -> np.ndarray:
+        import scipy.signal
+
+        upsampled = np.zeros(len(pcm) * self.up)
+        upsampled[:: self.up] = pcm
+        filtered, self._state = scipy.signal.lfilter(self._taps, [1.0], upsampled, zi=self._state)
+        kept = filtered[self._phase :: self.down]
+        self._phase = (self._phase - len(upsampled)) % self.down
+        return kept.astype(np.float32)
+
+
+async def model_rate_blocks(blocks: AsyncIterator[Any], sample_rate: int) -> AsyncIterator[np.ndarray]:
+    """Microphone blocks of any size, checked (mono, finite, a real array) and resampled to
+    24 kHz as one continuous stream."""
+    check_sample_rate(sample_rate)
+    resampler = StreamingResampler(sample_rate, SAMPLE_RATE) if sample_rate != SAMPLE_RATE else None
+    async for block in blocks:
+        if not np.size(block):
+            continue
+        # Checked as if already at 24 kHz (so not resampled there): the stream resampler follows.
+        pcm = prepare_user_audio(block, SAMPLE_RATE, max_seconds=float("inf"))
+        yield resampler.process(pcm) if resampler is not None else pcm
+
+
 def normalize_loudness(
     pcm: np.ndarray, sample_rate: int, target_lufs: float = VOICE_PROMPT_LUFS
 ) -> np.ndarray:
@@ -111,7 +156,7 @@ def prepare_user_audio(
     Accepts a numpy array, a torch tensor or a list of floats, shaped [T], [1, T] or [T, 1].
     int16/int32 PCM is scaled to [-1, 1]. Anything else raises InvalidAudioError.
     """
-    _check_sample_rate(sample_rate)
+    check_sample_rate(sample_rate)
     pcm = _to_float_array(audio)
     pcm = _to_mono(pcm)
     if pcm.size == 0:
@@ -129,7 +174,7 @@ def prepare_user_audio(
     return np.ascontiguousarray(resample(pcm, sample_rate, SAMPLE_RATE), dtype=np.float32)
 
 
-def _check_sample_rate(sample_rate: Any) -> None:
+def check_sample_rate(sample_rate: Any) -> None:
     is_integer = isinstance(sample_rate, (int, np.integer)) and not isinstance(sample_rate, bool)
     if not is_integer or sample_rate <= 0:
         raise InvalidAudioError(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..audio.io import prepare_user_audio
+from ..audio.io import model_rate_blocks
 from ..errors import PersonaPlexError
 from .fast import FastFrameRunner
 from .persona import PersonaSnapshot
@@ -98,9 +98,8 @@ class LockstepBatcher:
     async def _feed(self, row_index: int, row: _Row, mic_frames: AsyncIterator[np.ndarray], sample_rate: int) -> None:
         pending = np.zeros(0, dtype=np.float32)
         try:
-            async for block in mic_frames:
-                if np.size(block):
-                    pending = np.concatenate([pending, prepare_user_audio(block, sample_rate, max_seconds=float("inf"))])
+            async for block in model_rate_blocks(mic_frames, sample_rate):
+                pending = np.concatenate([pending, block])
                 while pending.shape[0] >= self.frame_samples:
                     self._submit(row, pending[: self.frame_samples])
                     pending = pending[self.frame_samples :]
