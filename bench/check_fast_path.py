@@ -69,7 +69,6 @@ def compare_one_frame(dtype: torch.dtype, gen: torch.Generator) -> None:
     fast_hidden, fast_logits = one_frame(True)
     print(f"one frame in {dtype}, fast vs readable: hidden", rel(fast_hidden, readable_hidden),
           "text logits", rel(fast_logits, readable_logits), "argmax equal", bool(fast_logits.argmax() == readable_logits.argmax()))
-    del lm
 
 
 if __name__ == "__main__":

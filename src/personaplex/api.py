@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .audio.io import SAMPLE_RATE, model_rate_blocks, normalize_loudness, prepare_user_audio, read_wav, resample
-from .errors import InvalidAudioError, PersonaPlexError, UnknownVoiceError
+from .errors import PersonaPlexError, UnknownVoiceError
 from .hub import MLX_MIMI_FILENAME, find_voices_dir, is_mlx_folder, resolve_model_folder
 from .model.config import ModelConfig
 from .model.lm import LMModel

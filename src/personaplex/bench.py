@@ -239,7 +239,6 @@ class Bench:
         self.guarded(f"{weights} quality", lambda: self.quality(weights, lm, mimi, persona))
         for sessions in self.args.sessions:
             self.guarded(f"{weights} B={sessions}", lambda: self.ours_rows(weights, lm, mimi, persona, sessions))
-        del lm, mimi
 
     def ours_rows(self, weights: str, lm: LMModel, mimi: Mimi, persona: PersonaSnapshot, sessions: int) -> None:
         frames, warmup = self.args.frames, self.args.warmup
@@ -274,7 +273,6 @@ class Bench:
                         timing.encode, timing.lm, timing.decode = parts.encode, parts.lm, parts.decode
                         del split
                 self.add_row(f"personaplex-{impl}", weights, sessions, context, timing)
-        del runner
 
     def first_frame(self, runner: FastFrameRunner, persona: PersonaSnapshot, pcm: torch.Tensor, weights: str,
                     sessions: int) -> None:
@@ -343,7 +341,6 @@ class Bench:
         self.note("moshi: build_s", round(_synced_seconds(start), 2))
         for sessions in self.args.sessions:
             self.guarded(f"moshi B={sessions}", lambda: self.upstream_rows(lm, mimi, sessions, LMGen))
-        del lm, mimi
 
     def upstream_rows(self, lm, mimi, sessions: int, lm_gen_class) -> None:
         frames, warmup = self.args.frames, max(self.args.warmup, 4)

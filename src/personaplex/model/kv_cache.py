@@ -63,16 +63,6 @@ class TemporalState:
         self.slot_positions.masked_fill_(rows[:, None], -1)
         self.next_position.masked_fill_(rows, 0)
 
-    def copy_row_from(self, row: int, source: "TemporalState", source_row: int = 0) -> None:
-        """Overwrite row `row` with row `source_row` of `source` (e.g. a cached persona)."""
-        self.keys[:, row].copy_(source.keys[:, source_row])
-        self.values[:, row].copy_(source.values[:, source_row])
-        self.slot_positions[row].copy_(source.slot_positions[source_row])
-        self.next_position[row].copy_(source.next_position[source_row])
-
-    def clone(self) -> "TemporalState":
-        return TemporalState(self.keys.clone(), self.values.clone(), self.slot_positions.clone(), self.next_position.clone())
-
     def chunk_positions(self, num_frames: int) -> torch.Tensor:
         """Positions [B, T] of the next `num_frames` frames of every row."""
         steps = torch.arange(num_frames, device=self.next_position.device)

@@ -66,14 +66,6 @@ class TokenRing:
         if provided is not None:
             self.provided[:, streams].scatter_(2, index, torch.full_like(index, provided, dtype=torch.bool))
 
-    def clone(self) -> "TokenRing":
-        return TokenRing(self.tokens.clone(), self.provided.clone(), self.offset.clone())
-
-    def copy_row_from(self, row: int, source: "TokenRing", source_row: int = 0) -> None:
-        self.tokens[row].copy_(source.tokens[source_row])
-        self.provided[row].copy_(source.provided[source_row])
-        self.offset[row].copy_(source.offset[source_row])
-
 
 @dataclass
 class StepInputs:

@@ -160,7 +160,3 @@ class PersonaSnapshot:
         generator.ring.tokens[row] = self.ring_tokens
         generator.ring.provided[row] = self.ring_provided
         generator.ring.offset[row] = self.offset
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
