@@ -237,8 +237,8 @@ class PersonaPlex:
 
     def enable_batching(self, max_sessions: int, kv_dtype: torch.dtype | None = None, max_wait_s: float = 0.08) -> None:
         """Run `respond_realtime` conversations together, up to `max_sessions` rows of one batched
-        frame (one CUDA graph on a GPU), instead of one after another. Rows share one sampling
-        RNG, so a seed makes a conversation reproducible only when it runs alone."""
+        frame (one CUDA graph on a GPU), instead of one after another. Each row samples from its
+        own seeded stream, so a seed gives the same conversation batched or alone."""
         self._batcher = LockstepBatcher(self, max_sessions, kv_dtype=kv_dtype, max_wait_s=max_wait_s)
 
     @property
@@ -300,7 +300,7 @@ class PersonaPlex:
         frame out per 1920 samples in. Stops when the input ends or the consumer stops.
         With `enable_batching`, the conversation runs as one row of the shared batch."""
         if self._batcher is not None:
-            async for chunk in self._batched_realtime(mic_frames, sample_rate, voice_wav or voice, system_prompt, greedy):
+            async for chunk in self._batched_realtime(mic_frames, sample_rate, voice_wav or voice, system_prompt, seed, greedy):
                 yield chunk
             return
         conversation = await asyncio.to_thread(self.conversation, voice_wav or voice, system_prompt, seed, greedy)
@@ -319,9 +319,9 @@ class PersonaPlex:
             yield _chunk(await asyncio.to_thread(conversation.step, frame), index)
 
     async def _batched_realtime(self, mic_frames: AsyncIterator[np.ndarray], sample_rate: int, voice: str,
-                                system_prompt: str, greedy: bool) -> AsyncIterator[AudioChunk]:
+                                system_prompt: str, seed: int | None, greedy: bool) -> AsyncIterator[AudioChunk]:
         persona = await asyncio.to_thread(self.persona, voice, system_prompt)
-        frames = self._batcher.conversation(mic_frames, persona, SamplingConfig(greedy=greedy), sample_rate)
+        frames = self._batcher.conversation(mic_frames, persona, SamplingConfig(greedy=greedy), sample_rate, seed)
         async with contextlib.aclosing(frames):
             index = 0
             async for out in frames:

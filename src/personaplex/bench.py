@@ -165,10 +165,8 @@ def time_frames(parts: list[Callable[[], None]], audio: torch.Tensor, load: Call
     return Timing(frame, [], [], [])
 
 
-def capture(fn: Callable[[], None], runner: FastFrameRunner | None = None) -> torch.cuda.CUDAGraph:
+def capture(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
     graph = torch.cuda.CUDAGraph()
-    if runner is not None:
-        graph.register_generator_state(runner.generator.rng)
     with torch.cuda.graph(graph):
         fn()
     return graph
@@ -268,7 +266,7 @@ class Bench:
                         if fill == "early":
                             self.first_frame(runner, persona, audio[0], weights, sessions)
                         timing = time_frames([lambda: runner.run(current["pcm"])], audio, load, warmup)
-                        split = [capture(runner.encode_user), capture(runner.step_model, runner), capture(runner.decode_agent)]
+                        split = [capture(runner.encode_user), capture(runner.step_model), capture(runner.decode_agent)]
                         parts = time_frames([graph.replay for graph in split], audio, load_eager, warmup)
                         timing.encode, timing.lm, timing.decode = parts.encode, parts.lm, parts.decode
                         del split

@@ -101,3 +101,20 @@ def test_a_late_client_hears_silence_instead_of_stalling_the_others(batched_engi
 
 async def _collect_stream(stream) -> list:
     return [chunk async for chunk in stream]
+
+
+def test_a_seed_gives_the_same_sampled_conversation_batched_or_alone(engine, batched_engine):
+    pcms = [audio(6, 5), audio(7, 5)]
+    alone = asyncio.run(collect_sampled(engine, pcms[0], seed=123))
+
+    async def together():
+        return await asyncio.gather(collect_sampled(batched_engine, pcms[0], seed=123),
+                                    collect_sampled(batched_engine, pcms[1], seed=9))
+
+    batched, other = asyncio.run(together())
+    assert [c.agent_codes for c in batched] == [c.agent_codes for c in alone]
+    assert [c.agent_codes for c in other] != [c.agent_codes for c in alone]
+
+
+async def collect_sampled(engine, pcm: np.ndarray, seed: int) -> list:
+    return [chunk async for chunk in engine.respond_realtime(blocks(pcm, 1920), seed=seed)]

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from personaplex.model.lm_checkpoint import load_lm
 from personaplex.runtime.generation import FrameGenerator, StepInputs
-from personaplex.runtime.sampling import SamplingConfig, sample_tokens
+from personaplex.runtime.sampling import RowNoise, SamplingConfig, sample_tokens
 from tests.fixtures.tiny_lm import tiny_lm_config, write_tiny_lm
 
 
@@ -69,17 +69,39 @@ def test_sampling_respects_top_k_temperature_and_greedy_rows():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
     temperature = torch.tensor([0.0, 1.0, 1.0])
     top_k = torch.tensor([5, 1, 3])
-    gen = torch.Generator().manual_seed(0)
+    noise = RowNoise(3, "cpu")
+    noise.reseed(slice(None), 0)
     top3 = set(logits[2].topk(3).indices.tolist())
+    seen = set()
     for _ in range(50):
-        tokens = sample_tokens(logits, temperature, top_k, max_top_k=5, generator=gen)
+        tokens = sample_tokens(logits, temperature, top_k, max_top_k=5, noise=noise)
+        seen.add(int(tokens[2]))
         assert tokens[0] == logits[0].argmax()
         assert tokens[1] == logits[1].argmax()  # top-1 sampling is greedy
         assert int(tokens[2]) in top3
+    assert seen == top3  # the draws vary from call to call
 
 
-def test_seeded_sampling_is_reproducible():
-    logits = torch.randn(2, 100)
-    temperature, top_k = torch.ones(2), torch.full((2,), 20)
-    a = [sample_tokens(logits, temperature, top_k, 20, torch.Generator().manual_seed(7)) for _ in range(2)]
-    assert torch.equal(a[0], a[1])
+def noise_with(seeds: list[int]) -> RowNoise:
+    noise = RowNoise(len(seeds), "cpu")
+    for row, seed in enumerate(seeds):
+        noise.reseed(slice(row, row + 1), seed)
+    return noise
+
+
+def test_each_row_samples_from_its_own_seed():
+    """A row's draws depend on its seed only, not on its position or its neighbours."""
+    logits = torch.randn(1, 100).expand(3, -1)
+    temperature, top_k = torch.ones(3), torch.full((3,), 50)
+    batch = noise_with([7, 8, 7])
+    alone = noise_with([7])
+    for _ in range(20):
+        together = sample_tokens(logits, temperature, top_k, 50, batch)
+        single = sample_tokens(logits[:1], temperature[:1], top_k[:1], 50, alone)
+        assert together[0] == together[2] == single[0]
+
+
+def test_row_noise_is_uniform_enough():
+    noise = noise_with([1, 2, 3, 4])
+    samples = torch.cat([noise.exponential(256).flatten() for _ in range(50)])
+    assert abs(float(samples.mean()) - 1.0) < 0.02 and abs(float(samples.std()) - 1.0) < 0.03

@@ -59,7 +59,7 @@ class LockstepBatcher:
         self.frame_samples = engine.frame_samples
         self.max_wait_s = max_wait_s
         self._rows: list[_Row | None] = [None] * rows
-        self._pending_joins: dict[int, tuple[PersonaSnapshot, SamplingConfig]] = {}
+        self._pending_joins: dict[int, tuple[PersonaSnapshot, SamplingConfig, int | None]] = {}
         self._pending_leaves: set[int] = set()
         self._changed = threading.Condition()
         self.late_frames = 0
@@ -79,9 +79,9 @@ class LockstepBatcher:
     # ---- one conversation (called on the asyncio loop)
 
     async def conversation(self, mic_frames: AsyncIterator[np.ndarray], persona: PersonaSnapshot,
-                           sampling: SamplingConfig, sample_rate: int) -> AsyncIterator[FrameOut]:
+                           sampling: SamplingConfig, sample_rate: int, seed: int | None = None) -> AsyncIterator[FrameOut]:
         """One agent frame out per tick of this row; stops when the input ends or the consumer stops."""
-        row_index, row = self._claim(persona, sampling)
+        row_index, row = self._claim(persona, sampling, seed)
         feeder = asyncio.create_task(self._feed(row_index, row, mic_frames, sample_rate))
         try:
             while True:
@@ -119,14 +119,14 @@ class LockstepBatcher:
             row.inputs.append(frame)
             self._changed.notify()
 
-    def _claim(self, persona: PersonaSnapshot, sampling: SamplingConfig) -> tuple[int, _Row]:
+    def _claim(self, persona: PersonaSnapshot, sampling: SamplingConfig, seed: int | None) -> tuple[int, _Row]:
         with self._changed:
             for index, current in enumerate(self._rows):
                 if current is None:
                     row = _Row(loop=asyncio.get_running_loop(), outputs=asyncio.Queue())
                     self._rows[index] = row
                     self._pending_leaves.discard(index)  # the join resets the row anyway
-                    self._pending_joins[index] = (persona, sampling)
+                    self._pending_joins[index] = (persona, sampling, seed)
                     self._changed.notify()
                     return index, row
         raise NoFreeRowError(f"all {self.capacity} conversation slots of the batch are taken: try again later")
@@ -176,12 +176,12 @@ class LockstepBatcher:
         row.oldest_wait = time.monotonic() if row.inputs else None
         return frame
 
-    def _apply(self, joins: dict[int, tuple[PersonaSnapshot, SamplingConfig]], leaves: set[int]) -> None:
+    def _apply(self, joins: dict[int, tuple[PersonaSnapshot, SamplingConfig, int | None]], leaves: set[int]) -> None:
         for index in leaves:
             if index not in joins:
                 self.runner.leave(index)
-        for index, (persona, sampling) in joins.items():
-            self.runner.join(index, persona, sampling)
+        for index, (persona, sampling, seed) in joins.items():
+            self.runner.join(index, persona, sampling, seed)
 
     def _tick(self, live: list[tuple[int, _Row]], frames: dict[int, np.ndarray | None | bool]) -> None:
         user_pcm = torch.zeros(self.capacity, self.frame_samples)

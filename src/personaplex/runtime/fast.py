@@ -59,9 +59,12 @@ class FastFrameRunner:
     # ---- rows
 
     @torch.no_grad()
-    def join(self, row: int, persona: PersonaSnapshot, sampling: SamplingConfig | None = None) -> None:
-        """Start conversation `row` right after `persona`, with fresh Mimi streams."""
+    def join(self, row: int, persona: PersonaSnapshot, sampling: SamplingConfig | None = None,
+             seed: int | None = None) -> None:
+        """Start conversation `row` right after `persona`, with fresh Mimi streams and its own
+        sampling stream (`seed`: the same seed gives the same conversation in any batch)."""
         persona.restore(self.generator, row)
+        self.generator.noise.reseed(slice(row, row + 1), seed)
         self.codec_state.reset(self._row_mask(row))
         if sampling is not None:
             self.generator.set_sampling(sampling, rows=slice(row, row + 1))
@@ -128,8 +131,6 @@ class FastFrameRunner:
             self._frame()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # Sampling draws from the generator's own RNG: the graph must advance its offset on replay.
-        graph.register_generator_state(self.generator.rng)
         with torch.cuda.graph(graph):
             self._frame()
         self._graph = graph

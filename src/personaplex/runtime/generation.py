@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.lm import UNGENERATED_TOKEN, LMModel
-from .sampling import SamplingConfig, sample_tokens
+from .sampling import RowNoise, SamplingConfig, sample_tokens
 
 
 @dataclass
@@ -104,8 +104,8 @@ class FrameGenerator:
         self.ring = TokenRing.empty(batch_size, config.num_codebooks, config.max_delay + 3, self.device)
         self.temporal = lm.new_temporal_state(batch_size, dtype=kv_dtype)
         self.depformer_state = lm.new_depformer_state(batch_size)
-        self.rng = torch.Generator(device=self.device)
-        self.rng.manual_seed(torch.seed() if seed is None else seed)
+        self.noise = RowNoise(batch_size, self.device)
+        self.noise.reseed(slice(None), seed)
         shape = (batch_size,)
         self.text_temperature = torch.empty(shape, device=self.device)
         self.text_top_k = torch.empty(shape, dtype=torch.long, device=self.device)
@@ -174,7 +174,7 @@ class FrameGenerator:
 
     def _finish_step(self, hidden: torch.Tensor, text_logits: torch.Tensor, target: torch.Tensor,
                      provided: torch.Tensor) -> StepOutput:
-        sampled_text = sample_tokens(text_logits, self.text_temperature, self.text_top_k, self.max_text_top_k, self.rng)
+        sampled_text = sample_tokens(text_logits, self.text_temperature, self.text_top_k, self.max_text_top_k, self.noise)
         text_token = torch.where(provided[:, 0], target[:, 0], sampled_text)
         sampled_audio = self._run_depformer(hidden, text_token, target[:, 1:], provided[:, 1:])
         generated = torch.cat([sampled_text[:, None], sampled_audio], dim=1)
@@ -188,7 +188,7 @@ class FrameGenerator:
             logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state)
             if self.audio_logits_hook is not None:
                 self.audio_logits_hook(step, logits)
-            token = sample_tokens(logits, self.audio_temperature, self.audio_top_k, self.max_audio_top_k, self.rng)
+            token = sample_tokens(logits, self.audio_temperature, self.audio_top_k, self.max_audio_top_k, self.noise)
             sampled.append(token)
             # Provided tokens (prompts, the user's audio) are forced as the next step's input.
             previous = torch.where(audio_provided[:, step], audio_target[:, step], token)

@@ -24,12 +24,49 @@ class SamplingConfig:
             raise ValueError("top-k must be >= 1")
 
 
+class RowNoise:
+    """Per-row random streams for sampling, counter-based so that they live on the device.
+
+    Each row has a seed and a draw counter; a draw hashes (seed, counter, candidate) with
+    splitmix64. A conversation's samples therefore depend on its own seed only, whichever
+    batch it runs in and whichever rows come and go beside it, and the state is two small
+    tensors that a CUDA graph updates in place.
+    """
+
+    def __init__(self, batch_size: int, device: torch.device | str):
+        self.seeds = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.draws = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def reseed(self, rows: slice | torch.Tensor, seed: int | None) -> None:
+        """Restart the rows' streams from `seed` (a random one when None)."""
+        value = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        self.seeds[rows] = value
+        self.draws[rows] = 0
+
+    def exponential(self, candidates: int) -> torch.Tensor:
+        """Exp(1) noise [B, candidates], then advance every row's counter."""
+        index = torch.arange(candidates, device=self.seeds.device)
+        mixed = _splitmix64(self.seeds[:, None] * 0x2545F4914F6CDD1D + self.draws[:, None] * 0x9E3779B97F4A7C15 + index)
+        uniform = ((mixed >> 11) & ((1 << 53) - 1)).double().add_(0.5).div_(2.0**53)  # in (0, 1)
+        self.draws += 1
+        return (-torch.log(uniform)).float()
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on int64 (wrapping multiplies; shifts masked to be logical)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9 as a signed int64
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     max_top_k: int,
-    generator: torch.Generator | None = None,
+    noise: RowNoise,
 ) -> torch.Tensor:
     """One token per row of logits [B, V]: top-k sampling at each row's temperature; argmax
     where the temperature is 0. `max_top_k` is a Python int (static shapes for CUDA graphs);
@@ -43,6 +80,5 @@ def sample_tokens(
     rank = torch.arange(top_probs.shape[-1], device=logits.device)
     top_probs = torch.where(rank[None, :] < top_k[:, None], top_probs, torch.zeros_like(top_probs))
     # Sampling proportionally to p is argmax(p / E) with E ~ Exp(1): no multinomial, no sync.
-    noise = torch.empty_like(top_probs).exponential_(1.0, generator=generator)
-    sampled = top_ids.gather(-1, (top_probs / noise).argmax(dim=-1, keepdim=True))[:, 0]
+    sampled = top_ids.gather(-1, (top_probs / noise.exponential(top_probs.shape[-1])).argmax(dim=-1, keepdim=True))[:, 0]
     return torch.where(temperature > 0, sampled, greedy)
