@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio.io import SAMPLE_RATE, model_rate_blocks, normalize_loudness, prepare_user_audio, read_wav, resample
+from .audio.io import SAMPLE_RATE, model_rate_frames, normalize_loudness, prepare_user_audio, read_wav, resample
 from .errors import PersonaPlexError, UnknownVoiceError
 from .hub import MLX_MIMI_FILENAME, find_voices_dir, is_mlx_folder, resolve_model_folder
 from .model.config import ModelConfig
@@ -304,19 +304,10 @@ class PersonaPlex:
                 yield chunk
             return
         conversation = await asyncio.to_thread(self.conversation, voice_wav or voice, system_prompt, seed, greedy)
-        pending = np.zeros(0, dtype=np.float32)
         index = 0
-        async for block in model_rate_blocks(mic_frames, sample_rate):
-            pending = np.concatenate([pending, block])
-            while pending.shape[0] >= self.frame_samples:
-                frame, pending = pending[: self.frame_samples], pending[self.frame_samples :]
-                result = await asyncio.to_thread(conversation.step, frame)
-                yield _chunk(result, index)
-                index += 1
-        if pending.shape[0]:
-            frame = np.zeros(self.frame_samples, dtype=np.float32)
-            frame[: pending.shape[0]] = pending
+        async for frame in model_rate_frames(mic_frames, sample_rate, self.frame_samples):
             yield _chunk(await asyncio.to_thread(conversation.step, frame), index)
+            index += 1
 
     async def _batched_realtime(self, mic_frames: AsyncIterator[np.ndarray], sample_rate: int, voice: str,
                                 system_prompt: str, seed: int | None, greedy: bool) -> AsyncIterator[AudioChunk]:

@@ -113,17 +113,26 @@ class StreamingResampler:
         return kept.astype(np.float32)
 
 
-async def model_rate_blocks(blocks: AsyncIterator[Any], sample_rate: int) -> AsyncIterator[np.ndarray]:
-    """Microphone blocks of any size, checked (mono, finite, a real array) and resampled to
-    24 kHz as one continuous stream."""
+async def model_rate_frames(
+    blocks: AsyncIterator[Any], sample_rate: int, frame_samples: int = FRAME_SAMPLES
+) -> AsyncIterator[np.ndarray]:
+    """Microphone blocks of any size -> whole 24 kHz frames of `frame_samples`, the last one
+    zero-padded. Each block is checked (a real mono array, finite); the stream is resampled as
+    one signal."""
     check_sample_rate(sample_rate)
     resampler = StreamingResampler(sample_rate, SAMPLE_RATE) if sample_rate != SAMPLE_RATE else None
+    pending = np.zeros(0, dtype=np.float32)
     async for block in blocks:
         if not np.size(block):
             continue
         # Checked as if already at 24 kHz (so not resampled there): the stream resampler follows.
         pcm = prepare_user_audio(block, SAMPLE_RATE, max_seconds=float("inf"))
-        yield resampler.process(pcm) if resampler is not None else pcm
+        pending = np.concatenate([pending, resampler.process(pcm) if resampler is not None else pcm])
+        while pending.shape[0] >= frame_samples:
+            yield pending[:frame_samples]
+            pending = pending[frame_samples:]
+    if pending.shape[0]:
+        yield np.pad(pending, (0, frame_samples - pending.shape[0]))
 
 
 def normalize_loudness(

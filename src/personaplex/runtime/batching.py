@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..audio.io import model_rate_blocks
+from ..audio.io import model_rate_frames
 from ..errors import PersonaPlexError
 from .fast import FastFrameRunner
 from .persona import PersonaSnapshot
@@ -96,17 +96,9 @@ class LockstepBatcher:
             self._release(row_index)
 
     async def _feed(self, row_index: int, row: _Row, mic_frames: AsyncIterator[np.ndarray], sample_rate: int) -> None:
-        pending = np.zeros(0, dtype=np.float32)
         try:
-            async for block in model_rate_blocks(mic_frames, sample_rate):
-                pending = np.concatenate([pending, block])
-                while pending.shape[0] >= self.frame_samples:
-                    self._submit(row, pending[: self.frame_samples])
-                    pending = pending[self.frame_samples :]
-            if pending.shape[0]:
-                last = np.zeros(self.frame_samples, dtype=np.float32)
-                last[: pending.shape[0]] = pending
-                self._submit(row, last)
+            async for frame in model_rate_frames(mic_frames, sample_rate, self.frame_samples):
+                self._submit(row, frame)
             self._submit(row, None)
         except Exception as err:  # bad audio: end this conversation with the error, not the worker
             row.outputs.put_nowait(err)
