@@ -30,7 +30,7 @@ from .model.lm import LMModel
 from .model.lm_checkpoint import LM_FILENAME, load_lm
 from .model.mimi import MIMI_FILENAME, Mimi, load_mimi
 from .runtime.batching import LockstepBatcher
-from .runtime.conversation import Conversation, FrameResult
+from .runtime.conversation import Conversation, FrameResult, monologue_piece
 from .runtime.diagnostics import DiagnosticInfo, DiagnosticRecorder
 from .runtime.generation import FrameGenerator
 from .runtime.persona import PersonaSnapshot, build_script, prefill_batched
@@ -220,12 +220,9 @@ class PersonaPlex:
             raise UnknownVoiceError(f"voice file {path} does not exist")
         pcm, rate = read_wav(path)
         pcm = normalize_loudness(resample(pcm, rate, SAMPLE_RATE), SAMPLE_RATE)
-        frames = -(-pcm.shape[-1] // self.frame_samples)
-        padded = np.zeros(frames * self.frame_samples, dtype=np.float32)
-        padded[: pcm.shape[-1]] = pcm
         state = self.mimi.init_stream(1)
-        chunks = torch.from_numpy(padded).to(self.device).view(frames, 1, 1, -1)
-        codes = [self.mimi.encode_step(chunk, state)[0, :, 0] for chunk in chunks]
+        codes = [self.mimi.encode_step(torch.from_numpy(frame).to(self.device).view(1, 1, -1), state)[0, :, 0]
+                 for frame in _frames_of(pcm, self.frame_samples)]
         return torch.stack(codes, dim=1)
 
     def conversation(self, voice: str = DEFAULT_VOICE, system_prompt: str = DEFAULT_PROMPT, seed: int | None = None,
@@ -316,8 +313,7 @@ class PersonaPlex:
         async with contextlib.aclosing(frames):
             index = 0
             async for out in frames:
-                text = self.tokenizer.piece_text(out.text_token) if out.text_token < self.tokenizer.vocab_size else ""
-                yield AudioChunk(pcm=out.pcm, text=text, frame_index=index, elapsed_ms=out.elapsed_ms,
+                yield AudioChunk(pcm=out.pcm, text=monologue_piece(self.tokenizer, out.text_token), frame_index=index, elapsed_ms=out.elapsed_ms,
                                  text_token=out.text_token, agent_codes=out.agent_codes)
                 index += 1
 

@@ -7,6 +7,7 @@ text and agent audio sampled), Mimi decodes the 8 agent codes into 1920 samples.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 import time
 from dataclasses import dataclass, field
 
@@ -54,7 +55,7 @@ class Conversation:
 
     @torch.no_grad()
     def step(self, user_pcm: np.ndarray, *, agent_listens: bool = False, decode: bool = True,
-             on_output: "callable | None" = None) -> FrameResult:
+             on_output: Callable[[StepOutput], None] | None = None) -> FrameResult:
         """Advance one frame with `user_pcm` [frame_samples] from the microphone.
 
         `agent_listens` holds the agent at silence (text PAD, SILENCE codes) for this frame,
@@ -90,12 +91,17 @@ class Conversation:
             index=self.frames_done,
             pcm=agent_pcm,
             text_token=text_token,
-            text=self.tokenizer.piece_text(text_token) if text_token < self.tokenizer.vocab_size else "",
+            text=monologue_piece(self.tokenizer, text_token),
             agent_codes=tokens[1:],
             timings_ms=timings,
         )
         self.frames_done += 1
         return result
+
+
+def monologue_piece(tokenizer: TextTokenizer, text_token: int) -> str:
+    """The text a frame's token adds; the text start token (never a word) adds nothing."""
+    return tokenizer.piece_text(text_token) if text_token < tokenizer.vocab_size else ""
 
 
 def _lap(start: float, result: torch.Tensor) -> float:
