@@ -1,10 +1,31 @@
-"""personaplex: inference engine, library and voice assistant for NVIDIA PersonaPlex."""
+"""personaplex: inference engine, library and voice assistant for NVIDIA PersonaPlex.
 
-from .api import AudioChunk, FrameOutput, LoadProgress, PersonaPlex, Response
-from .errors import InvalidAudioError, ModelUnavailableError, PersonaPlexError, PromptTooLongError, UnknownVoiceError
+The names below load on first use, so that light parts (the audio codecs the server's worker
+processes run, the CLI's argument checks) start without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "AudioChunk", "FrameOutput", "LoadProgress", "PersonaPlex", "Response",
-    "InvalidAudioError", "ModelUnavailableError", "PersonaPlexError", "PromptTooLongError", "UnknownVoiceError",
-]
+
+_EXPORTS = {
+    "LoadProgress": "api", "PersonaPlex": "api", "Response": "api",
+    "AudioChunk": "runtime.frames",
+    "InvalidAudioError": "errors", "ModelUnavailableError": "errors", "PersonaPlexError": "errors",
+    "PromptTooLongError": "errors", "UnknownVoiceError": "errors",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .api import LoadProgress, PersonaPlex, Response
+    from .errors import InvalidAudioError, ModelUnavailableError, PersonaPlexError, PromptTooLongError, UnknownVoiceError
+    from .runtime.frames import AudioChunk
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'personaplex' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,23 @@ from .audio.io import SAMPLE_RATE, model_rate_frames, normalize_loudness, prepar
 from .errors import PersonaPlexError, UnknownVoiceError
 from .hub import MLX_MIMI_FILENAME, find_voices_dir, is_mlx_folder, resolve_model_folder
 from .model.config import ModelConfig
+from .model.layers import READABLE_KERNELS
 from .model.lm import LMModel
 from .model.lm_checkpoint import LM_FILENAME, load_lm
 from .model.mimi import MIMI_FILENAME, Mimi, load_mimi
-from .runtime.batching import LockstepBatcher
-from .runtime.conversation import Conversation, FrameResult, monologue_piece
+from .model.quantize import WEIGHT_FORMATS
 from .runtime.diagnostics import DiagnosticInfo, DiagnosticRecorder
+from .runtime.frames import AudioChunk, chunk_of
 from .runtime.generation import FrameGenerator
 from .runtime.persona import PersonaSnapshot, build_script, prefill_batched
 from .runtime.prompts import DEFAULT_PROMPT, wrap_system_prompt
+from .runtime.runner import FrameRunner
 from .runtime.sampling import SamplingConfig
+from .runtime.scheduler import FrameScheduler, RowHandle
 from .runtime.voices import DEFAULT_VOICE, VoicePrompt, is_wav_voice, load_voice
 from .text.tokenizer import TEXT_TOKENIZER_FILENAME, TextTokenizer
 
-WEIGHT_FORMATS = ("bf16", "fp8", "int4")
+KV_CACHE_DTYPES = {"bf16": None, "fp8": torch.float8_e4m3fn}  # None: the activation dtype
 SILENT_FRAME_RMS = 1e-3  # -60 dBFS: quieter agent frames count as silence for early stopping
 
 
@@ -52,34 +55,16 @@ class LoadProgress:
 
 
 @dataclass
-class AudioChunk:
-    pcm: np.ndarray  # [1920] float32, 24 kHz
-    text: str  # inner-monologue piece of this frame ("" for padding)
-    frame_index: int
-    elapsed_ms: float  # compute time of this frame
-    text_token: int = 0
-    agent_codes: list[int] = field(default_factory=list)  # the 8 Mimi codes decoded into `pcm`
-
-
-@dataclass
-class FrameOutput:
-    index: int
-    text: str
-    text_token: int
-    agent_codes: list[int]
-
-
-@dataclass
 class Response:
     audio: np.ndarray  # float32, 24 kHz
     text_tokens: list[int]
     text: str
-    frames: list[FrameOutput] = field(default_factory=list)
+    frames: list[AudioChunk] = field(default_factory=list)
 
 
 class ChunkStream:
-    """Chunks of a reply as they are made: iterate it, or `async for` over it (each frame is
-    computed in a worker thread so the event loop never blocks)."""
+    """Chunks of a reply as they are made: iterate it, or `async for` over it (waiting for
+    each frame happens in a worker thread so the event loop never blocks)."""
 
     def __init__(self, frames: Iterator[AudioChunk]):
         self._frames = frames
@@ -103,24 +88,58 @@ class ChunkStream:
 
 
 class PersonaPlex:
-    """A loaded model (LM + Mimi + tokenizer + voices) serving any number of conversations."""
+    """A loaded model (LM + Mimi + tokenizer + voices) serving any number of conversations.
+
+    Every call runs its conversation as a row of one batched frame (`FrameScheduler` over a
+    `FrameRunner`: a CUDA graph on a GPU, the readable eager frame elsewhere). `max_sessions`
+    is how many conversations run at once; more wait for a free row.
+    """
 
     sample_rate = SAMPLE_RATE
 
     def __init__(self, lm: LMModel, mimi: Mimi, tokenizer: TextTokenizer, voices_dir: Path | None,
-                 weights: str = "bf16", persona_cache_size: int = 8):
+                 weights: str = "bf16", *, max_sessions: int = 1, kv_cache: str = "bf16",
+                 use_graphs: bool | None = None, persona_cache_size: int = 8):
+        _check_positive_int("max_sessions", max_sessions)
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise PersonaPlexError(f"unknown KV cache format {kv_cache!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
         self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
         self.voices_dir = voices_dir
         self.weights = weights
+        self.max_sessions = max_sessions
+        self.kv_cache = kv_cache
+        self.use_graphs = use_graphs
         self.device = lm.text_linear.weight.device
         self.compute_lock = threading.Lock()
         self._personas: OrderedDict[tuple, PersonaSnapshot] = OrderedDict()
         self._persona_cache_size = persona_cache_size
-        self._batcher: LockstepBatcher | None = None
+        self._scheduler: FrameScheduler | None = None
+        self._scheduler_lock = threading.Lock()
 
     @property
     def frame_samples(self) -> int:
         return self.mimi.config.frame_samples
+
+    @property
+    def scheduler(self) -> FrameScheduler:
+        """The frame every conversation runs in, made on first use (its KV cache holds
+        `max_sessions` conversations)."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                runner = FrameRunner(self.lm, self.mimi, self.max_sessions, kv_dtype=KV_CACHE_DTYPES[self.kv_cache],
+                                     use_graphs=self.use_graphs)
+                self._scheduler = FrameScheduler(runner, self.tokenizer, self.compute_lock)
+            return self._scheduler
+
+    def frame_stats(self) -> dict[str, float | int]:
+        """How the shared frame is doing (see `FrameScheduler.stats`), and the device memory
+        peak on a GPU; empty before the first conversation."""
+        if self._scheduler is None:
+            return {}
+        stats = self._scheduler.stats()
+        if self.device.type == "cuda":
+            stats["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2)
+        return stats
 
     # ------------------------------------------------------------------ loading
 
@@ -132,11 +151,17 @@ class PersonaPlex:
         dtype: torch.dtype | None = None,
         weights: str = "bf16",
         progress: Callable[[LoadProgress], None] | None = None,
+        *,
+        max_sessions: int = 1,
+        kv_cache: str = "bf16",
+        use_graphs: bool | None = None,
     ) -> "PersonaPlex":
         """Load from a local folder or a Hugging Face repo id (default `nvidia/personaplex-7b-v1`).
 
         `device` defaults to CUDA when available; `dtype` to bf16 on CUDA and float32 on CPU.
-        `weights` picks the LM's linear-layer format: bf16 (as stored), fp8 or int4.
+        `weights` picks the LM's linear-layer format (bf16 as stored, fp8, int4, int8);
+        `max_sessions` how many conversations run at once, `kv_cache` their cache format
+        (bf16, or fp8 for half the memory); `use_graphs` defaults to True on CUDA.
         """
         if weights not in WEIGHT_FORMATS:
             raise PersonaPlexError(f"unknown weights format {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
@@ -169,18 +194,30 @@ class PersonaPlex:
         mimi_file = folder / (MLX_MIMI_FILENAME if mlx else MIMI_FILENAME)
         mimi = load_mimi(mimi_file, config.mimi, device=device, dtype=torch.float32)
         tokenizer = TextTokenizer(folder / TEXT_TOKENIZER_FILENAME)
-        engine = cls(lm, mimi, tokenizer, find_voices_dir(folder), weights=weights)
-        report("warmup", 0.0, "warming up (default persona + one frame)")
+        engine = cls(lm, mimi, tokenizer, find_voices_dir(folder), weights=weights, max_sessions=max_sessions,
+                     kv_cache=kv_cache, use_graphs=use_graphs)
+        report("warmup", 0.0, "warming up (one frame, then the default persona)")
         engine.warmup()
         report("ready", 1.0, f"ready on {device} in {time.perf_counter() - started:.1f} s")
         return engine
 
     def warmup(self) -> None:
-        """Prefill the default persona and run one frame, so the first conversation starts fast."""
+        """Run one frame with every row free (on a GPU this compiles the kernels and captures
+        the frame's graph), then prefill the default persona when it fits this model, so the
+        first conversation starts fast. Needs no persona: any valid model warms up."""
+        scheduler = self.scheduler
+        with self.compute_lock:
+            runner = scheduler.runner
+            runner.run(torch.zeros(runner.batch_size, self.frame_samples, device=self.device),
+                       torch.zeros(runner.batch_size, dtype=torch.bool, device=self.device))
+            for row in range(runner.batch_size):
+                runner.leave(row)
         if self.voices_dir is None:
             return
-        conversation = self.conversation()
-        conversation.step(np.zeros(self.frame_samples, dtype=np.float32))
+        try:
+            self.persona()
+        except PersonaPlexError:  # e.g. a short-context model: only calls that ask for it fail
+            pass
 
     # ------------------------------------------------------------------ personas
 
@@ -193,16 +230,18 @@ class PersonaPlex:
         # A WAV voice is keyed by its modification time too, so an edited file is prefilled anew.
         wav_version = Path(voice).stat().st_mtime_ns if is_wav_voice(voice) and Path(voice).is_file() else None
         key = (str(voice), wav_version, system_prompt)
-        prompt_tokens = self.tokenizer.encode(wrap_system_prompt(system_prompt)) if system_prompt.strip() else []
-        # Under the compute lock: conversations in other threads share the cache and the model.
-        with self.compute_lock, torch.no_grad():
+        with self.compute_lock:
             if key in self._personas:
                 self._personas.move_to_end(key)
                 return self._personas[key]
-            if is_wav_voice(voice):
+        # Tokenizing and checking that the persona fits need no model: outside the lock.
+        prompt_tokens = self.tokenizer.encode(wrap_system_prompt(system_prompt)) if system_prompt.strip() else []
+        preset = None if is_wav_voice(voice) else self._preset(voice)
+        with self.compute_lock, torch.no_grad():
+            if preset is None:
                 script = build_script(self.lm, prompt_tokens, voice_codes=self._encode_voice_wav(Path(voice)))
             else:
-                script = build_script(self.lm, prompt_tokens, voice=self._preset(voice))
+                script = build_script(self.lm, prompt_tokens, voice=preset)
             generator = FrameGenerator(self.lm, 1, agent_only=True)
             prefill_batched(generator, script)
             snapshot = PersonaSnapshot.capture(generator)
@@ -225,48 +264,48 @@ class PersonaPlex:
                  for frame in _frames_of(pcm, self.frame_samples)]
         return torch.stack(codes, dim=1)
 
-    def conversation(self, voice: str = DEFAULT_VOICE, system_prompt: str = DEFAULT_PROMPT, seed: int | None = None,
-                     greedy: bool = False, sampling: SamplingConfig | None = None) -> Conversation:
-        """A new conversation, starting right after the (cached) persona."""
+    # ------------------------------------------------------------------ rows
+
+    def _open_row(self, voice: str, system_prompt: str, seed: int | None, sampling: SamplingConfig,
+                  deliver: Callable, paced: bool) -> RowHandle:
         persona = self.persona(voice, system_prompt)
-        sampling = sampling or SamplingConfig(greedy=greedy)
-        return Conversation(self.lm, self.mimi, self.tokenizer, persona, sampling, seed, self.compute_lock)
+        return self.scheduler.open(persona, sampling, _check_seed(seed), deliver, paced=paced)
 
-    def enable_batching(self, max_sessions: int, kv_dtype: torch.dtype | None = None, max_wait_s: float = 0.08) -> None:
-        """Run `respond_realtime` conversations together, up to `max_sessions` rows of one batched
-        frame (one CUDA graph on a GPU), instead of one after another. Each row samples from its
-        own seeded stream, so a seed gives the same conversation batched or alone."""
-        self._batcher = LockstepBatcher(self, max_sessions, kv_dtype=kv_dtype, max_wait_s=max_wait_s)
-
-    @property
-    def batcher(self) -> LockstepBatcher | None:
-        return self._batcher
+    def _offline(self, frames: list[tuple[np.ndarray, bool]], voice: str, system_prompt: str, seed: int | None,
+                 sampling: SamplingConfig) -> Iterator[AudioChunk]:
+        """A recording's frames (pcm, agent listens) through a row; yields one chunk per frame.
+        Closing the iterator frees the row."""
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        row = self._open_row(voice, system_prompt, seed, sampling, outputs.put, paced=False)
+        try:
+            for pcm, listens in frames:
+                row.push(pcm, listens)
+            row.end_input()
+            while (item := outputs.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            row.close()
 
     # ------------------------------------------------------------------ the four calls
 
     def respond_stream(self, audio: Any, *, sample_rate: int = SAMPLE_RATE, voice: str = DEFAULT_VOICE,
                        voice_wav: str | None = None, system_prompt: str = DEFAULT_PROMPT, max_steps: int = 75,
                        seed: int | None = None, greedy: bool = False,
-                       stop_after_silent_frames: int | None = None) -> ChunkStream:
-        """Turn-based, streamed: the user speaks while the agent listens, then the agent replies
-        for `max_steps` frames (or until `stop_after_silent_frames` silent frames in a row)."""
+                       stop_after_silent_frames: int | None = None,
+                       sampling: SamplingConfig | None = None) -> ChunkStream:
+        """Turn-based, streamed: the user speaks while the agent listens (held at silence),
+        then the agent replies for `max_steps` frames (or until `stop_after_silent_frames`
+        silent frames in a row), hearing silence."""
         user_pcm = prepare_user_audio(audio, sample_rate)
         _check_steps(max_steps, stop_after_silent_frames)
-        conversation = self.conversation(voice_wav or voice, system_prompt, seed, greedy)
-        return ChunkStream(self._turn(conversation, user_pcm, max_steps, stop_after_silent_frames))
-
-    def _turn(self, conversation: Conversation, user_pcm: np.ndarray, max_steps: int,
-              stop_after_silent_frames: int | None) -> Iterator[AudioChunk]:
-        for frame in _frames_of(user_pcm, self.frame_samples):
-            conversation.step(frame, agent_listens=True, decode=False)
         silent_mic = np.zeros(self.frame_samples, dtype=np.float32)
-        silent_run = 0
-        for index in range(max_steps):
-            result = conversation.step(silent_mic)
-            yield _chunk(result, index)
-            silent_run = silent_run + 1 if _rms(result.pcm) < SILENT_FRAME_RMS else 0
-            if stop_after_silent_frames and silent_run >= stop_after_silent_frames:
-                return
+        frames = [(pcm, True) for pcm in _frames_of(user_pcm, self.frame_samples)]
+        frames += [(silent_mic, False)] * max_steps
+        chunks = self._offline(frames, voice_wav or voice, system_prompt, seed, _sampling(sampling, greedy))
+        return ChunkStream(_reply(chunks, listening_frames=len(frames) - max_steps,
+                                  stop_after_silent_frames=stop_after_silent_frames))
 
     def respond(self, audio: Any, **kwargs: Any) -> Response:
         """Turn-based: the whole reply at once (the chunks of `respond_stream`, joined)."""
@@ -275,16 +314,17 @@ class PersonaPlex:
 
     def respond_duplex(self, audio: Any, *, sample_rate: int = SAMPLE_RATE, voice: str = DEFAULT_VOICE,
                        voice_wav: str | None = None, system_prompt: str = DEFAULT_PROMPT, seed: int | None = None,
-                       greedy: bool = False, on_chunk: Callable[[AudioChunk], None] | None = None) -> Response:
+                       greedy: bool = False, on_chunk: Callable[[AudioChunk], None] | None = None,
+                       sampling: SamplingConfig | None = None) -> Response:
         """Full duplex over a recording, as the reference offline script: one agent frame per
         input frame, the reply as long as the input. `on_chunk` sees each frame as it is made."""
         user_pcm = prepare_user_audio(audio, sample_rate)
-        conversation = self.conversation(voice_wav or voice, system_prompt, seed, greedy)
+        frames = [(pcm, False) for pcm in _frames_of(user_pcm, self.frame_samples)]
         chunks = []
-        for index, frame in enumerate(_frames_of(user_pcm, self.frame_samples)):
-            chunks.append(_chunk(conversation.step(frame), index))
+        for chunk in self._offline(frames, voice_wav or voice, system_prompt, seed, _sampling(sampling, greedy)):
+            chunks.append(chunk)
             if on_chunk is not None:
-                on_chunk(chunks[-1])
+                on_chunk(chunk)
         response = _response(chunks)
         response.audio = response.audio[: user_pcm.shape[-1]]
         return response
@@ -292,83 +332,144 @@ class PersonaPlex:
     async def respond_realtime(self, mic_frames: AsyncIterator[np.ndarray], *, sample_rate: int = SAMPLE_RATE,
                                voice: str = DEFAULT_VOICE, voice_wav: str | None = None,
                                system_prompt: str = DEFAULT_PROMPT, seed: int | None = None,
-                               greedy: bool = False) -> AsyncIterator[AudioChunk]:
+                               greedy: bool = False, sampling: SamplingConfig | None = None) -> AsyncIterator[AudioChunk]:
         """Full duplex in lock-step: microphone blocks of any size in, one 1920-sample agent
-        frame out per 1920 samples in. Stops when the input ends or the consumer stops.
-        With `enable_batching`, the conversation runs as one row of the shared batch."""
-        if self._batcher is not None:
-            async for chunk in self._batched_realtime(mic_frames, sample_rate, voice_wav or voice, system_prompt, seed, greedy):
-                yield chunk
-            return
-        conversation = await asyncio.to_thread(self.conversation, voice_wav or voice, system_prompt, seed, greedy)
-        index = 0
-        async for frame in model_rate_frames(mic_frames, sample_rate, self.frame_samples):
-            yield _chunk(await asyncio.to_thread(conversation.step, frame), index)
-            index += 1
+        frame out per 1920 samples in. Stops when the input ends or the consumer stops."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
 
-    async def _batched_realtime(self, mic_frames: AsyncIterator[np.ndarray], sample_rate: int, voice: str,
-                                system_prompt: str, seed: int | None, greedy: bool) -> AsyncIterator[AudioChunk]:
-        persona = await asyncio.to_thread(self.persona, voice, system_prompt)
-        frames = self._batcher.conversation(mic_frames, persona, SamplingConfig(greedy=greedy), sample_rate, seed)
-        async with contextlib.aclosing(frames):
-            index = 0
-            async for out in frames:
-                yield AudioChunk(pcm=out.pcm, text=monologue_piece(self.tokenizer, out.text_token), frame_index=index, elapsed_ms=out.elapsed_ms,
-                                 text_token=out.text_token, agent_codes=out.agent_codes)
-                index += 1
+        def deliver(item: object) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        row = await asyncio.to_thread(self._open_row, voice_wav or voice, system_prompt, seed,
+                                      _sampling(sampling, greedy), deliver, True)
+        feeder = asyncio.create_task(_feed(row, mic_frames, sample_rate, self.frame_samples, deliver))
+        try:
+            while (item := await outputs.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            feeder.cancel()
+            row.close()
 
     def respond_diagnostic(self, audio: Any, *, sample_rate: int = SAMPLE_RATE, voice: str = DEFAULT_VOICE,
                            voice_wav: str | None = None, system_prompt: str = DEFAULT_PROMPT, max_steps: int = 75,
-                           seed: int | None = None, greedy: bool = False) -> tuple[np.ndarray, DiagnosticInfo]:
+                           seed: int | None = None, greedy: bool = False,
+                           sampling: SamplingConfig | None = None) -> tuple[np.ndarray, DiagnosticInfo]:
         """`respond` with per-frame statistics of every temporal layer's output, text and audio
-        entropies, NaN/Inf detection, and the time spent in each phase."""
+        entropies, NaN/Inf detection, and the time spent in each part of the frame.
+
+        Runs the same frame as every other call, in a runner of its own without a graph and
+        with the readable kernels, since layer hooks and per-part timings need eager work."""
         user_pcm = prepare_user_audio(audio, sample_rate)
         _check_steps(max_steps, None)
-        recorder = DiagnosticRecorder(self.lm)
         started = time.perf_counter()
-        conversation = self.conversation(voice_wav or voice, system_prompt, seed, greedy)
+        persona = self.persona(voice_wav or voice, system_prompt)
+        recorder = DiagnosticRecorder(self.lm)
         recorder.add_phase("persona", time.perf_counter() - started)
-        chunks = []
-        with recorder.attached(conversation.generator):
-            for frame in _frames_of(user_pcm, self.frame_samples):
-                recorder.add_frame(conversation.step(frame, agent_listens=True, decode=False, on_output=recorder.on_output), "listen")
-            silent_mic = np.zeros(self.frame_samples, dtype=np.float32)
-            for index in range(max_steps):
-                result = conversation.step(silent_mic, on_output=recorder.on_output)
-                recorder.add_frame(result, "reply")
-                chunks.append(_chunk(result, index))
-        audio_out = np.concatenate([c.pcm for c in chunks]) if chunks else np.zeros(0, np.float32)
+        runner = FrameRunner(self.lm, self.mimi, 1, use_graphs=False, kernels=READABLE_KERNELS)
+        runner.join(0, persona, _sampling(sampling, greedy), _check_seed(seed))
+        silent_mic = np.zeros(self.frame_samples, dtype=np.float32)
+        frames = [(pcm, True, "listen") for pcm in _frames_of(user_pcm, self.frame_samples)]
+        frames += [(silent_mic, False, "reply")] * max_steps
+        reply = []
+        with recorder.attached(runner.generator), torch.no_grad():
+            for pcm, listens, phase in frames:
+                with self.compute_lock:
+                    chunk, timings = _timed_frame(runner, self.tokenizer, pcm, listens, len(reply))
+                recorder.add_frame(chunk, phase, timings)
+                if phase == "reply":
+                    reply.append(chunk)
+        audio_out = np.concatenate([c.pcm for c in reply]) if reply else np.zeros(0, np.float32)
         return audio_out, recorder.finish()
 
 
+def _timed_frame(runner: FrameRunner, tokenizer: TextTokenizer, pcm: np.ndarray, listens: bool,
+                 index: int) -> tuple[AudioChunk, dict[str, float]]:
+    """One eager frame of a one-row runner, each part timed (synchronising after each)."""
+    runner.user_pcm.copy_(torch.from_numpy(pcm).view(runner.user_pcm.shape))
+    runner.agent_listens.fill_(listens)
+    timings = {}
+    for name, part in (("encode", runner.encode_user), ("lm", runner.step_model), ("decode", runner.decode_agent)):
+        started = time.perf_counter()
+        part()
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+        timings[name] = (time.perf_counter() - started) * 1e3
+    chunk = chunk_of(tokenizer, runner.agent_pcm[0, 0].cpu().numpy(), runner.tokens[0].tolist(), index,
+                     sum(timings.values()))
+    return chunk, timings
+
+
+async def _feed(row: RowHandle, mic_frames: AsyncIterator[np.ndarray], sample_rate: int, frame_samples: int,
+                deliver: Callable[[object], None]) -> None:
+    """Microphone blocks into the row, re-framed at the model's rate; bad audio ends this
+    conversation with the error."""
+    try:
+        async for frame in model_rate_frames(mic_frames, sample_rate, frame_samples):
+            row.push(frame)
+        row.end_input()
+    except Exception as err:
+        deliver(err)
+
+
+def _reply(chunks: Iterator[AudioChunk], listening_frames: int, stop_after_silent_frames: int | None) -> Iterator[AudioChunk]:
+    """The reply frames of a turn (the frames while the user spoke are dropped), numbered from
+    0, stopping after `stop_after_silent_frames` silent frames in a row."""
+    silent_run = 0
+    try:
+        for chunk in chunks:
+            if chunk.frame_index < listening_frames:
+                continue
+            chunk = replace(chunk, frame_index=chunk.frame_index - listening_frames)
+            yield chunk
+            silent_run = silent_run + 1 if _rms(chunk.pcm) < SILENT_FRAME_RMS else 0
+            if stop_after_silent_frames and silent_run >= stop_after_silent_frames:
+                return
+    finally:
+        chunks.close()
+
+
+def _sampling(sampling: SamplingConfig | None, greedy: bool) -> SamplingConfig:
+    if sampling is None:
+        return SamplingConfig(greedy=greedy)
+    return replace(sampling, greedy=True) if greedy else sampling
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PersonaPlexError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_seed(seed: Any) -> int | None:
+    """Seeds are what the sampler's 64-bit counters hold: an int in [0, 2**63)."""
+    if seed is None:
+        return None
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise PersonaPlexError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    return seed
+
+
 def _check_steps(max_steps: int, stop_after: int | None) -> None:
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise PersonaPlexError(f"max_steps must be a positive integer, got {max_steps!r}")
-    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
-        raise PersonaPlexError(f"stop_after_silent_frames must be a positive integer or None, got {stop_after!r}")
+    _check_positive_int("max_steps", max_steps)
+    if stop_after is not None:
+        _check_positive_int("stop_after_silent_frames", stop_after)
 
 
-def _frames_of(pcm: np.ndarray, frame_samples: int) -> Iterator[np.ndarray]:
+def _frames_of(pcm: np.ndarray, frame_samples: int) -> list[np.ndarray]:
     """Whole frames of `pcm`, the last one zero-padded."""
     frames = -(-pcm.shape[-1] // frame_samples)
     padded = np.zeros(frames * frame_samples, dtype=np.float32)
     padded[: pcm.shape[-1]] = pcm
-    return iter(padded.reshape(frames, frame_samples))
+    return list(padded.reshape(frames, frame_samples))
 
 
-def _rms(pcm: np.ndarray | None) -> float:
-    return float(np.sqrt(np.mean(np.square(pcm)))) if pcm is not None and pcm.size else 0.0
-
-
-def _chunk(result: FrameResult, index: int) -> AudioChunk:
-    if result.pcm is None:  # only the first frames of a bare (persona-less) generator lack audio
-        raise RuntimeError(f"frame {index} produced no agent audio")
-    return AudioChunk(pcm=result.pcm, text=result.text, frame_index=index, elapsed_ms=sum(result.timings_ms.values()),
-                  text_token=result.text_token, agent_codes=result.agent_codes)
+def _rms(pcm: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(pcm)))) if pcm.size else 0.0
 
 
 def _response(chunks: list[AudioChunk]) -> Response:
     audio = np.concatenate([c.pcm for c in chunks]) if chunks else np.zeros(0, dtype=np.float32)
-    frames = [FrameOutput(c.frame_index, c.text, c.text_token, c.agent_codes) for c in chunks]
     text_tokens = [c.text_token for c in chunks]
-    return Response(audio=audio, text_tokens=text_tokens, text="".join(c.text for c in chunks).strip(), frames=frames)
+    return Response(audio=audio, text_tokens=text_tokens, text="".join(c.text for c in chunks).strip(), frames=chunks)

@@ -25,21 +25,24 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .model.config import LMConfig, MimiConfig
-from .model import lm as lm_module
-from .model.layers import compile_elementwise
+from .model.layers import READABLE_KERNELS, Kernels
 from .model.lm import LMModel
 from .model.mimi import Mimi
 from .runtime.capacity import free_gpu_bytes, sessions_that_fit
-from .runtime.fast import FastFrameRunner
+from .runtime.runner import FrameRunner
 from .runtime.generation import FrameGenerator, StepInputs
 from .runtime.persona import PersonaSnapshot, build_script, prefill_batched
 from .runtime.sampling import SamplingConfig
 from .runtime.voices import VoicePrompt
+
+if TYPE_CHECKING:
+    from .api import PersonaPlex
 
 INIT_STD = 0.02
 PERSONA_VOICE_FRAMES = 10
@@ -125,13 +128,40 @@ def make_persona(lm: LMModel) -> tuple[PersonaSnapshot, float]:
     return snapshot, _synced_seconds(start)
 
 
+def random_engine(device: torch.device, weights: str = "bf16", *, max_sessions: int = 1, kv_cache: str = "bf16",
+                  use_graphs: bool | None = None) -> "PersonaPlex":
+    """A whole engine at the full 7B shape with random weights, for measuring what users run
+    (the public calls, `personaplex serve --random-weights`) without the 16.7 GB download:
+    the stand-in tokenizer and 18 random voice presets live in a temporary folder."""
+    import tempfile
+
+    from .api import PersonaPlex
+    from .runtime.voices import VOICE_NAMES, write_voice_pt
+    from .text.stand_in import write_tiny_tokenizer
+    from .text.tokenizer import TEXT_TOKENIZER_FILENAME, TextTokenizer
+
+    lm, _ = build_lm(weights, device)
+    folder = Path(tempfile.mkdtemp(prefix="personaplex-random-"))
+    write_tiny_tokenizer(folder / TEXT_TOKENIZER_FILENAME)
+    gen = torch.Generator().manual_seed(2)
+    c = lm.config
+    for name in VOICE_NAMES:
+        embeddings = torch.randn(PERSONA_VOICE_FRAMES, 1, 1, c.dim, generator=gen).to(torch.bfloat16)
+        cache = torch.randint(0, c.card, (1, c.num_codebooks, c.max_delay + 3), generator=gen)
+        write_voice_pt(folder / "voices" / f"{name}.pt", embeddings, cache)
+    engine = PersonaPlex(lm, build_mimi(device), TextTokenizer(folder / TEXT_TOKENIZER_FILENAME), folder / "voices",
+                         weights=weights, max_sessions=max_sessions, kv_cache=kv_cache, use_graphs=use_graphs)
+    engine.warmup()
+    return engine
+
+
 def user_audio(frames: int, batch: int, device: torch.device) -> torch.Tensor:
     """Random (not zero) user PCM [frames, B, 1920]."""
     gen = torch.Generator(device=device).manual_seed(3)
     return 0.1 * torch.randn(frames, batch, 1920, generator=gen, device=device)
 
 
-def fill_context(runner: FastFrameRunner) -> int:
+def fill_context(runner: FrameRunner) -> int:
     """Make every KV slot of every row visible (a conversation 3000 frames in), with random
     keys/values, without running 3000 frames. Returns the context length."""
     temporal = runner.generator.temporal
@@ -179,6 +209,7 @@ class Bench:
         self.card = torch.cuda.get_device_name()
         self.date = datetime.date.today().isoformat()
         self.rows: list[dict] = []
+        self.api_rows: list[dict] = []
         self.notes: dict[str, object] = {"card": self.card, "torch": torch.__version__}
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -241,57 +272,67 @@ class Bench:
     def ours_rows(self, weights: str, lm: LMModel, mimi: Mimi, persona: PersonaSnapshot, sessions: int) -> None:
         frames, warmup = self.args.frames, self.args.warmup
         torch.cuda.reset_peak_memory_stats()
-        runner = FastFrameRunner((lm, mimi), sessions, seed=0, kv_dtype=KV_DTYPES[self.args.kv])
         audio = user_audio(frames + warmup, sessions, self.device)
+        speaking = torch.zeros(sessions, dtype=torch.bool, device=self.device)
         current: dict[str, torch.Tensor] = {}
-
-        def load_eager(pcm: torch.Tensor) -> None:
-            runner.user_pcm.copy_(pcm.view_as(runner.user_pcm))
 
         def load(pcm: torch.Tensor) -> None:
             current["pcm"] = pcm
 
         impls = ("eager", "graph") if weights == "bf16" and not self.args.no_eager else ("graph",)
-        for fill in ("early", "full"):
-            for impl in impls:
-                use_fast_path(impl == "graph")
+        for impl in impls:
+            # The readable frame (what devices without graphs run) or the fast one: the same
+            # runner class, options chosen per runner.
+            graphed = impl == "graph"
+            runner = FrameRunner(lm, mimi, sessions, kv_dtype=KV_DTYPES[self.args.kv], use_graphs=graphed,
+                                 kernels=Kernels.fast() if graphed else READABLE_KERNELS)
+
+            def load_eager(pcm: torch.Tensor) -> None:
+                runner.user_pcm.copy_(pcm.view_as(runner.user_pcm))
+
+            for fill in ("early", "full"):
                 for row in range(sessions):
                     runner.join(row, persona)
                 context = fill_context(runner) if fill == "full" else persona.frames
-                runner.use_graphs = impl == "graph"
                 with torch.no_grad():
                     if impl == "eager":
                         timing = time_frames([runner.encode_user, runner.step_model, runner.decode_agent], audio, load_eager, warmup)
                     else:
                         if fill == "early":
                             self.first_frame(runner, persona, audio[0], weights, sessions)
-                        timing = time_frames([lambda: runner.run(current["pcm"])], audio, load, warmup)
+                        timing = time_frames([lambda: runner.run(current["pcm"], speaking)], audio, load, warmup)
                         split = [capture(runner.encode_user), capture(runner.step_model), capture(runner.decode_agent)]
                         parts = time_frames([graph.replay for graph in split], audio, load_eager, warmup)
                         timing.encode, timing.lm, timing.decode = parts.encode, parts.lm, parts.decode
                         del split
                 self.add_row(f"personaplex-{impl}", weights, sessions, context, timing)
+            del runner
 
-    def first_frame(self, runner: FastFrameRunner, persona: PersonaSnapshot, pcm: torch.Tensor, weights: str,
+    def first_frame(self, runner: FrameRunner, persona: PersonaSnapshot, pcm: torch.Tensor, weights: str,
                     sessions: int) -> None:
         """Connect -> first agent frame with a cached persona: join row 0, run one frame. The
         first time also captures the graph (the warm-up); the second is what a new caller sees."""
         for label in ("first_frame_ms (join + frame + graph capture)", "connect_to_first_frame_ms (cached persona, graph ready)"):
             start = time.perf_counter()
             runner.join(0, persona)
-            runner.run(pcm)
+            runner.run(pcm, torch.zeros(runner.batch_size, dtype=torch.bool, device=self.device))
             self.note(f"{weights} B={sessions}: {label}", round(1e3 * _synced_seconds(start), 2))
 
     def graph_matches_eager(self, lm: LMModel, mimi: Mimi, persona: PersonaSnapshot) -> None:
         """Greedy tokens of the graphed frame equal the eager frame's, at full size."""
         audio = user_audio(12, 2, self.device)
         tokens = {}
+        speaking = torch.zeros(2, dtype=torch.bool, device=self.device)
         for use_graphs in (False, True):
-            use_fast_path(use_graphs)
-            runner = FastFrameRunner((lm, mimi), 2, sampling=SamplingConfig(greedy=True), use_graphs=use_graphs)
+            runner = FrameRunner(lm, mimi, 2, use_graphs=use_graphs,
+                                 kernels=Kernels.fast() if use_graphs else READABLE_KERNELS)
             for row in range(2):
-                runner.join(row, persona)
-            tokens[use_graphs] = torch.stack([runner.run(frame)[1].clone() for frame in audio])
+                runner.join(row, persona, SamplingConfig(greedy=True))
+            frames = []
+            for frame in audio:
+                runner.run(frame, speaking)
+                frames.append(runner.tokens.clone())
+            tokens[use_graphs] = torch.stack(frames)
             del runner
         same = bool(torch.equal(tokens[False], tokens[True]))
         agreement = float((tokens[False] == tokens[True]).float().mean())
@@ -307,11 +348,18 @@ class Bench:
         generator = FrameGenerator(lm, 1, SamplingConfig(greedy=True), agent_only=True, seed=0)
         persona.restore(generator)
         tokens, logits = [], []
+
+        class TextLogits:
+            def on_temporal(self, hidden: torch.Tensor, text_logits: torch.Tensor) -> None:
+                logits.append(text_logits[0].float().cpu())
+
+            def on_audio_logits(self, step: int, step_logits: torch.Tensor) -> None:
+                pass
+
+        generator.observer = TextLogits()
         with torch.no_grad():
             for codes in self.user_codes:
-                out = generator.step(StepInputs(user=codes))
-                tokens.append(out.tokens[0].cpu())
-                logits.append(out.text_logits[0].float().cpu())
+                tokens.append(generator.step(StepInputs(user=codes))[0].cpu())
         if weights == "bf16":
             self.reference = (tokens, logits)
             return
@@ -324,6 +372,48 @@ class Bench:
         self.note(f"{weights}: first frame differing from bf16", diverged)
         self.note(f"{weights}: text logit rel. error vs bf16 (first frame, mean over equal history)",
                   [round(errors[0], 4), round(sum(errors) / len(errors), 4)])
+
+    # ---- what a user runs by default: the public calls, one conversation
+
+    def public_api(self) -> None:
+        """respond_duplex and respond_realtime on a default engine (graphs on CUDA), and the
+        same with graphs off (the readable frame: what devices without graphs run)."""
+        for use_graphs in (True, False):
+            engine = random_engine(self.device, "bf16", use_graphs=use_graphs)
+            label = "" if use_graphs else " (graphs off)"
+            self.guarded(f"respond_duplex{label}", lambda: self.api_row(engine, "respond_duplex", label))
+            self.guarded(f"respond_realtime{label}", lambda: self.api_row(engine, "respond_realtime", label))
+            del engine
+
+    def api_row(self, engine: "PersonaPlex", path: str, label: str) -> None:
+        import asyncio
+
+        import numpy as np
+        import psutil
+
+        frames, warmup = self.args.frames, self.args.warmup
+        audio = user_audio(frames + warmup, 1, torch.device("cpu"))[:, 0].numpy().reshape(-1)
+        process = psutil.Process()
+        process.cpu_percent()
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        if path == "respond_duplex":
+            chunks = engine.respond_duplex(audio, seed=0).frames
+            latencies: list[float] = []
+        else:
+            chunks, latencies = asyncio.run(_realtime_at_pace(engine, audio.astype(np.float32)))
+        duration = time.perf_counter() - started
+        frame_ms = [chunk.elapsed_ms for chunk in chunks[warmup:]]
+        row = dict(path=path + label, sessions=1, weights=engine.weights, kv=engine.kv_cache,
+                   frame_ms_median=round(_median(frame_ms), 3), frame_ms_p99=round(_p99(frame_ms), 3),
+                   mic_to_reply_ms_p50=round(_median(latencies[warmup:]), 2) if latencies else None,
+                   mic_to_reply_ms_p99=round(_p99(latencies[warmup:]), 2) if latencies else None,
+                   dropped_frames=engine.frame_stats()["late_frames"], duration_s=round(duration, 1),
+                   cpu_percent=process.cpu_percent(), gpu_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                   card=self.card, date=self.date)
+        self.api_rows.append(row)
+        print(json.dumps(row), flush=True)
+        (self.out / f"{self.card.replace(' ', '_')}-api.json").write_text(json.dumps({"rows": self.api_rows}, indent=1))
 
     # ---- upstream moshi 0.2.13, as performance.md's peer
 
@@ -369,6 +459,27 @@ class Bench:
         self.add_row("moshi-0.2.13", "bf16", sessions, 0, timing)
 
 
+async def _realtime_at_pace(engine: "PersonaPlex", audio) -> tuple[list, list[float]]:
+    """respond_realtime fed one 80 ms frame every 80 ms, as a microphone does: the chunks, and
+    for each the time from its microphone frame being handed over to the reply frame (ms)."""
+    import asyncio
+
+    handed: list[float] = []
+
+    async def microphone():
+        start = time.perf_counter()
+        for index in range(audio.size // 1920):
+            await asyncio.sleep(max(0.0, start + 0.08 * index - time.perf_counter()))
+            handed.append(time.perf_counter())
+            yield audio[index * 1920 : (index + 1) * 1920]
+
+    chunks, latencies = [], []
+    async for chunk in engine.respond_realtime(microphone(), seed=0):
+        latencies.append((time.perf_counter() - handed[chunk.frame_index]) * 1e3)
+        chunks.append(chunk)
+    return chunks, latencies
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -405,12 +516,6 @@ def print_table(rows: list[dict]) -> None:
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
-def use_fast_path(enabled: bool) -> None:
-    """The fast path's kernels (Triton ring attention, compiled element-wise ops) or the readable ones."""
-    lm_module.USE_FAST_KERNELS = enabled
-    compile_elementwise(enabled)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for the JSON and PNG ($OUT by default)")
     parser.add_argument("--sessions", default="1,8,32,64", help="comma-separated batch sizes")
@@ -420,13 +525,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-upstream", action="store_true", help="skip upstream moshi")
     parser.add_argument("--kv", choices=sorted(KV_DTYPES), default="bf16", help="KV cache dtype")
     parser.add_argument("--no-eager", action="store_true", help="time only the fast (graphed) path")
+    parser.add_argument("--api", action="store_true",
+                        help="time the public calls instead (respond_duplex, respond_realtime; graphs on and off)")
+    parser.add_argument("--serve", action="store_true",
+                        help="load-test `personaplex serve` with real-time websocket clients instead")
+    parser.add_argument("--clients", default="1,8,32,64,128,160", help="with --serve: comma-separated client counts")
+    parser.add_argument("--duration", type=float, default=60.0, help="with --serve: seconds of audio per client count")
+    parser.add_argument("--url", help="with --serve: a running server (http://HOST:PORT) instead of starting one")
+    parser.add_argument("--port", type=int, default=8999, help="with --serve: port of the server it starts")
+    parser.add_argument("--serve-weights", default="bf16", help="with --serve: weight format of the server it starts")
+    parser.add_argument("--client-processes", type=int, default=6, help="with --serve: processes running the clients")
+    parser.add_argument("--server-timeout", type=float, default=600.0, help="with --serve: seconds to wait for the server")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.serve:
+        from .server import loadtest
+
+        return loadtest.run(args)
     args.sessions = [int(s) for s in str(args.sessions).split(",")]
     if not torch.cuda.is_available():
         raise SystemExit("personaplex bench: error: the benchmark needs a CUDA GPU")
     bench = Bench(args)
+    if args.api:
+        bench.public_api()
+        return 0
     if not args.no_upstream:
         bench.guarded("moshi", bench.upstream)
     for weights in args.weights.split(","):

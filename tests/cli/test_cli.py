@@ -34,7 +34,7 @@ def one_error_line(capsys) -> str:
 
 @dataclass
 class FakeFrame:
-    index: int
+    frame_index: int
     text: str
     text_token: int
     agent_codes: list[int]
@@ -88,7 +88,7 @@ class FakeEngine:
     def respond_stream(self, audio, **kwargs):
         self.calls.append(("respond_stream", audio, kwargs))
         for frame in self._response(kwargs["max_steps"]).frames:
-            yield FakeChunk(np.full(FRAME_SAMPLES, 0.1, np.float32), frame.text, frame.index,
+            yield FakeChunk(np.full(FRAME_SAMPLES, 0.1, np.float32), frame.text, frame.frame_index,
                             text_token=frame.text_token, agent_codes=frame.agent_codes)
 
     def respond_duplex(self, audio, **kwargs):

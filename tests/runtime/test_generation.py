@@ -57,9 +57,10 @@ def test_greedy_conversation_equals_upstream_lmgen(tmp_path):
         # The reference PersonaPlex generator spends its first step (offset 0) on start tokens.
         ours.begin(StepInputs(user=user[:, :, 0]))
         for t in range(1, frames):
-            out = ours.step(StepInputs(user=user[:, :, t]))
-            if out.valid[0]:
-                produced.append(out.tokens[0])
+            valid = bool(ours.valid()[0])
+            tokens = ours.step(StepInputs(user=user[:, :, t]))
+            if valid:
+                produced.append(tokens[0])
     assert len(produced) == len(expected) - 1 >= 12
     for index, (a, b) in enumerate(zip(produced, expected)):
         assert torch.equal(a, b), f"frame {index}: ours {a.tolist()} upstream {b.tolist()}"

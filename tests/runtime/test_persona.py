@@ -24,7 +24,9 @@ def parts(engine):
 
 
 def next_frame_logits(generator: FrameGenerator, user_codes: torch.Tensor) -> torch.Tensor:
-    return generator.step(StepInputs(user=user_codes)).text_logits
+    model_input, _, _ = generator.prepare(StepInputs(user=user_codes))
+    _, text_logits = generator.lm.forward_temporal(generator.lm.embed_codes(model_input[:, :, None]), generator.temporal)
+    return text_logits
 
 
 @torch.no_grad()

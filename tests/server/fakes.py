@@ -51,6 +51,9 @@ class FakeEngine:
         self.stream_calls: list[dict] = []
         self.realtime_input_peaks: list[float] = []  # loudness of each microphone frame received
 
+    def frame_stats(self) -> dict[str, float | int]:
+        return {"frames_run": 0, "late_frames": 0, "live_rows": self.running, "capacity": 0}
+
     def _started(self) -> None:
         with self._lock:
             self.running += 1

@@ -97,12 +97,12 @@ def test_turn_based_reply_streams_max_steps_frames(start_server, engine, tmp_pat
     client.close()
 
 
-def test_batched_full_duplex_sessions(start_server, tiny_folder):
-    """`serve --batch`: two full-duplex sessions run as rows of one batched frame."""
+def test_full_duplex_sessions_share_one_batched_frame(start_server, tiny_folder):
+    """`serve --max-sessions 2`: two full-duplex sessions run as rows of one batched frame."""
     from personaplex import PersonaPlex
 
-    batched = PersonaPlex.from_pretrained(tiny_folder, device="cpu")
-    batched.enable_batching(max_sessions=2, max_wait_s=0.5)
+    batched = PersonaPlex.from_pretrained(tiny_folder, device="cpu", max_sessions=2)
+    batched.scheduler.max_wait_s = 0.5
     server = start_server(batched, ring_frames=64)
     clients = [ChatClient(server.ws_url, mode="duplex", voice=voice, seed=1) for voice in ("NATF0", "VARM3")]
     for client, hz in zip(clients, (300, 500)):
@@ -111,5 +111,5 @@ def test_batched_full_duplex_sessions(start_server, tiny_folder):
         client.wait_for(lambda got: len(got.events_of("frame")) == 5, timeout=60)
         assert client.received.samples == 5 * FRAME and client.received.errors == []
         client.close()
-    assert batched.batcher.ticks >= 5
-    wait_until(lambda: batched.batcher.live_rows == 0, timeout=10)
+    assert batched.scheduler.frames_run >= 5
+    wait_until(lambda: batched.scheduler.live_rows == 0, timeout=10)

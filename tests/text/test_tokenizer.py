@@ -4,7 +4,7 @@ import pytest
 
 from personaplex.errors import ModelUnavailableError
 from personaplex.text.tokenizer import EPAD_ID, PAD_ID, TEXT_TOKENIZER_FILENAME, TextTokenizer
-from tests.fixtures.tiny_tokenizer import write_tiny_tokenizer
+from personaplex.text.stand_in import write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def _duplex_reply(engine: Any, audio: np.ndarray, sample_rate: int, persona: dic
     total = -(-int(audio.shape[-1] * engine.sample_rate / sample_rate) // engine.frame_samples)
     with tqdm(total=total, unit="frame", desc="conversing", leave=False) as bar:
         response = engine.respond_duplex(audio, sample_rate=sample_rate, on_chunk=lambda _: bar.update(), **persona)
-    frames = [_frame_entry(f, f.index, with_codes) for f in response.frames]
+    frames = [_frame_entry(f, f.frame_index, with_codes) for f in response.frames]
     return Reply(audio=response.audio, text=response.text, frames=frames)
 
 

@@ -43,20 +43,27 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cuda when available)")
     parser.add_argument(
-        "--batch",
+        "--random-weights",
         action="store_true",
-        help="run full-duplex conversations together, one batched frame (one CUDA graph) for all, "
-        "up to --max-sessions: how one GPU serves many conversations",
+        help="for benchmarks only: random weights at the full 7B shape instead of a model folder "
+        "(no download; the replies are noise, the speed is the real model's)",
     )
     parser.add_argument(
         "--kv-cache", choices=("bf16", "fp8"), default="bf16",
-        help="KV cache format with --batch (fp8: half the memory, twice the conversations)",
+        help="KV cache format (fp8: half the memory, twice the conversations on one GPU)",
     )
     parser.add_argument(
         "--max-sessions",
         type=int,
         default=4,
-        help="conversations at once; more are answered 'busy' (default 4)",
+        help="conversations at once, each a row of one batched frame (one CUDA graph on a GPU); "
+        "more are answered 'busy' (default 4)",
+    )
+    parser.add_argument(
+        "--codec-processes",
+        type=int,
+        help="worker processes for the conversations' Opus audio (default: one per 16 sessions, "
+        "at most half the CPU cores): encoding needs about 1-2 ms of CPU per conversation per 80 ms",
     )
     parser.add_argument(
         "--token",
@@ -110,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         max_sessions=args.max_sessions,
         policy=AccessPolicy.create(token, args.allowed_origin),
+        codec_processes=args.codec_processes or _codec_processes(args.max_sessions),
     )
     app = create_app(host, settings)
     print(_welcome(args, token), file=sys.stderr, flush=True)
@@ -128,15 +136,22 @@ def run(args: argparse.Namespace) -> int:
 def _load_engine(args: argparse.Namespace, progress: Any) -> Any:
     from personaplex import PersonaPlex
 
-    engine = PersonaPlex.from_pretrained(
-        args.model, device=args.device, weights=args.weights, progress=progress
-    )
-    if args.batch:
+    if args.random_weights:
         import torch
 
-        kv_dtype = torch.float8_e4m3fn if args.kv_cache == "fp8" else None
-        engine.enable_batching(args.max_sessions, kv_dtype=kv_dtype)
-    return engine
+        from personaplex.bench import random_engine
+
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return random_engine(device, args.weights, max_sessions=args.max_sessions, kv_cache=args.kv_cache)
+    return PersonaPlex.from_pretrained(
+        args.model, device=args.device, weights=args.weights, progress=progress,
+        max_sessions=args.max_sessions, kv_cache=args.kv_cache,
+    )
+
+
+def _codec_processes(max_sessions: int) -> int:
+    sessions_per_process = 16
+    return max(1, min(-(-max_sessions // sessions_per_process), (os.cpu_count() or 2) // 2))
 
 
 def _transcriber_loader(asr_model: str) -> Any:

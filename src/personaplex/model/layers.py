@@ -6,7 +6,10 @@ explicitly by the caller, so one set of weights can serve many conversations.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +31,8 @@ class RMSNorm(nn.Module):
         # Stored as [1, 1, dim] because that is the checkpoint's shape for `alpha`.
         self.alpha = nn.Parameter(torch.ones(1, 1, dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _elementwise["rms_norm"](x, self.alpha, self.eps)
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
-    return _elementwise["rope"](x, positions, max_period)
+    def forward(self, x: torch.Tensor, kernels: "Kernels | None" = None) -> torch.Tensor:
+        return (kernels or READABLE_KERNELS).rms_norm(x, self.alpha, self.eps)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
@@ -61,8 +60,8 @@ class GatedFFN(nn.Module):
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
         self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_out(_elementwise["silu_gate"](self.linear_in(x)))
+    def forward(self, x: torch.Tensor, kernels: "Kernels | None" = None) -> torch.Tensor:
+        return self.linear_out((kernels or READABLE_KERNELS).silu_gate(self.linear_in(x)))
 
 
 def silu_gate(hidden: torch.Tensor) -> torch.Tensor:
@@ -70,21 +69,32 @@ def silu_gate(hidden: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * value
 
 
-# The element-wise pieces of a layer. Eager PyTorch runs each as several small kernels (the
-# float32 norm alone is six); `compile_elementwise()` swaps in torch.compile'd versions that
-# fuse each into one, which matters once a CUDA graph has removed the launch gaps.
-_READABLE = {"rms_norm": rms_norm, "rope": rope, "silu_gate": silu_gate}
-_elementwise = dict(_READABLE)
+@dataclass(frozen=True)
+class Kernels:
+    """Which implementation of each hot piece a forward pass uses.
 
+    The readable set is plain PyTorch. Eager PyTorch runs each element-wise piece as several
+    small kernels (the float32 norm alone is six); the fast set fuses each into one with
+    torch.compile, which matters once a CUDA graph has removed the launch gaps, and attends
+    a live frame over the KV ring with a Triton kernel that reads only the filled slots.
+    A runner picks its set and passes it down: nothing here is switched process-wide.
+    """
 
-def compile_elementwise(enabled: bool = True) -> None:
-    """Use torch.compile'd element-wise kernels (GPU fast path) or the readable ones."""
-    if enabled:
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    rope: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    silu_gate: Callable[[torch.Tensor], torch.Tensor]
+    ring_attention: bool = False  # Triton single-frame attention over the ring (CUDA only)
+
+    @staticmethod
+    @functools.cache
+    def fast() -> "Kernels":
         # One compiled kernel per shape: batch sizes x (temporal, depformer) widths add up.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _elementwise.update({name: torch.compile(fn, dynamic=False, fullgraph=True) for name, fn in _READABLE.items()})
-    else:
-        _elementwise.update(_READABLE)
+        compiled = [torch.compile(fn, dynamic=False, fullgraph=True) for fn in (rms_norm, rope, silu_gate)]
+        return Kernels(*compiled, ring_attention=True)
+
+
+READABLE_KERNELS = Kernels(rms_norm=rms_norm, rope=rope, silu_gate=silu_gate)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import LMConfig
 from .kv_cache import TemporalState, sliding_window_mask
-from .layers import GatedFFN, RMSNorm, apply_rope, embed_with_zero, merge_heads, split_heads
+from .layers import READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, merge_heads, split_heads
 
 ZERO_TOKEN = -1  # "no input": embeds to zero
 UNGENERATED_TOKEN = -2  # "not generated yet": must never reach the model
@@ -41,8 +41,8 @@ class TemporalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, view: "AttentionView", layer_index: int) -> torch.Tensor:
         q, k, v = (split_heads(t, self.num_heads) for t in self.in_proj(x).chunk(3, dim=-1))
-        q = apply_rope(q, positions, self.max_period)
-        k = apply_rope(k, positions, self.max_period)
+        q = view.kernels.rope(q, positions, self.max_period)
+        k = view.kernels.rope(k, positions, self.max_period)
         state = view.state
         if state is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=view.mask)
@@ -70,16 +70,13 @@ class AttentionView:
     state: TemporalState | None
     mask: torch.Tensor  # [B, 1, T, keys] bool
     filled_slots: torch.Tensor | None = None  # [B] int64, single-frame steps only
-
-
-# Set to False to run the readable attention everywhere (tests compare the two).
-USE_FAST_KERNELS = True
+    kernels: Kernels = READABLE_KERNELS
 
 
 def attend_ring(q: torch.Tensor, state: TemporalState, layer_index: int, view: AttentionView) -> torch.Tensor:
     """One query per row over its ring. On CUDA a Triton kernel reads only the filled slots
     (and reads fp8 caches as they are); elsewhere SDPA with the mask reads them all."""
-    if USE_FAST_KERNELS and q.is_cuda and view.filled_slots is not None:
+    if view.kernels.ring_attention and q.is_cuda and view.filled_slots is not None:
         from .kernels.decode_attention import decode_attention
 
         return decode_attention(q, state.keys[layer_index], state.values[layer_index], view.filled_slots)
@@ -96,8 +93,8 @@ class TemporalLayer(nn.Module):
         self.gating = GatedFFN(config.dim, config.hidden_dim, device=device, dtype=dtype)
 
     def forward(self, x, positions, view, layer_index):
-        x = x + self.self_attn(self.norm1(x), positions, view, layer_index)
-        return x + self.gating(self.norm2(x))
+        x = x + self.self_attn(self.norm1(x, view.kernels), positions, view, layer_index)
+        return x + self.gating(self.norm2(x, view.kernels), view.kernels)
 
 
 class TemporalTransformer(nn.Module):
@@ -106,20 +103,21 @@ class TemporalTransformer(nn.Module):
         self.config = config
         self.layers = nn.ModuleList(TemporalLayer(config, device=device, dtype=dtype) for _ in range(config.num_layers))
 
-    def forward(self, x: torch.Tensor, state: TemporalState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: TemporalState | None = None,
+                kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim]. Without state, the T frames are the whole history."""
         batch, frames, _ = x.shape
         if state is None:
             positions = torch.arange(frames, device=x.device).expand(batch, frames)
-            view = AttentionView(None, sliding_window_mask(positions, positions, self.config.context))
+            view = AttentionView(None, sliding_window_mask(positions, positions, self.config.context), kernels=kernels)
         elif frames == 1:
             positions = state.chunk_positions(1)
             mask = sliding_window_mask(positions, state.slot_positions_after(positions), self.config.context)
-            view = AttentionView(state, mask, state.filled_slots_after(positions))
+            view = AttentionView(state, mask, state.filled_slots_after(positions), kernels)
         else:
             positions = state.chunk_positions(frames)
             key_positions = torch.cat([state.slot_positions, positions], dim=1)
-            view = AttentionView(state, sliding_window_mask(positions, key_positions, self.config.context))
+            view = AttentionView(state, sliding_window_mask(positions, key_positions, self.config.context), kernels=kernels)
         for index, layer in enumerate(self.layers):
             x = layer(x, positions, view, index)
         if state is not None:
@@ -187,9 +185,10 @@ class DepformerLayer(nn.Module):
         ffn_in = self.norm2(x)
         return x + torch.stack([self.gating[k](ffn_in[:, k]) for k in range(x.shape[1])], dim=1)
 
-    def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int) -> torch.Tensor:
-        x = x + self.self_attn.forward_step(self.norm1(x), step, state, layer_index)
-        return x + self.gating[step](self.norm2(x))
+    def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int,
+                     kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
+        x = x + self.self_attn.forward_step(self.norm1(x, kernels), step, state, layer_index)
+        return x + self.gating[step](self.norm2(x, kernels), kernels)
 
 
 class Depformer(nn.Module):
@@ -268,14 +267,15 @@ class LMModel(nn.Module):
         return total + embed_with_zero(self.text_emb, codes[:, 0])
 
     def forward_temporal(
-        self, embeddings: torch.Tensor, state: TemporalState | None = None
+        self, embeddings: torch.Tensor, state: TemporalState | None = None, kernels: Kernels = READABLE_KERNELS
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [B, T, dim] -> (normed hidden [B, T, dim], text logits [B, T, text_card])."""
-        hidden = self.out_norm(self.transformer(embeddings, state))
+        hidden = self.out_norm(self.transformer(embeddings, state, kernels), kernels)
         return hidden, self.text_linear(hidden)
 
     def depformer_step(
-        self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor, state: DepformerState
+        self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor, state: DepformerState,
+        kernels: Kernels = READABLE_KERNELS,
     ) -> torch.Tensor:
         """Logits [B, card] of codebook `step` of one frame.
 
@@ -285,7 +285,7 @@ class LMModel(nn.Module):
         token_embedding = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
         x = self.depformer_in[step](hidden) + embed_with_zero(token_embedding, previous_token[:, None])
         for index, layer in enumerate(self.depformer.layers):
-            x = layer.forward_step(x, step, state, index)
+            x = layer.forward_step(x, step, state, index, kernels)
         return self.linears[step](x[:, 0])
 
     # ---- teacher-forced path

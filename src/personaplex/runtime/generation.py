@@ -13,11 +13,12 @@ written only where nothing was provided; the frame returned is read at
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from ..model.layers import READABLE_KERNELS, Kernels
 from ..model.lm import UNGENERATED_TOKEN, LMModel
 from .sampling import RowNoise, SamplingConfig, sample_tokens
 
@@ -59,12 +60,20 @@ class TokenRing:
         """Drop the provided flags of every stream at per-row slots [B, 1]."""
         self.provided.scatter_(2, slots[..., None].expand(-1, self.provided.shape[1], 1), False)
 
-    def write(self, streams: slice, slots: torch.Tensor, values: torch.Tensor, provided: bool | None) -> None:
-        """tokens[b, streams, slots[b, s]] = values[b, s]; optionally set the provided flags."""
+    def write(self, streams: slice, slots: torch.Tensor, values: torch.Tensor, provided: bool | None,
+              rows: torch.Tensor | None = None) -> None:
+        """tokens[b, streams, slots[b, s]] = values[b, s]; optionally set the provided flags.
+
+        `rows` [B] bool limits the write to those rows (the others keep what they hold)."""
         index = slots[..., None]
+        if rows is not None:
+            values = torch.where(rows[:, None], values, self.read(slots, streams))
         self.tokens[:, streams].scatter_(2, index, values[..., None])
         if provided is not None:
-            self.provided[:, streams].scatter_(2, index, torch.full_like(index, provided, dtype=torch.bool))
+            flags = torch.full_like(index, provided, dtype=torch.bool)
+            if rows is not None:
+                flags = torch.where(rows[:, None, None], flags, self.read_provided(slots, streams)[..., None])
+            self.provided[:, streams].scatter_(2, index, flags)
 
 
 @dataclass
@@ -74,14 +83,17 @@ class StepInputs:
     text: torch.Tensor | None = None  # [B, 1]
     agent: torch.Tensor | None = None  # [B, 8]
     user: torch.Tensor | None = None  # [B, 8]
+    # [B] bool: the rows `text` and `agent` are provided for (None: every row). A batch mixes
+    # rows whose agent speaks with rows held at silence while their user speaks.
+    agent_rows: torch.Tensor | None = None
 
 
-@dataclass
-class StepOutput:
-    tokens: torch.Tensor  # [B, 1 + depformer steps]: text, then audio codebooks, aligned in time
-    valid: torch.Tensor  # [B] bool: False while the delays are still filling (first frames)
-    text_logits: torch.Tensor  # [B, text_card]
-    hidden: torch.Tensor  # [B, dim]: the frame's normed temporal output
+class StepObserver(Protocol):
+    """Sees the tensors of every step as they are made (diagnostics)."""
+
+    def on_temporal(self, hidden: torch.Tensor, text_logits: torch.Tensor) -> None: ...
+
+    def on_audio_logits(self, step: int, logits: torch.Tensor) -> None: ...
 
 
 class FrameGenerator:
@@ -93,7 +105,8 @@ class FrameGenerator:
     """
 
     def __init__(self, lm: LMModel, batch_size: int = 1, sampling: SamplingConfig | None = None,
-                 agent_only: bool = True, seed: int | None = None, kv_dtype: torch.dtype | None = None):
+                 agent_only: bool = True, seed: int | None = None, kv_dtype: torch.dtype | None = None,
+                 kernels: Kernels = READABLE_KERNELS):
         self.lm = lm
         config = lm.config
         self.device = lm.text_linear.weight.device
@@ -113,8 +126,8 @@ class FrameGenerator:
         self.audio_top_k = torch.empty(shape, dtype=torch.long, device=self.device)
         self.max_text_top_k = self.max_audio_top_k = 1
         self.set_sampling(sampling or SamplingConfig())
-        # Called with (step, logits [B, card]) for every depformer step; diagnostics use it.
-        self.audio_logits_hook: Callable[[int, torch.Tensor], None] | None = None
+        self.kernels = kernels
+        self.observer: StepObserver | None = None
 
     # ---- settings
 
@@ -131,11 +144,12 @@ class FrameGenerator:
 
     def _provide(self, inputs: StepInputs) -> None:
         agents = self.lm.config.agent_codebooks
-        for first, values in ((0, inputs.text), (1, inputs.agent), (1 + agents, inputs.user)):
+        for first, values, rows in ((0, inputs.text, inputs.agent_rows), (1, inputs.agent, inputs.agent_rows),
+                                    (1 + agents, inputs.user, None)):
             if values is None:
                 continue
             streams = slice(first, first + values.shape[1])
-            self.ring.write(streams, self.ring.slot(self.delays[streams]), values, provided=True)
+            self.ring.write(streams, self.ring.slot(self.delays[streams]), values, provided=True, rows=rows)
         # Until a stream's delay has passed, its slot holds the start token.
         at_start = self.ring.offset[:, None] <= self.delays[None, :]  # [B, streams]
         slots = self.ring.slot().expand(-1, self.delays.shape[0])
@@ -163,31 +177,38 @@ class FrameGenerator:
 
     # ---- the step
 
-    def step(self, inputs: StepInputs = StepInputs(), embeddings: torch.Tensor | None = None) -> StepOutput:
-        """Advance every row by one frame. `embeddings` [B, 1, dim] replaces the token input
-        (voice-prompt replay), as the reference's `step_embeddings`."""
+    def valid(self) -> torch.Tensor:
+        """[B] bool: whether the next step's frame is a real one (False while the delays fill)."""
+        return self.ring.offset > self.lm.config.max_delay
+
+    def step(self, inputs: StepInputs = StepInputs(), embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance every row by one frame; returns the frame's tokens [B, 1 + depformer steps]
+        (text, then the audio codebooks, aligned in time). `embeddings` [B, 1, dim] replaces
+        the token input (voice-prompt replay), as the reference's `step_embeddings`."""
         model_input, target, provided = self.prepare(inputs)
         if embeddings is None:
             embeddings = self.lm.embed_codes(model_input[:, :, None])
-        hidden, text_logits = self.lm.forward_temporal(embeddings, self.temporal)
+        hidden, text_logits = self.lm.forward_temporal(embeddings, self.temporal, self.kernels)
+        if self.observer is not None:
+            self.observer.on_temporal(hidden[:, -1], text_logits[:, -1])
         return self._finish_step(hidden, text_logits[:, -1], target, provided)
 
     def _finish_step(self, hidden: torch.Tensor, text_logits: torch.Tensor, target: torch.Tensor,
-                     provided: torch.Tensor) -> StepOutput:
+                     provided: torch.Tensor) -> torch.Tensor:
         sampled_text = sample_tokens(text_logits, self.text_temperature, self.text_top_k, self.max_text_top_k, self.noise)
         text_token = torch.where(provided[:, 0], target[:, 0], sampled_text)
         sampled_audio = self._run_depformer(hidden, text_token, target[:, 1:], provided[:, 1:])
         generated = torch.cat([sampled_text[:, None], sampled_audio], dim=1)
         self._store(generated)
-        return self._advance(text_logits, hidden[:, -1])
+        return self._advance()
 
     def _run_depformer(self, hidden, text_token, audio_target, audio_provided) -> torch.Tensor:
         previous = text_token
         sampled = []
         for step in range(self.depformer_steps):
-            logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state)
-            if self.audio_logits_hook is not None:
-                self.audio_logits_hook(step, logits)
+            logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state, self.kernels)
+            if self.observer is not None:
+                self.observer.on_audio_logits(step, logits)
             token = sample_tokens(logits, self.audio_temperature, self.audio_top_k, self.max_audio_top_k, self.noise)
             sampled.append(token)
             # Provided tokens (prompts, the user's audio) are forced as the next step's input.
@@ -203,14 +224,12 @@ class FrameGenerator:
         still_provided = self.ring.read_provided(target_slots, streams)
         self.ring.write(streams, target_slots, torch.where(still_provided, current, generated), provided=None)
 
-    def _advance(self, text_logits: torch.Tensor, hidden: torch.Tensor) -> StepOutput:
-        config = self.lm.config
+    def _advance(self) -> torch.Tensor:
         streams = 1 + self.depformer_steps
-        out_slots = self.ring.slot(self.delays[:streams] - config.max_delay)
+        out_slots = self.ring.slot(self.delays[:streams] - self.lm.config.max_delay)
         tokens = self.ring.read(out_slots, slice(0, streams))
-        valid = self.ring.offset > config.max_delay
         self.ring.offset += 1
-        return StepOutput(tokens=tokens, valid=valid, text_logits=text_logits, hidden=hidden)
+        return tokens
 
     # ---- prompt frames without the depformer
 

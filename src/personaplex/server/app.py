@@ -40,6 +40,8 @@ from personaplex.server.conversation import (
     DuplexConversation,
     TurnBasedConversation,
 )
+from personaplex.audio.codec_pool import OpusProcessPool
+from personaplex.audio.io import SAMPLE_RATE
 from personaplex.server.metrics import ServerMetrics
 from personaplex.server.model_host import ModelHost
 from personaplex.server.security import AccessPolicy
@@ -60,6 +62,8 @@ class ServerSettings:
     policy: AccessPolicy = field(default_factory=AccessPolicy)
     # Full-duplex: microphone audio kept waiting for the model before the oldest is dropped.
     ring_frames: int = 8
+    # Worker processes for the conversations' Opus encoding and decoding (audio/codec_pool.py).
+    codec_processes: int = 1
     make_detector: Callable[[], UtteranceDetector] = UtteranceDetector
 
 
@@ -93,6 +97,7 @@ class Status(BaseModel):
     asr: AsrStatus
     sessions: list[SessionSummary]
     max_sessions: int
+    frames: dict[str, float | int]  # the shared frame: frames run, late frames, frame time (ms)
 
 
 class Voices(BaseModel):
@@ -111,10 +116,18 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
     metrics = ServerMetrics()
     sessions = SessionManager(settings.max_sessions)
 
+    codecs: OpusProcessPool | None = None
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        nonlocal codecs
+        codecs = OpusProcessPool(settings.codec_processes, SAMPLE_RATE)
         host.start()
-        yield
+        await codecs.ready()
+        try:
+            yield
+        finally:
+            codecs.shutdown()
 
     app = FastAPI(
         title="PersonaPlex voice assistant",
@@ -158,6 +171,7 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
             **host.status(),
             sessions=[SessionSummary(**info.describe()) for info in sessions.active()],
             max_sessions=sessions.limit,
+            frames=host.engine.frame_stats() if host.engine is not None else {},
         )
 
     @app.get("/api/voices", response_model=Voices, dependencies=authorised, summary="Voice presets")
@@ -207,6 +221,7 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
             make_detector=settings.make_detector,
             transcriber=host.transcriber,
             ring_frames=settings.ring_frames,
+            codecs=codecs,
         )
         try:
             with sessions.slot(config) as info:
@@ -214,7 +229,11 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
                 metrics.sessions_active.inc(mode=config.mode)
                 try:
                     kind = TurnBasedConversation if config.mode == "turn" else DuplexConversation
-                    await kind(channel, services, config, info).run()
+                    conversation = kind(channel, services, config, info)
+                    try:
+                        await conversation.run()
+                    finally:
+                        conversation.close()
                 finally:
                     metrics.sessions_active.dec(mode=config.mode)
         except ServerBusyError as err:

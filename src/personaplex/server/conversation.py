@@ -34,7 +34,7 @@ import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from personaplex.audio.asr import Transcriber
-from personaplex.audio.opus import OpusStreamDecoder, OpusStreamEncoder
+from personaplex.audio.codec_pool import OpusProcessPool
 from personaplex.audio.vad import SpeechStarted, UtteranceDetector, UtteranceEnded
 from personaplex.errors import PersonaPlexError
 from personaplex.server import protocol
@@ -65,6 +65,8 @@ class Engine(Protocol):
 
     def respond_stream(self, audio: np.ndarray, **settings: Any) -> Iterator[Chunk]: ...
 
+    def frame_stats(self) -> dict[str, float | int]: ...
+
     def respond_realtime(
         self, mic_frames: AsyncIterator[np.ndarray], **settings: Any
     ) -> AsyncIterator[Chunk]: ...
@@ -79,6 +81,7 @@ class ConversationServices:
     make_detector: Callable[[], UtteranceDetector]
     transcriber: Transcriber | None
     ring_frames: int
+    codecs: OpusProcessPool
 
 
 class Channel:
@@ -136,12 +139,15 @@ class Conversation(ABC):
         self.services = services
         self.config = config
         self.info = info
-        self._decoder = OpusStreamDecoder(services.engine.sample_rate)
-        self._encoder = OpusStreamEncoder(services.engine.sample_rate)
+        self._opus = services.codecs.stream()  # encoder + decoder, in a codec worker process
 
     @abstractmethod
     async def run(self) -> None:
         """Serve the conversation until the socket closes or generation fails."""
+
+    def close(self) -> None:
+        """Free what the conversation holds outside this process (its Opus streams)."""
+        self._opus.close()
 
     async def send_event(self, event_type: str, **fields: Any) -> None:
         await self.channel.send(protocol.metadata({"type": event_type, **fields}))
@@ -160,7 +166,7 @@ class Conversation(ABC):
 
     async def send_chunk(self, chunk: Chunk, **frame_fields: Any) -> None:
         """The frame's audio and text, then its timing event."""
-        ogg = self._encoder.encode(chunk.pcm)
+        ogg = await self._opus.encode(chunk.pcm)
         if ogg:
             await self.channel.send(protocol.audio(ogg))
         if chunk.text:
@@ -188,7 +194,7 @@ class Conversation(ABC):
             raise ProtocolError("text websocket frames are not part of the protocol: send binary messages")
         decoded = protocol.decode_message(message)
         if decoded.kind == MessageKind.AUDIO:
-            pcm = self._decoder.decode(decoded.payload)
+            pcm = await self._opus.decode(decoded.payload)
             if len(pcm):
                 await self.on_audio(pcm)
         elif decoded.kind == MessageKind.CONTROL:

@@ -1,4 +1,5 @@
-"""Full-duplex conversations batched in lockstep (`enable_batching`), on the tiny model."""
+"""Conversations as rows of one batched frame (`FrameScheduler`), on the tiny model: an engine
+with three rows against one with a single row."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ FRAME = 1920
 
 @pytest.fixture(scope="module")
 def batched_engine(tiny_folder):
-    engine = PersonaPlex.from_pretrained(tiny_folder, device="cpu")
-    engine.enable_batching(max_sessions=3, max_wait_s=0.5)
+    engine = PersonaPlex.from_pretrained(tiny_folder, device="cpu", max_sessions=3)
+    engine.scheduler.max_wait_s = 0.5  # generous: this CPU is shared with other work
     return engine
 
 
@@ -51,35 +52,57 @@ def test_simultaneous_conversations_share_frames_and_stay_independent(engine, ba
         return await asyncio.gather(*(collect(batched_engine, pcm, size=size, voice=voice)
                                       for pcm, size, voice in zip(pcms, (1920, 777, 4000), ("NATF0", "VARM2", "NATM1"))))
 
-    ticks_before = batched_engine.batcher.ticks
+    ticks_before = batched_engine.scheduler.frames_run
     results = asyncio.run(together())
     for got, expected in zip(results, alone):
         assert [c.agent_codes for c in got] == [c.agent_codes for c in expected]
-    assert batched_engine.batcher.ticks - ticks_before < sum(len(r) for r in results)  # frames were shared
-    assert batched_engine.batcher.live_rows == 0  # every row was freed
+    assert batched_engine.scheduler.frames_run - ticks_before < sum(len(r) for r in results)  # frames were shared
+    assert batched_engine.scheduler.live_rows == 0  # every row was freed
 
 
-def test_more_conversations_than_rows_are_refused(batched_engine):
-    from personaplex.runtime.batching import NoFreeRowError
-
-    async def endless():
-        while True:
+def test_a_conversation_beyond_the_rows_waits_for_a_free_one(batched_engine):
+    async def endless(stop: asyncio.Event):
+        while not stop.is_set():
             yield np.zeros(FRAME, np.float32)
             await asyncio.sleep(0.01)
 
     async def run():
-        streams = [batched_engine.respond_realtime(endless()) for _ in range(4)]
-        firsts = []
-        for stream in streams[:3]:
-            firsts.append(await stream.__anext__())
-        with pytest.raises(NoFreeRowError, match="all 3 conversation slots"):
-            await streams[3].__anext__()
+        stop = asyncio.Event()
+        streams = [batched_engine.respond_realtime(endless(stop)) for _ in range(3)]
         for stream in streams:
+            await stream.__anext__()
+        fourth = asyncio.ensure_future(collect(batched_engine, audio(8, 2)))
+        await asyncio.sleep(0.5)
+        waited = not fourth.done()
+        await streams[0].aclose()  # a row frees: the fourth conversation takes it
+        chunks = await asyncio.wait_for(fourth, timeout=30)
+        stop.set()
+        for stream in streams[1:]:
             await stream.aclose()
-        return firsts
+        return waited, chunks
 
-    assert len(asyncio.run(run())) == 3
-    assert batched_engine.batcher.live_rows == 0
+    waited, chunks = asyncio.run(run())
+    assert waited and len(chunks) == 2
+
+
+def test_recordings_run_beside_live_conversations_unchanged(engine, batched_engine):
+    """respond_duplex and respond (unpaced rows) next to a live conversation give what they give alone."""
+    recording = audio(9, 4)
+    alone_duplex = engine.respond_duplex(recording, greedy=True)
+    alone_turn = engine.respond(recording, greedy=True, max_steps=3)
+
+    async def run():
+        live = asyncio.ensure_future(collect(batched_engine, audio(10, 6), size=FRAME))
+        duplex = await asyncio.to_thread(batched_engine.respond_duplex, recording, greedy=True)
+        turn = await asyncio.to_thread(batched_engine.respond, recording, greedy=True, max_steps=3)
+        return duplex, turn, await live
+
+    duplex, turn, live = asyncio.run(run())
+    assert duplex.text_tokens == alone_duplex.text_tokens
+    assert [f.agent_codes for f in duplex.frames] == [f.agent_codes for f in alone_duplex.frames]
+    assert [f.agent_codes for f in turn.frames] == [f.agent_codes for f in alone_turn.frames]
+    np.testing.assert_allclose(turn.audio, alone_turn.audio, atol=1e-5)
+    assert len(live) == 6
 
 
 def test_a_late_client_hears_silence_instead_of_stalling_the_others(batched_engine):
@@ -89,10 +112,10 @@ def test_a_late_client_hears_silence_instead_of_stalling_the_others(batched_engi
         yield np.zeros(FRAME, np.float32)
 
     async def run():
-        late_before = batched_engine.batcher.late_frames
+        late_before = batched_engine.scheduler.late_frames
         fast, slow_chunks = await asyncio.gather(collect(batched_engine, audio(5, 8), size=FRAME),
                                                  _collect_stream(batched_engine.respond_realtime(slow(), greedy=True)))
-        return fast, slow_chunks, batched_engine.batcher.late_frames - late_before
+        return fast, slow_chunks, batched_engine.scheduler.late_frames - late_before
 
     fast, slow_chunks, late = asyncio.run(run())
     assert len(fast) == 8

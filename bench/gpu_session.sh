@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One whole GPU measurement in one call of the device machine (it has no internet: the
+# server's wheels travel in .whl/). Stages are picked by name: bash bench/gpu_session.sh tests api serve
+# Everything lands in $OUT (logs and JSON rows).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for stage in "$@"; do
+    echo "=== $stage $(date +%T)"
+    case "$stage" in
+        tests) timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee "$OUT/gpu-tests.log" ;;
+        api) timeout 400 python3 -m personaplex.cli.main bench --api --frames 150 --warmup 10 --out "$OUT" 2>&1 | grep -v Warning | tail -20 ;;
+        serve) timeout 560 python3 -m personaplex.cli.main bench --serve --clients "${CLIENTS:-1,8,32,64,128,150}" \
+                   --duration "${DURATION:-60}" --serve-weights "${SERVE_WEIGHTS:-fp8}" --kv fp8 --client-processes 8 \
+                   --out "$OUT" 2>&1 | tail -20 ;;
+        frames) timeout 500 python3 -m personaplex.cli.main bench --sessions "${SESSIONS:-1,32}" --weights "${WEIGHTS:-bf16}" \
+                   --frames 100 --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
+        profile) timeout 400 python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" 2>&1 | grep -v Warning | tail -8 ;;
+        *) echo "unknown stage $stage" ;;
+    esac
+done
+echo "=== done $(date +%T)"

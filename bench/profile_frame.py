@@ -1,0 +1,126 @@
+"""Where a frame's time goes, at the full 7B shape on this GPU (random weights).
+
+For each case (rows B, kernels) the frame runs eagerly under torch.profiler: GPU time per
+kernel family (what a graph replay runs too: the graph only removes launch gaps), the
+number of kernels, and the host-side time per frame with the top CPU ops (what an eager
+frame pays on top). The graphed frame's own time is measured by replay for comparison.
+
+    PYTHONPATH=src python3 bench/profile_frame.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from personaplex.bench import build_lm, build_mimi, make_persona
+from personaplex.model.layers import READABLE_KERNELS, Kernels
+from personaplex.runtime.runner import FrameRunner
+
+FAMILIES = [  # first match wins
+    ("attention (ring, Triton)", r"_partial_attention"),
+    ("attention (SDPA)", r"flash|fmha|attention|softmax"),
+    ("matmul", r"gemm|gemv|cutlass|sm90_|nvjet|matmul|_quantized|dequant"),
+    ("convolution", r"conv|implicit|winograd"),
+    ("compiled element-wise (Triton)", r"^triton_"),
+    ("top-k / sort", r"sort|topk|radix|bitonic|gather_topk"),
+    ("reductions", r"reduce"),
+    ("copies / fills", r"copy|memcpy|memset|fill|cat|index|scatter|gather"),
+    ("element-wise", r"elementwise|vectorized|unrolled|launch_kernel"),
+]
+
+
+def family(name: str) -> str:
+    for label, pattern in FAMILIES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return label
+    return "other"
+
+
+def profile_case(lm, mimi, persona, batch: int, kernels, label: str, frames: int = 5) -> dict:
+    runner = FrameRunner(lm, mimi, batch, use_graphs=False, kernels=kernels)
+    for row in range(batch):
+        runner.join(row, persona)
+    pcm = 0.1 * torch.randn(batch, 1920, device="cuda")
+    speaking = torch.zeros(batch, dtype=torch.bool, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            runner.run(pcm, speaking)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(frames):
+            runner.run(pcm, speaking)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / frames
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(frames):
+                runner.run(pcm, speaking)
+            torch.cuda.synchronize()
+    gpu_us: dict[str, float] = defaultdict(float)
+    kernels_per_frame = 0
+    cpu_ops: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            gpu_us[family(event.key)] += device_us / frames
+            kernels_per_frame += event.count / frames
+        elif event.key.startswith("aten::"):
+            cpu_ops[event.key] += event.self_cpu_time_total / frames
+    result = {
+        "case": label, "rows": batch, "wall_ms_per_frame": round(wall_ms, 2),
+        "gpu_ms_per_frame": round(sum(gpu_us.values()) / 1e3, 2), "kernels_per_frame": round(kernels_per_frame),
+        "gpu_ms_by_family": {k: round(v / 1e3, 3) for k, v in sorted(gpu_us.items(), key=lambda kv: -kv[1])},
+        "top_cpu_ops_ms": {k: round(v / 1e3, 2) for k, v in sorted(cpu_ops.items(), key=lambda kv: -kv[1])[:12]},
+    }
+    if kernels is not READABLE_KERNELS:
+        result["graphed_ms_per_frame"] = graphed_time(lm, mimi, persona, batch)
+    del runner
+    torch.cuda.empty_cache()
+    return result
+
+
+def graphed_time(lm, mimi, persona, batch: int, frames: int = 50) -> float:
+    runner = FrameRunner(lm, mimi, batch, use_graphs=True)
+    for row in range(batch):
+        runner.join(row, persona)
+    pcm = 0.1 * torch.randn(batch, 1920, device="cuda")
+    speaking = torch.zeros(batch, dtype=torch.bool, device="cuda")
+    with torch.no_grad():
+        for _ in range(5):
+            runner.run(pcm, speaking)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(frames):
+            runner.run(pcm, speaking)
+        end.record()
+        end.synchronize()
+    return round(start.elapsed_time(end) / frames, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--rows", default="1,32")
+    args = parser.parse_args()
+    lm, _ = build_lm("bf16", torch.device("cuda"))
+    mimi = build_mimi(torch.device("cuda"))
+    persona, _ = make_persona(lm)
+    results = [profile_case(lm, mimi, persona, 1, READABLE_KERNELS, "eager, readable kernels")]
+    for rows in (int(r) for r in args.rows.split(",")):
+        results.append(profile_case(lm, mimi, persona, rows, Kernels.fast(), "eager, fast kernels"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile-{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(json.dumps(results, indent=1))
+    for result in results:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The frame: B conversations advanced together, one frame per `run`, replayed from one CUDA graph.
+
+A frame is Mimi's streaming encode of each row's 1920 microphone samples, one
+`FrameGenerator.step` (temporal transformer over the KV ring, the 8 agent depformer steps,
+sampling, ring bookkeeping) and Mimi's streaming decode of the agent's codes. Every piece
+keeps static shapes, updates its state in place and never synchronises with the host, so on
+a GPU the frame is captured once and then replayed: one launch per frame instead of ~2000.
+
+Every call of the library, the CLI and the server runs its conversations through this one
+frame (`FrameScheduler` drives it). The readable path is the same `_frame` run eagerly with
+the readable kernels: what CPUs and Apple GPUs get, and what the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.layers import READABLE_KERNELS, Kernels
+from ..model.lm import LMModel
+from ..model.mimi import Mimi
+from .generation import FrameGenerator, StepInputs
+from .persona import SILENCE_CODES, TEXT_PAD, PersonaSnapshot
+from .sampling import SamplingConfig
+
+
+class FrameRunner:
+    """B conversation rows advanced in lockstep.
+
+    Rows join from a cached persona (`join`) and leave (`leave`) between frames without
+    touching the other rows; each has its own sampling settings and random stream. Rows nobody
+    has joined still compute (static shapes) but their output means nothing.
+    """
+
+    def __init__(self, lm: LMModel, mimi: Mimi, batch_size: int, *, kv_dtype: torch.dtype | None = None,
+                 use_graphs: bool | None = None, kernels: Kernels | None = None):
+        """`kv_dtype` torch.float8_e4m3fn halves the KV cache (default: the activation dtype).
+        `use_graphs` defaults to what the device does best: a CUDA graph on CUDA, the readable
+        eager frame elsewhere. `kernels` default to the fast set with graphs (compiled kernels
+        pay off once launches are gone) and the readable set without."""
+        self.lm, self.mimi = lm, mimi
+        self.batch_size = batch_size
+        device = lm.text_linear.weight.device
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self.kernels = kernels or (Kernels.fast() if self.use_graphs else READABLE_KERNELS)
+        self.generator = FrameGenerator(lm, batch_size, agent_only=True, kv_dtype=kv_dtype, kernels=self.kernels)
+        self.codec_state = mimi.init_stream(batch_size)
+        agents = lm.config.agent_codebooks
+        samples = mimi.frame_samples
+        # Static buffers: the graph reads and writes these addresses on every replay.
+        self.user_pcm = torch.zeros(batch_size, 1, samples, device=device, dtype=mimi.dtype)
+        self.agent_listens = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.user_codes = torch.zeros(batch_size, agents, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(batch_size, 1 + agents, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.agent_pcm = torch.zeros(batch_size, 1, samples, device=device, dtype=torch.float32)
+        # What a listening agent is held at: text PAD and the SILENCE codes, as in the persona.
+        self._pad_text = torch.full((batch_size, 1), TEXT_PAD, dtype=torch.long, device=device)
+        self._silence = torch.tensor(SILENCE_CODES, dtype=torch.long, device=device).expand(batch_size, -1)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._captured_top_k = self._top_k()
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    # ---- rows
+
+    @torch.no_grad()
+    def join(self, row: int, persona: PersonaSnapshot, sampling: SamplingConfig | None = None,
+             seed: int | None = None) -> None:
+        """Start conversation `row` right after `persona`, with fresh Mimi streams and its own
+        sampling stream (`seed`: the same seed gives the same conversation in any batch)."""
+        persona.restore(self.generator, row)
+        rows = slice(row, row + 1)
+        self.generator.noise.reseed(rows, seed)
+        self.generator.set_sampling(sampling or SamplingConfig(), rows=rows)
+        self.codec_state.reset(self._row_mask(row))
+        # top-k sizes are Python ints baked into the captured kernels: a larger one needs a new capture.
+        if self._top_k() != self._captured_top_k:
+            self._graph = None
+            self._captured_top_k = self._top_k()
+
+    def leave(self, row: int) -> None:
+        """Free `row`: its history is dropped so nothing of the old conversation is kept."""
+        mask = self._row_mask(row)
+        self.generator.temporal.reset(mask)
+        self.codec_state.reset(mask)
+
+    def _row_mask(self, row: int) -> torch.Tensor:
+        return torch.arange(self.batch_size, device=self.device) == row
+
+    def _top_k(self) -> tuple[int, int]:
+        return self.generator.max_text_top_k, self.generator.max_audio_top_k
+
+    # ---- the frame
+
+    @torch.no_grad()
+    def run(self, user_pcm: torch.Tensor, agent_listens: torch.Tensor) -> None:
+        """Advance every row one frame: user_pcm [B, 1920] from the microphones; agent_listens
+        [B] bool holds those rows' agent at silence (turn-based: the user is speaking).
+
+        Results are left in the static buffers, valid until the next `run`: `agent_pcm`
+        [B, 1, 1920] float32, `tokens` [B, 9] (text + 8 agent codes), `valid` [B]."""
+        self.user_pcm.copy_(user_pcm.view(self.user_pcm.shape), non_blocking=True)
+        self.agent_listens.copy_(agent_listens, non_blocking=True)
+        if not self.use_graphs:
+            self._frame()
+        elif self._graph is None:
+            self._frame_then_capture()
+        else:
+            self._graph.replay()
+
+    def _frame(self) -> None:
+        self.encode_user()
+        self.step_model()
+        self.decode_agent()
+
+    # The three parts of a frame, through the static buffers (the benchmark times them apart).
+
+    def encode_user(self) -> None:
+        self.user_codes.copy_(self.mimi.encode_step(self.user_pcm, self.codec_state)[:, :, 0])
+
+    def step_model(self) -> None:
+        """The one place that decides what is forced: the user's codes always, the agent's
+        text and audio in listening rows."""
+        self.valid.copy_(self.generator.valid())
+        inputs = StepInputs(user=self.user_codes, text=self._pad_text, agent=self._silence,
+                            agent_rows=self.agent_listens)
+        self.tokens.copy_(self.generator.step(inputs))
+
+    def decode_agent(self) -> None:
+        """Every row is decoded (static shapes). A frame that is not valid (only a row that
+        never joined a persona has one) holds start tokens: its codes are clamped into the
+        codebook for the decoder and its audio is silence."""
+        codes = self.tokens[:, 1:, None].clamp(0, self.lm.config.card - 1)
+        decoded = self.mimi.decode_step(codes, self.codec_state)
+        self.agent_pcm.copy_(torch.where(self.valid[:, None, None], decoded, torch.zeros((), device=self.device)))
+
+    def _frame_then_capture(self) -> None:
+        """Run this frame eagerly on a side stream (which also warms up cuBLAS, the compiled
+        kernels and the allocator, as capture requires), then capture the next frames' graph.
+        Capturing runs nothing, so the state advances exactly once."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._frame()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._frame()
+        self._graph = graph

@@ -1,0 +1,295 @@
+"""Every conversation is a row of one batched frame: the scheduler decides when a frame runs.
+
+A worker thread owns the `FrameRunner`. Conversations open a row (`open`), push microphone
+frames into it and read agent frames out, one per frame pushed. Two kinds of rows share it:
+
+- paced rows (live microphones: `respond_realtime`, the server) get their frames in real
+  time. A frame runs as soon as every live row has one waiting, or when the oldest waiting
+  paced frame has waited `max_wait_s`: a paced row still without input then hears silence
+  for that frame (counted in `late_frames`), so one slow client cannot stall the others;
+- unpaced rows (recordings: `respond`, `respond_stream`, `respond_duplex`) have all their
+  frames from the start, so alone they run as fast as the device allows, and beside live
+  rows they simply keep pace.
+
+A row joins its persona at the first frame it has input for, so nothing runs for it before
+its user's first frame, and leaves between frames when its input ends or its reader stops,
+without touching the other rows. Model work is serialised with everything else that uses
+the model (persona prefills, diagnostics) by the engine's compute lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import PersonaPlexError
+from ..text.tokenizer import TextTokenizer
+from .frames import AudioChunk, chunk_of
+from .persona import PersonaSnapshot
+from .runner import FrameRunner
+from .sampling import SamplingConfig
+
+RECENT_FRAMES = 1000  # frame times kept for the statistics
+Delivery = Callable[[AudioChunk | BaseException | None], None]  # a frame, an error, or None: the end
+
+
+class NoFreeRowError(PersonaPlexError):
+    """Every row of the batch holds a conversation."""
+
+
+@dataclass
+class _Row:
+    deliver: Delivery
+    paced: bool
+    persona: PersonaSnapshot
+    sampling: SamplingConfig
+    seed: int | None
+    inputs: deque = field(default_factory=deque)  # (pcm [frame_samples] float32, agent listens)
+    oldest_wait: float | None = None  # monotonic time the oldest queued frame arrived
+    joined: bool = False  # the runner row holds this conversation (from its first input on)
+    input_ended: bool = False
+    closed: bool = False  # the reader stopped: leave at the next frame
+    frames_done: int = 0
+
+
+class RowHandle:
+    """A conversation's end of its row: push frames in, end the input, close."""
+
+    def __init__(self, scheduler: "FrameScheduler", index: int, row: _Row):
+        self._scheduler, self.index, self._row = scheduler, index, row
+
+    def push(self, pcm: np.ndarray, agent_listens: bool = False) -> None:
+        """Queue one microphone frame [frame_samples] float32 (24 kHz)."""
+        self._scheduler._push(self.index, self._row, pcm, agent_listens)
+
+    def end_input(self) -> None:
+        """No more frames: the row ends once every queued frame is answered."""
+        self._scheduler._end_input(self._row)
+
+    def close(self) -> None:
+        """The reader stopped: free the row at the next frame, whatever is still queued."""
+        self._scheduler._close(self.index, self._row)
+
+
+class FrameScheduler:
+    def __init__(self, runner: FrameRunner, tokenizer: TextTokenizer, compute_lock: threading.Lock, *,
+                 max_wait_s: float = 0.08):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.compute_lock = compute_lock
+        self.max_wait_s = max_wait_s
+        self.frame_samples = runner.mimi.frame_samples
+        self._rows: list[_Row | None] = [None] * runner.batch_size
+        self._leaving: set[int] = set()  # rows to reset in the runner before the next frame
+        # Joined rows whose input queue is empty: a frame waits for them (or for the clock).
+        # Kept up to date so that a pushed frame wakes the worker only when it completes a frame.
+        self._starved: set[int] = set()
+        lock = threading.Lock()
+        self._changed = threading.Condition(lock)  # wakes the worker
+        self._freed = threading.Condition(lock)  # wakes conversations waiting for a row
+        self.late_frames = 0
+        self.frames_run = 0
+        self._recent_frame_ms: deque[float] = deque(maxlen=RECENT_FRAMES)
+        # Pinned host buffers, so that the copies to the device do not wait for the host.
+        pin = runner.device.type == "cuda"
+        self._user_pcm = torch.zeros(runner.batch_size, self.frame_samples, pin_memory=pin)
+        self._agent_listens = torch.zeros(runner.batch_size, dtype=torch.bool, pin_memory=pin)
+        self._worker = threading.Thread(target=self._run, name="personaplex-frames", daemon=True)
+        self._worker.start()
+
+    @property
+    def capacity(self) -> int:
+        return len(self._rows)
+
+    @property
+    def live_rows(self) -> int:
+        with self._changed:
+            return sum(row is not None for row in self._rows)
+
+    def stats(self) -> dict[str, float | int]:
+        """Frames run, paced frames that arrived late, rows in use, and the compute time of
+        the recent frames (median and p99, ms; host copies included)."""
+        with self._changed:
+            recent = sorted(self._recent_frame_ms)
+            live = sum(row is not None for row in self._rows)
+        stats: dict[str, float | int] = {"frames_run": self.frames_run, "late_frames": self.late_frames,
+                                         "live_rows": live, "capacity": self.capacity}
+        if recent:
+            stats["frame_ms_median"] = round(recent[len(recent) // 2], 3)
+            stats["frame_ms_p99"] = round(recent[min(len(recent) - 1, int(0.99 * len(recent)))], 3)
+        return stats
+
+    # ---- conversations (any thread)
+
+    def open(self, persona: PersonaSnapshot, sampling: SamplingConfig, seed: int | None, deliver: Delivery, *,
+             paced: bool, wait_s: float | None = None) -> RowHandle:
+        """Claim a free row for a conversation starting after `persona`. Agent frames go to
+        `deliver`, one per frame pushed, then None. Waits up to `wait_s` seconds for a free row
+        (None: as long as it takes), then raises NoFreeRowError."""
+        row = _Row(deliver=deliver, paced=paced, persona=persona, sampling=sampling, seed=seed)
+        with self._changed:
+            free = self._freed.wait_for(lambda: None in self._rows, timeout=wait_s)
+            if not free:
+                raise NoFreeRowError(f"all {self.capacity} conversation slots are taken: try again later")
+            index = self._rows.index(None)
+            self._rows[index] = row
+            return RowHandle(self, index, row)
+
+    def _push(self, index: int, row: _Row, pcm: np.ndarray, agent_listens: bool) -> None:
+        with self._changed:
+            row.inputs.append((pcm, agent_listens))
+            if len(row.inputs) == 1:
+                row.oldest_wait = time.monotonic()
+                self._starved.discard(index)
+                if not self._starved:  # this frame may be the last one a frame waited for
+                    self._changed.notify()
+
+    def _end_input(self, row: _Row) -> None:
+        with self._changed:
+            row.input_ended = True
+            self._changed.notify_all()
+
+    def _close(self, index: int, row: _Row) -> None:
+        with self._changed:
+            if self._rows[index] is row:
+                row.closed = True
+                self._changed.notify_all()
+
+    # ---- the worker thread
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._work_due():
+                    self._changed.wait(timeout=self._until_overdue())
+                ended = self._retire_rows()
+                if not self._frame_due():
+                    joins, leaves, frames = [], self._take_leaves(), {}
+                else:
+                    joins = [(i, r) for i, r in self._live() if not r.joined and r.inputs]
+                    for _, row in joins:
+                        row.joined = True
+                    leaves = self._take_leaves()
+                    frames = {i: self._next_input(r) for i, r in self._live() if r.joined}
+                    self._starved.update(i for i, r in self._live() if r.joined and not r.inputs)
+            for row in ended:
+                _deliver(row, None)
+            if not (joins or leaves or frames):
+                continue
+            with self.compute_lock:
+                self._apply(joins, leaves)
+                if frames:
+                    self._frame(frames)
+
+    def _until_overdue(self) -> float:
+        """Seconds until the oldest waiting paced frame is overdue (at most one frame period)."""
+        waiting = [row.oldest_wait for _, row in self._live() if row.paced and row.inputs]
+        if not waiting:
+            return self.max_wait_s
+        return max(0.0, min(waiting) + self.max_wait_s - time.monotonic())
+
+    def _live(self) -> list[tuple[int, _Row]]:
+        return [(i, row) for i, row in enumerate(self._rows) if row is not None]
+
+    def _work_due(self) -> bool:
+        return self._frame_due() or bool(self._leaving) or any(
+            row.closed or (row.input_ended and not row.inputs) for _, row in self._live())
+
+    def _retire_rows(self) -> list[_Row]:
+        """Free closed rows and rows whose input ended and was all answered; returns the rows
+        whose readers must still be told the conversation ended."""
+        ended = []
+        for index, row in self._live():
+            if row.closed or (row.input_ended and not row.inputs):
+                self._rows[index] = None
+                self._starved.discard(index)
+                if row.joined:
+                    self._leaving.add(index)
+                if not row.closed:
+                    ended.append(row)
+                self._freed.notify()  # a row is free: a waiting `open` may take it
+        return ended
+
+    def _take_leaves(self) -> list[int]:
+        leaves = sorted(self._leaving)
+        self._leaving.clear()
+        return leaves
+
+    def _frame_due(self) -> bool:
+        """A frame runs when every row that takes part has input waiting (a row takes part
+        once it has had input), or when the oldest waiting paced frame is overdue."""
+        live = [row for _, row in self._live() if row.joined or row.inputs]
+        waiting = [row for row in live if row.inputs]
+        if not waiting:
+            return False
+        if len(waiting) == len(live):
+            return True
+        paced = [row.oldest_wait for row in waiting if row.paced]
+        return bool(paced) and time.monotonic() - min(paced) >= self.max_wait_s
+
+    def _next_input(self, row: _Row) -> tuple[np.ndarray, bool] | None:
+        """The row's next frame, or None when it has none yet (a late paced client)."""
+        if not row.inputs:
+            return None
+        frame = row.inputs.popleft()
+        row.oldest_wait = time.monotonic() if row.inputs else None
+        return frame
+
+    def _apply(self, joins: list[tuple[int, _Row]], leaves: list[int]) -> None:
+        joining = {index for index, _ in joins}
+        for index in leaves:
+            if index not in joining:  # a join resets the row anyway
+                self.runner.leave(index)
+        for index, row in joins:
+            self.runner.join(index, row.persona, row.sampling, row.seed)
+
+    def _frame(self, frames: dict[int, tuple[np.ndarray, bool] | None]) -> None:
+        self._user_pcm.zero_()
+        self._agent_listens.zero_()
+        for index, frame in frames.items():
+            if frame is None:
+                self.late_frames += 1  # this row's client is late: it hears silence this frame
+                continue
+            self._user_pcm[index] = torch.from_numpy(frame[0])
+            self._agent_listens[index] = frame[1]
+        started = time.perf_counter()
+        try:
+            device = self.runner.device
+            self.runner.run(self._user_pcm.to(device, non_blocking=True), self._agent_listens.to(device, non_blocking=True))
+            agent_pcm = self.runner.agent_pcm[:, 0].cpu().numpy()  # the frame's one host synchronisation
+            tokens = self.runner.tokens.cpu().tolist()
+        except Exception as err:  # a failed frame ends every conversation in it, never the worker
+            with self._changed:
+                rows = [(i, self._rows[i]) for i in frames if self._rows[i] is not None]
+                for index, row in rows:
+                    self._rows[index] = None
+                    self._starved.discard(index)
+                    self._leaving.add(index)
+                self._freed.notify_all()
+            for _, row in rows:
+                _deliver(row, err)
+            return
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        self.frames_run += 1
+        self._recent_frame_ms.append(elapsed_ms)
+        for index in frames:
+            row = self._rows[index]
+            if row is None or row.closed:
+                continue
+            _deliver(row, chunk_of(self.tokenizer, agent_pcm[index].copy(), tokens[index], row.frames_done, elapsed_ms))
+            row.frames_done += 1
+
+
+def _deliver(row: _Row, item: AudioChunk | BaseException | None) -> None:
+    """Hand a frame to its conversation; a reader that has gone away (its event loop closed)
+    must not take the worker down with it."""
+    try:
+        row.deliver(item)
+    except RuntimeError:
+        pass

@@ -1,0 +1,124 @@
+"""The fast frame (CUDA graph + compiled element-wise kernels + Triton ring attention) against
+the readable eager frame, on the GPU, in float32 where the two must agree to rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from personaplex import PersonaPlex
+from personaplex.model.layers import READABLE_KERNELS, Kernels
+from personaplex.runtime.runner import FrameRunner
+from personaplex.runtime.sampling import SamplingConfig
+
+FRAMES = 60
+GREEDY = SamplingConfig(greedy=True)
+
+
+@pytest.fixture(scope="module")
+def gpu_engine(tiny_folder):
+    return PersonaPlex.from_pretrained(tiny_folder, device="cuda", dtype=torch.float32, max_sessions=3)
+
+
+def audio(frames: int, rows: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return 0.1 * torch.randn(frames, rows, 1920, generator=gen)
+
+
+def run(runner: FrameRunner, pcm: torch.Tensor, listens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    listens = torch.zeros(runner.batch_size, dtype=torch.bool) if listens is None else listens
+    runner.run(pcm.cuda(), listens.cuda())
+    return runner.tokens.clone(), runner.agent_pcm[:, 0].clone()
+
+
+def fast_and_readable(engine: PersonaPlex, rows: int) -> tuple[FrameRunner, FrameRunner]:
+    fast = FrameRunner(engine.lm, engine.mimi, rows, use_graphs=True, kernels=Kernels.fast())
+    readable = FrameRunner(engine.lm, engine.mimi, rows, use_graphs=False, kernels=READABLE_KERNELS)
+    return fast, readable
+
+
+def test_graphed_frame_equals_readable_frame_over_many_frames(gpu_engine):
+    fast, readable = fast_and_readable(gpu_engine, 2)
+    persona = gpu_engine.persona()
+    for runner in (fast, readable):
+        for row in range(2):
+            runner.join(row, persona, GREEDY)
+    pcm = audio(FRAMES, 2, seed=0)
+    listens = torch.tensor([False, True])
+    for frame in range(FRAMES):
+        listening = listens & (frame < FRAMES // 2)
+        fast_tokens, fast_pcm = run(fast, pcm[frame], listening)
+        readable_tokens, readable_pcm = run(readable, pcm[frame], listening)
+        assert torch.equal(fast_tokens, readable_tokens), f"frame {frame}"
+        error = float((fast_pcm - readable_pcm).norm() / readable_pcm.norm().clamp(min=1e-12))
+        assert error < 1e-4, f"frame {frame}: pcm relative error {error}"
+
+
+def test_rows_join_and_leave_between_graph_replays(gpu_engine):
+    """Each row of a graphed batch gives what the same conversation gives alone (eager, B=1),
+    whenever it joins, while other rows come and go."""
+    fast = FrameRunner(gpu_engine.lm, gpu_engine.mimi, 3, use_graphs=True)
+    persona = gpu_engine.persona()
+    pcm = audio(20, 3, seed=1)
+    joins = {0: 0, 1: 5, 2: 8}  # row -> frame it joins at
+    leaves = {1: 14}
+    got: dict[int, list[torch.Tensor]] = {row: [] for row in joins}
+    for frame in range(20):
+        for row, at in joins.items():
+            if frame == at:
+                fast.join(row, persona, GREEDY, seed=row)
+        for row, at in leaves.items():
+            if frame == at:
+                fast.leave(row)
+        tokens, _ = run(fast, pcm[frame])
+        for row, at in joins.items():
+            if at <= frame < leaves.get(row, 20):
+                got[row].append(tokens[row])
+    for row, at in joins.items():
+        alone = FrameRunner(gpu_engine.lm, gpu_engine.mimi, 1, use_graphs=False)
+        alone.join(0, persona, GREEDY, seed=row)
+        expected = [run(alone, pcm[frame, row : row + 1])[0][0] for frame in range(at, leaves.get(row, 20))]
+        assert torch.equal(torch.stack(got[row]), torch.stack(expected)), f"row {row}"
+
+
+def test_a_frame_that_is_not_valid_is_silent_in_the_graph(gpu_engine):
+    fast = FrameRunner(gpu_engine.lm, gpu_engine.mimi, 2, use_graphs=True)
+    fast.join(1, gpu_engine.persona(), GREEDY)
+    for _ in range(2):  # capture, then replay
+        _, pcm = run(fast, torch.full((2, 1920), 0.1))
+        assert fast.valid.tolist() == [False, True]
+        assert float(pcm[0].abs().max()) == 0.0 and float(pcm[1].abs().max()) > 0.0
+
+
+def test_public_calls_run_the_graphed_frame_and_match_the_readable_one(gpu_engine, tiny_folder):
+    # As many rows as the graphed engine: the same batch shape runs the same matmul kernels, so
+    # float32 rounding cannot flip a near-tied greedy choice of the tiny random model.
+    readable = PersonaPlex.from_pretrained(tiny_folder, device="cuda", dtype=torch.float32, max_sessions=3,
+                                           use_graphs=False)
+    assert gpu_engine.scheduler.runner.use_graphs and not readable.scheduler.runner.use_graphs
+    recording = audio(12, 1, seed=2)[:, 0].reshape(-1).numpy()
+    fast_reply = gpu_engine.respond_duplex(recording, greedy=True)
+    readable_reply = readable.respond_duplex(recording, greedy=True)
+    assert fast_reply.text_tokens == readable_reply.text_tokens
+    assert [f.agent_codes for f in fast_reply.frames] == [f.agent_codes for f in readable_reply.frames]
+    np.testing.assert_allclose(fast_reply.audio, readable_reply.audio, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_triton_ring_attention_equals_sdpa(dtype):
+    from personaplex.model.kernels.decode_attention import decode_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(4, 32, 1, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(4, 32, 3000, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    k_cache, v_cache = k.to(dtype), v.to(dtype)
+    lengths = torch.tensor([1, 57, 2999, 3000], device="cuda")
+    expected = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(
+            q[b : b + 1].float(), k_cache[b : b + 1, :, : int(n)].float(), v_cache[b : b + 1, :, : int(n)].float())
+        for b, n in enumerate(lengths)
+    ])
+    got = decode_attention(q, k_cache, v_cache, lengths).float()
+    assert float((got - expected).norm() / expected.norm()) < 1e-2

@@ -1,0 +1,116 @@
+"""The one frame (`FrameRunner`, eager here on CPU) against the readable frame spelled out
+from the model's parts: Mimi encode, one generator step, Mimi decode, one conversation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from personaplex.runtime.generation import FrameGenerator, StepInputs
+from personaplex.runtime.persona import SILENCE_CODES, TEXT_PAD
+from personaplex.runtime.runner import FrameRunner
+from personaplex.runtime.sampling import SamplingConfig
+
+FRAMES = 6
+GREEDY = SamplingConfig(greedy=True)
+
+
+def user_audio(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (0.1 * rng.standard_normal((FRAMES, 1920))).astype(np.float32)
+
+
+def readable_frames(engine, audio: np.ndarray, listening: list[bool]) -> tuple[list[list[int]], list[np.ndarray]]:
+    """The frame as the model's parts define it, for one conversation after the default persona."""
+    lm, mimi = engine.lm, engine.mimi
+    generator = FrameGenerator(lm, 1, GREEDY, agent_only=True)
+    engine.persona().restore(generator)
+    codec = mimi.init_stream(1)
+    tokens, pcm = [], []
+    with torch.no_grad():
+        for frame, listens in zip(audio, listening):
+            user = mimi.encode_step(torch.from_numpy(frame).view(1, 1, -1), codec)[:, :, 0]
+            inputs = StepInputs(user=user)
+            if listens:
+                inputs.text = torch.tensor([[TEXT_PAD]])
+                inputs.agent = torch.tensor([SILENCE_CODES])
+            out = generator.step(inputs)
+            tokens.append(out[0].tolist())
+            pcm.append(mimi.decode_step(out[:, 1:, None], codec)[0, 0].numpy())
+    return tokens, pcm
+
+
+def run_rows(engine, batch_size: int, rows: dict[int, tuple[np.ndarray, list[bool]]]) -> dict[int, tuple[list, list]]:
+    runner = FrameRunner(engine.lm, engine.mimi, batch_size, use_graphs=False)
+    for row in rows:
+        runner.join(row, engine.persona(), GREEDY)
+    got = {row: ([], []) for row in rows}
+    for frame in range(FRAMES):
+        pcm = torch.zeros(batch_size, 1920)
+        listens = torch.zeros(batch_size, dtype=torch.bool)
+        for row, (audio, listening) in rows.items():
+            pcm[row] = torch.from_numpy(audio[frame])
+            listens[row] = listening[frame]
+        runner.run(pcm, listens)
+        assert bool(runner.valid.all()) or set(rows) != set(range(batch_size))
+        for row in rows:
+            got[row][0].append(runner.tokens[row].tolist())
+            got[row][1].append(runner.agent_pcm[row, 0].numpy().copy())
+    return got
+
+
+def test_rows_equal_the_readable_frame_of_each_conversation(engine):
+    """Two rows with different user audio, one listening for its first frames: each row's
+    greedy tokens and audio equal the readable frame's; a row nobody joined changes nothing."""
+    listening = [[False] * FRAMES, [True, True, True, False, False, False]]
+    audios = [user_audio(1), user_audio(2)]
+    expected = [readable_frames(engine, audio, listen) for audio, listen in zip(audios, listening)]
+    got = run_rows(engine, 3, {0: (audios[0], listening[0]), 2: (audios[1], listening[1])})
+    for (tokens, pcm), row in zip(expected, (0, 2)):
+        assert got[row][0] == tokens
+        np.testing.assert_allclose(np.stack(got[row][1]), np.stack(pcm), atol=1e-5)
+
+
+def test_a_listening_agent_is_held_at_silence(engine):
+    got = run_rows(engine, 2, {0: (user_audio(4), [True] * FRAMES), 1: (user_audio(4), [False] * FRAMES)})
+    # The text stream has no delay: a listening row's text is PAD from its first frame.
+    assert all(tokens[0] == TEXT_PAD for tokens in got[0][0])
+    # Audio codebooks come out one frame late (delay 1): SILENCE from the second frame on.
+    assert all(tokens[1:] == list(SILENCE_CODES) for tokens in got[0][0][1:])
+    assert got[1][0] != got[0][0]
+
+
+def test_rejoin_restarts_the_row(engine):
+    """leave + join gives the row the same conversation as a fresh start."""
+    audio = torch.from_numpy(user_audio(3))
+    runner = FrameRunner(engine.lm, engine.mimi, 1, use_graphs=False)
+    listens = torch.zeros(1, dtype=torch.bool)
+
+    def three_frames() -> list[torch.Tensor]:
+        runner.join(0, engine.persona(), GREEDY)
+        out = []
+        for frame in range(3):
+            runner.run(audio[frame][None], listens)
+            out.append(runner.tokens.clone())
+        return out
+
+    first = three_frames()
+    runner.leave(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, three_frames()))
+
+
+def test_a_frame_that_is_not_valid_is_silent(engine):
+    """A row that never joined a persona holds start tokens while the delays fill: its
+    frame is marked not valid and its audio is silence (codes clamped for the decoder)."""
+    runner = FrameRunner(engine.lm, engine.mimi, 2, use_graphs=False)
+    runner.join(1, engine.persona(), GREEDY)
+    runner.run(torch.full((2, 1920), 0.1), torch.zeros(2, dtype=torch.bool))
+    assert runner.valid.tolist() == [False, True]
+    assert float(runner.agent_pcm[0].abs().max()) == 0.0
+    assert float(runner.agent_pcm[1].abs().max()) > 0.0
+
+
+def test_defaults_follow_the_device(engine):
+    runner = FrameRunner(engine.lm, engine.mimi, 1)
+    assert runner.use_graphs is False  # CPU: the readable eager frame
+    assert runner.kernels.ring_attention is False
