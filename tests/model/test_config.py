@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from personaplex.model.config import PERSONAPLEX_7B, ConfigError, LMConfig, ModelConfig
+from personaplex.model.mimi import Mimi
+from tests.fixtures.tiny_mimi import tiny_mimi_config
 
 
 def test_defaults_are_personaplex_7b():
@@ -56,3 +59,19 @@ def test_bad_json_is_named(tmp_path):
 def test_inconsistent_delays():
     with pytest.raises(ConfigError, match="delays has 3 entries"):
         LMConfig(delays=(0, 1, 1))
+
+
+def test_a_context_without_room_for_the_streaming_ring_is_refused():
+    """Streaming rings keep context - 1 steps (NVIDIA's semantics): the LM needs one frame,
+    Mimi a whole frame of steps (2), or a query would see no key at all."""
+    import dataclasses
+
+    from personaplex.model.mimi import Mimi
+    from tests.fixtures.tiny_mimi import tiny_mimi_config
+
+    with pytest.raises(ConfigError, match=r"context must be at least 2 frames, got 1"):
+        LMConfig(context=1)
+    mimi = tiny_mimi_config()
+    short = dataclasses.replace(mimi, transformer=dataclasses.replace(mimi.transformer, context=2))
+    with pytest.raises(ConfigError, match=r"context \(2\) must be longer than one frame \(2 steps\)"):
+        Mimi(short, device="meta")

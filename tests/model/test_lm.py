@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from personaplex.model.checkpoint import CheckpointError
+from personaplex.model.lm import delay_codes, undelay_logits
 from personaplex.model.lm_checkpoint import load_lm
 from tests.fixtures.oracle import moshi_lm
 from tests.fixtures.tiny_lm import tiny_lm_config, write_tiny_lm
@@ -55,9 +57,8 @@ def test_teacher_forced_logits_equal_upstream_moshi(lm, lm_file, config):
 
 
 def streaming_logits(lm, codes: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the streaming path over the same delayed inputs as `LMModel.forward`, `chunk` frames at a time."""
-    from personaplex.model.lm import delay_codes
-
+    """The streaming path over the same inputs as `LMModel.forward`, `chunk` frames at a time,
+    with the logits aligned as `LMModel.forward` aligns them."""
     batch, _, frames = codes.shape
     start = lm.start_tokens()[None, :, None].expand(batch, -1, 1)
     delayed = torch.cat([start, delay_codes(codes, lm.config.delays, start)], dim=2)
@@ -74,22 +75,28 @@ def streaming_logits(lm, codes: torch.Tensor, chunk: int) -> tuple[torch.Tensor,
             for step in range(lm.config.dep_q):
                 frame_logits.append(lm.depformer_step(step, hidden[:, t : t + 1], targets[:, step], dep_state))
             audio.append(torch.stack(frame_logits, dim=1))
-    return torch.cat(text, dim=1), torch.stack(audio, dim=2)
+    delays = lm.config.delays
+    text_logits = undelay_logits(torch.cat(text, dim=1)[:, None], delays[:1])
+    return text_logits, undelay_logits(torch.stack(audio, dim=2), delays[1 : 1 + lm.config.dep_q])
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 20])
-def test_streaming_equals_teacher_forced_past_the_ring_wrap(lm, config, chunk):
-    codes = random_codes(config, batch=2, frames=20, seed=1)
+@pytest.mark.parametrize(
+    "frames, upstream_context",
+    [(7, 8), (20, 7)],
+    ids=["before-the-ring-is-full", "past-the-wrap"],
+)
+def test_streaming_equals_upstream_with_a_context_one_shorter(lm, lm_file, config, chunk, frames, upstream_context):
+    """NVIDIA's ring (context 8) shows a live frame the last 7 frames, one frame or a chunk
+    at a time: until 7 frames have been written that is upstream at context 8, after it
+    upstream's forward at context 7 (20 frames: the ring wraps twice)."""
+    reference = moshi_lm(lm_file, dataclasses.replace(config, context=upstream_context))
+    codes = random_codes(config, batch=2, frames=frames, seed=1)
     with torch.no_grad():
-        start = lm.start_tokens()[None, :, None].expand(2, -1, 1)
-        from personaplex.model.lm import delay_codes
-
-        delayed = torch.cat([start, delay_codes(codes, config.delays, start)], dim=2)
-        hidden, text_ref = lm.forward_temporal(lm.embed_codes(delayed[:, :, :-1]))
-        audio_ref = lm.depformer_teacher_forced(hidden, delayed[:, :, 1:])
+        expected = reference(codes)
         text, audio = streaming_logits(lm, codes, chunk)
-    assert relative_error(text, text_ref) < 1e-5
-    assert relative_error(audio, audio_ref) < 1e-5
+    assert relative_error(text, expected.text_logits) < 1e-5
+    assert relative_error(audio, expected.logits) < 1e-5
 
 
 def test_rows_are_independent_and_reset(lm, config):

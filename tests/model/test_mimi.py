@@ -3,6 +3,7 @@ state handling, and loader errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 from pathlib import Path
@@ -17,10 +18,11 @@ from personaplex.model.config import MimiConfig
 from personaplex.model.mimi import MIMI_FILENAME, Mimi, MimiStreamState, load_mimi
 from personaplex.model.mimi.codec import is_used_key, module_key, official_tensor_shapes
 from personaplex.model.mimi.quantizer import Codebook
+from personaplex.model.mimi.transformer import MimiTransformer
 from tests.fixtures.tiny_mimi import moshi_mimi, random_mimi_tensors, test_audio, tiny_mimi_config, write_tiny_mimi
 
 FRAME = 1920
-STREAM_FRAMES = 12  # the tiny context (8 steps = 4 frames) wraps twice
+STREAM_FRAMES = 12  # 24 steps: the tiny ring (context 8, 7 slots) wraps three times
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -134,25 +136,85 @@ def test_decode_with_fewer_codebooks_equals_upstream(mimi, upstream, codes):
     assert rel_error(mimi.decode(codes[:, :3]), expected) < 1e-4
 
 
-def test_streaming_encode_equals_upstream_streaming(mimi, upstream, pcm):
-    codes = stream_encode(mimi, pcm)
-    with torch.no_grad(), upstream.streaming(pcm.shape[0]):
-        expected = torch.cat([upstream.encode(frame) for frame in frames_of(pcm)], dim=-1)
-    assert torch.equal(codes, expected)
+def frames_before_the_ring_is_full(config: MimiConfig) -> int:
+    """Streaming frames (2 steps each) after which at most context - 1 steps have been
+    written: until then NVIDIA's ring, upstream's and the whole-clip mask all agree."""
+    return (config.transformer.context - 1) // 2
 
 
-def test_streaming_decode_equals_upstream_streaming(mimi, upstream, codes):
-    pcm = stream_decode(mimi, codes)
-    with torch.no_grad(), upstream.streaming(codes.shape[0]):
-        expected = torch.cat([upstream.decode(codes[..., i : i + 1]) for i in range(codes.shape[-1])], dim=-1)
-    assert rel_error(pcm, expected) < 1e-4
+@pytest.fixture(scope="module")
+def upstream_one_shorter(checkpoint, config):
+    """Upstream at context - 1: its ring then shows what NVIDIA's ring of `context` shows."""
+    return moshi_mimi(checkpoint, with_context(config, config.transformer.context - 1))
 
 
-def test_streaming_equals_whole_clip_until_the_context_is_full(mimi, pcm, codes):
-    # Like upstream, a streaming step writes its 2 positions into a ring of `context` slots
-    # before attending, so once the ring is full the first position of each step sees one
-    # key fewer than the whole-clip mask allows. Until then the two modes agree exactly.
-    frames = mimi.config.transformer.context // 2
+def with_context(config: MimiConfig, context: int) -> MimiConfig:
+    return dataclasses.replace(config, transformer=dataclasses.replace(config.transformer, context=context))
+
+
+def upstream_stream_encode(model, pcm: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), model.streaming(pcm.shape[0]):
+        return torch.cat([model.encode(frame) for frame in frames_of(pcm)], dim=-1)
+
+
+def upstream_stream_decode(model, codes: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), model.streaming(codes.shape[0]):
+        return torch.cat([model.decode(codes[..., i : i + 1]) for i in range(codes.shape[-1])], dim=-1)
+
+
+def test_streaming_equals_upstream_streaming_until_the_ring_is_full(mimi, upstream, config, pcm, codes):
+    frames = frames_before_the_ring_is_full(config)
+    head_pcm, head_codes = pcm[..., : frames * FRAME], codes[..., :frames]
+    assert torch.equal(stream_encode(mimi, head_pcm), upstream_stream_encode(upstream, head_pcm))
+    assert rel_error(stream_decode(mimi, head_codes), upstream_stream_decode(upstream, head_codes)) < 1e-6
+
+
+def test_streaming_equals_upstream_one_shorter_past_the_wrap(mimi, upstream_one_shorter, pcm, codes):
+    """12 frames = 24 steps through a ring of 7: NVIDIA's semantics, from the codec's side."""
+    assert torch.equal(stream_encode(mimi, pcm), upstream_stream_encode(upstream_one_shorter, pcm))
+    assert rel_error(stream_decode(mimi, codes), upstream_stream_decode(upstream_one_shorter, codes)) < 1e-6
+
+
+def brute_force_stream(transformer: MimiTransformer, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """NVIDIA's streaming rule on a full history (no ring): every key ever computed is kept,
+    and a query at q of a call whose last position is P sees the key at k iff
+    k <= q and P - k < context - 1. x [B, d_model, T] in calls of `chunk` steps."""
+    context = transformer.config.context
+    history: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in transformer.layers]
+    outputs = []
+    for begin in range(0, x.shape[-1], chunk):
+        h = x[..., begin : begin + chunk].transpose(1, 2)
+        batch, steps, dim = h.shape
+        positions = torch.arange(begin, begin + steps)
+        for layer, (keys, values) in zip(transformer.layers, history):
+            q, k, v = layer.self_attn._qkv(layer.norm1(h), torch.full((batch,), begin))
+            keys.append(k)
+            values.append(v)
+            key_positions = torch.arange(begin + steps)
+            visible = (key_positions[None, :] <= positions[:, None]) & (positions[-1] - key_positions[None, :] < context - 1)
+            out = torch.nn.functional.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), visible)
+            h = h + layer.layer_scale_1(layer.self_attn.out_proj(out.transpose(1, 2).reshape(batch, steps, dim)))
+            h = layer._feed_forward(h)
+        outputs.append(h.transpose(1, 2))
+    return torch.cat(outputs, dim=-1)
+
+
+@pytest.mark.parametrize("chunk", [2, 1, 3])
+def test_streaming_transformer_follows_the_reference_rule_past_the_wrap(mimi, chunk):
+    """Two steps per call as the codec runs it (and 1, 3), 30 steps through a ring of 7."""
+    transformer = mimi.encoder_transformer
+    x = torch.randn(2, transformer.config.d_model, 30, generator=torch.Generator().manual_seed(3))
+    state = transformer.new_state(2, x.device, x.dtype)
+    with torch.no_grad():
+        streamed = torch.cat([transformer(x[..., i : i + chunk], state) for i in range(0, 30, chunk)], dim=-1)
+        expected = brute_force_stream(transformer, x, chunk)
+    assert rel_error(streamed, expected) < 1e-6
+
+
+def test_streaming_equals_whole_clip_until_the_ring_is_full(mimi, config, pcm, codes):
+    # A streaming step writes its 2 positions into the ring before attending, so once it has
+    # wrapped a step's queries see fewer keys than the whole-clip mask allows.
+    frames = frames_before_the_ring_is_full(config)
     assert torch.equal(stream_encode(mimi, pcm[..., : frames * FRAME]), codes[..., :frames])
     whole = mimi.decode(codes[..., :frames])
     assert rel_error(stream_decode(mimi, codes[..., :frames]), whole) < 1e-5

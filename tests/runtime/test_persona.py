@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from personaplex.runtime.persona import (
 )
 from personaplex.runtime.sampling import SamplingConfig
 from personaplex.runtime.voices import load_voice
+from tests.fixtures.tiny_lm import random_lm
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,25 @@ def test_batched_prefill_equals_stepwise_prefill(parts):
     assert torch.allclose(stepwise.temporal.keys, batched.temporal.keys, atol=1e-5, rtol=1e-4)
     user = torch.randint(0, 2048, (1, 8))
     assert torch.allclose(next_frame_logits(stepwise, user), next_frame_logits(batched, user), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_batched_prefill_equals_stepwise_prefill_past_the_ring_wrap(parts):
+    """With a context just longer than the persona, the conversation after it wraps the KV
+    ring three times: from a batched prefill it runs exactly as from the stepwise one."""
+    lm, voice, tokens = parts
+    persona_frames = len(build_script(lm, tokens, voice=voice).frames)
+    short = random_lm(dataclasses.replace(lm.config, context=persona_frames + 2), seed=4)
+    script = build_script(short, tokens, voice=voice)
+    stepwise = FrameGenerator(short, 1, SamplingConfig(greedy=True), seed=0)
+    batched = FrameGenerator(short, 1, SamplingConfig(greedy=True), seed=0)
+    prefill_stepwise(stepwise, script)
+    prefill_batched(batched, script)
+    user = torch.randint(0, 2048, (3 * short.config.context, 1, 8), generator=torch.Generator().manual_seed(2))
+    for index, frame in enumerate(user):
+        expected, got = stepwise.step(StepInputs(user=frame)), batched.step(StepInputs(user=frame))
+        assert torch.equal(got.tokens, expected.tokens), f"frame {index}"
+        assert torch.allclose(got.text_logits, expected.text_logits, atol=1e-4, rtol=1e-4), f"frame {index}"
 
 
 @torch.no_grad()

@@ -74,6 +74,8 @@ class LMConfig:
             raise ConfigError("dim must be divisible by num_heads (temporal and depformer)")
         if self.dep_q > self.n_q or self.n_q % 2:
             raise ConfigError(f"need an even n_q >= dep_q, got n_q={self.n_q}, dep_q={self.dep_q}")
+        if self.context < 2:  # the streaming ring keeps context - 1 frames
+            raise ConfigError(f"context must be at least 2 frames, got {self.context}")
 
     @property
     def num_codebooks(self) -> int:

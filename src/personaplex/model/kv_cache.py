@@ -1,4 +1,4 @@
-"""Ring KV cache of the temporal transformer: the last `context` frames of every layer.
+"""Ring KV cache of the temporal transformer: the last `context - 1` frames of every layer.
 
 One `TemporalState` holds the whole streaming state of the temporal transformer for a
 batch of conversations. Each batch row has its own position, so conversations that
@@ -9,8 +9,9 @@ at 3000 frames a conversation's cache is 1.57 GB in bf16 and 0.79 GB in fp8, whi
 how many conversations fit on one GPU.
 
 Slot `s` of row `b` holds the keys/values of the frame at position `slot_positions[b, s]`
-(-1: empty). A frame at position p is written at slot p % capacity, so with
-capacity == context the cache always holds exactly the frames the sliding window allows.
+(-1: empty). A frame at position p is written at slot p % capacity. The ring has
+`ring_capacity(context)` = context - 1 slots, so it always holds exactly the frames a live
+frame may see (see `ring_capacity`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+def ring_capacity(context: int) -> int:
+    """Slots of a streaming KV ring for a model whose config says `context`: context - 1.
+
+    NVIDIA's reference (`RingKVCache.complete` in NVIDIA/personaplex) keeps a ring of
+    `context` slots but labels the slot it will write next with a position one past the
+    newest key, so the causal mask always hides it once the ring has wrapped. A query thus
+    sees the keys of the last context - 1 positions written, anchored at the newest one,
+    whether the chunk written before attending is one frame (the LM) or two steps (Mimi).
+    A ring of context - 1 slots, written before attending, holds exactly those keys: the
+    same outputs, with no slot to skip. (Upstream moshi 0.2.13 labels that slot correctly
+    and shows `context` keys; PersonaPlex is defined by NVIDIA's inference code.)
+    Whole-sequence forwards keep the reference's `context`-wide causal window.
+    """
+    return context - 1
 
 
 @dataclass
@@ -68,14 +85,16 @@ class TemporalState:
         steps = torch.arange(num_frames, device=self.next_position.device)
         return self.next_position[:, None] + steps
 
-    def slot_positions_after(self, positions: torch.Tensor) -> torch.Tensor:
-        """Slot positions [B, capacity] once the single frame at `positions` [B, 1] is written."""
-        return self.slot_positions.scatter(1, positions % self.capacity, positions)
-
     def filled_slots_after(self, positions: torch.Tensor) -> torch.Tensor:
         """How many slots [B] hold a frame once the single frame at `positions` is written:
         slots fill from 0 upwards until the ring wraps, then all of them."""
         return torch.clamp(positions[:, -1] + 1, max=self.capacity)
+
+    def filled_slot_mask(self, filled_slots: torch.Tensor) -> torch.Tensor:
+        """Mask [B, 1, 1, capacity] of the first `filled_slots[b]` slots: everything a single
+        live frame sees, since the ring holds only frames of its window and none after it."""
+        slots = torch.arange(self.capacity, device=filled_slots.device)
+        return (slots < filled_slots[:, None])[:, None, None]
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Store a chunk's keys/values [B, H, T, D] of one layer at their ring slots."""

@@ -2,9 +2,10 @@
 
 Per 80 ms frame the model sees 17 token streams (1 text, 8 agent audio, 8 user audio),
 sums their embeddings, runs the 32-layer temporal transformer (causal over frames, with a
-3000-frame sliding window), predicts the text token with `text_linear`, then runs the small
-depformer once per audio codebook (causal over codebooks, separate weights per step) to
-predict the audio tokens one after the other.
+3000-frame window, of which streaming sees the last 2999 as NVIDIA's reference does),
+predicts the text token with `text_linear`, then runs the small depformer once per audio
+codebook (causal over codebooks, separate weights per step) to predict the audio tokens one
+after the other.
 
 Two paths share the weights:
 - `forward(codes)`: teacher-forced over a whole sequence (no state), as upstream's training forward;
@@ -15,13 +16,14 @@ Two paths share the weights:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
-from .kv_cache import TemporalState, sliding_window_mask
+from .kv_cache import TemporalState, ring_capacity, sliding_window_mask
 from .layers import READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, merge_heads, split_heads
 
 ZERO_TOKEN = -1  # "no input": embeds to zero
@@ -64,13 +66,19 @@ class TemporalAttention(nn.Module):
 
 @dataclass
 class AttentionView:
-    """What every layer's attention needs for one forward: the state, the mask, and for a
-    single live frame the number of filled ring slots per row (for the fast kernel)."""
+    """What every layer's attention needs for one forward: the state, and either the mask
+    (whole sequence, or a chunk over cache + chunk) or, for a single live frame, the number
+    of filled ring slots per row (all the fast kernel reads; the mask is built from it once,
+    and only if the readable path asks)."""
 
     state: TemporalState | None
-    mask: torch.Tensor  # [B, 1, T, keys] bool
+    mask: torch.Tensor | None  # [B, 1, T, keys] bool; None for a single live frame
     filled_slots: torch.Tensor | None = None  # [B] int64, single-frame steps only
     kernels: Kernels = READABLE_KERNELS
+
+    @cached_property
+    def ring_mask(self) -> torch.Tensor:
+        return self.state.filled_slot_mask(self.filled_slots)
 
 
 def attend_ring(q: torch.Tensor, state: TemporalState, layer_index: int, view: AttentionView) -> torch.Tensor:
@@ -81,7 +89,7 @@ def attend_ring(q: torch.Tensor, state: TemporalState, layer_index: int, view: A
 
         return decode_attention(q, state.keys[layer_index], state.values[layer_index], view.filled_slots)
     keys, values = state.layer_kv(layer_index, q.dtype)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=view.mask)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=view.ring_mask)
 
 
 class TemporalLayer(nn.Module):
@@ -105,19 +113,22 @@ class TemporalTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: TemporalState | None = None,
                 kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
-        """x [B, T, dim] -> [B, T, dim]. Without state, the T frames are the whole history."""
+        """x [B, T, dim] -> [B, T, dim]. Without state, the T frames are the whole history.
+
+        As in NVIDIA's reference, the whole-sequence forward masks to `context` frames while
+        streaming sees `state.capacity` = context - 1 (see `ring_capacity`): a chunk of prompt
+        frames attends with that window, so it equals the same frames fed one at a time."""
         batch, frames, _ = x.shape
         if state is None:
             positions = torch.arange(frames, device=x.device).expand(batch, frames)
             view = AttentionView(None, sliding_window_mask(positions, positions, self.config.context), kernels=kernels)
         elif frames == 1:
             positions = state.chunk_positions(1)
-            mask = sliding_window_mask(positions, state.slot_positions_after(positions), self.config.context)
-            view = AttentionView(state, mask, state.filled_slots_after(positions), kernels)
+            view = AttentionView(state, None, state.filled_slots_after(positions), kernels)
         else:
             positions = state.chunk_positions(frames)
             key_positions = torch.cat([state.slot_positions, positions], dim=1)
-            view = AttentionView(state, sliding_window_mask(positions, key_positions, self.config.context), kernels=kernels)
+            view = AttentionView(state, sliding_window_mask(positions, key_positions, state.capacity), kernels=kernels)
         for index, layer in enumerate(self.layers):
             x = layer(x, positions, view, index)
         if state is not None:
@@ -241,7 +252,7 @@ class LMModel(nn.Module):
         weight = self.text_linear.weight
         c = self.config
         return TemporalState.empty(
-            c.num_layers, batch_size, c.num_heads, c.head_dim, c.context,
+            c.num_layers, batch_size, c.num_heads, c.head_dim, ring_capacity(c.context),
             device=device or weight.device, dtype=dtype or self.activation_dtype,
         )
 

@@ -1,8 +1,8 @@
 """Attention of one new frame over the filled slots of the KV ring (flash-decoding, Triton).
 
-A live frame's query attends to every cached key of its row (the ring holds exactly the
-frames the sliding window allows). The readable path does that with SDPA and a mask over
-all 3000 slots, so it reads the whole cache even when a conversation is 10 s old. This kernel
+A live frame's query attends to every cached key of its row: the ring's context - 1 slots
+hold exactly the frames NVIDIA's reference lets it see (`kv_cache.ring_capacity`), so there
+is no slot to skip. The readable path does that with SDPA and a mask over all 2999 slots, so it reads the whole cache even when a conversation is 10 s old. This kernel
 reads only the first `lengths[b]` slots of row b (slots fill from 0 until the ring wraps),
 splitting them over several programs per head so that one query still fills the GPU; a small
 reduction then merges the partial softmaxes. Shapes are static, so it is CUDA-graph safe.

@@ -44,8 +44,8 @@ def _check_config(config: MimiConfig) -> int:
         raise ConfigError(
             f"a Mimi frame ({samples} samples) must be a whole multiple (>= 2) of the SEANet hop ({s.hop_length})"
         )
-    if t.context < stride:
-        raise ConfigError(f"Mimi transformer context ({t.context}) is shorter than one frame ({stride} steps)")
+    if t.context <= stride:  # a streaming step's ring (context - 1 slots) must hold the whole frame
+        raise ConfigError(f"Mimi transformer context ({t.context}) must be longer than one frame ({stride} steps)")
     if not 2 <= config.num_codebooks <= q.n_q:
         raise ConfigError(f"num_codebooks must be in [2, {q.n_q}], got {config.num_codebooks}")
     return stride

@@ -1,10 +1,12 @@
 """Mimi's transformer: causal, sliding-window attention with RoPE, LayerNorm, GELU FFN and
 layer scale, on [B, C, T] latents at 25 Hz.
 
-Two modes, each equal to its upstream counterpart:
+Two modes, each equal to its counterpart in NVIDIA's reference (NVIDIA/personaplex's moshi):
 - `forward`: a whole clip, attention masked to the last `context` positions;
-- `step`: a few positions per call, keys/values kept in a ring of `context` slots per layer.
-They agree until the ring is full, then differ slightly (see `Attention.step`).
+- `step`: a few positions per call, keys/values kept in a ring of `context - 1` slots per
+  layer (`ring_capacity`): each call's queries see the last context - 1 positions written,
+  counted from the call's last position.
+They agree while at most context - 1 positions have been written, then differ slightly.
 Parameter names follow the official checkpoint (`layers.{i}.self_attn.in_proj_weight`, ...).
 """
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from personaplex.model.config import MimiTransformerConfig
+from personaplex.model.kv_cache import ring_capacity
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +46,7 @@ class TransformerState:
     """Streaming state of one Mimi transformer: a key/value ring per layer and the position
     of each row's next step."""
 
-    keys: list[torch.Tensor]  # per layer [B, H, context, D]; slot = position % context
+    keys: list[torch.Tensor]  # per layer [B, H, slots, D]; slot = position % slots
     values: list[torch.Tensor]
     offset: torch.Tensor  # [B] int64: positions consumed so far
 
@@ -80,10 +83,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, offset, self.max_period)
         return q, k, v
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-        """query_pos [B, T, 1], key_pos [B, 1, S] (negative = empty slot)."""
-        delta = query_pos - key_pos
-        visible = (key_pos >= 0) & (delta >= 0) & (delta < self.context)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """visible [B or 1, T, S]: which keys each query sees."""
         out = F.scaled_dot_product_attention(q, k, v, visible[:, None])
         batch, heads, steps, head_dim = out.shape
         return self.out_proj(out.permute(0, 2, 1, 3).reshape(batch, steps, heads * head_dim))
@@ -94,26 +95,29 @@ class Attention(nn.Module):
         offset = torch.zeros(batch, device=x.device, dtype=torch.long)
         q, k, v = self._qkv(x, offset)
         positions = torch.arange(steps, device=x.device)
-        return self._attend(q, k, v, positions.view(1, -1, 1), positions.view(1, 1, -1))
+        delta = positions.view(-1, 1) - positions.view(1, -1)
+        return self._attend(q, k, v, ((delta >= 0) & (delta < self.context))[None])
 
     def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """x [B, T, C] at positions offset[b] + t; writes its keys/values into the ring.
+        """x [B, T, C] at positions offset[b] + t (T < ring slots); writes its keys/values
+        into the ring, then attends.
 
-        As upstream, the T new keys are written before attending, so once the ring is full
-        they overwrite the oldest T - 1 keys that the first queries could still see under
-        the whole-clip mask: streaming then differs slightly from `forward` (and matches
-        upstream's streaming exactly)."""
+        As in the reference, the T new keys are written first, so the ring then holds the
+        last context - 1 positions up to the call's last one, P: a query at q sees the keys at
+        k <= q with P - k < context - 1. The first queries of a call thus see fewer keys than
+        the whole-clip mask allows once the ring has wrapped."""
         batch, steps, _ = x.shape
         q, k, v = self._qkv(x, offset)
+        capacity = keys.shape[2]
         new_pos = offset.view(-1, 1) + torch.arange(steps, device=x.device)  # [B, T]
-        slots = (new_pos % self.context).view(batch, 1, steps, 1).expand(-1, k.shape[1], -1, k.shape[3])
+        slots = (new_pos % capacity).view(batch, 1, steps, 1).expand(-1, k.shape[1], -1, k.shape[3])
         keys.scatter_(2, slots, k)
         values.scatter_(2, slots, v)
-        # Slot s holds the latest position p <= last with p = s (mod context); p < 0: never written.
+        # Slot s holds the latest position p <= last with p = s (mod capacity); p < 0: never written.
         last = new_pos[:, -1:]
-        ring = torch.arange(self.context, device=x.device)
-        key_pos = last - (last - ring) % self.context
-        return self._attend(q, keys, values, new_pos.view(batch, steps, 1), key_pos.view(batch, 1, -1))
+        key_pos = last - (last - torch.arange(capacity, device=x.device)) % capacity  # [B, slots]
+        visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
+        return self._attend(q, keys, values, visible)
 
 
 class TransformerLayer(nn.Module):
@@ -151,7 +155,7 @@ class MimiTransformer(nn.Module):
 
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> TransformerState:
         c = self.config
-        shape = (batch_size, c.num_heads, c.context, c.d_model // c.num_heads)
+        shape = (batch_size, c.num_heads, ring_capacity(c.context), c.d_model // c.num_heads)
         return TransformerState(
             keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
             values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
