@@ -247,12 +247,14 @@ class PersonaPlex:
     def respond_stream(self, audio: Any, *, sample_rate: int = SAMPLE_RATE, voice: str = DEFAULT_VOICE,
                        voice_wav: str | None = None, system_prompt: str = DEFAULT_PROMPT, max_steps: int = 75,
                        seed: int | None = None, greedy: bool = False,
-                       stop_after_silent_frames: int | None = None) -> ChunkStream:
+                       stop_after_silent_frames: int | None = None,
+                       sampling: SamplingConfig | None = None) -> ChunkStream:
         """Turn-based, streamed: the user speaks while the agent listens, then the agent replies
-        for `max_steps` frames (or until `stop_after_silent_frames` silent frames in a row)."""
+        for `max_steps` frames (or until `stop_after_silent_frames` silent frames in a row).
+        `sampling` replaces the reference temperatures and top-k (then `greedy` is not read)."""
         user_pcm = prepare_user_audio(audio, sample_rate)
         _check_steps(max_steps, stop_after_silent_frames)
-        conversation = self.conversation(voice_wav or voice, system_prompt, seed, greedy)
+        conversation = self.conversation(voice_wav or voice, system_prompt, seed, greedy, sampling)
         return ChunkStream(self._turn(conversation, user_pcm, max_steps, stop_after_silent_frames))
 
     def _turn(self, conversation: Conversation, user_pcm: np.ndarray, max_steps: int,
@@ -292,24 +294,26 @@ class PersonaPlex:
     async def respond_realtime(self, mic_frames: AsyncIterator[np.ndarray], *, sample_rate: int = SAMPLE_RATE,
                                voice: str = DEFAULT_VOICE, voice_wav: str | None = None,
                                system_prompt: str = DEFAULT_PROMPT, seed: int | None = None,
-                               greedy: bool = False) -> AsyncIterator[AudioChunk]:
+                               greedy: bool = False, sampling: SamplingConfig | None = None) -> AsyncIterator[AudioChunk]:
         """Full duplex in lock-step: microphone blocks of any size in, one 1920-sample agent
         frame out per 1920 samples in. Stops when the input ends or the consumer stops.
+        `sampling` replaces the reference temperatures and top-k (then `greedy` is not read).
         With `enable_batching`, the conversation runs as one row of the shared batch."""
+        sampling = sampling or SamplingConfig(greedy=greedy)
         if self._batcher is not None:
-            async for chunk in self._batched_realtime(mic_frames, sample_rate, voice_wav or voice, system_prompt, seed, greedy):
+            async for chunk in self._batched_realtime(mic_frames, sample_rate, voice_wav or voice, system_prompt, seed, sampling):
                 yield chunk
             return
-        conversation = await asyncio.to_thread(self.conversation, voice_wav or voice, system_prompt, seed, greedy)
+        conversation = await asyncio.to_thread(self.conversation, voice_wav or voice, system_prompt, seed, sampling=sampling)
         index = 0
         async for frame in model_rate_frames(mic_frames, sample_rate, self.frame_samples):
             yield _chunk(await asyncio.to_thread(conversation.step, frame), index)
             index += 1
 
     async def _batched_realtime(self, mic_frames: AsyncIterator[np.ndarray], sample_rate: int, voice: str,
-                                system_prompt: str, seed: int | None, greedy: bool) -> AsyncIterator[AudioChunk]:
+                                system_prompt: str, seed: int | None, sampling: SamplingConfig) -> AsyncIterator[AudioChunk]:
         persona = await asyncio.to_thread(self.persona, voice, system_prompt)
-        frames = self._batcher.conversation(mic_frames, persona, SamplingConfig(greedy=greedy), sample_rate, seed)
+        frames = self._batcher.conversation(mic_frames, persona, sampling, sample_rate, seed)
         async with contextlib.aclosing(frames):
             index = 0
             async for out in frames:

@@ -17,6 +17,7 @@ import numpy as np
 
 from personaplex.errors import UnknownVoiceError
 from personaplex.runtime.prompts import DEFAULT_PROMPT
+from personaplex.runtime.sampling import SamplingConfig
 from personaplex.runtime.voices import VOICE_NAMES
 
 SAMPLE_RATE = 24_000
@@ -69,6 +70,7 @@ class FakeEngine:
         max_steps: int = 75,
         seed: int | None = None,
         greedy: bool = False,
+        sampling: SamplingConfig | None = None,
     ) -> Iterator[FakeChunk]:
         if voice not in VOICE_NAMES:
             raise UnknownVoiceError(f"unknown voice {voice!r}")
@@ -96,6 +98,7 @@ class FakeEngine:
         system_prompt: str = DEFAULT_PROMPT,
         seed: int | None = None,
         greedy: bool = False,
+        sampling: SamplingConfig | None = None,
     ) -> AsyncIterator[FakeChunk]:
         if voice not in VOICE_NAMES:
             raise UnknownVoiceError(f"unknown voice {voice!r}")

@@ -142,8 +142,11 @@ class ChatClient:
     """A protocol client over websockets' sync API, decoding what comes back."""
 
     def __init__(self, url: str, *, origin: str | None = None, **query: Any) -> None:
+        """`query`: the websocket's query parameters; `events=1` unless given (events=0: a
+        client of the reference protocol)."""
         from urllib.parse import urlencode
 
+        query.setdefault("events", 1)
         full_url = f"{url}?{urlencode(query)}" if query else url
         self._exit_stack = ExitStack()
         self.connection: ClientConnection = self._exit_stack.enter_context(
