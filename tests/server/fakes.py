@@ -45,8 +45,11 @@ class FakeEngine:
     sample_rate = SAMPLE_RATE
     frame_samples = FRAME
 
-    def __init__(self, frame_seconds: float = 0.0) -> None:
+    def __init__(self, frame_seconds: float = 0.0, persona_seconds: float = 0.0, fail_at_frame: int | None = None) -> None:
         self.frame_seconds = frame_seconds  # simulated compute time per frame
+        self.persona_seconds = persona_seconds  # simulated persona prefill before the first frame
+        self.fail_at_frame = fail_at_frame  # full duplex: raise a RuntimeError instead of this frame
+        self.realtime_calls: list[dict] = []
         self._lock = threading.Lock()
         self.running = 0  # generations in progress now
         self.stream_calls: list[dict] = []
@@ -102,10 +105,14 @@ class FakeEngine:
     ) -> AsyncIterator[FakeChunk]:
         if voice not in VOICE_NAMES:
             raise UnknownVoiceError(f"unknown voice {voice!r}")
+        self.realtime_calls.append({"voice": voice, "system_prompt": system_prompt, "sampling": sampling})
+        await asyncio.sleep(self.persona_seconds)
         self._started()
         try:
             index = 0
             async for frame in mic_frames:
+                if index == self.fail_at_frame:
+                    raise RuntimeError("simulated engine failure")
                 assert len(frame) == FRAME
                 self.realtime_input_peaks.append(float(np.abs(frame).max()))
                 started = time.perf_counter()
