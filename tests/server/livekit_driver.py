@@ -2,7 +2,7 @@
 outside a LiveKit room. Run by test_livekit.py with the python of the plugin's own venv,
 so it imports nothing from this repository. Prints one JSON line of what it saw.
 
-    python livekit_driver.py talk WS_URL VOICE PROMPT INPUT_RATE
+    python livekit_driver.py talk WS_URL VOICE PROMPT INPUT_RATE [TOKEN]
     python livekit_driver.py refused WS_URL VOICE PROMPT SECONDS
 """
 
@@ -41,7 +41,7 @@ def tone_frames(rate: int, seconds: float, hz: float = 330.0) -> list[rtc.AudioF
     ]
 
 
-async def talk(url: str, voice: str, prompt: str, input_rate: int) -> dict:
+async def talk(url: str, voice: str, prompt: str, input_rate: int, token: str | None) -> dict:
     """Speak 1.5 s, and collect the model's audio and text until 1 s of audio came back."""
     warnings = WarningCounter()
     logging.getLogger("livekit.plugins.nvidia").addHandler(warnings)
@@ -64,7 +64,9 @@ async def talk(url: str, voice: str, prompt: str, input_rate: int) -> dict:
                     enough.set()
             await text_task
 
-    async with aiohttp.ClientSession() as http:
+    # The plugin's URL has no room for a token: the session's default header carries it.
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as http:
         model = RealtimeModel(base_url=url, voice=voice, text_prompt=prompt, seed=1, http_session=http)
         session = model.session()
         session.on("generation_created", lambda event: asyncio.create_task(read_generation(event)))
@@ -102,9 +104,9 @@ async def refused(url: str, voice: str, prompt: str, seconds: float) -> dict:
 
 
 def main() -> None:
-    mode, url, voice, prompt, number = sys.argv[1:6]
+    mode, url, voice, prompt, number, *token = sys.argv[1:]
     if mode == "talk":
-        result = asyncio.run(talk(url, voice, prompt, int(number)))
+        result = asyncio.run(talk(url, voice, prompt, int(number), token[0] if token else None))
     else:
         result = asyncio.run(refused(url, voice, prompt, float(number)))
     print(json.dumps(result))

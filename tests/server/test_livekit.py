@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from personaplex.server.security import AccessPolicy
 from tests.server.harness import REPO_ROOT
 
 DRIVER = Path(__file__).with_name("livekit_driver.py")
@@ -38,11 +39,11 @@ def drive(*args: str, timeout: float = 150) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("input_rate", [24_000, 48_000])
-def test_the_livekit_plugin_talks_both_ways(start_server, engine, input_rate):
-    server = start_server(engine)
+@pytest.mark.parametrize("input_rate, token", [(24_000, None), (48_000, "sekrit")])
+def test_the_livekit_plugin_talks_both_ways(start_server, engine, input_rate, token):
+    server = start_server(engine, policy=AccessPolicy.create(token))
     url = f"ws://127.0.0.1:{server.port}"
-    seen = drive("talk", url, "VARM2", "You are a helpful assistant.", str(input_rate))
+    seen = drive("talk", url, "VARM2", "You are a helpful assistant.", str(input_rate), *([token] if token else []))
     assert seen["audio_samples"] >= 24_000, seen
     assert seen["errors"] == [] and seen["warnings"] == [], seen  # no "Unknown message type 0x04"
     assert seen["text"], seen
