@@ -45,7 +45,9 @@ class FakeEngine:
     sample_rate = SAMPLE_RATE
     frame_samples = FRAME
 
-    def __init__(self, frame_seconds: float = 0.0, persona_seconds: float = 0.0, fail_at_frame: int | None = None) -> None:
+    def __init__(
+        self, frame_seconds: float = 0.0, persona_seconds: float = 0.0, fail_at_frame: int | None = None
+    ) -> None:
         self.frame_seconds = frame_seconds  # simulated compute time per frame
         self.persona_seconds = persona_seconds  # simulated persona prefill before the first frame
         self.fail_at_frame = fail_at_frame  # full duplex: raise a RuntimeError instead of this frame

@@ -79,7 +79,12 @@ async def talk(url: str, voice: str, prompt: str, input_rate: int, token: str | 
         finally:
             await session.aclose()
             await model.aclose()
-    return {"audio_samples": audio_samples, "text": "".join(text), "errors": errors, "warnings": warnings.messages}
+    return {
+        "audio_samples": audio_samples,
+        "text": "".join(text),
+        "errors": errors,
+        "warnings": warnings.messages,
+    }
 
 
 async def refused(url: str, voice: str, prompt: str, seconds: float) -> dict:

@@ -116,8 +116,14 @@ def test_a_wrong_token_sets_no_cookie_and_a_wrong_cookie_is_refused(start_server
 # ---------------------------------------------------------------- NVIDIA's sampling parameters
 
 NVIDIA_CLIENT_QUERY = {  # what NVIDIA's web client sends, besides the persona
-    "text_temperature": 0.7, "text_topk": 25, "audio_temperature": 0.8, "audio_topk": 250,
-    "pad_mult": 0, "repetition_penalty_context": 64, "repetition_penalty": 1, "text_seed": 776919,
+    "text_temperature": 0.7,
+    "text_topk": 25,
+    "audio_temperature": 0.8,
+    "audio_topk": 250,
+    "pad_mult": 0,
+    "repetition_penalty_context": 64,
+    "repetition_penalty": 1,
+    "text_seed": 776919,
     "audio_seed": 278161,
 }
 

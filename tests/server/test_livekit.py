@@ -19,7 +19,9 @@ DRIVER = Path(__file__).with_name("livekit_driver.py")
 
 
 def livekit_python() -> str:
-    python = os.environ.get("PERSONAPLEX_LIVEKIT_PYTHON") or str(REPO_ROOT / ".venv-livekit" / "bin" / "python")
+    python = os.environ.get("PERSONAPLEX_LIVEKIT_PYTHON") or str(
+        REPO_ROOT / ".venv-livekit" / "bin" / "python"
+    )
     if not Path(python).is_file():
         reason = (
             f"LiveKit's plugin venv is missing ({python}): scripts/test.sh creates it, "
@@ -43,7 +45,9 @@ def drive(*args: str, timeout: float = 150) -> dict:
 def test_the_livekit_plugin_talks_both_ways(start_server, engine, input_rate, token):
     server = start_server(engine, policy=AccessPolicy.create(token))
     url = f"ws://127.0.0.1:{server.port}"
-    seen = drive("talk", url, "VARM2", "You are a helpful assistant.", str(input_rate), *([token] if token else []))
+    seen = drive(
+        "talk", url, "VARM2", "You are a helpful assistant.", str(input_rate), *([token] if token else [])
+    )
     assert seen["audio_samples"] >= 24_000, seen
     assert seen["errors"] == [] and seen["warnings"] == [], seen  # no "Unknown message type 0x04"
     assert seen["text"], seen

@@ -27,8 +27,11 @@ def tone(seconds: float, hz: float) -> np.ndarray:
 
 def client_for(server, api_key: str = "not-needed-on-localhost") -> openai.AsyncOpenAI:
     # websocket_base_url: the beta client would otherwise use wss:// whatever the base URL.
-    return openai.AsyncOpenAI(api_key=api_key, base_url=server.http_url + "/v1",
-                              websocket_base_url=server.http_url.replace("http", "ws") + "/v1")
+    return openai.AsyncOpenAI(
+        api_key=api_key,
+        base_url=server.http_url + "/v1",
+        websocket_base_url=server.http_url.replace("http", "ws") + "/v1",
+    )
 
 
 async def next_event(connection, event_type: str, timeout: float = 60.0):
@@ -48,14 +51,19 @@ def test_a_full_duplex_session_with_the_official_sdk(start_server, engine):
             created = await next_event(connection, "session.created")
             assert created.session.audio.output.voice == "NATM0"
             await connection.session.update(
-                session={"type": "realtime", "instructions": "You like trains.",
-                         "audio": {"output": {"voice": "VARF1"}}}
+                session={
+                    "type": "realtime",
+                    "instructions": "You like trains.",
+                    "audio": {"output": {"voice": "VARF1"}},
+                }
             )
             updated = await next_event(connection, "session.updated")
             assert updated.session.instructions == "You like trains."
             assert updated.session.audio.output.voice == "VARF1"
             for start in range(0, 6 * FRAME, FRAME):  # 480 ms, streamed as a microphone does
-                await connection.input_audio_buffer.append(audio=pcm16_base64(tone(0.48, 300)[start : start + FRAME]))
+                await connection.input_audio_buffer.append(
+                    audio=pcm16_base64(tone(0.48, 300)[start : start + FRAME])
+                )
             audio, transcript = [], []
             await next_event(connection, "response.created")
             async with asyncio.timeout(60):
@@ -85,14 +93,20 @@ def test_errors_are_error_events_and_the_session_stays_open(start_server):
         async with client_for(server).realtime.connect(model="personaplex") as connection:
             await next_event(connection, "session.created")
             errors = []
-            await connection.session.update(session={"type": "realtime", "audio": {"output": {"voice": "alloy"}}})
+            await connection.session.update(
+                session={"type": "realtime", "audio": {"output": {"voice": "alloy"}}}
+            )
             errors.append(await next_event(connection, "error"))
             await connection.response.create()
             errors.append(await next_event(connection, "error"))
             await connection.send({"type": "input_audio_buffer.append", "audio": "not base64!"})
             errors.append(await next_event(connection, "error"))
-            await connection.send({"type": "session.update", "session": {
-                "type": "realtime", "audio": {"input": {"format": {"type": "audio/pcmu"}}}}})
+            await connection.send(
+                {
+                    "type": "session.update",
+                    "session": {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcmu"}}}},
+                }
+            )
             errors.append(await next_event(connection, "error"))
             await connection.input_audio_buffer.append(audio=pcm16_base64(tone(0.16, 300)))
             await next_event(connection, "response.output_audio.delta")  # still talking
@@ -102,7 +116,11 @@ def test_errors_are_error_events_and_the_session_stays_open(start_server):
 
     errors = asyncio.run(session())
     assert [error.error.code for error in errors] == [
-        "invalid_value", "unsupported_event", "invalid_value", "invalid_value", "session_locked",
+        "invalid_value",
+        "unsupported_event",
+        "invalid_value",
+        "invalid_value",
+        "session_locked",
     ]
     assert "unknown voice 'alloy'" in errors[0].error.message
     assert "decides itself when to speak" in errors[1].error.message

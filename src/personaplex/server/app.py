@@ -152,7 +152,8 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
         build their own websocket URL without it."""
         response = await call_next(request)
         token = settings.policy.token
-        if token is not None and "token" in request.query_params and settings.policy.token_accepted(request.query_params, {}):
+        presented = "token" in request.query_params
+        if token is not None and presented and settings.policy.token_accepted(request.query_params, {}):
             response.set_cookie(
                 TOKEN_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https"
             )

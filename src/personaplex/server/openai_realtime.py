@@ -32,7 +32,7 @@ from fastapi import FastAPI, WebSocket
 
 from personaplex.errors import PersonaPlexError
 from personaplex.server.closing import CloseCode
-from personaplex.server.conversation import Channel, PcmRing
+from personaplex.server.conversation import Channel, Engine, PcmRing
 from personaplex.server.metrics import ServerMetrics
 from personaplex.server.model_host import ModelHost
 from personaplex.server.sessions import ServerBusyError, SessionConfig, SessionInfo
@@ -108,16 +108,19 @@ def add_route(
 
     async def _serve(session: RealtimeSession, websocket: WebSocket) -> None:
         if not settings.policy.token_accepted(websocket.query_params, websocket.headers, websocket.cookies):
-            await session.end("the API key is not this server's access token (personaplex serve --token)",
-                              "invalid_api_key", CloseCode.POLICY)
+            await session.end(
+                "the API key is not this server's access token (personaplex serve --token)",
+                "invalid_api_key",
+                CloseCode.POLICY,
+            )
             return
         engine = host.engine
         if engine is None:
             await session.end(host.not_ready_reason(), "model_loading", CloseCode.TRY_LATER)
             return
         try:
-            with conversation_slot(session.config) as info:
-                await session.run(engine, info, settings.ring_frames, settings.startup_frames)
+            with conversation_slot(session.config):
+                await session.run(engine, settings.ring_frames, settings.startup_frames)
         except ServerBusyError as err:
             metrics.sessions_rejected.inc(reason="busy")
             await session.end(str(err), "server_busy", CloseCode.TRY_LATER)
@@ -149,9 +152,15 @@ class RealtimeSession:
         await self.channel.send_text(json.dumps(event, separators=(",", ":")))
 
     async def send_error(self, message: str, code: str, event_id: str | None = None) -> None:
-        error_type = "server_error" if code in ("server_error", "server_busy", "model_loading") else "invalid_request_error"
-        await self.send("error", error={"type": error_type, "code": code, "message": message, "param": None,
-                                         "event_id": event_id})
+        error_type = (
+            "server_error"
+            if code in ("server_error", "server_busy", "model_loading")
+            else "invalid_request_error"
+        )
+        await self.send(
+            "error",
+            error={"type": error_type, "code": code, "message": message, "param": None, "event_id": event_id},
+        )
 
     async def end(self, message: str, code: str, close_code: CloseCode) -> None:
         await self.send_error(message, code)
@@ -159,22 +168,46 @@ class RealtimeSession:
 
     def describe(self) -> dict[str, Any]:
         """The session object of session.created / session.updated."""
-        common = {"id": self.session_id, "object": "realtime.session", "model": MODEL_NAME,
-                  "instructions": self.config.system_prompt, "tools": [], "tool_choice": "none"}
+        common = {
+            "id": self.session_id,
+            "object": "realtime.session",
+            "model": MODEL_NAME,
+            "instructions": self.config.system_prompt,
+            "tools": [],
+            "tool_choice": "none",
+        }
         if self.beta:
-            return {**common, "modalities": ["audio", "text"], "voice": self.config.voice,
-                    "input_audio_format": "pcm16", "output_audio_format": "pcm16", "turn_detection": None,
-                    "input_audio_transcription": None, "temperature": self.config.sampling.audio_temperature,
-                    "max_response_output_tokens": "inf"}
-        return {**common, "type": "realtime", "output_modalities": ["audio"], "max_output_tokens": "inf",
-                "audio": {"input": {"format": AUDIO_FORMAT, "turn_detection": None, "transcription": None,
-                                    "noise_reduction": None},
-                          "output": {"format": AUDIO_FORMAT, "voice": self.config.voice, "speed": 1.0}}}
+            return {
+                **common,
+                "modalities": ["audio", "text"],
+                "voice": self.config.voice,
+                "input_audio_format": "pcm16",
+                "output_audio_format": "pcm16",
+                "turn_detection": None,
+                "input_audio_transcription": None,
+                "temperature": self.config.sampling.audio_temperature,
+                "max_response_output_tokens": "inf",
+            }
+        return {
+            **common,
+            "type": "realtime",
+            "output_modalities": ["audio"],
+            "max_output_tokens": "inf",
+            "audio": {
+                "input": {
+                    "format": AUDIO_FORMAT,
+                    "turn_detection": None,
+                    "transcription": None,
+                    "noise_reduction": None,
+                },
+                "output": {"format": AUDIO_FORMAT, "voice": self.config.voice, "speed": 1.0},
+            },
+        }
 
     # ------------------------------------------------------------------ the session
 
-    async def run(self, engine: Any, info: SessionInfo, ring_frames: int, startup_frames: int) -> None:
-        self._engine, self._info = engine, info
+    async def run(self, engine: Engine, ring_frames: int, startup_frames: int) -> None:
+        self._engine = engine
         self._ring_samples = (ring_frames * engine.frame_samples, startup_frames * engine.frame_samples)
         await self.send("session.created", session=self.describe())
         receiving = asyncio.create_task(self._receive_loop())
@@ -210,8 +243,11 @@ class RealtimeSession:
                 self._ring.clear()
             await self.send("input_audio_buffer.cleared")
         elif event_type in UNSUPPORTED_EVENTS:
-            raise RealtimeError(f"{event_type} is not supported: {UNSUPPORTED_EVENTS[event_type]}",
-                                "unsupported_event", event_id)
+            raise RealtimeError(
+                f"{event_type} is not supported: {UNSUPPORTED_EVENTS[event_type]}",
+                "unsupported_event",
+                event_id,
+            )
         else:
             raise RealtimeError(f"unknown client event type {event_type!r}", "invalid_event", event_id)
 
@@ -220,8 +256,12 @@ class RealtimeSession:
             raise RealtimeError("session.update needs a `session` object", "invalid_event", event_id)
         changes = self._settings_of(session, event_id)
         if changes and self._ring is not None:
-            raise RealtimeError("the voice and instructions are fixed once audio has started: "
-                                "open a new session to change them", "session_locked", event_id)
+            raise RealtimeError(
+                "the voice and instructions are fixed once audio has started: "
+                "open a new session to change them",
+                "session_locked",
+                event_id,
+            )
         try:
             self.config = self.config.updated(changes)
         except PersonaPlexError as err:
@@ -234,10 +274,16 @@ class RealtimeSession:
         output = _object(audio.get("output"))
         for part in ("input", "output"):
             fmt = _object(audio.get(part)).get("format")
-            if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "audio/pcm"
-                                    or fmt.get("rate", 24_000) != 24_000):
-                raise RealtimeError(f"audio.{part}.format must be audio/pcm at 24000 Hz, got {fmt!r}",
-                                    "invalid_value", event_id)
+            if fmt is not None and (
+                not isinstance(fmt, dict)
+                or fmt.get("type") != "audio/pcm"
+                or fmt.get("rate", 24_000) != 24_000
+            ):
+                raise RealtimeError(
+                    f"audio.{part}.format must be audio/pcm at 24000 Hz, got {fmt!r}",
+                    "invalid_value",
+                    event_id,
+                )
         for key in ("input_audio_format", "output_audio_format"):
             if session.get(key) not in (None, "pcm16"):
                 raise RealtimeError(f"{key} must be pcm16, got {session[key]!r}", "invalid_value", event_id)
@@ -258,9 +304,13 @@ class RealtimeSession:
 
     async def _generate(self) -> None:
         config, engine = self.config, self._engine
-        replies = engine.respond_realtime(self._microphone_frames(), voice=config.voice,
-                                          system_prompt=config.system_prompt, seed=config.seed,
-                                          sampling=config.sampling)
+        replies = engine.respond_realtime(
+            self._microphone_frames(),
+            voice=config.voice,
+            system_prompt=config.system_prompt,
+            seed=config.seed,
+            sampling=config.sampling,
+        )
         response_id, item_id = _new_id("resp"), _new_id("item")
         where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
         started = False
@@ -270,22 +320,48 @@ class RealtimeSession:
                     started = True
                     await self._announce_response(response_id, item_id)
                 pcm16 = (np.clip(chunk.pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-                await self.send(self.names.audio_delta, delta=base64.b64encode(pcm16).decode("ascii"), **where)
+                await self.send(
+                    self.names.audio_delta, delta=base64.b64encode(pcm16).decode("ascii"), **where
+                )
                 if chunk.text:
                     await self.send(self.names.transcript_delta, delta=chunk.text, **where)
 
     async def _announce_response(self, response_id: str, item_id: str) -> None:
         """The one response of the session, with its one audio item, as the API opens them."""
-        await self.send("response.created", response={
-            "id": response_id, "object": "realtime.response", "status": "in_progress", "output": [],
-            "conversation_id": None, "metadata": None, "usage": None})
-        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant",
-                "status": "in_progress", "content": []}
+        await self.send(
+            "response.created",
+            response={
+                "id": response_id,
+                "object": "realtime.response",
+                "status": "in_progress",
+                "output": [],
+                "conversation_id": None,
+                "metadata": None,
+                "usage": None,
+            },
+        )
+        item = {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "role": "assistant",
+            "status": "in_progress",
+            "content": [],
+        }
         await self.send("response.output_item.added", response_id=response_id, output_index=0, item=item)
-        await self.send("conversation.item.added" if not self.beta else "conversation.item.created",
-                        previous_item_id=None, item=item)
-        await self.send("response.content_part.added", response_id=response_id, item_id=item_id, output_index=0,
-                        content_index=0, part={"type": "audio", "transcript": ""})
+        await self.send(
+            "conversation.item.added" if not self.beta else "conversation.item.created",
+            previous_item_id=None,
+            item=item,
+        )
+        await self.send(
+            "response.content_part.added",
+            response_id=response_id,
+            item_id=item_id,
+            output_index=0,
+            content_index=0,
+            part={"type": "audio", "transcript": ""},
+        )
 
     async def _microphone_frames(self) -> AsyncIterator[np.ndarray]:
         assert self._ring is not None
@@ -313,13 +389,19 @@ def _parse_event(message: bytes | str) -> dict[str, Any]:
 def _pcm16(audio: Any, event_id: str | None) -> np.ndarray:
     """Base64 PCM16 (little-endian, 24 kHz mono) as float32."""
     if not isinstance(audio, str) or not audio:
-        raise RealtimeError("input_audio_buffer.append needs `audio`: base64 PCM16 at 24 kHz", "invalid_value", event_id)
+        raise RealtimeError(
+            "input_audio_buffer.append needs `audio`: base64 PCM16 at 24 kHz", "invalid_value", event_id
+        )
     if len(audio) > MAX_APPEND_BYTES * 4 // 3 + 4:
-        raise RealtimeError("one append holds at most 15 MiB of audio: send smaller pieces", "invalid_value", event_id)
+        raise RealtimeError(
+            "one append holds at most 15 MiB of audio: send smaller pieces", "invalid_value", event_id
+        )
     try:
         data = base64.b64decode(audio, validate=True)
     except (binascii.Error, ValueError):
         raise RealtimeError("`audio` is not valid base64", "invalid_value", event_id) from None
     if len(data) % 2:
-        raise RealtimeError(f"PCM16 audio has an even number of bytes, got {len(data)}", "invalid_value", event_id)
+        raise RealtimeError(
+            f"PCM16 audio has an even number of bytes, got {len(data)}", "invalid_value", event_id
+        )
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
