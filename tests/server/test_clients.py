@@ -68,11 +68,9 @@ def test_static_folder_is_served_at_the_root_beside_the_api(start_server, tmp_pa
 
 
 def test_serve_refuses_a_static_folder_that_is_not_there(tmp_path, capsys):
-    from tests.server.test_serve_cli import parse
+    from personaplex.cli.main import main
 
-    from personaplex.cli import serve
-
-    assert serve.run(parse("--static", str(tmp_path / "nope"), "--asr-model", "none")) == 2
+    assert main(["serve", "--static", str(tmp_path / "nope"), "--asr-model", "none"]) == 1
     printed = capsys.readouterr().err.strip()
     assert len(printed.splitlines()) == 1 and "--static" in printed and "index.html" in printed
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from personaplex.errors import PersonaPlexError
 from personaplex.server.security import AccessPolicy, is_loopback_host, new_token
 
 DEFAULT_HOST = "127.0.0.1"
@@ -104,12 +105,10 @@ def run(args: argparse.Namespace) -> int:
 
     static_dir = Path(args.static) if args.static else None
     if static_dir is not None and not (static_dir / "index.html").is_file():
-        print(
-            f"personaplex serve: error: --static {args.static} is not a folder with an index.html: "
-            "give the folder of a built web client (e.g. NVIDIA's client/dist after `npm run build`)",
-            file=sys.stderr,
+        raise PersonaPlexError(
+            f"--static {args.static} is not a folder with an index.html: give the folder of a "
+            "built web client (e.g. NVIDIA's client/dist after `npm run build`)"
         )
-        return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
