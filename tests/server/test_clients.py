@@ -234,7 +234,8 @@ def test_audio_sent_during_the_persona_prefill_is_kept(start_server):
 
 def test_startup_audio_is_kept_up_to_its_bound_then_live_audio_is_capped():
     async def scenario() -> None:
-        ring = PcmRing(capacity_samples=2 * FRAME, startup_samples=5 * FRAME)
+        # No grace after the handshake: from then on, live audio only.
+        ring = PcmRing(capacity_samples=2 * FRAME, startup_samples=5 * FRAME, startup_grace_s=0.0)
         assert ring.write(np.ones(4 * FRAME)) == 0  # before the handshake: kept
         assert ring.write(np.ones(3 * FRAME)) == 0  # 1 more kept, 2 live
         assert ring.write(np.full(FRAME, 2.0)) == FRAME  # the oldest live frame goes
@@ -242,7 +243,6 @@ def test_startup_audio_is_kept_up_to_its_bound_then_live_audio_is_capped():
         kept = [await ring.read(FRAME) for _ in range(5)]
         assert all(np.all(frame == 1.0) for frame in kept)
         ring.handshake_sent()
-        ring.STARTUP_GRACE_S = 0.0  # the startup is over: live audio only
         assert ring.write(np.full(2 * FRAME, 3.0)) == 2 * FRAME
         assert np.all(await ring.read(2 * FRAME) == 3.0)
 

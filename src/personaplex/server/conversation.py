@@ -418,11 +418,10 @@ class PcmRing:
     meanwhile), is kept up to `startup_samples` and never dropped for later audio.
     """
 
-    STARTUP_GRACE_S = 1.0  # after the handshake, audio still counts as the startup burst
-
-    def __init__(self, capacity_samples: int, startup_samples: int = 0) -> None:
+    def __init__(self, capacity_samples: int, startup_samples: int = 0, startup_grace_s: float = 1.0) -> None:
         self._capacity = capacity_samples
         self._startup_capacity = startup_samples
+        self._startup_grace_s = startup_grace_s  # after the handshake, audio still counts as the burst
         self._samples = np.zeros(0, dtype=np.float32)
         self._kept = 0  # the oldest samples, from the startup: not dropped
         self._handshake_at: float | None = None
@@ -432,7 +431,7 @@ class PcmRing:
         self._handshake_at = time.monotonic()
 
     def _in_startup(self) -> bool:
-        return self._handshake_at is None or time.monotonic() - self._handshake_at < self.STARTUP_GRACE_S
+        return self._handshake_at is None or time.monotonic() - self._handshake_at < self._startup_grace_s
 
     def write(self, pcm: np.ndarray) -> int:
         """Append `pcm`; returns how many samples were dropped to make room."""
