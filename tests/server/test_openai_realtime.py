@@ -12,6 +12,7 @@ import pytest
 
 from personaplex.server.security import AccessPolicy
 from tests.server.fakes import FRAME, FakeEngine
+from tests.server.harness import get_text
 
 openai = pytest.importorskip("openai", reason="the openai SDK comes with the test extra")
 
@@ -152,3 +153,6 @@ def test_the_api_key_is_the_servers_token(start_server):
     assert asyncio.run(first_event("sekrit"))["type"] == "session.created"
     refused = asyncio.run(first_event("wrong"))
     assert refused["type"] == "error" and refused["error"]["code"] == "invalid_api_key"
+    metrics = get_text(server.http_url + "/metrics", headers={"Authorization": "Bearer sekrit"})
+    assert 'personaplex_sessions_rejected_total{reason="unauthorised"} 1' in metrics
+    assert 'personaplex_sessions_total{mode="duplex"} 1' in metrics

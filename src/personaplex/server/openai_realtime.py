@@ -100,7 +100,7 @@ def add_route(
             await websocket.close(code=CloseCode.POLICY)
             return
         await websocket.accept()
-        session = RealtimeSession(Channel(websocket), websocket.headers.get("openai-beta", ""))
+        session = RealtimeSession(Channel(websocket), websocket.headers.get("openai-beta", ""), metrics)
         try:
             await _serve(session, websocket)
         finally:
@@ -108,22 +108,18 @@ def add_route(
 
     async def _serve(session: RealtimeSession, websocket: WebSocket) -> None:
         if not settings.policy.token_accepted(websocket.query_params, websocket.headers, websocket.cookies):
-            await session.end(
-                "the API key is not this server's access token (personaplex serve --token)",
-                "invalid_api_key",
-                CloseCode.POLICY,
-            )
+            message = "the API key is not this server's access token (personaplex serve --token)"
+            await _refuse(session, "unauthorised", message, "invalid_api_key", CloseCode.POLICY)
             return
         engine = host.engine
         if engine is None:
-            await session.end(host.not_ready_reason(), "model_loading", CloseCode.TRY_LATER)
+            await _refuse(session, "loading", host.not_ready_reason(), "model_loading", CloseCode.TRY_LATER)
             return
         try:
             with conversation_slot(session.config):
                 await session.run(engine, settings.ring_frames, settings.startup_frames)
         except ServerBusyError as err:
-            metrics.sessions_rejected.inc(reason="busy")
-            await session.end(str(err), "server_busy", CloseCode.TRY_LATER)
+            await _refuse(session, "busy", str(err), "server_busy", CloseCode.TRY_LATER)
         except PersonaPlexError as err:
             await session.end(str(err), "invalid_request", CloseCode.POLICY)
         except Exception as err:
@@ -131,12 +127,19 @@ def add_route(
             metrics.session_crashes.inc()
             await session.end(f"internal error: {err}", "server_error", CloseCode.SERVER_ERROR)
 
+    async def _refuse(
+        session: RealtimeSession, reason: str, message: str, code: str, close_code: CloseCode
+    ) -> None:
+        metrics.sessions_rejected.inc(reason=reason)
+        await session.end(message, code, close_code)
+
 
 class RealtimeSession:
     """One /v1/realtime websocket: settings until the first audio, then one conversation."""
 
-    def __init__(self, channel: Channel, beta_header: str) -> None:
+    def __init__(self, channel: Channel, beta_header: str, metrics: ServerMetrics) -> None:
         self.channel = channel
+        self._metrics = metrics
         self.beta = "realtime=v1" in beta_header
         self.names = BETA_NAMES if self.beta else GA_NAMES
         self.config = SessionConfig(mode="duplex")
@@ -300,7 +303,9 @@ class RealtimeSession:
             self._ring = PcmRing(*self._ring_samples)
             self._generation = asyncio.create_task(self._generate())
             self._generation.add_done_callback(lambda _task: self._generation_ended.set())
-        self._ring.write(pcm)
+        dropped = self._ring.write(pcm)
+        if dropped:
+            self._metrics.dropped_frames.inc(dropped / self._engine.frame_samples)
 
     async def _generate(self) -> None:
         config, engine = self.config, self._engine
@@ -319,6 +324,7 @@ class RealtimeSession:
                 if not started:
                     started = True
                     await self._announce_response(response_id, item_id)
+                self._metrics.frame_seconds.observe(chunk.elapsed_ms / 1000.0)
                 pcm16 = (np.clip(chunk.pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
                 await self.send(
                     self.names.audio_delta, delta=base64.b64encode(pcm16).decode("ascii"), **where
