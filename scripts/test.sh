@@ -4,4 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 if [ -f scripts/system-deps.sh ]; then bash scripts/system-deps.sh; fi
+# LiveKit's PersonaPlex plugin (tests/server/test_livekit.py) gets its own venv: it brings
+# livekit-agents and its pins, which must stay out of the project's environment.
+if [ ! -x .venv-livekit/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv-livekit
+    .venv-livekit/bin/python -m pip install -q --no-cache-dir "livekit-plugins-nvidia[personaplex]==1.8.9"
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -297,7 +297,8 @@ class PersonaPlex:
                        sampling: SamplingConfig | None = None) -> ChunkStream:
         """Turn-based, streamed: the user speaks while the agent listens (held at silence),
         then the agent replies for `max_steps` frames (or until `stop_after_silent_frames`
-        silent frames in a row), hearing silence."""
+        silent frames in a row), hearing silence. `sampling` replaces the reference temperatures and top-k
+        (`greedy` still takes the argmax everywhere)."""
         user_pcm = prepare_user_audio(audio, sample_rate)
         _check_steps(max_steps, stop_after_silent_frames)
         silent_mic = np.zeros(self.frame_samples, dtype=np.float32)
@@ -334,7 +335,9 @@ class PersonaPlex:
                                system_prompt: str = DEFAULT_PROMPT, seed: int | None = None,
                                greedy: bool = False, sampling: SamplingConfig | None = None) -> AsyncIterator[AudioChunk]:
         """Full duplex in lock-step: microphone blocks of any size in, one 1920-sample agent
-        frame out per 1920 samples in. Stops when the input ends or the consumer stops."""
+        frame out per 1920 samples in. Stops when the input ends or the consumer stops.
+        `sampling` replaces the reference temperatures and top-k
+        (`greedy` still takes the argmax everywhere)."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
 

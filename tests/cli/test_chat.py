@@ -159,11 +159,11 @@ def test_options_become_the_websocket_url():
     )
     assert (
         options.websocket_url()
-        == "wss://host:8443/api/chat?mode=turn&voice=NATF3&prompt=teacher&max_steps=120&token=t+k"
+        == "wss://host:8443/api/chat?mode=turn&voice=NATF3&events=1&prompt=teacher&max_steps=120&token=t+k"
     )
     duplex = ChatOptions(mode="duplex", system_prompt="Be brief.")
     assert (
-        duplex.websocket_url() == "ws://127.0.0.1:8998/api/chat?mode=duplex&voice=NATM0&text_prompt=Be+brief."
+        duplex.websocket_url() == "ws://127.0.0.1:8998/api/chat?mode=duplex&voice=NATM0&events=1&text_prompt=Be+brief."
     )
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from personaplex.errors import UnknownVoiceError
 from personaplex.runtime.prompts import DEFAULT_PROMPT
+from personaplex.runtime.sampling import SamplingConfig
 from personaplex.runtime.voices import VOICE_NAMES
 
 SAMPLE_RATE = 24_000
@@ -44,8 +45,13 @@ class FakeEngine:
     sample_rate = SAMPLE_RATE
     frame_samples = FRAME
 
-    def __init__(self, frame_seconds: float = 0.0) -> None:
+    def __init__(
+        self, frame_seconds: float = 0.0, persona_seconds: float = 0.0, fail_at_frame: int | None = None
+    ) -> None:
         self.frame_seconds = frame_seconds  # simulated compute time per frame
+        self.persona_seconds = persona_seconds  # simulated persona prefill before the first frame
+        self.fail_at_frame = fail_at_frame  # full duplex: raise a RuntimeError instead of this frame
+        self.realtime_calls: list[dict] = []
         self._lock = threading.Lock()
         self.running = 0  # generations in progress now
         self.stream_calls: list[dict] = []
@@ -72,6 +78,7 @@ class FakeEngine:
         max_steps: int = 75,
         seed: int | None = None,
         greedy: bool = False,
+        sampling: SamplingConfig | None = None,
     ) -> Iterator[FakeChunk]:
         if voice not in VOICE_NAMES:
             raise UnknownVoiceError(f"unknown voice {voice!r}")
@@ -99,13 +106,18 @@ class FakeEngine:
         system_prompt: str = DEFAULT_PROMPT,
         seed: int | None = None,
         greedy: bool = False,
+        sampling: SamplingConfig | None = None,
     ) -> AsyncIterator[FakeChunk]:
         if voice not in VOICE_NAMES:
             raise UnknownVoiceError(f"unknown voice {voice!r}")
+        self.realtime_calls.append({"voice": voice, "system_prompt": system_prompt, "sampling": sampling})
+        await asyncio.sleep(self.persona_seconds)
         self._started()
         try:
             index = 0
             async for frame in mic_frames:
+                if index == self.fail_at_frame:
+                    raise RuntimeError("simulated engine failure")
                 assert len(frame) == FRAME
                 self.realtime_input_peaks.append(float(np.abs(frame).max()))
                 started = time.perf_counter()

@@ -141,13 +141,18 @@ class Received:
 class ChatClient:
     """A protocol client over websockets' sync API, decoding what comes back."""
 
-    def __init__(self, url: str, *, origin: str | None = None, **query: Any) -> None:
+    def __init__(
+        self, url: str, *, origin: str | None = None, headers: dict[str, str] | None = None, **query: Any
+    ) -> None:
+        """`query`: the websocket's query parameters; `events=1` unless given (events=0: a
+        client of the reference protocol)."""
         from urllib.parse import urlencode
 
+        query.setdefault("events", 1)
         full_url = f"{url}?{urlencode(query)}" if query else url
         self._exit_stack = ExitStack()
         self.connection: ClientConnection = self._exit_stack.enter_context(
-            connect(full_url, open_timeout=10, max_size=None, origin=origin)
+            connect(full_url, open_timeout=10, max_size=None, origin=origin, additional_headers=headers)
         )
         self.received = Received()
         self._decoder = OpusStreamDecoder()
@@ -197,6 +202,15 @@ class ChatClient:
     def close(self) -> None:
         self._exit_stack.close()
         self.closed = True
+
+    def wait_closed(self, timeout: float = 20.0) -> tuple[int | None, str | None]:
+        """Read until the server closes the socket; its close code and reason."""
+        deadline = time.monotonic() + timeout
+        while not self.closed:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not close; errors {self.received.errors}")
+            self.poll(timeout=0.05)
+        return self.connection.close_code, self.connection.close_reason
 
     def _record(self, message: bytes | str) -> None:
         assert isinstance(message, bytes), f"server sent a text frame: {message!r}"

@@ -85,7 +85,8 @@ class ChatOptions:
     def websocket_url(self) -> str:
         parts = urlsplit(self.url)
         scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-        query: dict[str, Any] = {"mode": self.mode, "voice": self.voice}
+        # events=1: the transcript, barge-in and state events this client shows.
+        query: dict[str, Any] = {"mode": self.mode, "voice": self.voice, "events": 1}
         if self.system_prompt is not None:
             query["text_prompt"] = self.system_prompt
         elif self.prompt is not None:

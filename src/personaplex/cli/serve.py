@@ -6,8 +6,10 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+from personaplex.errors import PersonaPlexError
 from personaplex.server.security import AccessPolicy, is_loopback_host, new_token
 
 DEFAULT_HOST = "127.0.0.1"
@@ -88,6 +90,12 @@ def register(subparsers: Any) -> None:
         "(default base.en)",
     )
     parser.add_argument(
+        "--static",
+        metavar="DIR",
+        help="serve this folder at / instead of the built-in page, on the same origin as /api/chat "
+        "(for example NVIDIA's built web client: its dist folder)",
+    )
+    parser.add_argument(
         "--ssl-certfile", help="TLS certificate: browsers allow the microphone only on https or localhost"
     )
     parser.add_argument("--ssl-keyfile", help="TLS private key for --ssl-certfile")
@@ -102,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
     from personaplex.server.app import ServerSettings, create_app
     from personaplex.server.model_host import ModelHost
 
+    static_dir = Path(args.static) if args.static else None
+    if static_dir is not None and not (static_dir / "index.html").is_file():
+        raise PersonaPlexError(
+            f"--static {args.static} is not a folder with an index.html: give the folder of a "
+            "built web client (e.g. NVIDIA's client/dist after `npm run build`)"
+        )
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -118,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         policy=AccessPolicy.create(token, args.allowed_origin),
         codec_processes=args.codec_processes or _codec_processes(args.max_sessions),
+        static_dir=static_dir,
     )
     app = create_app(host, settings)
     print(_welcome(args, token), file=sys.stderr, flush=True)

@@ -7,23 +7,25 @@ each conversation is a set of tasks and blocking model work runs in worker threa
 uvicorn is the standard production ASGI server (websockets, TLS, graceful shutdown).
 The reference server uses aiohttp, which has no generated API description.
 
-Endpoints: GET / (the page), GET /api/health, GET /api/status (loading progress,
-sessions), GET /api/voices, GET /api/prompts, GET /metrics (Prometheus), WS /api/chat
-(the conversation protocol: see protocol.py for the messages, sessions.py for the query
-parameters). Until the model is ready the websocket answers an error message
-("model loading ...") and closes with code 1013 (try again later); the page waits for
-GET /api/status to say "ready" before it offers the talk button.
+Endpoints: GET / (the page, or the folder given as `static_dir`), GET /api/health,
+GET /api/status (loading progress, sessions), GET /api/voices, GET /api/prompts,
+GET /metrics (Prometheus), WS /api/chat (the conversation protocol: see protocol.py for the
+messages, sessions.py for the query parameters), WS /v1/realtime (the OpenAI Realtime
+protocol: openai_realtime.py). Until the model is ready the websocket answers an error
+message ("model loading ...") and closes with code 1013 (try again later; closing.py lists
+the codes); the page waits for GET /api/status to say "ready" before it offers the talk button.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
@@ -33,7 +35,8 @@ from personaplex.audio.vad import UtteranceDetector
 from personaplex.errors import PersonaPlexError
 from personaplex.runtime.prompts import PROMPT_PRESETS
 from personaplex.runtime.voices import VOICE_NAMES
-from personaplex.server import protocol
+from personaplex.server import openai_realtime, protocol
+from personaplex.server.closing import CloseCode
 from personaplex.server.conversation import (
     Channel,
     ConversationServices,
@@ -44,16 +47,19 @@ from personaplex.audio.codec_pool import OpusProcessPool
 from personaplex.audio.io import SAMPLE_RATE
 from personaplex.server.metrics import ServerMetrics
 from personaplex.server.model_host import ModelHost
-from personaplex.server.security import AccessPolicy
-from personaplex.server.sessions import DEFAULT_VOICE, ServerBusyError, SessionConfig, SessionManager
+from personaplex.server.security import TOKEN_COOKIE, AccessPolicy
+from personaplex.server.sessions import (
+    DEFAULT_VOICE,
+    ServerBusyError,
+    SessionConfig,
+    SessionInfo,
+    SessionManager,
+)
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_PROMPT_PRESET = "default"
-
-# Websocket close codes (RFC 6455): 1008 policy violation, 1011 server error, 1013 try again later.
-CLOSE_POLICY, CLOSE_SERVER_ERROR, CLOSE_TRY_LATER = 1008, 1011, 1013
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,10 @@ class ServerSettings:
     ring_frames: int = 8
     # Worker processes for the conversations' Opus encoding and decoding (audio/codec_pool.py).
     codec_processes: int = 1
+    # Full-duplex: microphone audio from before the handshake kept for the model (10 s).
+    startup_frames: int = 125
+    # A folder served at / instead of the built-in page (e.g. NVIDIA's built web client).
+    static_dir: Path | None = None
     make_detector: Callable[[], UtteranceDetector] = UtteranceDetector
 
 
@@ -144,14 +154,29 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
         )
 
     def require_token(request: Request) -> None:
-        if not settings.policy.token_accepted(request.query_params, request.headers):
+        if not settings.policy.token_accepted(request.query_params, request.headers, request.cookies):
             raise HTTPException(status_code=401, detail=_TOKEN_MESSAGE)
 
     authorised = [Depends(require_token)]
 
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html")
+    @app.middleware("http")
+    async def remember_token(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        """A page opened with the right ?token= gets it as a cookie, for the clients that
+        build their own websocket URL without it."""
+        response = await call_next(request)
+        token = settings.policy.token
+        presented = "token" in request.query_params
+        if token is not None and presented and settings.policy.token_accepted(request.query_params, {}):
+            response.set_cookie(
+                TOKEN_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https"
+            )
+        return response
+
+    if settings.static_dir is None:
+
+        @app.get("/", include_in_schema=False)
+        async def page() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -193,7 +218,7 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
     async def chat(websocket: WebSocket) -> None:
         if not settings.policy.origin_accepted(websocket.headers):
             metrics.sessions_rejected.inc(reason="origin")
-            await websocket.close(code=CLOSE_POLICY)  # before accepting: the handshake gets a 403
+            await websocket.close(code=CloseCode.POLICY)  # before accepting: the handshake gets a 403
             return
         await websocket.accept()
         channel = Channel(websocket)
@@ -203,17 +228,17 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
             await channel.close()
 
     async def _serve_conversation(channel: Channel, websocket: WebSocket) -> None:
-        if not settings.policy.token_accepted(websocket.query_params, websocket.headers):
-            await _refuse(channel, "unauthorised", _TOKEN_MESSAGE, CLOSE_POLICY)
+        if not settings.policy.token_accepted(websocket.query_params, websocket.headers, websocket.cookies):
+            await _refuse(channel, "unauthorised", _TOKEN_MESSAGE, CloseCode.POLICY)
             return
         try:
             config = SessionConfig.from_query(websocket.query_params)
         except PersonaPlexError as err:
-            await _refuse(channel, "settings", str(err), CLOSE_POLICY)
+            await _refuse(channel, "settings", str(err), CloseCode.POLICY)
             return
         engine = host.engine
         if engine is None:
-            await _refuse(channel, "loading", host.not_ready_reason(), CLOSE_TRY_LATER)
+            await _refuse(channel, "loading", host.not_ready_reason(), CloseCode.TRY_LATER)
             return
         services = ConversationServices(
             engine=engine,
@@ -222,34 +247,52 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
             transcriber=host.transcriber,
             ring_frames=settings.ring_frames,
             codecs=codecs,
+            startup_frames=settings.startup_frames,
         )
         try:
-            with sessions.slot(config) as info:
-                metrics.sessions_total.inc(mode=config.mode)
-                metrics.sessions_active.inc(mode=config.mode)
+            with conversation_slot(config) as info:
+                kind = TurnBasedConversation if config.mode == "turn" else DuplexConversation
+                conversation = kind(channel, services, config, info)
                 try:
-                    kind = TurnBasedConversation if config.mode == "turn" else DuplexConversation
-                    conversation = kind(channel, services, config, info)
-                    try:
-                        await conversation.run()
-                    finally:
-                        conversation.close()
+                    await conversation.run()
                 finally:
-                    metrics.sessions_active.dec(mode=config.mode)
+                    conversation.close()
         except ServerBusyError as err:
-            await _refuse(channel, "busy", str(err), CLOSE_TRY_LATER)
+            await _refuse(channel, "busy", str(err), CloseCode.TRY_LATER)
+        except PersonaPlexError as err:
+            # The engine refused this conversation's request (a persona that does not fit,
+            # ...): the same request would fail again.
+            await _end(channel, str(err), CloseCode.POLICY)
         except Exception as err:
             # One conversation's failure ends that conversation only.
             logger.exception("conversation failed")
             metrics.session_crashes.inc()
-            await channel.send(protocol.error(f"internal error: {err}"))
-            await channel.close(CLOSE_SERVER_ERROR)
+            await _end(channel, f"internal error: {err}", CloseCode.SERVER_ERROR)
 
-    async def _refuse(channel: Channel, reason: str, message: str, code: int) -> None:
+    @contextmanager
+    def conversation_slot(config: SessionConfig) -> Iterator[SessionInfo]:
+        """One of the server's slots, counted, for as long as a conversation runs."""
+        with sessions.slot(config) as info:
+            metrics.sessions_total.inc(mode=config.mode)
+            metrics.sessions_active.inc(mode=config.mode)
+            try:
+                yield info
+            finally:
+                metrics.sessions_active.dec(mode=config.mode)
+
+    async def _refuse(channel: Channel, reason: str, message: str, code: CloseCode) -> None:
         metrics.sessions_rejected.inc(reason=reason)
-        await channel.send(protocol.error(message))
-        await channel.close(code)
+        await _end(channel, message, code)
 
+    async def _end(channel: Channel, message: str, code: CloseCode) -> None:
+        """The error message (0x05), then the close frame with the same reason."""
+        await channel.send(protocol.error(message))
+        await channel.close(code, message)
+
+    openai_realtime.add_route(app, host, settings, metrics, conversation_slot)
+    if settings.static_dir is not None:
+        # Last: the folder answers every path the routes above do not.
+        app.mount("/", StaticFiles(directory=settings.static_dir, html=True), name="client")
     return app
 
 

@@ -5,7 +5,8 @@ buffer, and its tasks; nothing is shared with other conversations but the engine
 serialises model work itself), the ASR model and the metrics. When the socket closes,
 generation stops at once and the slot is freed by the caller.
 
-Events the server sends as metadata (0x04), each a JSON object with a "type":
+Events the server sends as metadata (0x04) to clients that ask for them (`events=1`: the
+reference clients do not know them), each a JSON object with a "type":
 - `session`: the settings in force, `sample_rate`, `frame_samples`, the session `id`.
 - `state`: `listening` | `hearing` (user speaking) | `thinking` (ASR, prefill) | `speaking`
   (turn-based), `live` (full-duplex).
@@ -38,6 +39,7 @@ from personaplex.audio.codec_pool import OpusProcessPool
 from personaplex.audio.vad import SpeechStarted, UtteranceDetector, UtteranceEnded
 from personaplex.errors import PersonaPlexError
 from personaplex.server import protocol
+from personaplex.server.closing import CloseCode, close_reason
 from personaplex.server.metrics import ServerMetrics
 from personaplex.server.protocol import ControlAction, MessageKind, ProtocolError
 from personaplex.server.sessions import UPDATABLE_SETTINGS, SessionConfig, SessionInfo, SettingsError
@@ -82,6 +84,9 @@ class ConversationServices:
     transcriber: Transcriber | None
     ring_frames: int
     codecs: OpusProcessPool
+    # Full-duplex: microphone audio kept from before the handshake (and the burst some
+    # clients send right after it), however slow the engine is to catch up.
+    startup_frames: int
 
 
 class Channel:
@@ -93,24 +98,33 @@ class Channel:
         self.open = True
 
     async def send(self, message: bytes) -> None:
+        await self._send(message)
+
+    async def send_text(self, message: str) -> None:
+        await self._send(message)
+
+    async def _send(self, message: bytes | str) -> None:
         if not self.open:
             return
         async with self._send_lock:
             try:
-                await self._websocket.send_bytes(message)
+                if isinstance(message, str):
+                    await self._websocket.send_text(message)
+                else:
+                    await self._websocket.send_bytes(message)
             except (WebSocketDisconnect, RuntimeError, OSError):
                 # The peer went away between our check and the send: the receive side
                 # sees the disconnect and ends the conversation.
                 self.open = False
 
-    async def close(self, code: int = 1000) -> None:
-        """Close the socket with `code` (RFC 6455), unless the peer already did."""
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the socket with `code` and `reason` (closing.py), unless the peer already did."""
         if not self.open:
             return
         self.open = False
         async with self._send_lock:
             with contextlib.suppress(RuntimeError, OSError):  # the peer closed first
-                await self._websocket.close(code=code)
+                await self._websocket.close(code=code, reason=close_reason(reason))
 
     async def receive(self) -> bytes | str | None:
         """The next message, or None once the peer has closed the socket."""
@@ -150,7 +164,8 @@ class Conversation(ABC):
         self._opus.close()
 
     async def send_event(self, event_type: str, **fields: Any) -> None:
-        await self.channel.send(protocol.metadata({"type": event_type, **fields}))
+        if self.config.events:
+            await self.channel.send(protocol.metadata({"type": event_type, **fields}))
 
     async def send_error(self, message: str) -> None:
         await self.channel.send(protocol.error(message))
@@ -291,6 +306,7 @@ class TurnBasedConversation(Conversation):
                     system_prompt=config.system_prompt,
                     max_steps=config.max_steps,
                     seed=config.seed,
+                    sampling=config.sampling,
                 )
             )
             async with contextlib.aclosing(chunks):
@@ -328,7 +344,9 @@ class DuplexConversation(Conversation):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         engine = self.services.engine
-        self._ring = PcmRing(self.services.ring_frames * engine.frame_samples)
+        self._ring = PcmRing(
+            self.services.ring_frames * engine.frame_samples, self.services.startup_frames * engine.frame_samples
+        )
         self._dropped_frames = 0.0
         self._last_drop_event = 0.0
 
@@ -369,25 +387,26 @@ class DuplexConversation(Conversation):
         )
 
     async def _generate(self) -> None:
+        """Run the engine until the socket closes; its errors end the conversation (app.py
+        closes the socket with the code and reason that say whether to retry)."""
         config = self.config
         replies = self.services.engine.respond_realtime(
             self._microphone_frames(),
             voice=config.voice,
             system_prompt=config.system_prompt,
             seed=config.seed,
+            sampling=config.sampling,
         )
-        try:
-            async with contextlib.aclosing(replies):
-                async for chunk in replies:
-                    await self.send_chunk(
-                        chunk, buffered_ms=round(self._ring.seconds(self.services.engine.sample_rate) * 1000)
-                    )
-        except PersonaPlexError as err:
-            await self.send_error(str(err))
+        async with contextlib.aclosing(replies):
+            async for chunk in replies:
+                await self.send_chunk(
+                    chunk, buffered_ms=round(self._ring.seconds(self.services.engine.sample_rate) * 1000)
+                )
 
     async def _microphone_frames(self) -> AsyncIterator[np.ndarray]:
         """Frames for the engine; the first request means the persona prefill is done."""
         await self.channel.send(protocol.handshake())
+        self._ring.handshake_sent()
         await self.send_session_event()
         await self.send_event("state", state="live")
         frame_samples = self.services.engine.frame_samples
@@ -399,19 +418,37 @@ class PcmRing:
     """Microphone audio waiting for the model, capped: when full, the oldest is dropped.
 
     Dropping keeps the conversation in real time when inference is slower than the
-    microphone, instead of answering ever later.
+    microphone, instead of answering ever later. What the client said before the model was
+    ready is the exception: audio written before the handshake, or in the burst a client
+    sends right after it (clients that wait for the handshake queue their microphone
+    meanwhile), is kept up to `startup_samples` and never dropped for later audio.
     """
 
-    def __init__(self, capacity_samples: int) -> None:
+    def __init__(self, capacity_samples: int, startup_samples: int = 0, startup_grace_s: float = 1.0) -> None:
         self._capacity = capacity_samples
+        self._startup_capacity = startup_samples
+        self._startup_grace_s = startup_grace_s  # after the handshake, audio still counts as the burst
         self._samples = np.zeros(0, dtype=np.float32)
+        self._kept = 0  # the oldest samples, from the startup: not dropped
+        self._handshake_at: float | None = None
         self._changed = asyncio.Event()
 
+    def handshake_sent(self) -> None:
+        self._handshake_at = time.monotonic()
+
+    def _in_startup(self) -> bool:
+        return self._handshake_at is None or time.monotonic() - self._handshake_at < self._startup_grace_s
+
     def write(self, pcm: np.ndarray) -> int:
-        """Append `pcm`; returns how many old samples were dropped to make room."""
-        self._samples = np.concatenate([self._samples, np.asarray(pcm, dtype=np.float32)])
-        overflow = max(0, len(self._samples) - self._capacity)
-        self._samples = self._samples[overflow:]
+        """Append `pcm`; returns how many samples were dropped to make room."""
+        pcm = np.asarray(pcm, dtype=np.float32)
+        if self._in_startup() and len(self._samples) == self._kept:  # kept audio stays one prefix
+            self._kept += min(len(pcm), max(0, self._startup_capacity - self._kept))
+        self._samples = np.concatenate([self._samples, pcm])
+        # Beyond the kept startup audio, the oldest live audio goes first.
+        overflow = max(0, len(self._samples) - self._kept - self._capacity)
+        if overflow:
+            self._samples = np.concatenate([self._samples[: self._kept], self._samples[self._kept + overflow :]])
         self._changed.set()
         return overflow
 
@@ -421,7 +458,13 @@ class PcmRing:
             self._changed.clear()
             await self._changed.wait()
         taken, self._samples = self._samples[:count], self._samples[count:]
+        self._kept = max(0, self._kept - count)
         return taken
+
+    def clear(self) -> None:
+        """Forget the audio waiting for the model."""
+        self._samples = np.zeros(0, dtype=np.float32)
+        self._kept = 0
 
     def seconds(self, sample_rate: int) -> float:
         return len(self._samples) / sample_rate

@@ -2,9 +2,11 @@
 
 On localhost neither is needed. A server reachable from other machines should have a
 token (`personaplex serve` makes one up when listening beyond localhost without one):
-clients present it as `?token=...` (browsers cannot set websocket headers) or as an
-`Authorization: Bearer ...` header. The page and its static files need no token; it
-reads the token from its own URL and passes it on.
+clients present it as `?token=...` (browsers cannot set websocket headers), as an
+`Authorization: Bearer ...` header, or as the `personaplex_token` cookie. The page and its
+static files need no token; opening any page with a correct `?token=` sets that cookie
+(HttpOnly, SameSite=Strict), so a client that builds its own websocket URL, such as
+NVIDIA's web client served with `serve --static`, is let in too.
 
 Browsers let any web page open a websocket to any server, sending the page's origin:
 the conversation socket accepts only clients without an Origin header (not browsers),
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+TOKEN_COOKIE = "personaplex_token"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -34,12 +37,19 @@ class AccessPolicy:
     def create(cls, token: str | None, allowed_origins: Iterable[str] = ()) -> AccessPolicy:
         return cls(token or None, frozenset(origin.rstrip("/") for origin in allowed_origins))
 
-    def token_accepted(self, query: Mapping[str, str], headers: Mapping[str, str]) -> bool:
+    def token_accepted(
+        self, query: Mapping[str, str], headers: Mapping[str, str], cookies: Mapping[str, str] | None = None
+    ) -> bool:
         """Whether the request carries the token (always true when there is none)."""
         if self.token is None:
             return True
-        presented = query.get("token") or _bearer_token(headers.get("authorization", ""))
-        return presented is not None and secrets.compare_digest(presented, self.token)
+        presented = (
+            query.get("token")
+            or _bearer_token(headers.get("authorization", ""))
+            or (cookies or {}).get(TOKEN_COOKIE)
+        )
+        # Bytes: compare_digest refuses str with non-ASCII characters, which a client may send.
+        return presented is not None and secrets.compare_digest(presented.encode(), self.token.encode())
 
     def origin_accepted(self, headers: Mapping[str, str]) -> bool:
         """Whether a websocket from a page with this Origin may connect."""

@@ -12,7 +12,15 @@ names the reference web UI uses are accepted too:
 | `text_prompt` | the system prompt text itself (wins over `prompt`; empty = none) | |
 | `max_steps`   | turn-based: frames of each reply, 50-500             | 75 |
 | `seed`        | integer seed for reproducible sampling (-1 = random) | random |
+| `text_temperature`, `text_topk` | text sampling: temperature 0-5 (0 = argmax), top-k 1-32000 | 0.7, 25 |
+| `audio_temperature`, `audio_topk` | audio sampling: temperature 0-5 (0 = argmax), top-k 1-2048 | 0.8, 250 |
+| `events`      | `1`: also send the metadata events (0x04) of conversation.py | off |
 | `token`       | the access token, when the server has one            | |
+
+NVIDIA's web client also sends `text_seed`, `audio_seed`, `pad_mult`, `repetition_penalty`
+and `repetition_penalty_context`: they are accepted and ignored (text and audio draw from
+one seeded stream, set by `seed`; the model is sampled without padding bonus or repetition
+penalty, as NVIDIA's own server does).
 
 During a turn-based conversation a metadata message (0x04) with any of `voice`,
 `prompt`, `text_prompt`, `max_steps`, `seed` changes the settings of the next reply.
@@ -30,6 +38,7 @@ from typing import Any, Literal
 
 from personaplex.errors import PersonaPlexError, UnknownVoiceError
 from personaplex.runtime.prompts import DEFAULT_PROMPT, PROMPT_PRESETS
+from personaplex.runtime.sampling import SamplingConfig
 from personaplex.runtime.voices import VOICE_NAMES
 
 Mode = Literal["turn", "duplex"]
@@ -38,6 +47,10 @@ DEFAULT_VOICE = "NATM0"
 MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 50, 500, 75
 # The settings a client may change in the middle of a turn-based conversation.
 UPDATABLE_SETTINGS = frozenset({"voice", "prompt", "text_prompt", "max_steps", "seed"})
+MAX_TEMPERATURE = 5.0
+# Sampling query parameters (NVIDIA's client's names); top-k: -> (SamplingConfig field, largest).
+TEMPERATURE_PARAMETERS = ("text_temperature", "audio_temperature")  # named as the fields
+TOP_K_PARAMETERS = {"text_topk": ("text_top_k", 32_000), "audio_topk": ("audio_top_k", 2_048)}
 
 
 class SettingsError(PersonaPlexError, ValueError):
@@ -55,6 +68,8 @@ class SessionConfig:
     system_prompt: str = DEFAULT_PROMPT
     max_steps: int = DEFAULT_STEPS
     seed: int | None = None
+    sampling: SamplingConfig = SamplingConfig()
+    events: bool = False  # send the 0x04 events: only clients that ask understand them
 
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> SessionConfig:
@@ -62,7 +77,8 @@ class SessionConfig:
         mode = query.get("mode", "duplex")
         if mode not in MODES:
             raise SettingsError(f"unknown mode {mode!r}: use 'turn' or 'duplex'")
-        return cls(mode=mode).updated(query)  # type: ignore[arg-type]
+        config = cls(mode=mode, sampling=_sampling_from_query(query), events=_checked_flag(query, "events"))
+        return config.updated(query)  # type: ignore[arg-type]
 
     def updated(self, changes: Mapping[str, Any]) -> SessionConfig:
         """A copy with the given settings changed, each checked."""
@@ -88,7 +104,49 @@ class SessionConfig:
             "system_prompt": self.system_prompt,
             "max_steps": self.max_steps,
             "seed": self.seed,
+            "text_temperature": self.sampling.text_temperature,
+            "text_topk": self.sampling.text_top_k,
+            "audio_temperature": self.sampling.audio_temperature,
+            "audio_topk": self.sampling.audio_top_k,
         }
+
+
+def _sampling_from_query(query: Mapping[str, str]) -> SamplingConfig:
+    settings: dict[str, Any] = {}
+    for name in TEMPERATURE_PARAMETERS:
+        if query.get(name) not in (None, ""):
+            settings[name] = _checked_temperature(name, query[name])
+    for name, (field_name, largest) in TOP_K_PARAMETERS.items():
+        if query.get(name) not in (None, ""):
+            settings[field_name] = _checked_top_k(name, query[name], largest)
+    return SamplingConfig(**settings)
+
+
+def _checked_temperature(name: str, value: str) -> float:
+    try:
+        temperature = float(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {value!r}") from None
+    if not 0.0 <= temperature <= MAX_TEMPERATURE:  # also refuses nan
+        raise SettingsError(f"{name} must be between 0 and {MAX_TEMPERATURE:g}, got {value}")
+    return temperature
+
+
+def _checked_top_k(name: str, value: str, largest: int) -> int:
+    try:
+        top_k = int(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {value!r}") from None
+    if not 1 <= top_k <= largest:
+        raise SettingsError(f"{name} must be between 1 and {largest}, got {top_k}")
+    return top_k
+
+
+def _checked_flag(query: Mapping[str, str], name: str) -> bool:
+    value = query.get(name, "0").lower()
+    if value not in ("0", "1", "true", "false"):
+        raise SettingsError(f"{name} must be 1 or 0, got {value!r}")
+    return value in ("1", "true")
 
 
 def _voice_from_reference_name(name: Any) -> str | None:

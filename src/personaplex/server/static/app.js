@@ -241,6 +241,7 @@ class Conversation {
       mode: this.settings.mode,
       voice: this.settings.voice,
       text_prompt: this.settings.systemPrompt,
+      events: "1", // the session, state and frame events (0x04) this page shows
     });
     if (this.settings.mode === "turn") query.set("max_steps", this.settings.maxSteps);
     if (token) query.set("token", token);
