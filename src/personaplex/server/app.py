@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_PROMPT_PRESET = "default"
 
+CONVERSATION_PATH = "/api/chat"
+
 # Websocket close codes (RFC 6455): 1008 policy violation, 1011 server error, 1013 try again later.
 CLOSE_POLICY, CLOSE_SERVER_ERROR, CLOSE_TRY_LATER = 1008, 1011, 1013
 
@@ -65,6 +68,9 @@ class ServerSettings:
     # Worker processes for the conversations' Opus encoding and decoding (audio/codec_pool.py).
     codec_processes: int = 1
     make_detector: Callable[[], UtteranceDetector] = UtteranceDetector
+    # Set when this app is one replica of several (server/cluster.py): /api/status and
+    # /metrics then speak for all of them.
+    cluster: ClusterView | None = None
 
 
 class Health(BaseModel):
@@ -85,6 +91,19 @@ class SessionSummary(BaseModel):
     seconds: float
 
 
+class ReplicaSummary(BaseModel):
+    id: str
+    node: str
+    device: str
+    pid: int
+    state: str  # loading | ready | error
+    stage: str
+    fraction: float | None
+    sessions: int
+    max_sessions: int
+    free_slots: int
+
+
 class Status(BaseModel):
     state: str  # loading | ready | error
     stage: str  # download | load | warmup | ready (or starting)
@@ -98,6 +117,15 @@ class Status(BaseModel):
     sessions: list[SessionSummary]
     max_sessions: int
     frames: dict[str, float | int]  # the shared frame: frames run, late frames, frame time (ms)
+    replicas: list[ReplicaSummary] | None = None  # only when served by several replicas
+
+
+class ClusterView(Protocol):
+    """What a replica's /api/status and /metrics report about every replica."""
+
+    async def status(self) -> Status: ...
+
+    async def metrics(self) -> str: ...
 
 
 class Voices(BaseModel):
@@ -149,6 +177,20 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
 
     authorised = [Depends(require_token)]
 
+    def local_status() -> Status:
+        metrics.model_ready.set(1 if host.engine is not None else 0)
+        return Status(
+            **host.status(),
+            sessions=[SessionSummary(**info.describe()) for info in sessions.active()],
+            max_sessions=sessions.limit,
+            frames=host.engine.frame_stats() if host.engine is not None else {},
+        )
+
+    # What a cluster replica (server/cluster.py) reports about itself.
+    app.state.local_status = local_status
+    app.state.sessions = sessions
+    app.state.metrics = metrics
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
@@ -166,13 +208,7 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
         summary="Model loading progress and running conversations",
     )
     async def status() -> Status:
-        metrics.model_ready.set(1 if host.engine is not None else 0)
-        return Status(
-            **host.status(),
-            sessions=[SessionSummary(**info.describe()) for info in sessions.active()],
-            max_sessions=sessions.limit,
-            frames=host.engine.frame_stats() if host.engine is not None else {},
-        )
+        return local_status() if settings.cluster is None else await settings.cluster.status()
 
     @app.get("/api/voices", response_model=Voices, dependencies=authorised, summary="Voice presets")
     async def voices() -> Voices:
@@ -187,9 +223,10 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
     )
     async def prometheus_metrics() -> PlainTextResponse:
         metrics.model_ready.set(1 if host.engine is not None else 0)
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        text = metrics.render() if settings.cluster is None else await settings.cluster.metrics()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.websocket("/api/chat")
+    @app.websocket(CONVERSATION_PATH)
     async def chat(websocket: WebSocket) -> None:
         if not settings.policy.origin_accepted(websocket.headers):
             metrics.sessions_rejected.inc(reason="origin")

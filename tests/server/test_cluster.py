@@ -1,0 +1,159 @@
+"""`personaplex serve --replicas 2` on a local Ray cluster (CPU, tiny model): conversations
+spread over the replicas, "busy" only when both are full, /api/status lists the replicas,
+and a replica killed mid-conversation ends that conversation with a 0x05 message."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray.serve", reason="needs the cluster extra: pip install 'personaplex[cluster]'")
+
+from tests.server.harness import ChatClient, get_json, get_text, wait_until  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a Ray cluster and two model loads: about a minute on 2 cores
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 240
+
+
+@dataclass
+class ClusterServer:
+    port: int
+    log: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/chat"
+
+    def status(self) -> dict[str, Any]:
+        return get_json(self.http_url + "/api/status")
+
+    def ready_replicas(self) -> list[dict[str, Any]]:
+        return [replica for replica in self.status()["replicas"] if replica["state"] == "ready"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_folder, tmp_path_factory) -> Iterator[ClusterServer]:
+    """`personaplex serve --replicas 2 --max-sessions 1` in a subprocess (its own Ray)."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("cluster") / "serve.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    command = [
+        sys.executable, "-m", "personaplex.cli.main", "serve",
+        "--replicas", "2", "--max-sessions", "1",
+        "--model", str(tiny_folder), "--device", "cpu", "--asr-model", "none",
+        "--port", str(port), "--log-level", "warning",
+    ]  # fmt: skip
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = ClusterServer(port, log)
+    try:
+        wait_until(lambda: _replicas_ready(server, process), timeout=START_TIMEOUT_S, interval=1.0)
+        yield server
+    except TimeoutError:
+        pytest.fail(f"the cluster did not start; its log ends:\n{log.read_text()[-4000:]}")
+    finally:
+        process.send_signal(signal.SIGINT)  # removes the application and stops its Ray
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _replicas_ready(server: ClusterServer, process: subprocess.Popen) -> bool:
+    if process.poll() is not None:
+        raise AssertionError(f"serve exited ({process.returncode}):\n{server.log.read_text()[-4000:]}")
+    try:
+        return len(server.ready_replicas()) == 2
+    except OSError:  # the proxy is not listening yet
+        return False
+
+
+def _sessions_by_replica(server: ClusterServer) -> dict[str, int]:
+    return {replica["id"]: replica["sessions"] for replica in server.status()["replicas"]}
+
+
+def _talk(client: ChatClient) -> None:
+    """Handshake, then one microphone frame answered by one generated frame."""
+    client.wait_for(lambda got: got.handshakes == 1, timeout=60)
+    client.send_pcm(np.zeros(1920 * 2, dtype=np.float32))
+    client.wait_for(lambda got: len(got.events_of("frame")) >= 1, timeout=60)
+
+
+def test_two_conversations_go_to_two_replicas_and_a_third_is_busy(cluster):
+    status = cluster.status()
+    assert len(status["replicas"]) == 2 and status["max_sessions"] == 2
+    assert all(replica["free_slots"] == 1 and replica["device"] == "cpu" for replica in status["replicas"])
+
+    first = ChatClient(cluster.ws_url, mode="duplex", seed=1)
+    second = ChatClient(cluster.ws_url, mode="duplex", seed=2)
+    _talk(first)
+    _talk(second)
+    wait_until(lambda: sorted(_sessions_by_replica(cluster).values()) == [1, 1], timeout=10)
+    assert len(cluster.status()["sessions"]) == 2
+
+    third = ChatClient(cluster.ws_url, mode="duplex", seed=3)
+    third.drain(10)
+    assert third.closed and third.connection.close_code == 1013
+    assert len(third.received.errors) == 1 and third.received.errors[0].startswith("busy")
+    assert third.received.handshakes == 0
+
+    metrics = get_text(cluster.http_url + "/metrics")
+    for replica in status["replicas"]:
+        assert f'personaplex_sessions_active{{mode="duplex",replica="{replica["id"]}"}} 1.0' in metrics
+
+    first.close()
+    second.close()
+    wait_until(lambda: sorted(_sessions_by_replica(cluster).values()) == [0, 0], timeout=10)
+
+
+def test_a_killed_replica_ends_its_conversation_and_the_other_takes_the_next(cluster):
+    doomed_client = ChatClient(cluster.ws_url, mode="duplex", seed=4)
+    _talk(doomed_client)
+    wait_until(lambda: sorted(_sessions_by_replica(cluster).values()) == [0, 1], timeout=10)
+    replicas = cluster.status()["replicas"]
+    doomed = next(replica for replica in replicas if replica["sessions"] == 1)
+    survivor = next(replica for replica in replicas if replica["sessions"] == 0)
+
+    os.kill(doomed["pid"], signal.SIGKILL)
+    doomed_client.drain(15)
+    assert doomed_client.closed and doomed_client.connection.close_code == 1011
+    assert len(doomed_client.received.errors) == 1
+    assert "stopped" in doomed_client.received.errors[0]
+
+    after = ChatClient(cluster.ws_url, mode="duplex", seed=5)
+    _talk(after)
+    wait_until(lambda: _sessions_by_replica(cluster).get(survivor["id"]) == 1, timeout=10)
+    after.close()
+
+    # Ray Serve replaces the dead replica (a new id), ready once its model is loaded.
+    def replaced() -> bool:
+        ready = {replica["id"] for replica in cluster.ready_replicas()}
+        return len(ready) == 2 and doomed["id"] not in ready
+
+    wait_until(replaced, timeout=START_TIMEOUT_S, interval=1.0)
