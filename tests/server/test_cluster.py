@@ -19,9 +19,8 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="needs the cluster extra: pip install 'personaplex[cluster]'")
 
+from personaplex.cli.main import main  # noqa: E402
 from tests.server.harness import ChatClient, get_json, get_text, wait_until  # noqa: E402
-
-pytestmark = pytest.mark.slow  # a Ray cluster and two model loads: about a minute on 2 cores
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 240
@@ -105,6 +104,7 @@ def _talk(client: ChatClient) -> None:
     client.wait_for(lambda got: len(got.events_of("frame")) >= 1, timeout=60)
 
 
+@pytest.mark.slow  # the cluster: a Ray instance and two model loads, about a minute on 2 cores
 def test_two_conversations_go_to_two_replicas_and_a_third_is_busy(cluster):
     status = cluster.status()
     assert len(status["replicas"]) == 2 and status["max_sessions"] == 2
@@ -132,6 +132,7 @@ def test_two_conversations_go_to_two_replicas_and_a_third_is_busy(cluster):
     wait_until(lambda: sorted(_sessions_by_replica(cluster).values()) == [0, 0], timeout=10)
 
 
+@pytest.mark.slow
 def test_a_killed_replica_ends_its_conversation_and_the_other_takes_the_next(cluster):
     doomed_client = ChatClient(cluster.ws_url, mode="duplex", seed=4)
     _talk(doomed_client)
@@ -157,3 +158,35 @@ def test_a_killed_replica_ends_its_conversation_and_the_other_takes_the_next(clu
         return len(ready) == 2 and doomed["id"] not in ready
 
     wait_until(replaced, timeout=START_TIMEOUT_S, interval=1.0)
+
+
+def test_serve_without_replicas_does_not_import_ray():
+    """The cluster extra is optional: one process serves without Ray installed."""
+    script = (
+        "import sys, argparse\n"
+        "from unittest import mock\n"
+        "from personaplex.cli import serve\n"
+        "parser = argparse.ArgumentParser(); serve.register(parser.add_subparsers())\n"
+        "assert parser.parse_args(['serve', '--replicas', '2']).replicas == 2\n"
+        "with mock.patch('uvicorn.run'):\n"
+        "    serve.run(parser.parse_args(['serve', '--asr-model', 'none']))\n"
+        "print('ray' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--replicas", "0"], "--replicas must be at least 1"),
+        (["--replicas", "2", "--min-replicas", "1"], "needs both --min-replicas and --max-replicas"),
+        (["--replicas", "4", "--min-replicas", "1", "--max-replicas", "3"], "<= --max-replicas"),
+    ],
+)
+def test_bad_replica_counts_get_one_line(flags, message, capsys):
+    assert main(["serve", "--asr-model", "none", *flags]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -47,6 +47,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 from starlette.middleware import Middleware
 
+from personaplex.errors import PersonaPlexError
 from personaplex.server import protocol
 from personaplex.server.app import (
     CLOSE_SERVER_ERROR,
@@ -472,7 +473,14 @@ def serve_until_stopped(
     # A local cluster's processes inherit this: every proxy gets ConversationEndNotice.
     os.environ.update(PROXY_ENV)
     signal.signal(signal.SIGTERM, _interrupt)
-    ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray instance"
+        raise PersonaPlexError(
+            f"could not start or reach {where} ({err}); check --ray-address (host:port of the "
+            "head node's GCS, or 'auto' on a node of the cluster)"
+        ) from None
     try:
         serve.start(
             http_options=http_options,
