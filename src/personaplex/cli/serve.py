@@ -166,7 +166,6 @@ def _serve_on_ray(args: argparse.Namespace, settings: Any, token: str | None) ->
     """Deploy the server on Ray Serve, one replica per GPU, until Ctrl-C."""
     cluster = _cluster_module()
     recipe, scaling = _cluster_plan(args, settings)
-    print(_welcome(args, token, replicas=scaling.replicas), file=sys.stderr, flush=True)
     cluster.serve_until_stopped(
         recipe,
         scaling,
@@ -177,6 +176,7 @@ def _serve_on_ray(args: argparse.Namespace, settings: Any, token: str | None) ->
             "ssl_certfile": args.ssl_certfile,
             "ssl_keyfile": args.ssl_keyfile,
         },
+        welcome=_welcome(args, token, replicas=scaling.replicas),
     )
     return 0
 

@@ -32,6 +32,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, replace
@@ -71,6 +73,8 @@ REPORT_INTERVAL_S = 1.0
 # A replica that has not reported for this long is gone (killed, or its node lost).
 REPORT_STALE_S = 3.0
 BOARD_CALL_TIMEOUT_S = 2.0
+BOARD_READ_CACHE_S = 0.25
+ADDRESS_PROBE_TIMEOUT_S = 5.0
 ROUTING_STATS_PERIOD_S = 0.5
 # Autoscaling aims at replicas this full (ongoing conversations / capacity).
 DEFAULT_TARGET_LOAD = 0.75
@@ -155,16 +159,22 @@ class BoardView:
     def __init__(self, board: DeploymentHandle, own_report: Callable[[], dict[str, Any]]) -> None:
         self._board = board
         self._own_report = own_report
+        # Every open page polls /api/status: one board read per BOARD_READ_CACHE_S serves them all.
+        self._posted: list[dict[str, Any]] = []
+        self._read_at = -BOARD_READ_CACHE_S
 
     async def reports(self) -> list[dict[str, Any]]:
         """Every replica's report, this replica's fresh rather than as last posted."""
         own = self._own_report()
-        try:
-            posted = await asyncio.wait_for(self._board.reports.remote(), BOARD_CALL_TIMEOUT_S)
-        except Exception as err:  # the board restarts with its deployment: answer for this replica
-            logger.warning("the replica board is unavailable (%s); reporting this replica only", err)
-            posted = []
-        return sorted([own, *[r for r in posted if r["id"] != own["id"]]], key=lambda r: r["id"])
+        if time.monotonic() - self._read_at >= BOARD_READ_CACHE_S:
+            try:
+                self._posted = await asyncio.wait_for(self._board.reports.remote(), BOARD_CALL_TIMEOUT_S)
+            except Exception as err:  # the board restarts with its deployment: answer for this replica
+                logger.warning("the replica board is unavailable (%s); reporting this replica only", err)
+                self._posted = []
+            self._read_at = time.monotonic()
+        others = [report for report in self._posted if report["id"] != own["id"]]
+        return sorted([own, *others], key=lambda report: report["id"])
 
     async def status(self) -> Status:
         return cluster_status(await self.reports())
@@ -461,11 +471,16 @@ def _gpus_per_replica(scaling: Scaling) -> float:
 
 
 def serve_until_stopped(
-    recipe: ReplicaRecipe, scaling: Scaling, *, ray_address: str | None, http_options: dict[str, Any]
+    recipe: ReplicaRecipe,
+    scaling: Scaling,
+    *,
+    ray_address: str | None,
+    http_options: dict[str, Any],
+    welcome: str,
 ) -> None:
     """Start Ray (or join the cluster at `ray_address`), run the application on Ray
     Serve's proxy with `http_options` until Ctrl-C or SIGTERM, then remove it (and stop
-    the Ray started here)."""
+    the Ray started here). `welcome` is printed once the application is deployed."""
     import signal
 
     import ray
@@ -473,6 +488,8 @@ def serve_until_stopped(
     # A local cluster's processes inherit this: every proxy gets ConversationEndNotice.
     os.environ.update(PROXY_ENV)
     signal.signal(signal.SIGTERM, _interrupt)
+    if ray_address is not None:
+        _check_reachable(ray_address)
     try:
         ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -488,7 +505,7 @@ def serve_until_stopped(
             controller_options={"runtime_env": {"env_vars": dict(PROXY_ENV)}},
         )
         serve.run(build_application(recipe, scaling), name=APP_NAME, route_prefix="/", blocking=False)
-        logger.info("the application %r is deployed", APP_NAME)
+        print(welcome, file=sys.stderr, flush=True)
         while True:
             time.sleep(1.0)
     finally:
@@ -498,6 +515,20 @@ def serve_until_stopped(
             with contextlib.suppress(Exception):
                 serve.shutdown()
         ray.shutdown()
+
+
+def _check_reachable(ray_address: str) -> None:
+    """Fail at once on a HOST:PORT nobody listens on (Ray itself retries for minutes)."""
+    host, _, port = ray_address.rpartition(":")
+    if "://" in ray_address or not host or not port.isdigit():
+        return  # "auto", ray://..., or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        raise PersonaPlexError(
+            f"no Ray cluster answers at {ray_address} ({err}); give the head node's GCS address "
+            "(`ray start --head` prints it; port 6379 by default), or 'auto' on a node of the cluster"
+        ) from None
 
 
 def _interrupt(_signal: int, _frame: Any) -> None:
