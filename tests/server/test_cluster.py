@@ -184,6 +184,7 @@ def test_serve_without_replicas_does_not_import_ray():
         (["--replicas", "0"], "--replicas must be at least 1"),
         (["--replicas", "2", "--min-replicas", "1"], "needs both --min-replicas and --max-replicas"),
         (["--replicas", "4", "--min-replicas", "1", "--max-replicas", "3"], "<= --max-replicas"),
+        (["--min-replicas", "0", "--max-replicas", "3"], "1 <= --min-replicas"),
         (["--replicas", "1", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
     ],
 )

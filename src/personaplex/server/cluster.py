@@ -114,10 +114,11 @@ class Scaling:
             raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("autoscaling needs both --min-replicas and --max-replicas")
+        # At least one replica always: with none, the page and "busy" would wait for a model load.
         if self.min_replicas is not None and self.max_replicas is not None:
-            if not 0 <= self.min_replicas <= self.replicas <= self.max_replicas or self.max_replicas < 1:
+            if not 1 <= self.min_replicas <= self.replicas <= self.max_replicas:
                 raise ValueError(
-                    "autoscaling needs 0 <= --min-replicas <= --replicas <= --max-replicas, got "
+                    "autoscaling needs 1 <= --min-replicas <= --replicas <= --max-replicas, got "
                     f"{self.min_replicas} <= {self.replicas} <= {self.max_replicas}"
                 )
         return self
@@ -487,7 +488,6 @@ def serve_until_stopped(
 
     # A local cluster's processes inherit this: every proxy gets ConversationEndNotice.
     os.environ.update(PROXY_ENV)
-    signal.signal(signal.SIGTERM, _interrupt)
     if ray_address is not None:
         _check_reachable(ray_address)
     try:
@@ -498,6 +498,8 @@ def serve_until_stopped(
             f"could not start or reach {where} ({err}); check --ray-address (host:port of the "
             "head node's GCS, or 'auto' on a node of the cluster)"
         ) from None
+    # After ray.init, which installs its own (crash-dumping) SIGTERM handler.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(
             http_options=http_options,
