@@ -111,7 +111,10 @@ def register(subparsers: Any) -> None:
         "on this machine",
     )
     cluster.add_argument(
-        "--min-replicas", type=int, metavar="N", help="autoscaling: never fewer replicas (with --max-replicas)"
+        "--min-replicas",
+        type=int,
+        metavar="N",
+        help="autoscaling: never fewer replicas (with --max-replicas)",
     )
     cluster.add_argument(
         "--max-replicas",
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     """Start the server and block until it is stopped (Ctrl-C)."""
     import uvicorn
 
-    from personaplex.server.app import ServerSettings, create_app
+    from personaplex.server.app import create_app
     from personaplex.server.model_host import ModelHost
 
     logging.basicConfig(
@@ -136,11 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if token is None and not is_loopback_host(args.host):
         # Listening beyond this machine without a token would let anyone on the network talk to it.
         token = new_token()
-    settings = ServerSettings(
-        max_sessions=args.max_sessions,
-        policy=AccessPolicy.create(token, args.allowed_origin),
-        codec_processes=args.codec_processes or _codec_processes(args.max_sessions),
-    )
+    settings = _settings(args, token)
     if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None:
         return _serve_on_ray(args, settings, token)
     host = ModelHost(
@@ -187,20 +186,24 @@ def cluster_app(builder_args: dict[str, str]) -> Any:
     `flags` are `personaplex serve`'s; docs/ray-serve-config.yaml shows a config file."""
     import shlex
 
-    from personaplex.server.app import ServerSettings
-
     unknown = set(builder_args) - {"flags"}
     if unknown:
         raise ValueError(f"unknown application arguments {sorted(unknown)}: give `flags` only")
     parser = argparse.ArgumentParser(prog="personaplex")
     register(parser.add_subparsers())
     args = parser.parse_args(["serve", *shlex.split(builder_args.get("flags", ""))])
-    settings = ServerSettings(
-        max_sessions=args.max_sessions,
-        policy=AccessPolicy.create(args.token, args.allowed_origin),
-    )
-    recipe, scaling = _cluster_plan(args, settings)
+    recipe, scaling = _cluster_plan(args, _settings(args, args.token))
     return _cluster_module().build_application(recipe, scaling)
+
+
+def _settings(args: argparse.Namespace, token: str | None) -> Any:
+    from personaplex.server.app import ServerSettings
+
+    return ServerSettings(
+        max_sessions=args.max_sessions,
+        policy=AccessPolicy.create(token, args.allowed_origin),
+        codec_processes=args.codec_processes or _codec_processes(args.max_sessions),
+    )
 
 
 def _cluster_module() -> Any:
@@ -216,9 +219,8 @@ def _cluster_module() -> Any:
 
 def _cluster_plan(args: argparse.Namespace, settings: Any) -> tuple[Any, Any]:
     """The replicas' recipe and their number from `serve`'s options."""
-    from personaplex.server.cluster import ReplicaRecipe, Scaling
-
-    recipe = ReplicaRecipe(
+    cluster = _cluster_module()
+    recipe = cluster.ReplicaRecipe(
         load_engine=functools.partial(_load_engine, args),
         load_transcriber=_transcriber_loader(args.asr_model),
         asr_model_name=None if args.asr_model == NO_ASR else args.asr_model,
@@ -226,7 +228,7 @@ def _cluster_plan(args: argparse.Namespace, settings: Any) -> tuple[Any, Any]:
     )
     replicas = args.replicas if args.replicas is not None else max(1, args.min_replicas or 1)
     try:
-        scaling = Scaling(
+        scaling = cluster.Scaling(
             replicas=replicas,
             min_replicas=args.min_replicas,
             max_replicas=args.max_replicas,
