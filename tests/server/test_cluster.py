@@ -194,3 +194,51 @@ def test_bad_replica_counts_get_one_line(flags, message, capsys):
     assert main(["serve", "--asr-model", "none", *flags]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def _report(replica_id: str, state: str, fraction: float | None, sessions: int, limit: int) -> dict:
+    from personaplex.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    metrics.sessions_active.set(sessions, mode="duplex")
+    metrics.frame_seconds.observe(0.05)
+    status = {
+        "state": state, "stage": "ready" if state == "ready" else "load", "fraction": fraction,
+        "message": state, "elapsed_s": 1.0, "timings": {}, "error": None, "help": None,
+        "asr": {"model": None, "state": "off", "error": None},
+        "sessions": [
+            {"id": i + 1, "mode": "duplex", "voice": "NATM0", "seconds": 1.0} for i in range(sessions)
+        ],
+        "max_sessions": limit,
+    }  # fmt: skip
+    return {"id": replica_id, "node": "10.0.0.1", "device": "GPU 0", "pid": 1, "status": status,
+            "metrics": metrics.render()}  # fmt: skip
+
+
+def test_status_of_several_replicas_speaks_for_the_most_advanced_one():
+    from personaplex.server.cluster import cluster_status
+
+    status = cluster_status([_report("a", "loading", 0.4, 0, 4), _report("b", "ready", 1.0, 3, 4)])
+    assert (status.state, status.stage, status.max_sessions, len(status.sessions)) == ("ready", "ready", 8, 3)
+    assert [(r.id, r.state, r.sessions, r.free_slots) for r in status.replicas] == [
+        ("a", "loading", 0, 4),
+        ("b", "ready", 3, 1),
+    ]
+
+
+def test_metrics_of_several_replicas_carry_a_replica_label_under_one_header():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from personaplex.server.cluster import merged_metrics
+
+    text = merged_metrics([_report("a", "ready", 1.0, 2, 4), _report("b", "ready", 1.0, 1, 4)])
+    assert text.count("# TYPE personaplex_frame_seconds histogram") == 1
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    active = {
+        sample.labels["replica"]: sample.value
+        for sample in families["personaplex_sessions_active"].samples
+        if sample.labels["mode"] == "duplex"
+    }
+    assert active == {"a": 2.0, "b": 1.0}
+    counts = [s for s in families["personaplex_frame_seconds"].samples if s.name.endswith("_count")]
+    assert sorted(s.labels["replica"] for s in counts) == ["a", "b"]

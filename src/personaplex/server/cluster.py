@@ -46,7 +46,14 @@ from prometheus_client.registry import CollectorRegistry
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    LocalityMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 from starlette.middleware import Middleware
 
 from personaplex.errors import PersonaPlexError
@@ -326,14 +333,16 @@ def _device_description() -> str:
 # --- routing ------------------------------------------------------------------------------
 
 
-class SessionSlotRouter(FIFOMixin, RequestRouter):
+class SessionSlotRouter(FIFOMixin, LocalityMixin, RequestRouter):
     """Conversations to ready replicas with a free slot; other requests to any replica.
 
     Ranks, best first: ready replicas with a free slot, ready replicas without (they answer
-    "busy"), replicas not known to be ready (they answer "model loading"). Within a rank
-    Ray Serve takes the replica with the fewest ongoing requests. Slots come from the
-    replicas' routing stats (every ROUTING_STATS_PERIOD_S) and the conversations this
-    router has sent since, so that simultaneous new conversations spread out.
+    "busy"), replicas not known to be ready (they answer "model loading"); each split into
+    this proxy's node, its availability zone, the rest (a conversation's every message
+    crosses from proxy to replica). Within a rank Ray Serve takes the replica with the
+    fewest ongoing requests. Slots come from the replicas' routing stats (every
+    ROUTING_STATS_PERIOD_S) and the conversations this router has sent since, so that
+    simultaneous new conversations spread out.
     """
 
     def initialize_state(self, **kwargs: Any) -> None:
@@ -355,7 +364,12 @@ class SessionSlotRouter(FIFOMixin, RequestRouter):
                 with_slot.append(replica)
             else:
                 full.append(replica)
-        return [rank for rank in (with_slot, full, not_ready) if rank]
+        return [
+            nearness
+            for rank in (with_slot, full, not_ready)
+            for nearness in self.rank_replicas_via_locality(rank)
+            if nearness
+        ]
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
