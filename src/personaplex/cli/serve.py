@@ -175,6 +175,7 @@ def _serve_on_ray(args: argparse.Namespace, settings: Any, token: str | None) ->
             "ssl_certfile": args.ssl_certfile,
             "ssl_keyfile": args.ssl_keyfile,
         },
+        log_level=args.log_level,
         welcome=_welcome(args, token, replicas=scaling.replicas),
     )
     return 0

@@ -491,11 +491,14 @@ def serve_until_stopped(
     *,
     ray_address: str | None,
     http_options: dict[str, Any],
+    log_level: str,
     welcome: str,
 ) -> None:
     """Start Ray (or join the cluster at `ray_address`), run the application on Ray
     Serve's proxy with `http_options` until Ctrl-C or SIGTERM, then remove it (and stop
-    the Ray started here). `welcome` is printed once the application is deployed."""
+    the Ray started here). Serve's controller, proxies and replicas log at `log_level`
+    (INFO includes one access line per request, as uvicorn's); `welcome` is printed once
+    the application is deployed."""
     import signal
 
     import ray
@@ -517,10 +520,17 @@ def serve_until_stopped(
     try:
         serve.start(
             http_options=http_options,
+            logging_config={"log_level": log_level.upper()},
             # On a cluster that runs no Serve yet, the proxies get it from the controller.
             controller_options={"runtime_env": {"env_vars": dict(PROXY_ENV)}},
         )
-        serve.run(build_application(recipe, scaling), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(
+            build_application(recipe, scaling),
+            name=APP_NAME,
+            route_prefix="/",
+            blocking=False,
+            logging_config={"log_level": log_level.upper()},
+        )
         print(welcome, file=sys.stderr, flush=True)
         while True:
             time.sleep(1.0)
