@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import ray
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -314,14 +315,10 @@ class PersonaPlexServer:
 
 
 def _node_address() -> str:
-    import ray
-
     return ray.util.get_node_ip_address()
 
 
 def _device_description() -> str:
-    import ray
-
     gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
     if not gpus:
         return "cpu"
@@ -478,8 +475,6 @@ def build_application(recipe: ReplicaRecipe, scaling: Scaling) -> serve.Applicat
 def _gpus_per_replica(scaling: Scaling) -> float:
     if scaling.gpus_per_replica is not None:
         return scaling.gpus_per_replica
-    import ray
-
     if not ray.is_initialized():  # built before Ray is up: Ray's own tools decide the placement
         return 1.0
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -500,8 +495,6 @@ def serve_until_stopped(
     (INFO includes one access line per request, as uvicorn's); `welcome` is printed once
     the application is deployed."""
     import signal
-
-    import ray
 
     # A local cluster's processes inherit this: every proxy gets ConversationEndNotice.
     os.environ.update(PROXY_ENV)
