@@ -123,9 +123,9 @@ def test_two_conversations_go_to_two_replicas_and_a_third_is_busy(cluster):
     assert len(third.received.errors) == 1 and third.received.errors[0].startswith("busy")
     assert third.received.handshakes == 0
 
-    metrics = get_text(cluster.http_url + "/metrics")
-    for replica in status["replicas"]:
-        assert f'personaplex_sessions_active{{mode="duplex",replica="{replica["id"]}"}} 1.0' in metrics
+    metrics = get_text(cluster.http_url + "/metrics")  # both replicas' figures added up
+    assert 'personaplex_sessions_active{mode="duplex"} 2.0' in metrics
+    assert 'personaplex_sessions_total{mode="duplex"} 2.0' in metrics
 
     first.close()
     second.close()
@@ -196,20 +196,21 @@ def test_bad_replica_counts_get_one_line(flags, message, capsys):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def _report(replica_id: str, state: str, fraction: float | None, sessions: int, limit: int) -> dict:
+def _report(replica_id: str, state: str, sessions: int, limit: int, frames: dict) -> dict:
     from personaplex.server.metrics import ServerMetrics
 
     metrics = ServerMetrics()
     metrics.sessions_active.set(sessions, mode="duplex")
     metrics.frame_seconds.observe(0.05)
+    metrics.dropped_frames.inc(sessions)
     status = {
-        "state": state, "stage": "ready" if state == "ready" else "load", "fraction": fraction,
-        "message": state, "elapsed_s": 1.0, "timings": {}, "error": None, "help": None,
-        "asr": {"model": None, "state": "off", "error": None},
+        "state": state, "stage": "ready" if state == "ready" else "load",
+        "fraction": 1.0 if state == "ready" else 0.4, "message": state, "elapsed_s": 1.0,
+        "timings": {}, "error": None, "help": None, "asr": {"model": None, "state": "off", "error": None},
         "sessions": [
             {"id": i + 1, "mode": "duplex", "voice": "NATM0", "seconds": 1.0} for i in range(sessions)
         ],
-        "max_sessions": limit,
+        "max_sessions": limit, "frames": frames,
     }  # fmt: skip
     return {"id": replica_id, "node": "10.0.0.1", "device": "GPU 0", "pid": 1, "status": status,
             "metrics": metrics.render()}  # fmt: skip
@@ -218,27 +219,39 @@ def _report(replica_id: str, state: str, fraction: float | None, sessions: int, 
 def test_status_of_several_replicas_speaks_for_the_most_advanced_one():
     from personaplex.server.cluster import cluster_status
 
-    status = cluster_status([_report("a", "loading", 0.4, 0, 4), _report("b", "ready", 1.0, 3, 4)])
-    assert (status.state, status.stage, status.max_sessions, len(status.sessions)) == ("ready", "ready", 8, 3)
+    frames_b = {"frames_run": 90, "late_frames": 2, "live_rows": 3, "capacity": 4, "frame_ms_median": 30.0,
+                "frame_ms_p99": 70.0}  # fmt: skip
+    frames_c = {"frames_run": 10, "late_frames": 1, "live_rows": 1, "capacity": 4, "frame_ms_median": 20.0,
+                "frame_ms_p99": 90.0}  # fmt: skip
+    status = cluster_status(
+        [
+            _report("a", "loading", 0, 4, {}),
+            _report("b", "ready", 3, 4, frames_b),
+            _report("c", "ready", 1, 4, frames_c),
+        ]
+    )
+    assert (status.state, status.stage) == ("ready", "ready")
+    assert (status.max_sessions, len(status.sessions)) == (12, 4)
     assert [(r.id, r.state, r.sessions, r.free_slots) for r in status.replicas] == [
         ("a", "loading", 0, 4),
         ("b", "ready", 3, 1),
+        ("c", "ready", 1, 3),
     ]
+    assert status.frames == {"frames_run": 100, "late_frames": 3, "live_rows": 4, "capacity": 8,
+                             "frame_ms_median": 30.0, "frame_ms_p99": 90.0}  # fmt: skip
 
 
-def test_metrics_of_several_replicas_carry_a_replica_label_under_one_header():
+def test_metrics_of_several_replicas_add_up_to_one_process_series():
     from prometheus_client.parser import text_string_to_metric_families
 
-    from personaplex.server.cluster import merged_metrics
+    from personaplex.server.cluster import summed_metrics
 
-    text = merged_metrics([_report("a", "ready", 1.0, 2, 4), _report("b", "ready", 1.0, 1, 4)])
+    text = summed_metrics([_report("a", "ready", 2, 4, {}), _report("b", "ready", 1, 4, {})])
     assert text.count("# TYPE personaplex_frame_seconds histogram") == 1
+    # What a client of one process reads (e.g. the load generator's drop count) reads the same.
+    assert "personaplex_dropped_frames_total 3.0\n" in text
     families = {family.name: family for family in text_string_to_metric_families(text)}
-    active = {
-        sample.labels["replica"]: sample.value
-        for sample in families["personaplex_sessions_active"].samples
-        if sample.labels["mode"] == "duplex"
-    }
-    assert active == {"a": 2.0, "b": 1.0}
-    counts = [s for s in families["personaplex_frame_seconds"].samples if s.name.endswith("_count")]
-    assert sorted(s.labels["replica"] for s in counts) == ["a", "b"]
+    active = {s.labels["mode"]: s.value for s in families["personaplex_sessions_active"].samples}
+    assert active == {"duplex": 3.0, "turn": 0.0}
+    counts = [s.value for s in families["personaplex_frame_seconds"].samples if s.name.endswith("_count")]
+    assert counts == [2.0]

@@ -102,6 +102,7 @@ class ReplicaSummary(BaseModel):
     sessions: int
     max_sessions: int
     free_slots: int
+    frames: dict[str, float | int]  # this replica's shared frame (Status.frames)
 
 
 class Status(BaseModel):

@@ -14,8 +14,8 @@ conversations (docs/SCALING.md has the design and its limits):
   (0x05, close 1013) as one process does. A replica still loading takes none while
   another is ready (it would answer "model loading").
 - `ReplicaBoard`, a one-replica deployment where every replica posts its status and
-  metrics each second, so that /api/status lists the replicas and /metrics covers all of
-  them whichever replica answers.
+  metrics each second, so that /api/status lists the replicas and /metrics adds up all
+  of them whichever replica answers.
 - `ConversationEndNotice`, an ASGI middleware in Ray Serve's proxies: when the replica
   behind an open conversation dies, the proxy's stream ends without a close; the
   middleware then sends the client a 0x05 message and closes with 1011. It is installed
@@ -189,22 +189,41 @@ class BoardView:
         return cluster_status(await self.reports())
 
     async def metrics(self) -> str:
-        return merged_metrics(await self.reports())
+        return summed_metrics(await self.reports())
 
 
 def cluster_status(reports: list[dict[str, Any]]) -> Status:
     """/api/status for the whole application: the loading fields of the most advanced
     replica (the one that decides whether conversations can start), every running
-    conversation, the total capacity, and one line per replica."""
+    conversation, the total capacity, the replicas' frames together, and one line per
+    replica."""
     statuses = [Status(**report["status"]) for report in reports]
     lead = max(statuses, key=_readiness)
     return lead.model_copy(
         update={
             "sessions": [session for status in statuses for session in status.sessions],
             "max_sessions": sum(status.max_sessions for status in statuses),
+            "frames": combined_frames([status.frames for status in statuses]),
             "replicas": [_summary(report, status) for report, status in zip(reports, statuses, strict=True)],
         }
     )
+
+
+# How each replica's frame statistics combine: counts add up; times and memory peaks are
+# the worst replica's (a client on the slowest GPU lives with its frame time).
+_FRAME_TOTALS = ("frames_run", "late_frames", "live_rows", "capacity")
+_FRAME_WORST = ("frame_ms_median", "frame_ms_p99", "gpu_mem_gb")
+
+
+def combined_frames(frames: list[dict[str, float | int]]) -> dict[str, float | int]:
+    combined: dict[str, float | int] = {}
+    for stats in frames:
+        for key, value in stats.items():
+            if key in _FRAME_TOTALS:
+                combined[key] = combined.get(key, 0) + value
+            elif key in _FRAME_WORST:
+                combined[key] = max(combined.get(key, value), value)
+    return combined
 
 
 def _readiness(status: Status) -> tuple[int, float]:
@@ -224,20 +243,28 @@ def _summary(report: dict[str, Any], status: Status) -> ReplicaSummary:
         sessions=len(status.sessions),
         max_sessions=status.max_sessions,
         free_slots=max(0, status.max_sessions - len(status.sessions)),
+        frames=status.frames,
     )
 
 
-def merged_metrics(reports: list[dict[str, Any]]) -> str:
-    """Every replica's Prometheus metrics in one exposition, each series labelled with its
-    replica (sum over `replica` for the application's totals)."""
+def summed_metrics(reports: list[dict[str, Any]]) -> str:
+    """The replicas' Prometheus metrics added up, series by series: the same exposition one
+    process gives (counters, histograms and session gauges are totals; model_ready counts
+    the ready replicas). /api/status has each replica's own figures."""
     families: dict[str, Metric] = {}
+    totals: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for report in reports:
         for family in text_string_to_metric_families(report["metrics"]):
-            merged = families.setdefault(
+            families.setdefault(
                 family.name, Metric(family.name, family.documentation, family.type, family.unit)
             )
+            series = totals.setdefault(family.name, {})
             for sample in family.samples:
-                merged.samples.append(sample._replace(labels={**sample.labels, "replica": report["id"]}))
+                key = (sample.name, tuple(sample.labels.items()))
+                series[key] = series.get(key, 0.0) + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in totals[name].items():
+            family.add_sample(sample_name, dict(labels), value)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(list(families.values())))
     return generate_latest(registry).decode()
