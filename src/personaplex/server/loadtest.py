@@ -189,7 +189,8 @@ def run(args) -> int:
             results = run_clients(ws_url, clients, args.duration, args.client_processes)
             duration = time.monotonic() - started
             cpu = process.cpu_percent() if process is not None else None
-            after = get_json(f"{base}/api/status")["frames"]
+            after_status = get_json(f"{base}/api/status")
+            after = after_status["frames"]
             latencies = [ms for result in results for ms in result.latencies_ms]
             unanswered = sum(result.sent - result.answered for result in results)
             errors = [error for result in results for error in result.errors]
@@ -203,6 +204,7 @@ def run(args) -> int:
                 "frames_sent": sum(result.sent for result in results),
                 "duration_s": round(duration, 1), "cpu_percent": cpu, "gpu_mem_gb": after.get("gpu_mem_gb"),
                 "batch_rows": after.get("capacity"), "client_errors": errors[:5], "card": card,
+                "replicas": len(after_status.get("replicas") or ()) or 1,  # serve --replicas (SCALING.md)
                 "date": datetime.date.today().isoformat(),
             }
             rows.append(row)
