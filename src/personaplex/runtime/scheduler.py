@@ -4,9 +4,12 @@ A worker thread owns the `FrameRunner`. Conversations open a row (`open`), push 
 frames into it and read agent frames out, one per frame pushed. Two kinds of rows share it:
 
 - paced rows (live microphones: `respond_realtime`, the server) get their frames in real
-  time. A frame runs as soon as every live row has one waiting, or when the oldest waiting
-  paced frame has waited `max_wait_s`: a paced row still without input then hears silence
-  for that frame (counted in `late_frames`), so one slow client cannot stall the others;
+  time, each client on its own clock. A frame runs as soon as every live row has one
+  waiting, which lines the frames up with the last client's phase. When the oldest waiting
+  paced frame has waited `max_wait_s` (a frame period and a half, so ordinary network jitter
+  never triggers it), the rows still without input hear silence for that frame (counted in
+  `late_frames`) and stop holding the others back until their audio comes again: one
+  stalled client costs the others one wait, not their real-time rate;
 - unpaced rows (recordings: `respond`, `respond_stream`, `respond_duplex`) have all their
   frames from the start, so alone they run as fast as the device allows, and beside live
   rows they simply keep pace.
@@ -53,6 +56,7 @@ class _Row:
     inputs: deque = field(default_factory=deque)  # (pcm [frame_samples] float32, agent listens)
     oldest_wait: float | None = None  # monotonic time the oldest queued frame arrived
     joined: bool = False  # the runner row holds this conversation (from its first input on)
+    stalled: bool = False  # late at the last frame: not waited for until its audio comes again
     input_ended: bool = False
     closed: bool = False  # the reader stopped: leave at the next frame
     frames_done: int = 0
@@ -79,7 +83,7 @@ class RowHandle:
 
 class FrameScheduler:
     def __init__(self, runner: FrameRunner, tokenizer: TextTokenizer, compute_lock: threading.Lock, *,
-                 max_wait_s: float = 0.08):
+                 max_wait_s: float = 0.12):
         self.runner = runner
         self.tokenizer = tokenizer
         self.compute_lock = compute_lock
@@ -144,6 +148,7 @@ class FrameScheduler:
     def _push(self, index: int, row: _Row, pcm: np.ndarray, agent_listens: bool) -> None:
         with self._changed:
             row.inputs.append((pcm, agent_listens))
+            row.stalled = False
             if len(row.inputs) == 1:
                 row.oldest_wait = time.monotonic()
                 self._starved.discard(index)
@@ -177,7 +182,9 @@ class FrameScheduler:
                         row.joined = True
                     leaves = self._take_leaves()
                     frames = {i: self._next_input(r) for i, r in self._live() if r.joined}
-                    self._starved.update(i for i, r in self._live() if r.joined and not r.inputs)
+                    for index, row in self._live():
+                        row.stalled = row.joined and frames.get(index, True) is None
+                    self._starved.update(i for i, r in self._live() if r.joined and not r.inputs and not r.stalled)
             for row in ended:
                 _deliver(row, None)
             if not (joins or leaves or frames):
@@ -224,11 +231,10 @@ class FrameScheduler:
     def _frame_due(self) -> bool:
         """A frame runs when every row that takes part has input waiting (a row takes part
         once it has had input), or when the oldest waiting paced frame is overdue."""
-        live = [row for _, row in self._live() if row.joined or row.inputs]
-        waiting = [row for row in live if row.inputs]
+        waiting = [row for _, row in self._live() if row.inputs]
         if not waiting:
             return False
-        if len(waiting) == len(live):
+        if all(row.inputs or not row.joined or row.stalled for _, row in self._live()):
             return True
         paced = [row.oldest_wait for row in waiting if row.paced]
         return bool(paced) and time.monotonic() - min(paced) >= self.max_wait_s

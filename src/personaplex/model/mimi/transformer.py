@@ -12,7 +12,6 @@ Parameter names follow the official checkpoint (`layers.{i}.self_attn.in_proj_we
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,24 +20,7 @@ from torch import nn
 
 from personaplex.model.config import MimiTransformerConfig
 from personaplex.model.kv_cache import ring_capacity
-
-
-def apply_rope(q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q, k ([B, H, T, D]) by position `offset[b] + t`; (even, odd) pairs are the
-    (real, imaginary) parts. Angles and products in float32, whatever the input dtype."""
-    batch, _, steps, dim = q.shape
-    freqs = torch.exp(torch.arange(dim // 2, device=q.device, dtype=torch.float32) * (-math.log(max_period) * 2 / dim))
-    positions = offset.float().view(-1, 1) + torch.arange(steps, device=q.device, dtype=torch.float32)
-    angles = freqs * positions.view(batch, 1, steps, 1)
-    cos, sin = torch.cos(angles), torch.sin(angles)
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        pairs = x.view(*x.shape[:-1], dim // 2, 2)
-        real, imag = pairs[..., 0].float(), pairs[..., 1].float()
-        rotated = [(real * cos - imag * sin).to(x.dtype), (real * sin + imag * cos).to(x.dtype)]
-        return torch.stack(rotated, dim=-1).view(*x.shape)
-
-    return rotate(q), rotate(k)
+from personaplex.model.layers import rope
 
 
 @dataclass
@@ -80,7 +62,8 @@ class Attention(nn.Module):
         batch, steps, _ = x.shape
         qkv = F.linear(x, self.in_proj_weight).view(batch, steps, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        q, k = apply_rope(q, k, offset, self.max_period)
+        positions = offset[:, None] + torch.arange(q.shape[2], device=q.device)
+        q, k = rope(q, positions, self.max_period), rope(k, positions, self.max_period)
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
