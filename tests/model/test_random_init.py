@@ -24,13 +24,15 @@ def small_config(**changes) -> LMConfig:
     return LMConfig(**{**base, **changes})
 
 
-@pytest.mark.parametrize("context", [16, 5])
-def test_streamed_teacher_forcing_equals_the_whole_sequence_forward(context: int) -> None:
-    """Frame by frame through the KV ring and the depformer steps, aligned like `forward`
-    (with a 5-frame context the ring wraps twice in 12 frames)."""
+@pytest.mark.parametrize("context,forward_context", [(16, 16), (5, 4)])
+def test_streamed_teacher_forcing_equals_the_whole_sequence_forward(context: int, forward_context: int) -> None:
+    """Frame by frame through the KV ring and the depformer steps, aligned like `forward`.
+    With a 5-frame context the ring (4 slots) wraps in 12 frames: streaming then sees the
+    frames a whole-sequence forward with a context of 4 sees (NVIDIA's semantics)."""
     lm = build_random_lm(small_config(context=context), "cpu", torch.float32, "trained-like")
+    same_window = build_random_lm(small_config(context=forward_context), "cpu", torch.float32, "trained-like")
     codes = random_codes(lm.config, 12, batch=2)
-    forward = teacher_forced_logits(lm, codes)
+    forward = teacher_forced_logits(same_window, codes)
     streamed = teacher_forced_logits(lm, codes, streaming=True)
     for a, b in zip(streamed, forward):
         assert a.shape == b.shape and torch.equal(a.isnan(), b.isnan())

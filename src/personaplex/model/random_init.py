@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .config import LMConfig
-from .layers import RMSNorm
+from .layers import READABLE_KERNELS, Kernels, RMSNorm
 from .lm import LMModel, delay_codes, undelay_logits
 
 WeightKind = Literal["gaussian", "trained-like"]
@@ -138,13 +138,17 @@ def random_codes(config: LMConfig, frames: int, batch: int = 1, seed: int = 1, d
 
 
 @torch.no_grad()
-def teacher_forced_logits(lm: LMModel, codes: torch.Tensor, streaming: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced_logits(
+    lm: LMModel, codes: torch.Tensor, streaming: bool = False, kernels: Kernels = READABLE_KERNELS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(text logits [B, 1, T, text_card], audio logits [B, dep_q, T, card]) of `codes` [B, streams, T].
 
     `streaming=False` is `LMModel.forward` (the whole sequence at once). `streaming=True` feeds
     the same delayed inputs one frame at a time through `forward_temporal` with a KV ring and
-    `depformer_step` with the given tokens, as the serving path runs them; the result is
-    aligned like `forward`'s (positions the delays make unpredictable are NaN).
+    `depformer_step` with the given tokens, as the serving path runs them (with `kernels`);
+    the result is aligned like `forward`'s (positions the delays make unpredictable are NaN).
+    Streaming sees context - 1 frames, the whole-sequence forward `context` (NVIDIA's
+    semantics, `ring_capacity`): the two agree while T < context.
     """
     if not streaming:
         return lm(codes)
@@ -156,11 +160,12 @@ def teacher_forced_logits(lm: LMModel, codes: torch.Tensor, streaming: bool = Fa
     depformer = lm.new_depformer_state(batch)
     text, audio = [], []
     for frame in range(frames):
-        hidden, text_logits = lm.forward_temporal(lm.embed_codes(delayed[:, :, frame : frame + 1]), temporal)
+        hidden, text_logits = lm.forward_temporal(lm.embed_codes(delayed[:, :, frame : frame + 1]), temporal, kernels)
         text.append(text_logits[:, 0])
         # Step k reads stream k of the next slot: the text token for k = 0, else codebook k - 1.
         given = delayed[:, :, frame + 1]
-        audio.append(torch.stack([lm.depformer_step(k, hidden, given[:, k], depformer) for k in range(config.dep_q)], dim=1))
+        steps = [lm.depformer_step(k, hidden, given[:, k], depformer, kernels) for k in range(config.dep_q)]
+        audio.append(torch.stack(steps, dim=1))
     text_logits = torch.stack(text, dim=1)[:, None]
     audio_logits = torch.stack(audio, dim=2)
     return undelay_logits(text_logits, config.delays[:1]), undelay_logits(audio_logits, config.delays[1 : 1 + config.dep_q])
