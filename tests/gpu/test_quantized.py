@@ -118,8 +118,8 @@ def dequantize_layers_(lm: LMModel) -> LMModel:
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         layer = lm.get_submodule(name)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device=layer.scales.device, dtype=torch.bfloat16)
-        linear.weight.data = layer.dequantized_weight(torch.bfloat16)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(layer.dequantized_weight(torch.bfloat16), requires_grad=False)
         setattr(lm.get_submodule(parent_name), attr, linear)
     return lm
 
@@ -257,7 +257,8 @@ def measure_mlx_folder(scale: str, bits: int, folder: Path, tiny_folder: Path) -
     config, device = mlx_lm_config(scale), device_of(scale)
     float_lm = build_random_lm(config, "cpu", torch.float32, "trained-like")
     make_mlx_model_folder(folder, float_lm, bits, tiny_folder)
-    engine = PersonaPlex.from_pretrained(folder, device=device, dtype=torch.bfloat16)
+    # Eager frames: the weights are under test here, not the graph (test_fast_path.py).
+    engine = PersonaPlex.from_pretrained(folder, device=device, dtype=torch.bfloat16, use_graphs=False)
     assert engine.lm.config == config
     assert isinstance(engine.lm.transformer.layers[0].self_attn.in_proj, AffineQuantizedLinear)
 
