@@ -1,8 +1,8 @@
 """What the fidelity tests share: the two scales each runs at, and the record of what they measured.
 
-Every test here runs twice: "cpu-small" (a small LM on the CPU: it runs in the normal suite
-and proves the test itself) and "cuda-full" (the 7B shape on a CUDA GPU, marker `gpu`,
-skipped without one). `pytest -m gpu tests/gpu` runs the GPU half; with the environment
+A test parametrized over SCALES runs twice: "cpu-small" (a small LM on the CPU: it runs in
+the normal suite and proves the test itself) and "cuda-full" (the 7B shape on a CUDA GPU,
+marker `gpu`, skipped without one). `pytest -m gpu tests/gpu` runs the GPU half; with the environment
 variable PERSONAPLEX_QUALITY_JSON set, every number a test measured is written to that file
 (`bench/gpu_quality.py` does both).
 """
