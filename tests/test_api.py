@@ -189,37 +189,17 @@ def test_bad_sample_rate(engine):
 
 def test_mlx_conversion_folder_loads_and_talks(tmp_path, tiny_folder):
     """A folder in the MLX 4-bit layout (tiny, written here) through `from_pretrained`."""
-    import json
-    import shutil
-
-    from safetensors.torch import save_file
-
     from personaplex import PersonaPlex
-    from personaplex.model.config import LMConfig, ModelConfig
+    from personaplex.model.config import LMConfig
     from personaplex.model.quantize import AffineQuantizedLinear
+    from tests.fixtures.mlx_folder import make_mlx_model_folder
     from tests.fixtures.tiny_lm import random_lm
-    from tests.model.test_mlx import write_mlx_folder
 
     # Every linear input a multiple of the 64-wide groups, as the real model's are.
     lm_config = LMConfig(dim=128, num_heads=4, num_layers=2, hidden_scale=3.0, card=2048, text_card=256,
                          context=384, depformer_dim=128, depformer_num_heads=4, depformer_num_layers=2,
                          depformer_dim_feedforward=384)
-    folder = tmp_path / "mlx"
-    write_mlx_folder(folder, random_lm(lm_config, seed=1), bits=4)
-    tiny = ModelConfig.from_folder(tiny_folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(
-        temporal={k: getattr(lm_config, k) for k in ("dim", "num_layers", "num_heads", "hidden_scale", "card", "text_card", "context")},
-        depformer={"dim": 128, "num_layers": 2, "num_heads": 4, "dim_feedforward": lm_config.depformer_hidden_dim, "num_steps": 16},
-        delays=list(lm_config.delays), voices=["NATM0"],
-        mimi={k: v for k, v in tiny.to_moshi_dict()["mimi"].items() if k in ("seanet", "transformer", "quantizer")},
-    )
-    (folder / "config.json").write_text(json.dumps(config))
-    shutil.copy(tiny_folder / "tokenizer-e351c8d8-checkpoint125.safetensors", folder / "mimi.safetensors")
-    shutil.copy(tiny_folder / "tokenizer_spm_32k_3.model", folder)
-    (folder / "voices").mkdir()
-    cache = torch.randint(0, 256, (1, 17, 4)).float()  # the converter stores the ids as float32
-    save_file({"embeddings": torch.randn(3, 1, 1, 128).half(), "cache": cache}, str(folder / "voices" / "NATM0.safetensors"))
+    folder = make_mlx_model_folder(tmp_path / "mlx", random_lm(lm_config, seed=1), 4, tiny_folder)
 
     engine = PersonaPlex.from_pretrained(folder, device="cpu")
     assert engine.lm.config == lm_config

@@ -1,14 +1,16 @@
 """`personaplex bench`: frame time of the full 7B shapes on this GPU, ours and upstream's.
 
 Weights are random (their values do not change the speed): the LM is built in bf16 straight
-on the device, then filled with small normal values so nothing overflows. Measured:
+on the device by `personaplex.model.random_init` (scaled like a trained model, so that it
+does not amplify rounding and the quality notes mean something), Mimi and upstream's LM
+filled with small normal values. Measured:
 build time, time to first frame, ms per frame split into Mimi encode / LM step / Mimi
 decode (median and p99 over >= 100 frames after warm-up, CUDA events), at B sessions in
 lockstep and two context fills (early: a short persona; full: every one of the 3000 KV slots
 visible), eager vs one-CUDA-graph frames, bf16 / fp8 / int4 weights, peak GPU memory, the
 time from "new conversation with a cached persona" to its first agent frame, greedy
-agreement of eager vs graph, quantization error vs bf16, and upstream moshi 0.2.13 when it
-imports. Rows go to DIR/<card>.json (+ a PNG) and a table on stdout.
+agreement of eager vs graph, teacher-forced logit error of each format vs bf16, and
+upstream moshi 0.2.13 when it imports. Rows go to DIR/<card>.json (+ a PNG) and a table on stdout.
 
     python -m personaplex.bench --out DIR [--sessions 1,8,32,64] [--frames 100]
 """
@@ -33,10 +35,11 @@ from torch import nn
 from .model.config import LMConfig, MimiConfig
 from .model.layers import READABLE_KERNELS, Kernels
 from .model.lm import LMModel
+from .model.random_init import build_random_lm, compare_logits, random_codes, teacher_forced_logits
 from .model.mimi import Mimi
 from .runtime.capacity import free_gpu_bytes, sessions_that_fit
 from .runtime.runner import FrameRunner
-from .runtime.generation import FrameGenerator, StepInputs
+from .runtime.generation import FrameGenerator
 from .runtime.persona import PersonaSnapshot, build_script, prefill_batched
 from .runtime.sampling import SamplingConfig
 from .runtime.voices import VoicePrompt
@@ -47,7 +50,7 @@ if TYPE_CHECKING:
 INIT_STD = 0.02
 PERSONA_VOICE_FRAMES = 10
 PERSONA_PROMPT_TOKENS = 20  # with 12 silence frames: a 43-frame persona, an "early" context
-QUALITY_FRAMES = 30
+QUALITY_FRAMES = 64
 
 
 @dataclass
@@ -93,12 +96,9 @@ def _randomize_(module: nn.Module, generator: torch.Generator) -> None:
 def build_lm(weights: str, device: torch.device) -> tuple[LMModel, float]:
     """The 7B LM with random weights in `weights` format, and the seconds it took."""
     start = time.perf_counter()
-    with torch.device("meta"):
-        # The agent's 8 depformer steps only, as the engine loads it (`load_lm(depformer_steps=8)`).
-        lm = LMModel(LMConfig(dep_q=8), dtype=torch.bfloat16)
-    lm = lm.to_empty(device=device)
-    _randomize_(lm, torch.Generator(device=device).manual_seed(0))
-    lm.eval().requires_grad_(False)
+    # The agent's 8 depformer steps only, as the engine loads it (`load_lm(depformer_steps=8)`);
+    # weights scaled like a trained model's, so the quality notes mean something.
+    lm = build_random_lm(LMConfig(dep_q=8), device, torch.bfloat16)
     if weights != "bf16":
         from .model.quantize import quantize_model
 
@@ -265,7 +265,7 @@ class Bench:
         self.note(f"{weights}: persona_prefill_ms (uncached, {persona.frames} frames)", round(1e3 * prefill_s, 1))
         if weights == "bf16":
             self.guarded("graph vs eager", lambda: self.graph_matches_eager(lm, mimi, persona))
-        self.guarded(f"{weights} quality", lambda: self.quality(weights, lm, mimi, persona))
+        self.guarded(f"{weights} quality", lambda: self.quality(weights, lm))
         for sessions in self.args.sessions:
             self.guarded(f"{weights} B={sessions}", lambda: self.ours_rows(weights, lm, mimi, persona, sessions))
 
@@ -339,39 +339,23 @@ class Bench:
         self.note("fast (graph + Triton attention + compiled element-wise) vs readable eager: greedy tokens equal (B=2, 12 frames)", same)
         self.note("fast vs readable: greedy token agreement", round(agreement, 4))
 
-    # ---- quantization error vs bf16, same user codes, greedy
+    # ---- quantization error vs bf16: teacher-forced logits of the streaming path
 
-    def quality(self, weights: str, lm: LMModel, mimi: Mimi, persona: PersonaSnapshot) -> None:
-        if not hasattr(self, "user_codes"):
-            state = mimi.init_stream(1)
-            self.user_codes = [mimi.encode_step(frame.view(1, 1, -1), state)[:, :, 0] for frame in user_audio(QUALITY_FRAMES, 1, self.device)]
-        generator = FrameGenerator(lm, 1, SamplingConfig(greedy=True), agent_only=True, seed=0)
-        persona.restore(generator)
-        tokens, logits = [], []
-
-        class TextLogits:
-            def on_temporal(self, hidden: torch.Tensor, text_logits: torch.Tensor) -> None:
-                logits.append(text_logits[0].float().cpu())
-
-            def on_audio_logits(self, step: int, step_logits: torch.Tensor) -> None:
-                pass
-
-        generator.observer = TextLogits()
-        with torch.no_grad():
-            for codes in self.user_codes:
-                tokens.append(generator.step(StepInputs(user=codes))[0].cpu())
+    def quality(self, weights: str, lm: LMModel) -> None:
+        """Text and audio logits of `weights` against the bf16 LM (the same random weights),
+        teacher-forced: both see the same random codes for QUALITY_FRAMES frames x 2 rows, fed
+        one frame at a time through the streaming path (KV ring, depformer steps), so every
+        frame is compared with the same history. The full set (float32 floor, trained-like
+        weights, per-layer and kernel errors, bounds) is bench/gpu_quality.py's."""
+        codes = random_codes(lm.config, QUALITY_FRAMES, 2, device=self.device)
+        logits = teacher_forced_logits(lm, codes, streaming=True)
         if weights == "bf16":
-            self.reference = (tokens, logits)
+            self.reference_logits = logits
             return
-        ref_tokens, ref_logits = self.reference
-        agree = sum(int(torch.equal(a, b)) for a, b in zip(tokens, ref_tokens))
-        diverged = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if not torch.equal(a, b)), len(tokens))
-        # Logits are comparable only while both histories are the same.
-        errors = [float((a - b).norm() / b.norm()) for a, b in zip(logits[: diverged + 1], ref_logits[: diverged + 1])]
-        self.note(f"{weights}: greedy frames equal to bf16 ({QUALITY_FRAMES} frames)", agree)
-        self.note(f"{weights}: first frame differing from bf16", diverged)
-        self.note(f"{weights}: text logit rel. error vs bf16 (first frame, mean over equal history)",
-                  [round(errors[0], 4), round(sum(errors) / len(errors), 4)])
+        stats = compare_logits(logits, self.reference_logits)
+        self.note(f"{weights}: logits vs bf16 (teacher-forced streaming, {QUALITY_FRAMES} frames x 2 rows, "
+                  "Gaussian random LM of personaplex.model.random_init): relative error, at the worst position, greedy agreement",
+                  {key: round(value, 4) for key, value in stats.items()})
 
     # ---- what a user runs by default: the public calls, one conversation
 
