@@ -13,7 +13,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for stage in "$@"; do
     echo "=== $stage $(date +%T)"
     case "$stage" in
-        tests) timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee "$OUT/gpu-tests.log" ;;
+        tests) timeout 330 python3 bench/gpu_quality.py 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu-tests.log" | tail -40 ;;
         api) timeout 400 python3 -m personaplex.cli.main bench --api --frames 150 --warmup 10 --out "$OUT" 2>&1 | grep -v Warning | tail -20 ;;
         serve) timeout 560 python3 -m personaplex.cli.main bench --serve --clients "${CLIENTS:-1,8,32,64,128,150}" \
                    --duration "${DURATION:-60}" --serve-weights "${SERVE_WEIGHTS:-fp8}" --kv fp8 --client-processes 8 \
