@@ -17,9 +17,8 @@ from torch import nn
 
 
 def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    inv_rms = torch.rsqrt(eps + x32.pow(2).mean(dim=-1, keepdim=True))
-    return (x32 * (alpha.float() * inv_rms)).to(x.dtype)
+    """x * alpha / sqrt(mean(x^2) + eps) in float32 (one fused kernel where PyTorch has one)."""
+    return F.rms_norm(x.float(), alpha.shape[-1:], alpha.float().flatten(), eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -35,18 +34,23 @@ class RMSNorm(nn.Module):
         return (kernels or READABLE_KERNELS).rms_norm(x, self.alpha, self.eps)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
-    """Rotate interleaved (even, odd) channel pairs of `x` [B, H, T, D] by `positions` [B, T].
+def rope_angles(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, T, D/2] of the RoPE angles for `positions` [B, T]: computed once
+    per forward and shared by every layer (and by q and k).
 
     Angles are computed in float32 so that positions in the thousands keep their precision
-    in bf16 runs; the result is cast back to the input dtype.
+    in bf16 runs.
     """
-    head_dim = x.shape[-1]
-    pair_index = torch.arange(head_dim // 2, device=x.device, dtype=torch.float32)
+    pair_index = torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
     inv_freq = torch.exp(pair_index * (-math.log(max_period) * 2 / head_dim))
-    angles = positions.float()[:, None, :, None] * inv_freq  # [B, 1, T, D/2]
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    pairs = x.float().unflatten(-1, (head_dim // 2, 2))
+    angles = positions.float()[:, None, :, None] * inv_freq
+    return torch.cos(angles), torch.sin(angles)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved (even, odd) channel pairs of `x` [B, H, T, D] by the angles whose
+    cos and sin `rope_angles` gave, in float32; the result has the input dtype."""
+    pairs = x.float().unflatten(-1, (x.shape[-1] // 2, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
@@ -81,7 +85,7 @@ class Kernels:
     """
 
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-    rope: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     silu_gate: Callable[[torch.Tensor], torch.Tensor]
     ring_attention: bool = False  # Triton single-frame attention over the ring (CUDA only)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import LMConfig
 from .kv_cache import TemporalState, ring_capacity, sliding_window_mask
-from .layers import READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, merge_heads, split_heads
+from .layers import READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, merge_heads, rope_angles, split_heads
 
 ZERO_TOKEN = -1  # "no input": embeds to zero
 UNGENERATED_TOKEN = -2  # "not generated yet": must never reach the model
@@ -43,8 +43,8 @@ class TemporalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, view: "AttentionView", layer_index: int) -> torch.Tensor:
         q, k, v = (split_heads(t, self.num_heads) for t in self.in_proj(x).chunk(3, dim=-1))
-        q = view.kernels.rope(q, positions, self.max_period)
-        k = view.kernels.rope(k, positions, self.max_period)
+        q = view.kernels.rope(q, *view.rope)
+        k = view.kernels.rope(k, *view.rope)
         state = view.state
         if state is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=view.mask)
@@ -75,6 +75,7 @@ class AttentionView:
     mask: torch.Tensor | None  # [B, 1, T, keys] bool; None for a single live frame
     filled_slots: torch.Tensor | None = None  # [B] int64, single-frame steps only
     kernels: Kernels = READABLE_KERNELS
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of the frames' RoPE angles
 
     @cached_property
     def ring_mask(self) -> torch.Tensor:
@@ -129,6 +130,7 @@ class TemporalTransformer(nn.Module):
             positions = state.chunk_positions(frames)
             key_positions = torch.cat([state.slot_positions, positions], dim=1)
             view = AttentionView(state, sliding_window_mask(positions, key_positions, state.capacity), kernels=kernels)
+        view.rope = rope_angles(positions, self.config.head_dim, self.config.max_period)
         for index, layer in enumerate(self.layers):
             x = layer(x, positions, view, index)
         if state is not None:

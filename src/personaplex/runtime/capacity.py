@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..model.config import LMConfig
+from ..model.kv_cache import ring_capacity
 
 # Kept free for activations, CUDA graphs, Mimi state and the allocator's slack (measured peak
 # over weights + KV at 64 sessions on an H100: ~1.4 GB; doubled for safety).
@@ -12,9 +13,10 @@ RESERVED_BYTES = 3 * 2**30
 
 
 def kv_bytes_per_session(config: LMConfig, kv_dtype: torch.dtype = torch.bfloat16) -> int:
-    """Keys + values of every temporal layer for a full context: 1.57 GB in bf16 for the 7B."""
+    """Keys + values of every temporal layer for a full ring (context - 1 slots, as the
+    reference attends): 1.57 GB in bf16 for the 7B."""
     element_bytes = torch.finfo(kv_dtype).bits // 8
-    return config.num_layers * 2 * config.context * config.dim * element_bytes
+    return config.num_layers * 2 * ring_capacity(config.context) * config.dim * element_bytes
 
 
 def sessions_that_fit(config: LMConfig, free_bytes: int, kv_dtype: torch.dtype = torch.bfloat16,

@@ -20,7 +20,7 @@ from torch import nn
 
 from personaplex.model.config import MimiTransformerConfig
 from personaplex.model.kv_cache import ring_capacity
-from personaplex.model.layers import rope
+from personaplex.model.layers import rope, rope_angles
 
 
 @dataclass
@@ -63,7 +63,8 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight).view(batch, steps, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         positions = offset[:, None] + torch.arange(q.shape[2], device=q.device)
-        q, k = rope(q, positions, self.max_period), rope(k, positions, self.max_period)
+        cos, sin = rope_angles(positions, q.shape[-1], self.max_period)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
