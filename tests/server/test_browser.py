@@ -25,6 +25,8 @@ from personaplex.audio.io import resample, write_wav
 from tests.server.fakes import FakeEngine
 from tests.server.harness import ARTIFACTS, REPO_ROOT, get_json, require_tool, silence, speak, wait_until
 
+pytestmark = pytest.mark.browser
+
 SENTENCE = "What is the weather like in Paris?"
 CHROMIUM_FLAGS = [
     "--headless",
