@@ -168,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         ws="websockets-sansio",
+        # Opus pages do not compress: per-message deflate would only spend CPU on every frame.
+        ws_per_message_deflate=False,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
     )
