@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio.io import SAMPLE_RATE, model_rate_frames, normalize_loudness, prepare_user_audio, read_wav, resample
+from .audio.io import SAMPLE_RATE, model_rate_frames, normalize_loudness, prepare_user_audio, read_voice_wav
 from .errors import PersonaPlexError, UnknownVoiceError
 from .hub import MLX_MIMI_FILENAME, find_voices_dir, is_mlx_folder, resolve_model_folder
 from .model.config import ModelConfig
@@ -257,8 +257,7 @@ class PersonaPlex:
         """A WAV voice prompt as the reference prepares it: -24 LUFS, 24 kHz, Mimi codes [8, N]."""
         if not path.is_file():
             raise UnknownVoiceError(f"voice file {path} does not exist")
-        pcm, rate = read_wav(path)
-        pcm = normalize_loudness(resample(pcm, rate, SAMPLE_RATE), SAMPLE_RATE)
+        pcm = normalize_loudness(read_voice_wav(path), SAMPLE_RATE)
         state = self.mimi.init_stream(1)
         codes = [self.mimi.encode_step(torch.from_numpy(frame).to(self.device).view(1, 1, -1), state)[0, :, 0]
                  for frame in _frames_of(pcm, self.frame_samples)]
