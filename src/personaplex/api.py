@@ -39,6 +39,7 @@ from .runtime.prompts import DEFAULT_PROMPT, wrap_system_prompt
 from .runtime.runner import FrameRunner
 from .runtime.sampling import SamplingConfig
 from .runtime.scheduler import FrameScheduler, RowHandle
+from .runtime.validation import check_max_steps, check_text
 from .runtime.voices import DEFAULT_VOICE, VoicePrompt, is_wav_voice, load_voice
 from .text.tokenizer import TEXT_TOKENIZER_FILENAME, TextTokenizer
 
@@ -223,8 +224,7 @@ class PersonaPlex:
 
     def persona(self, voice: str = DEFAULT_VOICE, system_prompt: str = DEFAULT_PROMPT) -> PersonaSnapshot:
         """The prefilled state for (voice, prompt), computed once and cached."""
-        if not isinstance(system_prompt, str):
-            raise PersonaPlexError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+        check_text("system_prompt", system_prompt)
         if not isinstance(voice, (str, Path)):
             raise UnknownVoiceError(f"voice must be a preset name or a file path, got {type(voice).__name__}")
         # A WAV voice is keyed by its modification time too, so an edited file is prefilled anew.
@@ -293,11 +293,13 @@ class PersonaPlex:
                        voice_wav: str | None = None, system_prompt: str = DEFAULT_PROMPT, max_steps: int = 75,
                        seed: int | None = None, greedy: bool = False,
                        stop_after_silent_frames: int | None = None,
-                       sampling: SamplingConfig | None = None) -> ChunkStream:
+                       sampling: SamplingConfig | None = None,
+                       on_listen: Callable[[], None] | None = None) -> ChunkStream:
         """Turn-based, streamed: the user speaks while the agent listens (held at silence),
         then the agent replies for `max_steps` frames (or until `stop_after_silent_frames`
         silent frames in a row), hearing silence. `sampling` replaces the reference temperatures and top-k
-        (`greedy` still takes the argmax everywhere)."""
+        (`greedy` still takes the argmax everywhere). `on_listen` is called after each 80 ms frame
+        of the user's audio is heard (for progress)."""
         user_pcm = prepare_user_audio(audio, sample_rate)
         _check_steps(max_steps, stop_after_silent_frames)
         silent_mic = np.zeros(self.frame_samples, dtype=np.float32)
@@ -305,7 +307,7 @@ class PersonaPlex:
         frames += [(silent_mic, False)] * max_steps
         chunks = self._offline(frames, voice_wav or voice, system_prompt, seed, _sampling(sampling, greedy))
         return ChunkStream(_reply(chunks, listening_frames=len(frames) - max_steps,
-                                  stop_after_silent_frames=stop_after_silent_frames))
+                                  stop_after_silent_frames=stop_after_silent_frames, on_listen=on_listen))
 
     def respond(self, audio: Any, **kwargs: Any) -> Response:
         """Turn-based: the whole reply at once (the chunks of `respond_stream`, joined)."""
@@ -416,13 +418,16 @@ async def _feed(row: RowHandle, mic_frames: AsyncIterator[np.ndarray], sample_ra
         deliver(err)
 
 
-def _reply(chunks: Iterator[AudioChunk], listening_frames: int, stop_after_silent_frames: int | None) -> Iterator[AudioChunk]:
+def _reply(chunks: Iterator[AudioChunk], listening_frames: int, stop_after_silent_frames: int | None,
+           on_listen: Callable[[], None] | None = None) -> Iterator[AudioChunk]:
     """The reply frames of a turn (the frames while the user spoke are dropped), numbered from
     0, stopping after `stop_after_silent_frames` silent frames in a row."""
     silent_run = 0
     try:
         for chunk in chunks:
             if chunk.frame_index < listening_frames:
+                if on_listen is not None:
+                    on_listen()
                 continue
             chunk = replace(chunk, frame_index=chunk.frame_index - listening_frames)
             yield chunk
@@ -454,7 +459,7 @@ def _check_seed(seed: Any) -> int | None:
 
 
 def _check_steps(max_steps: int, stop_after: int | None) -> None:
-    _check_positive_int("max_steps", max_steps)
+    check_max_steps(max_steps)
     if stop_after is not None:
         _check_positive_int("stop_after_silent_frames", stop_after)
 

@@ -55,10 +55,10 @@ def resolve_model_folder(source: str | Path | None = None, *, progress: bool = T
     `source` is a local folder (used as is), a Hugging Face repo id, or None for the
     official repo. The voices archive, if present, is unpacked once into `voices/`.
     """
-    local_folder = _as_local_folder(source)
-    if local_folder is not None:
-        _check_local_folder(local_folder)
-        folder = local_folder
+    given_folder = local_folder(source)
+    if given_folder is not None:
+        _check_local_folder(given_folder)
+        folder = given_folder
     else:
         folder = _download_repo(str(source or DEFAULT_REPO), progress=progress)
     _ensure_voices_unpacked(folder)
@@ -74,7 +74,7 @@ def find_voices_dir(model_folder: str | Path) -> Path | None:
     return None
 
 
-def _as_local_folder(source: str | Path | None) -> Path | None:
+def local_folder(source: str | Path | None) -> Path | None:
     """The local folder `source` names, or None when it is a repo id (or the default)."""
     if source is None:
         return None
