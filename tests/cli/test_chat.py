@@ -196,3 +196,26 @@ def test_the_jitter_buffer_waits_for_three_frames_drains_and_flushes():
     buffer.drain()  # the end of a reply: play the short tail
     tail = buffer.read(FRAME)
     assert tail[: FRAME // 2].all() and not tail[FRAME // 2 :].any()
+
+
+@pytest.mark.parametrize("steps", ["0", "501", "1e9"])
+def test_chat_refuses_reply_lengths_outside_the_one_range(steps, capsys):
+    parser = argparse.ArgumentParser()
+    chat.register(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chat", "--max-steps", steps])
+    assert "from 1 to 500" in capsys.readouterr().err
+    assert parser.parse_args(["chat", "--max-steps", "1"]).max_steps == 1
+
+
+def test_the_page_uses_the_same_reply_length_range():
+    from pathlib import Path
+
+    from personaplex.runtime.validation import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS
+
+    static = Path(chat.__file__).parents[1] / "server" / "static"
+    field = re.search(r'<input id="max-steps"[^>]*>', (static / "index.html").read_text()).group(0)
+    assert f'min="{MIN_STEPS}"' in field and f'max="{MAX_STEPS}"' in field and f'value="{DEFAULT_STEPS}"' in field
+    # The page clamps to the field's own bounds, not to numbers of its own.
+    clamp = re.search(r"const maxSteps = .*", (static / "app.js").read_text()).group(0)
+    assert "input.min" in clamp and "input.max" in clamp and not re.search(r"\b(50|500)\b", clamp)

@@ -23,6 +23,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from personaplex.audio.opus import OpusStreamDecoder, OpusStreamEncoder
+from personaplex.cli.arguments import MAX_STEPS_HELP, reply_frames
+from personaplex.runtime.validation import DEFAULT_STEPS
 from personaplex.server import protocol
 from personaplex.server.protocol import MessageKind
 
@@ -53,9 +55,9 @@ def register(subparsers: Any) -> None:
     prompt.add_argument("--system-prompt", help="system prompt text")
     parser.add_argument(
         "--max-steps",
-        type=int,
-        default=75,
-        help="turn-based: reply length in 80 ms frames, 50-500 (default 75)",
+        type=reply_frames,
+        default=DEFAULT_STEPS,
+        help=f"turn-based: reply length in 80 ms frames, {MAX_STEPS_HELP} (default {DEFAULT_STEPS})",
     )
     parser.add_argument(
         "--echo-suppression",
@@ -78,7 +80,7 @@ class ChatOptions:
     voice: str = "NATM0"
     prompt: str | None = None
     system_prompt: str | None = None
-    max_steps: int = 75
+    max_steps: int = DEFAULT_STEPS
     echo_suppression: bool = False
     token: str | None = None
 

@@ -110,8 +110,10 @@ function updateModeControls() {
 }
 
 function currentSettings() {
-  const maxSteps = Math.min(500, Math.max(50, Math.round(Number($("max-steps").value) || 75)));
-  $("max-steps").value = maxSteps;
+  // The range is the input's min/max (index.html), the server's rule (runtime/validation.py).
+  const input = $("max-steps");
+  const maxSteps = Math.min(Number(input.max), Math.max(Number(input.min), Math.round(Number(input.value) || Number(input.defaultValue))));
+  input.value = maxSteps;
   return {
     mode: currentMode(),
     voice: $("voice").value,
