@@ -17,7 +17,7 @@ import pytest
 
 from personaplex.cli import chat
 from personaplex.cli.chat import ChatClient, ChatOptions, JitterBuffer
-from personaplex.errors import ModelUnavailableError
+from personaplex.errors import GatedModelError
 from tests.server.fakes import FRAME, FakeEngine
 from tests.server.harness import ChatClient as ProtocolClient
 from tests.server.harness import silence, speak
@@ -138,7 +138,7 @@ def test_a_busy_server_is_reported(start_server):
 def test_an_unavailable_model_says_what_to_do(start_server):
     def failing_loader(progress):
         progress(SimpleNamespace(stage="download", fraction=None, message="downloading"))
-        raise ModelUnavailableError("401: the repo nvidia/personaplex-7b-v1 is gated")
+        raise GatedModelError("401: the repo nvidia/personaplex-7b-v1 is gated")
 
     server = start_server(loader=failing_loader, wait=False)
     status, printed = converse(server, FakeSoundDevice(silence(1.0)), 3.0)

@@ -252,7 +252,8 @@ class ChatClient:
             if status["state"] == "ready":
                 return True
             if status["state"] == "error":
-                self._print(f"the server's model is unavailable: {status['error']}\n{status['help']}")
+                help_lines = f"\n{status['help']}" if status.get("help") else ""
+                self._print(f"the server's model is unavailable: {status['error']}{help_lines}")
                 return False
             message = f"model {status['stage']}: {status['message']}"
             if message != last_message:
