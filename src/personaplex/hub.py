@@ -117,7 +117,7 @@ def _check_local_folder(folder: Path) -> None:
 
 
 def _download_repo(repo_id: str, *, progress: bool) -> Path:
-    offline_reason = _offline_reason()
+    offline_reason = hub_offline_reason()
     with _progress_bars(progress):
         config = _download_file(repo_id, "config.json", offline_reason)
         paths = [_download_file(repo_id, filename, offline_reason) for filename in _repo_files(config)]
@@ -125,7 +125,7 @@ def _download_repo(repo_id: str, *, progress: bool) -> Path:
     return paths[0].parent
 
 
-def _offline_reason() -> str | None:
+def hub_offline_reason() -> str | None:
     """Why the hub will not be asked (files then come from the cache only), or None."""
     if hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE_VALUES:
         return "HF_HUB_OFFLINE is set"

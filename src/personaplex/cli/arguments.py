@@ -25,6 +25,20 @@ def reply_frames(text: str) -> int:
         ) from None
 
 
+def tcp_port(text: str) -> int:
+    """argparse type of --port: 1-65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65_535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def positive_count(text: str) -> int:
+    """argparse type of counts such as --max-sessions: 1 or more."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def command_line_text(flag: str, text: str | None) -> str | None:
     """Text given on the command line, refused if its bytes were not UTF-8 (Python turns
     such bytes into lone surrogates, which the tokenizer cannot read)."""
