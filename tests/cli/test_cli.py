@@ -433,3 +433,17 @@ def test_respond_voice_saved_in_a_local_model_folder_is_accepted(tmp_path, fake_
     arguments = ["respond", str(wav), "-o", str(tmp_path / "o.wav"), "--model", str(tmp_path / "model")]
     assert main([*arguments, "--voice", "Mine"]) == 0
     assert FakeEngine.last.calls[0][2]["voice"] == "Mine"
+
+
+@pytest.mark.parametrize("config", ['{"num_heads": 0}', '{"dim": "many"}', '{"context": 1e9}', "[" * 50_000 + "]" * 50_000])
+def test_respond_bad_model_config_is_one_line(tmp_path, capsys, config):
+    from personaplex.hub import REQUIRED_FILES
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in REQUIRED_FILES:
+        (folder / name).write_bytes(b"x")
+    (folder / "config.json").write_text(config)
+    wav = tone_file(tmp_path / "in.wav")
+    assert main(["respond", str(wav), "-o", str(tmp_path / "o.wav"), "--model", str(folder)]) == 1
+    assert "config.json" in one_error_line(capsys)

@@ -107,3 +107,12 @@ def check_voice_choice(voice: str, model: str | None) -> None:
         f"unknown voice {voice!r}: use one of {', '.join(VOICE_NAMES)} (`personaplex voices`), "
         "the path of a .pt/.safetensors voice file, or --voice-wav RECORDING"
     )
+
+
+def check_local_model_config(model: str | None) -> None:
+    """Read a local model folder's config.json now, so a damaged one is named before loading."""
+    from personaplex.model.config import ModelConfig
+
+    folder = local_folder(model)
+    if folder is not None and folder.is_dir():
+        ModelConfig.from_folder(folder)

@@ -23,6 +23,7 @@ from personaplex.audio.io import read_voice_wav, read_wav, write_wav
 from personaplex.cli.arguments import (
     MAX_STEPS_HELP,
     check_device,
+    check_local_model_config,
     check_voice_choice,
     command_line_text,
     reply_frames,
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         writable_output("--json", args.json)
     check_device(args.device)
+    check_local_model_config(args.model)
     persona = _persona_arguments(args, system_prompt)
     if persona["voice_wav"] is not None:
         read_voice_wav(persona["voice_wav"])  # a bad recording is named now, not after loading
