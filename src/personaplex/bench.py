@@ -505,7 +505,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", default="1,8,32,64", help="comma-separated batch sizes")
     parser.add_argument("--weights", default="bf16,int4,fp8", help="comma-separated weight formats (bf16 first: the reference)")
     parser.add_argument("--frames", type=int, default=100, help="timed frames per row (>= 100 for the report)")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed frames run first, so compiling and graph capture are not timed (5)")
     parser.add_argument("--no-upstream", action="store_true", help="skip upstream moshi")
     parser.add_argument("--kv", choices=sorted(KV_DTYPES), default="bf16", help="KV cache dtype")
     parser.add_argument("--no-eager", action="store_true", help="time only the fast (graphed) path")

@@ -447,3 +447,29 @@ def test_respond_bad_model_config_is_one_line(tmp_path, capsys, config):
     wav = tone_file(tmp_path / "in.wav")
     assert main(["respond", str(wav), "-o", str(tmp_path / "o.wav"), "--model", str(folder)]) == 1
     assert "config.json" in one_error_line(capsys)
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(tmp_path):
+    """`personaplex prompts | head -1`: the reader leaves; we end quietly."""
+    import os
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as after `head` exits
+    code = "import sys; from personaplex.cli.main import main; sys.exit(main(['prompts']))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], stdout=write_end, stderr=subprocess.PIPE, env=env, timeout=60)
+    os.close(write_end)
+    assert result.returncode == 0 and result.stderr == b""
+
+
+def test_every_command_describes_itself(capsys):
+    for command in ("voices", "prompts", "respond"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        help_text = capsys.readouterr().out
+        description = help_text.split("\n\n")[1]
+        assert not description.startswith(("options:", "positional arguments:")), f"`{command} --help` has no description"
+    with pytest.raises(SystemExit):
+        main(["respond", "--help"])
+    assert "astronaut (default)" not in " ".join(capsys.readouterr().out.split())  # as if astronaut were it
