@@ -10,7 +10,8 @@ lockstep and two context fills (early: a short persona; full: every one of the 3
 visible), eager vs one-CUDA-graph frames, bf16 / fp8 / int4 weights, peak GPU memory, the
 time from "new conversation with a cached persona" to its first agent frame, greedy
 agreement of eager vs graph, teacher-forced logit error of each format vs bf16, and
-upstream moshi 0.2.13 when it imports. Rows go to DIR/<card>.json (+ a PNG) and a table on stdout.
+upstream moshi 0.2.13 when it imports (`scripts/setup.sh --test` puts it in .oracle/, outside
+.venv: add PYTHONPATH=.oracle). Rows go to DIR/<card>.json (+ a PNG) and a table on stdout.
 
     python -m personaplex.bench --out DIR [--sessions 1,8,32,64] [--frames 100]
 """
