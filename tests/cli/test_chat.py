@@ -219,3 +219,21 @@ def test_the_page_uses_the_same_reply_length_range():
     # The page clamps to the field's own bounds, not to numbers of its own.
     clamp = re.search(r"const maxSteps = .*", (static / "app.js").read_text()).group(0)
     assert "input.min" in clamp and "input.max" in clamp and not re.search(r"\b(50|500)\b", clamp)
+
+
+def test_no_audio_device_is_one_line(monkeypatch, capsys):
+    import sys
+
+    from personaplex.cli.main import main
+
+    class PortAudioError(Exception):
+        pass
+
+    def no_device(device=None, **settings):
+        raise PortAudioError("Error querying device -1")
+
+    fake = SimpleNamespace(PortAudioError=PortAudioError, check_input_settings=no_device, check_output_settings=no_device)
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    assert main(["chat", "--url", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no usable microphone (Error querying device -1)" in err[0] and "--input-device" in err[0]

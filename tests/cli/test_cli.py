@@ -473,3 +473,13 @@ def test_every_command_describes_itself(capsys):
     with pytest.raises(SystemExit):
         main(["respond", "--help"])
     assert "astronaut (default)" not in " ".join(capsys.readouterr().out.split())  # as if astronaut were it
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_respond_into_a_full_device_is_one_line(tmp_path, capsys, fake_engine):
+    wav = tone_file(tmp_path / "in.wav")
+    assert main(["respond", str(wav), "-o", "/dev/full", "--max-steps", "2"]) == 1
+    err = capsys.readouterr().err
+    last_line = err.strip().split("\r")[-1]  # after the progress bars, which clear themselves
+    assert "Traceback" not in err and last_line.startswith("personaplex: error: cannot write audio file /dev/full")
+    assert "No space left on device" in last_line

@@ -8,6 +8,7 @@ mistakes (stereo, int16, NaN, a wrong sample rate) into one clear error or a sil
 from __future__ import annotations
 
 import math
+import wave
 from collections.abc import AsyncIterator
 from fractions import Fraction
 from pathlib import Path
@@ -123,7 +124,17 @@ def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE)
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sphn.write_wav(str(path), np.ascontiguousarray(pcm), int(sample_rate))
+    # The standard library's writer, not sphn's: sphn loses write errors of short files (a
+    # full disk would leave a truncated file and no error).
+    samples = np.round(np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2")
+    try:
+        with wave.open(str(path), "wb") as file:
+            file.setnchannels(1)
+            file.setsampwidth(2)
+            file.setframerate(int(sample_rate))
+            file.writeframes(samples.tobytes())
+    except OSError as err:
+        raise OSError(f"cannot write audio file {path} ({err.strerror or err}): free some space or choose another place") from err
 
 
 def resample(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:

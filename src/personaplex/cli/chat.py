@@ -24,6 +24,7 @@ import numpy as np
 
 from personaplex.audio.opus import OpusStreamDecoder, OpusStreamEncoder
 from personaplex.cli.arguments import MAX_STEPS_HELP, reply_frames
+from personaplex.errors import PersonaPlexError
 from personaplex.runtime.validation import DEFAULT_STEPS
 from personaplex.server import protocol
 from personaplex.server.protocol import MessageKind
@@ -168,8 +169,25 @@ class SoundDeviceAudio:
             ) from None
         self._sounddevice = sounddevice
         self._devices = (_device(input_device), _device(output_device))
+        self._check_devices()
         self.player = JitterBuffer(JITTER_FRAMES * FRAME_SAMPLES)
         self._streams: list[Any] = []
+
+    def _check_devices(self) -> None:
+        """Refuse at once, in one line, a machine without a usable microphone or speaker."""
+        settings = {"samplerate": SAMPLE_RATE, "channels": 1, "dtype": "float32"}
+        for kind, device, check in (
+            ("microphone", self._devices[0], self._sounddevice.check_input_settings),
+            ("speaker", self._devices[1], self._sounddevice.check_output_settings),
+        ):
+            try:
+                check(device=device, **settings)
+            except (self._sounddevice.PortAudioError, ValueError) as err:
+                flag = "--input-device" if kind == "microphone" else "--output-device"
+                raise PersonaPlexError(
+                    f"no usable {kind} ({err}): connect one, or pick one with {flag} "
+                    "(`python -m sounddevice` lists them)"
+                ) from None
 
     def start(self, on_block: Callable[[np.ndarray], None]) -> None:
         def record(indata: np.ndarray, _frames: int, _time: Any, _status: Any) -> None:
