@@ -19,6 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+# The stream resampler imports scipy.signal when first built, which takes a second or more:
+# done here, with the server's imports, rather than when a conversation's first audio
+# arrives (audio that arrives meanwhile would be late for the utterance detector).
+import scipy.signal  # noqa: F401
+
 from personaplex.audio.io import StreamingResampler
 from personaplex.errors import PersonaPlexError
 
