@@ -9,7 +9,6 @@ from torch import nn
 from personaplex.model.config import LMConfig
 from personaplex.model.lm import LMModel
 from personaplex.model.quantize import (
-    AffineQuantizedLinear,
     Fp8Linear,
     Int4Linear,
     Int8Linear,
