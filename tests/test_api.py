@@ -257,3 +257,9 @@ def test_over_long_voice_recording_is_refused_naming_the_voice(engine, tmp_path)
     write_wav(voice, np.zeros(8_000 * 31, np.float32), 8_000)
     with pytest.raises(InvalidAudioError, match="narrator.wav lasts 31.0 s"):
         engine.respond(speech_like(0.1), voice_wav=str(voice), max_steps=1)
+
+
+def test_respond_stream_reports_each_heard_frame(engine):
+    heard = []
+    chunks = list(engine.respond_stream(speech_like(0.5), max_steps=2, seed=0, on_listen=lambda: heard.append(1)))
+    assert len(heard) == 7 and len(chunks) == 2  # 0.5 s is 7 frames of 80 ms, heard before the reply
