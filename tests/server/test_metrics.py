@@ -31,6 +31,7 @@ def test_metrics_keep_their_names_and_parse_as_prometheus_text():
     assert samples[("personaplex_model_ready", ())] == 1
     assert ("personaplex_protocol_errors_total", ()) in samples
     assert ("personaplex_session_errors_total", ()) in samples
+    assert not any(name.endswith("_created") for name, _ in samples)  # only the series we keep
 
 
 def test_each_server_counts_for_itself():

@@ -6,7 +6,11 @@ metrics are thread-safe, so the event loop and the worker threads update them di
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+# The same series as before prometheus_client kept them: no `*_created` timestamps, which a
+# scraper does not need and which summing replicas' metrics (cluster.py) would garble.
+disable_created_metrics()
 
 
 class ServerMetrics:
