@@ -4,17 +4,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip"
+STEPS=$([ "${1:-}" = "--test" ] && echo 4 || echo 3)
+step() { echo "==> [$1/$STEPS] $2" >&2; }
+
+step 1 "virtual environment .venv"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
 # A plain `torch` requirement would pull a multi-GB CUDA build: pin the CPU wheel unless
 # a torch is already there (a GPU machine brings its own).
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    $PIP install -q "torch==${TORCH_VERSION:-2.13.0}"
+    step 2 "torch ${TORCH_VERSION:-2.13.0} (CPU build, about 200 MB: a minute or two)"
+    $PIP install --progress-bar on "torch==${TORCH_VERSION:-2.13.0}"
+else
+    step 2 "torch $(.venv/bin/python -c 'import torch; print(torch.__version__)') already installed: kept"
 fi
 if [ "${1:-}" = "--test" ]; then
-    $PIP install -q -e ".[test,server]"
-    # Upstream moshi is the test oracle. It pins torch<2.10, so it comes without its deps.
-    $PIP install -q --no-deps "moshi==0.2.13"
+    step 3 "personaplex with the test and server extras"
+    $PIP install --progress-bar on -e ".[test,server]"
+    # Upstream moshi is the test oracle. It pins torch<2.10, so it must stay out of .venv
+    # (pip would report its pins as conflicts on every later install): it goes, without its
+    # dependencies, into .oracle/, which only the tests put on sys.path (tests/fixtures/oracle.py).
+    step 4 "test oracle moshi 0.2.13 into .oracle/"
+    $PIP uninstall -y -q moshi 2>/dev/null || true  # left in .venv by an older setup
+    [ -d .oracle/moshi ] || $PIP install -q --no-deps --target .oracle "moshi==0.2.13"
 else
-    $PIP install -q -e ".[server]"
+    step 3 "personaplex with the server extras"
+    $PIP install --progress-bar on -e ".[server]"
 fi
+echo "==> done: .venv/bin/personaplex" >&2

@@ -8,4 +8,5 @@ for path in (ROOT, ROOT / "src"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+import tests.fixtures.oracle  # noqa: E402,F401  (puts the moshi oracle's .oracle/ on sys.path)
 from tests.fixtures.engine import engine, tiny_folder  # noqa: E402,F401  (shared fixtures)

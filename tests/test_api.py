@@ -233,3 +233,33 @@ def test_realtime_refuses_a_bad_sample_rate(engine):
 
     with pytest.raises(InvalidAudioError, match="sample"):
         asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"seed": "1"}, "seed must be an integer from 0 to 2\\*\\*63 - 1"),
+        ({"seed": 10**30}, "seed must be an integer .* got 1000000000000000000000000000000"),
+        ({"seed": -5}, "seed must be an integer"),
+        ({"system_prompt": "be kind \udcff"}, "system_prompt is not valid UTF-8 text"),
+        ({"max_steps": 501}, "from 1 to 500"),
+    ],
+)
+def test_bad_library_arguments_are_persona_plex_errors(engine, kwargs, message):
+    with pytest.raises(PersonaPlexError, match=message):
+        engine.respond(speech_like(0.1), **{"max_steps": 1, **kwargs})
+
+
+def test_over_long_voice_recording_is_refused_naming_the_voice(engine, tmp_path):
+    from personaplex.audio.io import write_wav
+
+    voice = tmp_path / "narrator.wav"
+    write_wav(voice, np.zeros(8_000 * 31, np.float32), 8_000)
+    with pytest.raises(InvalidAudioError, match="narrator.wav lasts 31.0 s"):
+        engine.respond(speech_like(0.1), voice_wav=str(voice), max_steps=1)
+
+
+def test_respond_stream_reports_each_heard_frame(engine):
+    heard = []
+    chunks = list(engine.respond_stream(speech_like(0.5), max_steps=2, seed=0, on_listen=lambda: heard.append(1)))
+    assert len(heard) == 7 and len(chunks) == 2  # 0.5 s is 7 frames of 80 ms, heard before the reply

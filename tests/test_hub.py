@@ -50,6 +50,14 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def reachable_hub(monkeypatch):
+    """Downloads are faked here; the hub counts as reachable unless a test says otherwise."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub.socket, "create_connection", lambda *a, **k: SimpleNamespace(close=lambda: None))
+
+
 def fake_response(status: int) -> SimpleNamespace:
     return SimpleNamespace(status_code=status, headers={}, request=None)
 
@@ -148,7 +156,7 @@ def test_read_only_folder_unpacks_into_cache(tmp_path, monkeypatch):
 
 
 def fake_download_into(snapshot: Path):
-    def download(repo_id: str, filename: str) -> str:
+    def download(repo_id: str, filename: str, **kwargs) -> str:
         make_folder(snapshot)
         return str(snapshot / filename)
 
@@ -159,7 +167,7 @@ def test_repo_download(tmp_path, monkeypatch):
     snapshot = tmp_path / "hub" / "snapshots" / "abc"
     requested = []
     download = fake_download_into(snapshot)
-    def recording_download(repo_id: str, filename: str) -> str:
+    def recording_download(repo_id: str, filename: str, **kwargs) -> str:
         requested.append((repo_id, filename))
         return download(repo_id, filename)
 
@@ -173,7 +181,7 @@ def test_repo_download(tmp_path, monkeypatch):
 
 
 def raising(error: Exception):
-    def download(repo_id: str, filename: str) -> str:
+    def download(repo_id: str, filename: str, **kwargs) -> str:
         raise error
 
     return download
@@ -182,10 +190,10 @@ def raising(error: Exception):
 @pytest.mark.parametrize(
     "error,message",
     [
-        (LocalEntryNotFoundError("offline"), "no network and not in the Hugging Face cache"),
+        (LocalEntryNotFoundError("offline"), "config.json of .* is not in the Hugging Face cache"),
         (
             GatedRepoError("gated", response=fake_response(403)),
-            "gated: accept its licence at https://huggingface.co/nvidia/personaplex-7b-v1"
+            "gated .*accept its licence at https://huggingface.co/nvidia/personaplex-7b-v1"
             ".*HF_TOKEN.*hf auth login",
         ),
         (HfHubHTTPError("401", response=fake_response(401)), "gated.*HF_TOKEN"),
@@ -209,7 +217,7 @@ def test_progress_flag_restores_bars(monkeypatch, tmp_path):
 
     seen = []
     download = fake_download_into(tmp_path / "snap")
-    def watching_download(repo_id: str, filename: str) -> str:
+    def watching_download(repo_id: str, filename: str, **kwargs) -> str:
         seen.append(are_progress_bars_disabled())
         return download(repo_id, filename)
 
@@ -227,7 +235,7 @@ def test_mlx_repo_download_fetches_its_own_layout(tmp_path, monkeypatch):
     (snapshot / "config.json").write_text(json.dumps({"temporal": {}, "quantization": {"bits": 4}, "voices": ["NATF0", "VARM1"]}))
     requested = []
 
-    def download(repo_id: str, filename: str) -> str:
+    def download(repo_id: str, filename: str, **kwargs) -> str:
         requested.append(filename)
         path = snapshot / filename
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,3 +248,64 @@ def test_mlx_repo_download_fetches_its_own_layout(tmp_path, monkeypatch):
     assert set(requested) == {"config.json", "tokenizer_spm_32k_3.model", "voices/NATF0.safetensors", "voices/VARM1.safetensors",
                               "mimi.safetensors", "temporal.safetensors", "depformer.safetensors", "embeddings.safetensors"}
     assert hub.is_mlx_folder(snapshot)
+
+
+@pytest.mark.parametrize("error, gated", [
+    (GatedRepoError("gated", response=fake_response(403)), True),
+    (HfHubHTTPError("401", response=fake_response(401)), True),
+    (LocalEntryNotFoundError("offline"), False),
+    (HfHubHTTPError("500", response=fake_response(500)), False),
+])
+def test_only_access_problems_are_gated_errors(monkeypatch, error, gated):
+    from personaplex.errors import GatedModelError
+
+    monkeypatch.setattr(hub, "hf_hub_download", raising(error))
+    with pytest.raises(ModelUnavailableError) as info:
+        resolve_model_folder(DEFAULT_REPO)
+    assert isinstance(info.value, GatedModelError) == gated
+
+
+def cache_only_download(snapshot: Path, calls: list):
+    """hf_hub_download as it behaves offline: the cache answers, or LocalEntryNotFoundError."""
+    def download(repo_id: str, filename: str, local_files_only: bool = False) -> str:
+        calls.append((filename, local_files_only))
+        if not snapshot.is_dir():
+            raise LocalEntryNotFoundError("not cached")
+        return str(snapshot / filename)
+
+    return download
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_hf_hub_offline_uses_the_cache_without_asking_the_hub(tmp_path, monkeypatch, cached):
+    snapshot = tmp_path / "snap"
+    if cached:
+        make_folder(snapshot)
+    calls = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub.socket, "create_connection", lambda *a, **k: pytest.fail("probed the hub"))
+    monkeypatch.setattr(hub, "hf_hub_download", cache_only_download(snapshot, calls))
+    if cached:
+        assert resolve_model_folder(DEFAULT_REPO, progress=False) == snapshot
+    else:
+        with pytest.raises(ModelUnavailableError, match="HF_HUB_OFFLINE is set, and config.json .*unset HF_HUB_OFFLINE"):
+            resolve_model_folder(DEFAULT_REPO, progress=False)
+    assert calls and all(local_only for _, local_only in calls)
+
+
+def test_unreachable_hub_fails_at_once_without_retries(tmp_path, monkeypatch):
+    calls, probes = [], []
+
+    def unreachable(address, timeout):
+        probes.append((address, timeout))
+        raise socket.gaierror(-2, "Name or service not known")
+
+    import socket
+
+    monkeypatch.setattr(hub.socket, "create_connection", unreachable)
+    monkeypatch.setattr(hub, "hf_hub_download", cache_only_download(tmp_path / "nothing", calls))
+    with pytest.raises(ModelUnavailableError, match="huggingface.co cannot be reached .*Name or service not known.*"
+                       "connect to the network to download it once, or pass --model DIR"):
+        resolve_model_folder(DEFAULT_REPO, progress=False)
+    assert probes == [(("huggingface.co", 443), hub.HUB_PROBE_TIMEOUT_S)]  # one attempt, no retries
+    assert calls == [("config.json", True)]  # the cache only: huggingface_hub would retry 5 times

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio.io import SAMPLE_RATE, model_rate_frames, normalize_loudness, prepare_user_audio, read_wav, resample
+from .audio.io import SAMPLE_RATE, model_rate_frames, normalize_loudness, prepare_user_audio, read_voice_wav
 from .errors import PersonaPlexError, UnknownVoiceError
 from .hub import MLX_MIMI_FILENAME, find_voices_dir, is_mlx_folder, resolve_model_folder
 from .model.config import ModelConfig
@@ -39,6 +39,7 @@ from .runtime.prompts import DEFAULT_PROMPT, wrap_system_prompt
 from .runtime.runner import FrameRunner
 from .runtime.sampling import SamplingConfig
 from .runtime.scheduler import FrameScheduler, RowHandle
+from .runtime.validation import check_max_steps, check_text
 from .runtime.voices import DEFAULT_VOICE, VoicePrompt, is_wav_voice, load_voice
 from .text.tokenizer import TEXT_TOKENIZER_FILENAME, TextTokenizer
 
@@ -223,8 +224,7 @@ class PersonaPlex:
 
     def persona(self, voice: str = DEFAULT_VOICE, system_prompt: str = DEFAULT_PROMPT) -> PersonaSnapshot:
         """The prefilled state for (voice, prompt), computed once and cached."""
-        if not isinstance(system_prompt, str):
-            raise PersonaPlexError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+        check_text("system_prompt", system_prompt)
         if not isinstance(voice, (str, Path)):
             raise UnknownVoiceError(f"voice must be a preset name or a file path, got {type(voice).__name__}")
         # A WAV voice is keyed by its modification time too, so an edited file is prefilled anew.
@@ -257,8 +257,7 @@ class PersonaPlex:
         """A WAV voice prompt as the reference prepares it: -24 LUFS, 24 kHz, Mimi codes [8, N]."""
         if not path.is_file():
             raise UnknownVoiceError(f"voice file {path} does not exist")
-        pcm, rate = read_wav(path)
-        pcm = normalize_loudness(resample(pcm, rate, SAMPLE_RATE), SAMPLE_RATE)
+        pcm = normalize_loudness(read_voice_wav(path), SAMPLE_RATE)
         state = self.mimi.init_stream(1)
         codes = [self.mimi.encode_step(torch.from_numpy(frame).to(self.device).view(1, 1, -1), state)[0, :, 0]
                  for frame in _frames_of(pcm, self.frame_samples)]
@@ -294,11 +293,13 @@ class PersonaPlex:
                        voice_wav: str | None = None, system_prompt: str = DEFAULT_PROMPT, max_steps: int = 75,
                        seed: int | None = None, greedy: bool = False,
                        stop_after_silent_frames: int | None = None,
-                       sampling: SamplingConfig | None = None) -> ChunkStream:
+                       sampling: SamplingConfig | None = None,
+                       on_listen: Callable[[], None] | None = None) -> ChunkStream:
         """Turn-based, streamed: the user speaks while the agent listens (held at silence),
         then the agent replies for `max_steps` frames (or until `stop_after_silent_frames`
         silent frames in a row), hearing silence. `sampling` replaces the reference temperatures and top-k
-        (`greedy` still takes the argmax everywhere)."""
+        (`greedy` still takes the argmax everywhere). `on_listen` is called after each 80 ms frame
+        of the user's audio is heard (for progress)."""
         user_pcm = prepare_user_audio(audio, sample_rate)
         _check_steps(max_steps, stop_after_silent_frames)
         silent_mic = np.zeros(self.frame_samples, dtype=np.float32)
@@ -306,7 +307,7 @@ class PersonaPlex:
         frames += [(silent_mic, False)] * max_steps
         chunks = self._offline(frames, voice_wav or voice, system_prompt, seed, _sampling(sampling, greedy))
         return ChunkStream(_reply(chunks, listening_frames=len(frames) - max_steps,
-                                  stop_after_silent_frames=stop_after_silent_frames))
+                                  stop_after_silent_frames=stop_after_silent_frames, on_listen=on_listen))
 
     def respond(self, audio: Any, **kwargs: Any) -> Response:
         """Turn-based: the whole reply at once (the chunks of `respond_stream`, joined)."""
@@ -417,13 +418,16 @@ async def _feed(row: RowHandle, mic_frames: AsyncIterator[np.ndarray], sample_ra
         deliver(err)
 
 
-def _reply(chunks: Iterator[AudioChunk], listening_frames: int, stop_after_silent_frames: int | None) -> Iterator[AudioChunk]:
+def _reply(chunks: Iterator[AudioChunk], listening_frames: int, stop_after_silent_frames: int | None,
+           on_listen: Callable[[], None] | None = None) -> Iterator[AudioChunk]:
     """The reply frames of a turn (the frames while the user spoke are dropped), numbered from
     0, stopping after `stop_after_silent_frames` silent frames in a row."""
     silent_run = 0
     try:
         for chunk in chunks:
             if chunk.frame_index < listening_frames:
+                if on_listen is not None:
+                    on_listen()
                 continue
             chunk = replace(chunk, frame_index=chunk.frame_index - listening_frames)
             yield chunk
@@ -455,7 +459,7 @@ def _check_seed(seed: Any) -> int | None:
 
 
 def _check_steps(max_steps: int, stop_after: int | None) -> None:
-    _check_positive_int("max_steps", max_steps)
+    check_max_steps(max_steps)
     if stop_after is not None:
         _check_positive_int("stop_after_silent_frames", stop_after)
 

@@ -10,7 +10,8 @@ lockstep and two context fills (early: a short persona; full: every one of the 3
 visible), eager vs one-CUDA-graph frames, bf16 / fp8 / int4 weights, peak GPU memory, the
 time from "new conversation with a cached persona" to its first agent frame, greedy
 agreement of eager vs graph, teacher-forced logit error of each format vs bf16, and
-upstream moshi 0.2.13 when it imports. Rows go to DIR/<card>.json (+ a PNG) and a table on stdout.
+upstream moshi 0.2.13 when it imports (`scripts/setup.sh --test` puts it in .oracle/, outside
+.venv: add PYTHONPATH=.oracle). Rows go to DIR/<card>.json (+ a PNG) and a table on stdout.
 
     python -m personaplex.bench --out DIR [--sessions 1,8,32,64] [--frames 100]
 """
@@ -505,7 +506,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", default="1,8,32,64", help="comma-separated batch sizes")
     parser.add_argument("--weights", default="bf16,int4,fp8", help="comma-separated weight formats (bf16 first: the reference)")
     parser.add_argument("--frames", type=int, default=100, help="timed frames per row (>= 100 for the report)")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed frames run first, so compiling and graph capture are not timed (5)")
     parser.add_argument("--no-upstream", action="store_true", help="skip upstream moshi")
     parser.add_argument("--kv", choices=sorted(KV_DTYPES), default="bf16", help="KV cache dtype")
     parser.add_argument("--no-eager", action="store_true", help="time only the fast (graphed) path")

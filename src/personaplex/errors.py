@@ -22,3 +22,7 @@ class PromptTooLongError(PersonaPlexError, ValueError):
 
 class ModelUnavailableError(PersonaPlexError, RuntimeError):
     """The model files cannot be had: offline, gated repo, licence not accepted, bad folder."""
+
+
+class GatedModelError(ModelUnavailableError):
+    """The model repo is gated and this machine has no access yet (licence or token missing)."""

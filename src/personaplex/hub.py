@@ -13,11 +13,14 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import (
     EntryNotFoundError,
@@ -30,7 +33,7 @@ from huggingface_hub.utils import (
     enable_progress_bars,
 )
 
-from personaplex.errors import ModelUnavailableError
+from personaplex.errors import GatedModelError, ModelUnavailableError
 from personaplex.text.tokenizer import TEXT_TOKENIZER_FILENAME
 
 DEFAULT_REPO = "nvidia/personaplex-7b-v1"
@@ -47,6 +50,10 @@ MLX_REQUIRED_FILES = (*MLX_LM_FILES, MLX_MIMI_FILENAME, TEXT_TOKENIZER_FILENAME)
 # What we download: the weights and the voices, not dist.tgz (the reference's web UI).
 # Small files first, so a licence or network problem shows before the 16.7 GB one.
 DOWNLOADED_FILES = (TEXT_TOKENIZER_FILENAME, VOICES_ARCHIVE_FILENAME, MIMI_FILENAME, LM_FILENAME)
+# huggingface_hub retries an unreachable hub 5 times with back-off (about 25 s per file):
+# one quick connection attempt first tells us to use the cache alone.
+HUB_PROBE_TIMEOUT_S = 3.0
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
 def resolve_model_folder(source: str | Path | None = None, *, progress: bool = True) -> Path:
@@ -55,10 +62,10 @@ def resolve_model_folder(source: str | Path | None = None, *, progress: bool = T
     `source` is a local folder (used as is), a Hugging Face repo id, or None for the
     official repo. The voices archive, if present, is unpacked once into `voices/`.
     """
-    local_folder = _as_local_folder(source)
-    if local_folder is not None:
-        _check_local_folder(local_folder)
-        folder = local_folder
+    given_folder = local_folder(source)
+    if given_folder is not None:
+        _check_local_folder(given_folder)
+        folder = given_folder
     else:
         folder = _download_repo(str(source or DEFAULT_REPO), progress=progress)
     _ensure_voices_unpacked(folder)
@@ -74,7 +81,7 @@ def find_voices_dir(model_folder: str | Path) -> Path | None:
     return None
 
 
-def _as_local_folder(source: str | Path | None) -> Path | None:
+def local_folder(source: str | Path | None) -> Path | None:
     """The local folder `source` names, or None when it is a repo id (or the default)."""
     if source is None:
         return None
@@ -110,11 +117,25 @@ def _check_local_folder(folder: Path) -> None:
 
 
 def _download_repo(repo_id: str, *, progress: bool) -> Path:
+    offline_reason = hub_offline_reason()
     with _progress_bars(progress):
-        config = _download_file(repo_id, "config.json")
-        paths = [_download_file(repo_id, filename) for filename in _repo_files(config)]
+        config = _download_file(repo_id, "config.json", offline_reason)
+        paths = [_download_file(repo_id, filename, offline_reason) for filename in _repo_files(config)]
     # hf_hub_download puts every file of one revision in the same snapshot folder.
     return paths[0].parent
+
+
+def hub_offline_reason() -> str | None:
+    """Why the hub will not be asked (files then come from the cache only), or None."""
+    if hub_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE_VALUES:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlsplit(hub_constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return f"{endpoint.hostname} cannot be reached ({err.strerror or err})"
+    return None
 
 
 def _repo_files(config_path: Path) -> list[str]:
@@ -130,24 +151,20 @@ def _repo_files(config_path: Path) -> list[str]:
     return list(DOWNLOADED_FILES)
 
 
-def _download_file(repo_id: str, filename: str) -> Path:
+def _download_file(repo_id: str, filename: str, offline_reason: str | None) -> Path:
     try:
-        return Path(hf_hub_download(repo_id, filename))
+        return Path(hf_hub_download(repo_id, filename, local_files_only=offline_reason is not None))
     except GatedRepoError as err:
-        raise ModelUnavailableError(_gated_message(repo_id)) from err
+        raise GatedModelError(_gated_message(repo_id)) from err
     except RepositoryNotFoundError as err:
         raise ModelUnavailableError(
             f"{repo_id!r} is neither a local folder nor a Hugging Face repo you can see: check "
             f"the name (the official one is {DEFAULT_REPO}); for a private repo set HF_TOKEN"
         ) from err
-    # LocalEntryNotFoundError is what hf_hub_download raises when it cannot reach the Hub
-    # and the file is not cached; it must be caught before its base EntryNotFoundError.
+    # LocalEntryNotFoundError is what hf_hub_download raises when the file is neither
+    # reachable nor cached; it must be caught before its base EntryNotFoundError.
     except LocalEntryNotFoundError as err:
-        raise ModelUnavailableError(
-            f"cannot get {filename} from {repo_id}: no network and not in the Hugging Face "
-            f"cache. Connect once to download it, or pass --model DIR with a folder holding "
-            f"{', '.join(DOWNLOADED_FILES)}"
-        ) from err
+        raise ModelUnavailableError(_not_cached_message(repo_id, filename, offline_reason)) from err
     except EntryNotFoundError as err:
         raise ModelUnavailableError(
             f"repo {repo_id} has no file {filename}, so it is not a PersonaPlex checkpoint: "
@@ -155,7 +172,7 @@ def _download_file(repo_id: str, filename: str) -> Path:
         ) from err
     except HfHubHTTPError as err:
         if _status_code(err) in (401, 403):
-            raise ModelUnavailableError(_gated_message(repo_id)) from err
+            raise GatedModelError(_gated_message(repo_id)) from err
         raise ModelUnavailableError(
             f"downloading {filename} from {repo_id} failed ({err}): try again later, "
             "or pass --model DIR with the files"
@@ -167,10 +184,22 @@ def _download_file(repo_id: str, filename: str) -> Path:
         ) from err
 
 
+def _not_cached_message(repo_id: str, filename: str, offline_reason: str | None) -> str:
+    reason = offline_reason or "the Hugging Face hub cannot be reached"
+    remedy = "unset HF_HUB_OFFLINE" if offline_reason == "HF_HUB_OFFLINE is set" else "connect to the network"
+    return (
+        f"{reason}, and {filename} of {repo_id} is not in the Hugging Face cache: {remedy} to "
+        f"download it once, or pass --model DIR with a folder holding {', '.join(REQUIRED_FILES)} "
+        f"and {VOICES_DIRNAME}/ (or {VOICES_ARCHIVE_FILENAME})"
+    )
+
+
 def _gated_message(repo_id: str) -> str:
     return (
-        f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} "
-        "while logged in, then give your token with `export HF_TOKEN=<token>` or `hf auth login`"
+        f"{repo_id} is gated and this machine has no access: 1) accept its licence at "
+        f"https://huggingface.co/{repo_id} while logged in; 2) give this machine a read token "
+        "(https://huggingface.co/settings/tokens) with `export HF_TOKEN=<token>` or `hf auth login`; "
+        "3) run the command again. With the files already on disk: --model DIR"
     )
 
 

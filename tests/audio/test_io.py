@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pyloudnorm
 import pytest
@@ -8,11 +10,13 @@ from personaplex.audio.io import (
     SAMPLE_RATE,
     normalize_loudness,
     prepare_user_audio,
+    read_voice_wav,
     read_wav,
     resample,
     write_wav,
 )
 from personaplex.errors import InvalidAudioError
+from tests.fixtures.wav_files import float_wav, wav_with_header
 
 
 def tone(seconds: float, rate: int = SAMPLE_RATE, amplitude: float = 0.3) -> np.ndarray:
@@ -148,9 +152,9 @@ def test_prepare_accepts_numpy_integer_rate():
 
 
 def test_prepare_rejects_too_long():
-    long_audio = np.zeros(241 * 1000, np.float32)
+    long_audio = np.zeros(241 * 8000, np.float32)
     with pytest.raises(InvalidAudioError, match="241.0 s.*240 s"):
-        prepare_user_audio(long_audio, 1000)
+        prepare_user_audio(long_audio, 8000)
     assert prepare_user_audio(np.zeros(24_000 * 2, np.float32), max_seconds=2.0).size == 48_000
     with pytest.raises(InvalidAudioError, match="longer than the 1 s"):
         prepare_user_audio(np.zeros(24_000 * 2, np.float32), max_seconds=1.0)
@@ -179,3 +183,49 @@ def test_streaming_resampler_is_independent_of_block_sizes():
     offline = resample(tone, rate, 24_000)
     delay = int(np.argmax(np.correlate(streamed[1000:3000], offline[1000:1100], mode="valid")))
     np.testing.assert_allclose(streamed[1000 + delay : 20_000 + delay], offline[1000:20_000], atol=2e-2)
+
+
+@pytest.mark.parametrize("rate", [0, 1, 7_999, 400_000])
+def test_read_wav_refuses_impossible_header_rates_at_once(tmp_path, capfd, rate):
+    path = wav_with_header(tmp_path / "odd.wav", rate, np.zeros(200))
+    started = time.perf_counter()
+    with pytest.raises(InvalidAudioError, match=f"sample rate is {rate} Hz, outside 8000..384000"):
+        prepare_user_audio(*read_wav(path))
+    assert time.perf_counter() - started < 1.0  # a 1 Hz header took 99 s of resampling
+    assert "panicked" not in capfd.readouterr().err  # the decoder's Rust panic (0 Hz)
+
+
+def test_read_wav_refuses_header_only_file(tmp_path):
+    with pytest.raises(InvalidAudioError, match="holds no samples"):
+        read_wav(wav_with_header(tmp_path / "empty.wav", 16_000))
+
+
+@pytest.mark.parametrize("rate", [7_999, 384_001])
+def test_prepare_rejects_rates_outside_the_recording_range(rate):
+    with pytest.raises(InvalidAudioError, match="outside 8000..384000"):
+        prepare_user_audio(tone(0.1), rate)
+
+
+def test_read_voice_wav_checks_and_resamples(tmp_path):
+    path = tmp_path / "me.wav"
+    write_wav(path, tone(1.0, rate=16_000), 16_000)
+    assert read_voice_wav(path).shape == (SAMPLE_RATE,)
+    with pytest.raises(InvalidAudioError, match="voice recording .*nope.wav does not exist"):
+        read_voice_wav(tmp_path / "nope.wav")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_read_voice_wav_refuses_nan_and_inf(tmp_path, bad):
+    samples = np.zeros(4_800, np.float32)
+    samples[100] = bad
+    with pytest.raises(InvalidAudioError, match="voice recording .*bad.wav contains NaN or infinite"):
+        read_voice_wav(float_wav(tmp_path / "bad.wav", samples))
+
+
+def test_read_voice_wav_refuses_long_recordings_before_resampling(tmp_path, monkeypatch):
+    import personaplex.audio.io as io
+
+    path = wav_with_header(tmp_path / "speech.wav", 16_000, np.zeros(16_000 * 31))
+    monkeypatch.setattr(io, "resample", lambda *a: pytest.fail("resampled a refused voice"))
+    with pytest.raises(InvalidAudioError, match="speech.wav lasts 31.0 s; a voice prompt may last at most 30 s"):
+        read_voice_wav(path)

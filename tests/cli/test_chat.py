@@ -17,7 +17,7 @@ import pytest
 
 from personaplex.cli import chat
 from personaplex.cli.chat import ChatClient, ChatOptions, JitterBuffer
-from personaplex.errors import ModelUnavailableError
+from personaplex.errors import GatedModelError
 from tests.server.fakes import FRAME, FakeEngine
 from tests.server.harness import ChatClient as ProtocolClient
 from tests.server.harness import silence, speak
@@ -138,7 +138,7 @@ def test_a_busy_server_is_reported(start_server):
 def test_an_unavailable_model_says_what_to_do(start_server):
     def failing_loader(progress):
         progress(SimpleNamespace(stage="download", fraction=None, message="downloading"))
-        raise ModelUnavailableError("401: the repo nvidia/personaplex-7b-v1 is gated")
+        raise GatedModelError("401: the repo nvidia/personaplex-7b-v1 is gated")
 
     server = start_server(loader=failing_loader, wait=False)
     status, printed = converse(server, FakeSoundDevice(silence(1.0)), 3.0)
@@ -196,3 +196,44 @@ def test_the_jitter_buffer_waits_for_three_frames_drains_and_flushes():
     buffer.drain()  # the end of a reply: play the short tail
     tail = buffer.read(FRAME)
     assert tail[: FRAME // 2].all() and not tail[FRAME // 2 :].any()
+
+
+@pytest.mark.parametrize("steps", ["0", "501", "1e9"])
+def test_chat_refuses_reply_lengths_outside_the_one_range(steps, capsys):
+    parser = argparse.ArgumentParser()
+    chat.register(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chat", "--max-steps", steps])
+    assert "from 1 to 500" in capsys.readouterr().err
+    assert parser.parse_args(["chat", "--max-steps", "1"]).max_steps == 1
+
+
+def test_the_page_uses_the_same_reply_length_range():
+    from pathlib import Path
+
+    from personaplex.runtime.validation import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS
+
+    static = Path(chat.__file__).parents[1] / "server" / "static"
+    field = re.search(r'<input id="max-steps"[^>]*>', (static / "index.html").read_text()).group(0)
+    assert f'min="{MIN_STEPS}"' in field and f'max="{MAX_STEPS}"' in field and f'value="{DEFAULT_STEPS}"' in field
+    # The page clamps to the field's own bounds, not to numbers of its own.
+    clamp = re.search(r"const maxSteps = .*", (static / "app.js").read_text()).group(0)
+    assert "input.min" in clamp and "input.max" in clamp and not re.search(r"\b(50|500)\b", clamp)
+
+
+def test_no_audio_device_is_one_line(monkeypatch, capsys):
+    import sys
+
+    from personaplex.cli.main import main
+
+    class PortAudioError(Exception):
+        pass
+
+    def no_device(device=None, **settings):
+        raise PortAudioError("Error querying device -1")
+
+    fake = SimpleNamespace(PortAudioError=PortAudioError, check_input_settings=no_device, check_output_settings=no_device)
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    assert main(["chat", "--url", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no usable microphone (Error querying device -1)" in err[0] and "--input-device" in err[0]

@@ -86,7 +86,10 @@ class FakeEngine:
         return self._response(kwargs["max_steps"])
 
     def respond_stream(self, audio, **kwargs):
+        on_listen = kwargs.pop("on_listen")
         self.calls.append(("respond_stream", audio, kwargs))
+        for _ in range(-(-round(len(audio) * SAMPLE_RATE / kwargs["sample_rate"]) // FRAME_SAMPLES)):
+            on_listen()
         for frame in self._response(kwargs["max_steps"]).frames:
             yield FakeChunk(np.full(FRAME_SAMPLES, 0.1, np.float32), frame.text, frame.frame_index,
                             text_token=frame.text_token, agent_codes=frame.agent_codes)
@@ -169,6 +172,7 @@ def test_respond_bad_flag_combinations_fail_before_loading(
         ["--voice", "NATF0", "--voice-wav", "x.wav"],
         ["--system-prompt", "hi", "--prompt-preset", "teacher"],
         ["--max-steps", "0"],
+        ["--max-steps", "501"],
         ["--max-steps", "many"],
     ],
 )
@@ -198,7 +202,7 @@ def test_respond_engine_errors_are_one_line(tmp_path, capsys, monkeypatch):
 
 def test_respond_turn_based(tmp_path, capsys, fake_engine):
     wav = tone_file(tmp_path / "in.wav", rate=16_000)
-    out, js = tmp_path / "out" / "reply.wav", tmp_path / "reply.json"
+    out, js = tmp_path / "reply.wav", tmp_path / "reply.json"
     args = ["respond", str(wav), "-o", str(out), "--json", str(js), "--max-steps", "6"]
     args += ["--model", "some/repo", "--device", "cpu", "--seed", "7", "--greedy"]
     assert main(args) == 0
@@ -215,7 +219,29 @@ def test_respond_turn_based(tmp_path, capsys, fake_engine):
     document = json.loads(js.read_text())
     assert document["text"] == "hi hi hi"
     assert document["frames"][1] == {"index": 1, "text": " hi"} and len(document["frames"]) == 6
-    assert capsys.readouterr().out.strip() == "hi hi hi"
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "hi hi hi"
+    assert f"wrote {out} (0.5 s of audio) and {js} (text by frame)" in captured.err
+
+
+
+def test_respond_shows_progress_while_listening_then_speaking(tmp_path, fake_engine, monkeypatch):
+    from tqdm import tqdm
+
+    import personaplex.cli.respond as respond
+
+    bars = {}
+
+    class RecordedBar(tqdm):
+        def close(self):
+            bars[self.desc] = (self.n, self.total)
+            super().close()
+
+    monkeypatch.setattr(respond, "tqdm", RecordedBar)
+    wav = tone_file(tmp_path / "in.wav", seconds=1.0, rate=16_000)
+    assert main(["respond", str(wav), "-o", str(tmp_path / "o.wav"), "--max-steps", "4"]) == 0
+    # 1 s of input is 13 frames heard; the reply gets its own bar, so its ETA is its own.
+    assert bars == {"listening": (13, 13), "speaking": (4, 4)}
 
 
 def test_respond_codes_and_persona(tmp_path, fake_engine):
@@ -333,3 +359,127 @@ def test_end_to_end_duplex_with_codes(tmp_path, tiny_model_folder, capsys):
     for frame in frames:
         assert len(frame["agent_codes"]) == 8 and isinstance(frame["text_token"], int)
         assert all(0 <= code < 2048 for code in frame["agent_codes"])
+
+
+# --- respond: bad input is one line, before the model loads ---
+
+
+def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    from tests.fixtures.wav_files import float_wav, wav_with_header
+
+    good = tone_file(tmp_path / "in.wav")
+    nan = np.zeros(4_800, np.float32)
+    nan[7] = np.nan
+    return {
+        "0 Hz input": ([str(wav_with_header(tmp_path / "z.wav", 0, np.zeros(100)))], "sample rate is 0 Hz"),
+        "1 Hz input": ([str(wav_with_header(tmp_path / "one.wav", 1, np.zeros(200)))], "sample rate is 1 Hz"),
+        "header-only input": ([str(wav_with_header(tmp_path / "h.wav", 16_000))], "holds no samples"),
+        "header-only voice": ([str(good), "--voice-wav", str(wav_with_header(tmp_path / "hv.wav", 16_000))],
+                              "hv.wav holds no samples"),
+        "0 Hz voice": ([str(good), "--voice-wav", str(wav_with_header(tmp_path / "zv.wav", 0, np.zeros(9)))],
+                       "sample rate is 0 Hz"),
+        "NaN voice": ([str(good), "--voice-wav", str(float_wav(tmp_path / "nan.wav", nan))],
+                      "voice recording .*nan.wav contains NaN"),
+        "long voice": ([str(good), "--voice", str(wav_with_header(tmp_path / "long.wav", 8_000, np.zeros(8_000 * 40)))],
+                       "voice recording .*long.wav lasts 40.0 s"),
+        "unknown voice": ([str(good), "--voice", "NOPE"], "unknown voice 'NOPE'"),
+        "missing voice file": ([str(good), "--voice", str(tmp_path / "gone.pt")], "gone.pt does not exist"),
+        "prompt not UTF-8": ([str(good), "--system-prompt", b"caf\xe9".decode("utf-8", "surrogateescape")],
+                             "--system-prompt is not valid UTF-8"),
+        "output is a folder": ([str(good), "-o", str(tmp_path)], "is a folder"),
+        "output folder missing": ([str(good), "-o", str(tmp_path / "no" / "r.wav")], "does not exist: create it"),
+        "output in /proc": ([str(good), "-o", "/proc/reply.wav"], "/proc/reply.wav"),
+        "json folder missing": ([str(good), "--json", str(tmp_path / "no" / "r.json")], "--json .*does not exist"),
+        "bad device": ([str(good), "--device", "toaster"], "not a torch device"),
+    }
+
+
+CASES = [
+    "0 Hz input", "1 Hz input", "header-only input", "header-only voice", "0 Hz voice", "NaN voice",
+    "long voice", "unknown voice", "missing voice file", "prompt not UTF-8", "output is a folder",
+    "output folder missing", "output in /proc", "json folder missing", "bad device",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_respond_bad_input_is_one_line_before_loading(tmp_path, capfd, fake_engine, case):
+    import re
+
+    FakeEngine.last = None
+    arguments, message = _bad_input_cases(tmp_path)[case]
+    if "-o" not in arguments:
+        arguments = [*arguments, "-o", str(tmp_path / "o.wav")]
+    assert main(["respond", *arguments]) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "panicked" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("personaplex: error: "), err
+    assert re.search(message, lines[0]), lines[0]
+    assert FakeEngine.last is None  # refused before the model loaded
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_respond_cuda_without_cuda_is_one_line_before_loading(tmp_path, capsys, fake_engine):
+    FakeEngine.last = None
+    wav = tone_file(tmp_path / "in.wav")
+    assert main(["respond", str(wav), "-o", str(tmp_path / "o.wav"), "--device", "cuda"]) == 1
+    assert "no CUDA GPU" in one_error_line(capsys) and FakeEngine.last is None
+
+
+def test_respond_voice_saved_in_a_local_model_folder_is_accepted(tmp_path, fake_engine):
+    (tmp_path / "model" / "voices").mkdir(parents=True)
+    (tmp_path / "model" / "voices" / "Mine.pt").write_bytes(b"")
+    wav = tone_file(tmp_path / "in.wav")
+    arguments = ["respond", str(wav), "-o", str(tmp_path / "o.wav"), "--model", str(tmp_path / "model")]
+    assert main([*arguments, "--voice", "Mine"]) == 0
+    assert FakeEngine.last.calls[0][2]["voice"] == "Mine"
+
+
+@pytest.mark.parametrize("config", ['{"num_heads": 0}', '{"dim": "many"}', '{"context": 1e9}', "[" * 50_000 + "]" * 50_000])
+def test_respond_bad_model_config_is_one_line(tmp_path, capsys, config):
+    from personaplex.hub import REQUIRED_FILES
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in REQUIRED_FILES:
+        (folder / name).write_bytes(b"x")
+    (folder / "config.json").write_text(config)
+    wav = tone_file(tmp_path / "in.wav")
+    assert main(["respond", str(wav), "-o", str(tmp_path / "o.wav"), "--model", str(folder)]) == 1
+    assert "config.json" in one_error_line(capsys)
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(tmp_path):
+    """`personaplex prompts | head -1`: the reader leaves; we end quietly."""
+    import os
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as after `head` exits
+    code = "import sys; from personaplex.cli.main import main; sys.exit(main(['prompts']))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], stdout=write_end, stderr=subprocess.PIPE, env=env, timeout=60)
+    os.close(write_end)
+    assert result.returncode == 0 and result.stderr == b""
+
+
+def test_every_command_describes_itself(capsys):
+    for command in ("voices", "prompts", "respond"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        help_text = capsys.readouterr().out
+        description = help_text.split("\n\n")[1]
+        assert not description.startswith(("options:", "positional arguments:")), f"`{command} --help` has no description"
+    with pytest.raises(SystemExit):
+        main(["respond", "--help"])
+    assert "astronaut (default)" not in " ".join(capsys.readouterr().out.split())  # as if astronaut were it
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_respond_into_a_full_device_is_one_line(tmp_path, capsys, fake_engine):
+    wav = tone_file(tmp_path / "in.wav")
+    assert main(["respond", str(wav), "-o", "/dev/full", "--max-steps", "2"]) == 1
+    err = capsys.readouterr().err
+    last_line = err.strip().split("\r")[-1]  # after the progress bars, which clear themselves
+    assert "Traceback" not in err and last_line.startswith("personaplex: error: cannot write audio file /dev/full")
+    assert "No space left on device" in last_line

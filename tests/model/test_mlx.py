@@ -12,9 +12,9 @@ from safetensors.numpy import save_file
 
 from personaplex.model.checkpoint import CheckpointError
 from personaplex.model.lm import LMModel
-from personaplex.model.lm_checkpoint import module_to_official
 from personaplex.model.mlx import load_mlx_lm
 from personaplex.model.quantize import AffineQuantizedLinear
+from tests.fixtures.tiny_lm import official_state_dict
 from tests.model.test_quantize import logit_stats, quant_config, random_codes, random_model
 
 GROUP_SIZE = 64
@@ -54,7 +54,7 @@ def write_mlx_folder(folder: Path, model: LMModel, bits: int) -> dict[str, np.nd
     folder.mkdir()
     files: dict[str, dict[str, np.ndarray]] = {"temporal": {}, "depformer": {}, "embeddings": {}}
     dequantized = {}
-    for name, tensor in module_to_official(model).items():
+    for name, tensor in official_state_dict(model).items():
         if name.startswith(("transformer.", "out_norm.")):
             file, key = "temporal", name.removeprefix("transformer.")
         elif name.startswith(("depformer.", "depformer_in.")):

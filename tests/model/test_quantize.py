@@ -1,30 +1,21 @@
-"""Weight formats on a tiny LM (CPU): error bounds against the float model, files, errors."""
+"""Weight formats on a tiny LM (CPU): error bounds against the float model, errors."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from personaplex.model.checkpoint import CheckpointError
 from personaplex.model.config import LMConfig
 from personaplex.model.lm import LMModel
 from personaplex.model.quantize import (
-    AffineQuantizedLinear,
     Fp8Linear,
     Int4Linear,
     Int8Linear,
     dequantize_affine,
-    load_quantized,
     pack_codes,
     quantize_affine,
     quantize_model,
-    read_quantized_metadata,
-    save_quantized,
     unpack_codes,
 )
 
@@ -166,63 +157,6 @@ def test_fp8_codes_survive_a_dtype_cast() -> None:
     bits_before = layer.weight_bits.clone()
     model.to(torch.bfloat16)
     assert layer.weight_bits.dtype == torch.uint8 and torch.equal(layer.weight_bits, bits_before)
-
-
-# --------------------------------------------------------------------------- files
-
-
-@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
-def test_save_and_reload_is_bit_exact(tmp_path: Path, fmt: str) -> None:
-    model = quantize_model(random_model(), fmt, group_size=32)
-    path = tmp_path / "lm.safetensors"
-    save_quantized(model, path, extra_metadata={"note": "test"})
-    with torch.device("meta"):
-        empty = LMModel(quant_config())
-    reloaded = load_quantized(path, empty)
-    saved, loaded = model.state_dict(), reloaded.state_dict()
-    assert saved.keys() == loaded.keys()
-    for name in saved:
-        assert saved[name].dtype == loaded[name].dtype and torch.equal(saved[name], loaded[name]), name
-    layer = reloaded.transformer.layers[1].gating.linear_in
-    assert type(layer) is type(model.transformer.layers[1].gating.linear_in)
-    if isinstance(layer, AffineQuantizedLinear):
-        assert layer.group_size == 32
-    codes = random_codes(quant_config())
-    for a, b in zip(model(codes), reloaded(codes)):
-        assert torch.equal(a.nan_to_num(), b.nan_to_num())
-    metadata = read_quantized_metadata(path)
-    assert metadata["note"] == "test" and json.loads(metadata["layers"])
-
-
-def test_load_errors(tmp_path: Path) -> None:
-    model = quantize_model(random_model(), "int4")
-    good = tmp_path / "good.safetensors"
-    save_quantized(model, good)
-
-    def empty(config: LMConfig = quant_config()) -> LMModel:
-        with torch.device("meta"):
-            return LMModel(config)
-
-    with pytest.raises(CheckpointError, match="not found"):
-        load_quantized(tmp_path / "absent.safetensors", empty())
-    plain = tmp_path / "plain.safetensors"
-    save_file({"x": torch.zeros(2)}, str(plain))
-    with pytest.raises(CheckpointError, match="not a quantized PersonaPlex file"):
-        load_quantized(plain, empty())
-    newer = tmp_path / "newer.safetensors"
-    save_file({"x": torch.zeros(2)}, str(newer), metadata={"format": "personaplex-quantized", "version": "99"})
-    with pytest.raises(CheckpointError, match="version '99'"):
-        load_quantized(newer, empty())
-    truncated = tmp_path / "truncated.safetensors"
-    truncated.write_bytes(good.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="truncated"):
-        load_quantized(truncated, empty())
-    other_shape = LMConfig(**{**quant_config().__dict__, "dim": 256})
-    with pytest.raises(CheckpointError, match="does not match"):
-        load_quantized(good, empty(other_shape))
-    fewer_layers = LMConfig(**{**quant_config().__dict__, "num_layers": 1})
-    with pytest.raises(CheckpointError, match="does not exist in this model"):
-        load_quantized(good, empty(fewer_layers))
 
 
 # --------------------------------------------------------------------------- CUDA kernels (skipped on CPU)

@@ -70,7 +70,7 @@ def test_unknown_name_lists_valid_ones(tmp_path):
 def test_preset_missing_from_folder(tmp_path):
     with pytest.raises(UnknownVoiceError, match="NATM0 is a preset.*voices.tgz"):
         load_voice("NATM0", tmp_path, dim=DIM)
-    with pytest.raises(UnknownVoiceError, match="voices folder"):
+    with pytest.raises(UnknownVoiceError, match="needs the model folder.s voices/.*voices.tgz in the model folder"):
         load_voice("NATM0", None, dim=DIM)
 
 

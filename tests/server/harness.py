@@ -271,7 +271,10 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
             )
             server = stack.enter_context(ServerThread(create_app(host, ServerSettings(**settings))))
             if wait:
-                assert host.wait_ready(timeout=60), host.status()
+                deadline = time.monotonic() + 60
+                while host.status()["state"] == "loading" and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert host.engine is not None, host.status()
                 if transcriber is not None:
                     deadline = time.monotonic() + 10
                     while host.transcriber is None and time.monotonic() < deadline:

@@ -274,10 +274,10 @@ def test_page_against_personaplex_serve_with_a_tiny_model(tiny_model_server, ope
 
 
 def test_page_says_what_to_do_when_the_model_is_unavailable(start_server, open_page):
-    from personaplex.errors import ModelUnavailableError
+    from personaplex.errors import GatedModelError
 
     def failing_loader(progress):
-        raise ModelUnavailableError("401 Client Error: access to nvidia/personaplex-7b-v1 is restricted")
+        raise GatedModelError("401 Client Error: access to nvidia/personaplex-7b-v1 is restricted")
 
     server = start_server(loader=failing_loader, wait=False)
     page = Page(open_page(server.http_url + "/"))

@@ -200,7 +200,7 @@ def _report(replica_id: str, state: str, sessions: int, limit: int, frames: dict
     from personaplex.server.metrics import ServerMetrics
 
     metrics = ServerMetrics()
-    metrics.sessions_active.set(sessions, mode="duplex")
+    metrics.sessions_active.labels(mode="duplex").set(sessions)
     metrics.frame_seconds.observe(0.05)
     metrics.dropped_frames.inc(sessions)
     status = {

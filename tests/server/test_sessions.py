@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from personaplex.errors import ModelUnavailableError, UnknownVoiceError
+from personaplex.errors import GatedModelError, ModelUnavailableError, PersonaPlexError, UnknownVoiceError
 from personaplex.runtime.prompts import DEFAULT_PROMPT, PROMPT_PRESETS
 from personaplex.server.security import AccessPolicy
 from personaplex.server.sessions import (
@@ -58,8 +58,8 @@ def test_reference_ui_parameter_names_are_understood():
         ({"mode": "both"}, SettingsError, "unknown mode"),
         ({"voice": "../../etc/passwd"}, UnknownVoiceError, "unknown voice"),
         ({"prompt": "pirate"}, SettingsError, "unknown prompt preset"),
-        ({"max_steps": "49"}, SettingsError, "between 50 and 500"),
-        ({"max_steps": "501"}, SettingsError, "between 50 and 500"),
+        ({"max_steps": "0"}, SettingsError, "between 1 and 500"),
+        ({"max_steps": "501"}, SettingsError, "between 1 and 500"),
         ({"max_steps": "many"}, SettingsError, "integer"),
         ({"seed": "x"}, SettingsError, "integer"),
     ],
@@ -210,7 +210,7 @@ def test_while_loading_conversations_are_told_to_wait(start_server):
 def test_an_unavailable_model_says_what_to_do(start_server):
     def failing_loader(progress):
         progress(type("P", (), {"stage": "download", "fraction": None, "message": "downloading"})())
-        raise ModelUnavailableError("nvidia/personaplex-7b-v1 is gated and no token was found")
+        raise GatedModelError("nvidia/personaplex-7b-v1 is gated and no token was found")
 
     server = start_server(loader=failing_loader, wait=False)
     wait_until(lambda: get_json(server.http_url + "/api/status")["state"] == "error")
@@ -221,6 +221,27 @@ def test_an_unavailable_model_says_what_to_do(start_server):
     client = ChatClient(server.ws_url)
     client.wait_for(lambda got: got.errors)
     assert "model unavailable" in client.received.errors[0] and "--model DIR" in client.received.errors[0]
+
+
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        (RuntimeError("Found no NVIDIA driver on your system"), "RuntimeError: Found no NVIDIA driver"),
+        (ModelUnavailableError("huggingface.co cannot be reached, and config.json is not cached"), "cannot be reached"),
+        (PersonaPlexError("int4 needs dimensions divisible by 64: use --weights bf16"), "divisible by 64"),
+    ],
+)
+def test_load_failures_other_than_access_get_no_licence_help(start_server, error, shown):
+    def failing_loader(progress):
+        raise error
+
+    server = start_server(loader=failing_loader, wait=False)
+    wait_until(lambda: get_json(server.http_url + "/api/status")["state"] == "error")
+    status = get_json(server.http_url + "/api/status")
+    assert shown in status["error"] and status["help"] is None
+    client = ChatClient(server.ws_url)
+    client.wait_for(lambda got: got.errors)
+    assert shown in client.received.errors[0] and "licence" not in client.received.errors[0]
 
 
 # ---------------------------------------------------------------- access

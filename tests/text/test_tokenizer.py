@@ -32,14 +32,14 @@ def test_encode_has_no_bos_eos_and_roundtrips(tokenizer):
     text = "<system> You are a helpful assistant. <system>"
     ids = tokenizer.encode(text)
     assert ids and 1 not in ids and 2 not in ids and EPAD_ID not in ids
-    assert tokenizer.decode_monologue(ids).strip() == text
+    assert "".join(tokenizer.piece_text(i) for i in ids).strip() == text
 
 
 def test_piece_text_rules(tokenizer):
     assert tokenizer.piece_text(EPAD_ID) == "" and tokenizer.piece_text(PAD_ID) == ""
     word_id = tokenizer.encode(" you")[0]
     assert tokenizer.piece_text(word_id).startswith(" ")
-    assert "\u2581" not in tokenizer.decode_monologue(list(range(4, tokenizer.vocab_size)))
+    assert all("\u2581" not in tokenizer.piece_text(i) for i in range(4, tokenizer.vocab_size))
     with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
         tokenizer.piece_text(tokenizer.vocab_size)
 

@@ -32,12 +32,13 @@ class Transcriber:
         device: str = "cpu",
         compute_type: str = "int8",
         language: str | None = DEFAULT_LANGUAGE,
+        local_files_only: bool = False,
     ) -> None:
         from faster_whisper import WhisperModel  # heavy import, needed only for turn-based chat
 
         self.model_name = str(model)
         self._language = language
-        if _looks_like_path(self.model_name) and not Path(self.model_name).expanduser().is_dir():
+        if not is_model_name(self.model_name) and not Path(self.model_name).expanduser().is_dir():
             raise ModelUnavailableError(
                 f"the speech recognition model folder {self.model_name} does not exist: pass "
                 "--asr-model with a CTranslate2 Whisper folder, a model name (tiny.en, base.en, ...) "
@@ -46,7 +47,9 @@ class Transcriber:
         # One transcription at a time: CTranslate2 already uses every core for one.
         self._lock = threading.Lock()
         try:
-            self._model = WhisperModel(self.model_name, device=device, compute_type=compute_type)
+            self._model = WhisperModel(
+                self.model_name, device=device, compute_type=compute_type, local_files_only=local_files_only
+            )
         except (OSError, ValueError, RuntimeError) as err:
             raise ModelUnavailableError(
                 f"the speech recognition model {self.model_name!r} cannot be loaded ({err}). "
@@ -72,6 +75,6 @@ class Transcriber:
             return " ".join(segment.text.strip() for segment in segments).strip()
 
 
-def _looks_like_path(model: str) -> bool:
-    # Model names are "base.en" or "owner/repo"; anything else with a slash is a folder.
-    return model.startswith(("/", ".", "~")) or model.count("/") > 1
+def is_model_name(model: str) -> bool:
+    """True for a model the hub serves ("base.en", "owner/repo"); False for a folder path."""
+    return not (model.startswith(("/", ".", "~")) or model.count("/") > 1 or Path(model).expanduser().is_dir())

@@ -8,6 +8,7 @@ mistakes (stereo, int16, NaN, a wrong sample rate) into one clear error or a sil
 from __future__ import annotations
 
 import math
+import wave
 from collections.abc import AsyncIterator
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +26,14 @@ FRAME_SAMPLES = 1_920
 # the model's context, so we refuse it instead of silently forgetting the start.
 MAX_SECONDS = 240.0
 VOICE_PROMPT_LUFS = -24.0
+# A voice prompt is a short sample of a speaker (the presets hold about 10 s); it shares the
+# context with the system prompt, and encoding costs time, so longer recordings are refused
+# before any work is done.
+MAX_VOICE_SECONDS = 30.0
+# Rates outside this range are no real recording: a header claiming 1 Hz would make the
+# resampler build a filter millions of taps long, one claiming 0 Hz crashes the decoder.
+MIN_SAMPLE_RATE = 8_000
+MAX_SAMPLE_RATE = 384_000
 
 # Integer PCM formats we convert silently, with the value that maps to full scale.
 _INT_FULL_SCALE = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0}
@@ -34,21 +43,74 @@ def read_wav(path: str | Path, *, mono: bool = True) -> tuple[np.ndarray, int]:
     """Read an audio file (WAV, FLAC, MP3, Ogg: whatever sphn decodes).
 
     Returns (pcm, sample_rate) with pcm float32, 1-D when `mono` (channels averaged),
-    otherwise [channels, samples].
+    otherwise [channels, samples]. A file without samples, or whose sample rate is outside
+    MIN_SAMPLE_RATE..MAX_SAMPLE_RATE, raises InvalidAudioError.
     """
     path = Path(path)
     if not path.is_file():
         raise InvalidAudioError(f"audio file {path} does not exist: check the path")
+    header_rate = _wav_header_sample_rate(path)
+    if header_rate is not None:  # checked before decoding: the decoder panics on 0 Hz
+        _check_file_sample_rate(path, header_rate)
     try:
         pcm, sample_rate = sphn.read(str(path))
     except (ValueError, OSError) as err:
         raise InvalidAudioError(
             f"cannot decode audio file {path} ({err}): pass a WAV, FLAC, MP3 or Ogg file"
         ) from err
+    _check_file_sample_rate(path, int(sample_rate))
     pcm = np.asarray(pcm, dtype=np.float32)
+    if pcm.size == 0:
+        raise InvalidAudioError(f"audio file {path} holds no samples (only a header): record again")
     if mono:
         pcm = pcm.mean(axis=0) if pcm.shape[0] > 1 else pcm[0]
     return np.ascontiguousarray(pcm), int(sample_rate)
+
+
+def read_voice_wav(path: str | Path) -> np.ndarray:
+    """A recording to speak in the voice of, checked and resampled: float32 mono at 24 kHz.
+
+    Refused at once (before any resampling or encoding): an unreadable or empty file, NaN or
+    infinite samples, or one longer than MAX_VOICE_SECONDS. Errors name the voice file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidAudioError(f"voice recording {path} does not exist: check the path")
+    pcm, sample_rate = read_wav(path)
+    seconds = pcm.size / sample_rate
+    if seconds > MAX_VOICE_SECONDS:
+        raise InvalidAudioError(
+            f"voice recording {path} lasts {seconds:.1f} s; a voice prompt may last at most "
+            f"{MAX_VOICE_SECONDS:.0f} s: cut a short clip (about 10 s) of the speaker"
+        )
+    if not np.all(np.isfinite(pcm)):
+        raise InvalidAudioError(
+            f"voice recording {path} contains NaN or infinite samples: export it again"
+        )
+    return resample(pcm, sample_rate, SAMPLE_RATE)
+
+
+def _wav_header_sample_rate(path: Path) -> int | None:
+    """The sample rate a RIFF/WAVE file's `fmt ` chunk declares, or None for other files."""
+    with open(path, "rb") as file:
+        head = file.read(65_536)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    offset = 12
+    while offset + 8 <= len(head):
+        chunk_id, size = head[offset : offset + 4], int.from_bytes(head[offset + 4 : offset + 8], "little")
+        if chunk_id == b"fmt " and offset + 16 <= len(head):
+            return int.from_bytes(head[offset + 12 : offset + 16], "little")
+        offset += 8 + size + (size & 1)  # chunks are padded to an even size
+    return None
+
+
+def _check_file_sample_rate(path: Path, sample_rate: int) -> None:
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise InvalidAudioError(
+            f"audio file {path} says its sample rate is {sample_rate} Hz, outside "
+            f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz: the file is damaged or not a recording"
+        )
 
 
 def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
@@ -62,7 +124,17 @@ def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE)
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sphn.write_wav(str(path), np.ascontiguousarray(pcm), int(sample_rate))
+    # The standard library's writer, not sphn's: sphn loses write errors of short files (a
+    # full disk would leave a truncated file and no error).
+    samples = np.round(np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2")
+    try:
+        with wave.open(str(path), "wb") as file:
+            file.setnchannels(1)
+            file.setsampwidth(2)
+            file.setframerate(int(sample_rate))
+            file.writeframes(samples.tobytes())
+    except OSError as err:
+        raise OSError(f"cannot write audio file {path} ({err.strerror or err}): free some space or choose another place") from err
 
 
 def resample(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
@@ -188,6 +260,11 @@ def check_sample_rate(sample_rate: Any) -> None:
     if not is_integer or sample_rate <= 0:
         raise InvalidAudioError(
             f"sample_rate must be a positive integer number of Hz (e.g. 24000), got {sample_rate!r}"
+        )
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise InvalidAudioError(
+            f"sample_rate {sample_rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz: "
+            "pass the rate the audio was recorded at (e.g. 16000 or 48000)"
         )
 
 

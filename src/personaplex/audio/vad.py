@@ -6,8 +6,8 @@ locate it without importing that package: importing `silero_vad` calls
 
 The model takes 16 kHz windows of 512 samples (32 ms) plus the previous window's last
 64 samples as context, and carries a recurrent state between windows. Our audio is 24 kHz,
-so each 768-sample block is resampled to exactly one window by a streaming polyphase filter
-(2 up, 3 down), keeping the filter state between blocks so no block edges are heard.
+so each 768-sample block is resampled to exactly one window by the stream resampler of
+`audio.io` (2 up, 3 down), which keeps its state between blocks so no block edges are heard.
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.signal
 
+# The stream resampler imports scipy.signal when first built, which takes a second or more:
+# done here, with the server's imports, rather than when a conversation's first audio
+# arrives (audio that arrives meanwhile would be late for the utterance detector).
+import scipy.signal  # noqa: F401
+
+from personaplex.audio.io import StreamingResampler
 from personaplex.errors import PersonaPlexError
 
 SAMPLE_RATE = 24_000
@@ -48,21 +53,6 @@ def bundled_model_path() -> Path:
     return path
 
 
-class _Resampler24kTo16k:
-    """Streaming 24 kHz -> 16 kHz: zero-stuff x2, low-pass at 48 kHz, keep every 3rd sample."""
-
-    def __init__(self) -> None:
-        self._taps = scipy.signal.firwin(97, 7_600, fs=48_000) * 2.0  # x2 restores the gain
-        self._state = np.zeros(len(self._taps) - 1)
-
-    def process(self, block: np.ndarray) -> np.ndarray:
-        """Resample one block whose length is a multiple of 3 (so the phase stays aligned)."""
-        upsampled = np.zeros(len(block) * 2)
-        upsampled[::2] = block
-        filtered, self._state = scipy.signal.lfilter(self._taps, 1.0, upsampled, zi=self._state)
-        return filtered[::3].astype(np.float32)
-
-
 class SileroVad:
     """Speech probability of consecutive 32 ms windows of one 24 kHz stream."""
 
@@ -84,7 +74,7 @@ class SileroVad:
         """Forget the stream so far (start a new, independent stream)."""
         self._state = np.zeros(_STATE_SHAPE, dtype=np.float32)
         self._context = np.zeros(_MODEL_CONTEXT, dtype=np.float32)
-        self._resampler = _Resampler24kTo16k()
+        self._resampler = StreamingResampler(SAMPLE_RATE, VAD_SAMPLE_RATE, taps_per_phase=48)
 
     def window_probability(self, block: np.ndarray) -> float:
         """Speech probability of the next WINDOW_SAMPLES samples of the 24 kHz stream."""
@@ -102,64 +92,6 @@ class SileroVad:
         )
         self._context = model_input[0, -_MODEL_CONTEXT:]
         return float(probability[0, 0])
-
-    def probabilities(self, pcm: np.ndarray) -> np.ndarray:
-        """Probabilities of every whole window of `pcm` (24 kHz), continuing the stream."""
-        whole = len(pcm) // WINDOW_SAMPLES
-        return np.array(
-            [
-                self.window_probability(pcm[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES])
-                for i in range(whole)
-            ],
-            dtype=np.float32,
-        )
-
-
-@dataclass(frozen=True)
-class SpeechSegment:
-    """One stretch of speech, in seconds from the start of the audio."""
-
-    start_s: float
-    end_s: float
-
-
-def find_speech(
-    pcm: np.ndarray,
-    *,
-    vad: SileroVad | None = None,
-    min_silence_s: float = 0.3,
-    min_speech_s: float = 0.1,
-) -> list[SpeechSegment]:
-    """The spoken parts of 24 kHz mono `pcm`.
-
-    Pauses shorter than `min_silence_s` (between words, at commas) stay inside a segment;
-    blips shorter than `min_speech_s` are dropped.
-    """
-    vad = vad or SileroVad()
-    vad.reset()
-    speaking = [False]
-    for probability in vad.probabilities(np.asarray(pcm, dtype=np.float32)):
-        threshold = SILENCE_THRESHOLD if speaking[-1] else SPEECH_THRESHOLD
-        speaking.append(bool(probability >= threshold))
-    return _segments_from_flags(speaking[1:], min_silence_s, min_speech_s)
-
-
-def _segments_from_flags(
-    speaking: list[bool], min_silence_s: float, min_speech_s: float
-) -> list[SpeechSegment]:
-    runs: list[list[int]] = []  # [first window, end window) of each speech run
-    for index, is_speech in enumerate(speaking):
-        if not is_speech:
-            continue
-        if runs and index - runs[-1][1] <= round(min_silence_s / WINDOW_SECONDS):
-            runs[-1][1] = index + 1
-        else:
-            runs.append([index, index + 1])
-    return [
-        SpeechSegment(first * WINDOW_SECONDS, end * WINDOW_SECONDS)
-        for first, end in runs
-        if (end - first) * WINDOW_SECONDS >= min_speech_s
-    ]
 
 
 @dataclass(frozen=True)

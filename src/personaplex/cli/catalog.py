@@ -18,7 +18,12 @@ _VOICE_KINDS = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    voices = subparsers.add_parser("voices", help="list the preset voices")
+    voices = subparsers.add_parser(
+        "voices",
+        help="list the preset voices",
+        description="List the preset voices (for --voice): natural (NAT) or varied (VAR), female "
+        "(F) or male (M). Any WAV recording can be a voice too: --voice-wav FILE.",
+    )
     voices.set_defaults(func=list_voices)
 
     prompts = subparsers.add_parser(

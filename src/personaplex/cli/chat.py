@@ -23,6 +23,9 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from personaplex.audio.opus import OpusStreamDecoder, OpusStreamEncoder
+from personaplex.cli.arguments import MAX_STEPS_HELP, reply_frames
+from personaplex.errors import PersonaPlexError
+from personaplex.runtime.validation import DEFAULT_STEPS
 from personaplex.server import protocol
 from personaplex.server.protocol import MessageKind
 
@@ -53,9 +56,9 @@ def register(subparsers: Any) -> None:
     prompt.add_argument("--system-prompt", help="system prompt text")
     parser.add_argument(
         "--max-steps",
-        type=int,
-        default=75,
-        help="turn-based: reply length in 80 ms frames, 50-500 (default 75)",
+        type=reply_frames,
+        default=DEFAULT_STEPS,
+        help=f"turn-based: reply length in 80 ms frames, {MAX_STEPS_HELP} (default {DEFAULT_STEPS})",
     )
     parser.add_argument(
         "--echo-suppression",
@@ -78,7 +81,7 @@ class ChatOptions:
     voice: str = "NATM0"
     prompt: str | None = None
     system_prompt: str | None = None
-    max_steps: int = 75
+    max_steps: int = DEFAULT_STEPS
     echo_suppression: bool = False
     token: str | None = None
 
@@ -166,8 +169,25 @@ class SoundDeviceAudio:
             ) from None
         self._sounddevice = sounddevice
         self._devices = (_device(input_device), _device(output_device))
+        self._check_devices()
         self.player = JitterBuffer(JITTER_FRAMES * FRAME_SAMPLES)
         self._streams: list[Any] = []
+
+    def _check_devices(self) -> None:
+        """Refuse at once, in one line, a machine without a usable microphone or speaker."""
+        settings = {"samplerate": SAMPLE_RATE, "channels": 1, "dtype": "float32"}
+        for kind, device, check in (
+            ("microphone", self._devices[0], self._sounddevice.check_input_settings),
+            ("speaker", self._devices[1], self._sounddevice.check_output_settings),
+        ):
+            try:
+                check(device=device, **settings)
+            except (self._sounddevice.PortAudioError, ValueError) as err:
+                flag = "--input-device" if kind == "microphone" else "--output-device"
+                raise PersonaPlexError(
+                    f"no usable {kind} ({err}): connect one, or pick one with {flag} "
+                    "(`python -m sounddevice` lists them)"
+                ) from None
 
     def start(self, on_block: Callable[[np.ndarray], None]) -> None:
         def record(indata: np.ndarray, _frames: int, _time: Any, _status: Any) -> None:
@@ -250,7 +270,8 @@ class ChatClient:
             if status["state"] == "ready":
                 return True
             if status["state"] == "error":
-                self._print(f"the server's model is unavailable: {status['error']}\n{status['help']}")
+                help_lines = f"\n{status['help']}" if status.get("help") else ""
+                self._print(f"the server's model is unavailable: {status['error']}{help_lines}")
                 return False
             message = f"model {status['stage']}: {status['message']}"
             if message != last_message:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -43,7 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown and not getattr(args, "ignores_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, so a closed pipe is seen below rather than at exit
+        return status
+    except BrokenPipeError:
+        # Whoever read our output stopped early (`personaplex prompts | head`): not an error.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (PersonaPlexError, OSError) as err:
         print(f"{PROGRAM}: error: {err}", file=sys.stderr)
         return 1

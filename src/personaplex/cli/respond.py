@@ -19,13 +19,21 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from personaplex.audio.io import read_wav, write_wav
+from personaplex.audio.io import read_voice_wav, read_wav, write_wav
+from personaplex.cli.arguments import (
+    MAX_STEPS_HELP,
+    check_device,
+    check_local_model_config,
+    check_voice_choice,
+    command_line_text,
+    reply_frames,
+    writable_output,
+)
 from personaplex.errors import PersonaPlexError
 from personaplex.hub import DEFAULT_REPO
 from personaplex.runtime.prompts import PROMPT_PRESETS, resolve_prompt
+from personaplex.runtime.validation import DEFAULT_STEPS
 from personaplex.runtime.voices import DEFAULT_VOICE, is_wav_voice
-
-DEFAULT_MAX_STEPS = 75  # 6 s of reply
 
 
 @dataclass
@@ -45,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", type=Path, help="the user's audio (WAV, FLAC, MP3 or Ogg)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="WAV file to write")
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, help="WAV file to write (its folder must exist)"
+    )
     parser.add_argument(
         "--model", help=f"local model folder or Hugging Face repo id (default {DEFAULT_REPO})"
     )
@@ -59,12 +69,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--system-prompt", help="the persona, in plain text")
     prompt.add_argument(
-        "--prompt-preset", help=f"a named persona: {', '.join(PROMPT_PRESETS)} (default)"
+        "--prompt-preset",
+        help=f"a named persona, one of: {', '.join(PROMPT_PRESETS)} (without this flag or "
+        "--system-prompt: the one named default)",
     )
     parser.add_argument(
         "--max-steps",
-        type=_positive_int,
-        help=f"frames to speak after the input, 12.5 per second ({DEFAULT_MAX_STEPS})",
+        type=reply_frames,
+        help=f"frames to speak after the input, 12.5 per second, {MAX_STEPS_HELP} ({DEFAULT_STEPS})",
     )
     parser.add_argument("--seed", type=int, help="random seed, for a reproducible reply")
     parser.add_argument("--greedy", action="store_true", help="always pick the likeliest token")
@@ -80,22 +92,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Everything cheap is checked before the model loads, which takes a while.
     _check_flag_combinations(args)
-    system_prompt = resolve_prompt(args.prompt_preset, args.system_prompt)
+    system_prompt = resolve_prompt(args.prompt_preset, command_line_text("--system-prompt", args.system_prompt))
+    writable_output("--output", args.output)
+    if args.json is not None:
+        writable_output("--json", args.json)
+    check_device(args.device)
+    check_local_model_config(args.model)
+    persona = _persona_arguments(args, system_prompt)
+    if persona["voice_wav"] is not None:
+        read_voice_wav(persona["voice_wav"])  # a bad recording is named now, not after loading
+    else:
+        check_voice_choice(persona["voice"], args.model)
     audio, sample_rate = read_wav(args.input)
 
     from personaplex.api import PersonaPlex  # the engine pulls in the model code: only now
 
     engine = PersonaPlex.from_pretrained(args.model, device=args.device, progress=_show_progress)
-    persona = _persona_arguments(args, system_prompt)
     if args.duplex:
         reply = _duplex_reply(engine, audio, sample_rate, persona, args.codes)
     else:
-        max_steps = args.max_steps or DEFAULT_MAX_STEPS
+        max_steps = args.max_steps or DEFAULT_STEPS
         reply = _turn_based_reply(engine, audio, sample_rate, persona, max_steps, args.codes)
 
     write_wav(args.output, reply.audio, engine.sample_rate)
+    written = [f"{args.output} ({reply.audio.shape[-1] / engine.sample_rate:.1f} s of audio)"]
     if args.json is not None:
         _write_json(args.json, reply)
+        written.append(f"{args.json} (text by frame)")
+    print(f"wrote {' and '.join(written)}", file=sys.stderr)
     print(reply.text.strip())
     return 0
 
@@ -103,12 +127,6 @@ def run(args: argparse.Namespace) -> int:
 def _show_progress(progress: Any) -> None:
     """Loading takes a while (a 16.7 GB download the first time): say what is happening."""
     print(f"[{progress.elapsed_s:6.1f} s] {progress.message}", file=sys.stderr)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of frames, got {text!r}")
-    return int(text)
 
 
 def _check_flag_combinations(args: argparse.Namespace) -> None:
@@ -143,19 +161,33 @@ def _turn_based_reply(
     max_steps: int,
     with_codes: bool,
 ) -> Reply:
-    chunks = engine.respond_stream(audio, sample_rate=sample_rate, max_steps=max_steps, **persona)
-    chunks = list(tqdm(chunks, total=max_steps, unit="frame", desc="speaking", leave=False))
+    # Two bars: hearing the input and speaking run at different speeds, so one bar over
+    # both would show a wrong ETA.
+    with tqdm(total=_frame_count(engine, audio, sample_rate), unit="frame", desc="listening", leave=False) as heard:
+        stream = engine.respond_stream(
+            audio, sample_rate=sample_rate, max_steps=max_steps, on_listen=heard.update, **persona
+        )
+        first = next(iter(stream), None)
+    chunks = [] if first is None else [first]
+    with tqdm(total=max_steps, initial=len(chunks), unit="frame", desc="speaking", leave=False) as spoken:
+        for chunk in stream:
+            chunks.append(chunk)
+            spoken.update()
     audio_out = np.concatenate([c.pcm for c in chunks]) if chunks else np.zeros(0, np.float32)
     text = "".join(c.text for c in chunks).strip()
     return Reply(audio=audio_out, text=text, frames=[_frame_entry(c, c.frame_index, with_codes) for c in chunks])
 
 
 def _duplex_reply(engine: Any, audio: np.ndarray, sample_rate: int, persona: dict[str, Any], with_codes: bool) -> Reply:
-    total = -(-int(audio.shape[-1] * engine.sample_rate / sample_rate) // engine.frame_samples)
-    with tqdm(total=total, unit="frame", desc="conversing", leave=False) as bar:
+    with tqdm(total=_frame_count(engine, audio, sample_rate), unit="frame", desc="conversing", leave=False) as bar:
         response = engine.respond_duplex(audio, sample_rate=sample_rate, on_chunk=lambda _: bar.update(), **persona)
     frames = [_frame_entry(f, f.frame_index, with_codes) for f in response.frames]
     return Reply(audio=response.audio, text=response.text, frames=frames)
+
+
+def _frame_count(engine: Any, audio: np.ndarray, sample_rate: int) -> int:
+    """80 ms frames the engine makes of `audio` once resampled to its rate."""
+    return -(-int(audio.shape[-1] * engine.sample_rate / sample_rate) // engine.frame_samples)
 
 
 def _frame_entry(frame: Any, index: int, with_codes: bool) -> dict[str, Any]:
@@ -167,6 +199,5 @@ def _frame_entry(frame: Any, index: int, with_codes: bool) -> dict[str, Any]:
 
 
 def _write_json(path: Path, reply: Reply) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     document = {"text": reply.text, "frames": reply.frames}
     path.write_text(json.dumps(document, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

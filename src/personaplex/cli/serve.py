@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from personaplex.errors import PersonaPlexError
+from personaplex.cli.arguments import check_device, positive_count, tcp_port
+from personaplex.errors import ModelUnavailableError, PersonaPlexError
 from personaplex.server.security import AccessPolicy, is_loopback_host, new_token
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8998  # the reference server's port
@@ -40,7 +43,7 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_HOST,
         help=f"address to listen on (default {DEFAULT_HOST}: this machine only)",
     )
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=tcp_port, default=DEFAULT_PORT, help=f"port, 1-65535 (default {DEFAULT_PORT})")
     parser.add_argument(
         "--weights", choices=("bf16", "fp8", "int4"), default="bf16", help="weight format (default bf16)"
     )
@@ -57,7 +60,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--max-sessions",
-        type=int,
+        type=positive_count,
         default=4,
         help="conversations at once, each a row of one batched frame (one CUDA graph on a GPU); "
         "more are answered 'busy' (default 4)",
@@ -134,6 +137,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Start the server and block until it is stopped (Ctrl-C)."""
+    check_device(args.device)
     import uvicorn
 
     from personaplex.server.app import create_app
@@ -283,9 +287,22 @@ def _transcriber_loader(asr_model: str) -> Any:
         return None
 
     def load() -> Any:
-        from personaplex.audio.asr import Transcriber
+        from personaplex.audio.asr import Transcriber, is_model_name
+        from personaplex.hub import hub_offline_reason
 
-        return Transcriber(_bundled_asr_path() if asr_model == BUNDLED_ASR else asr_model)
+        if asr_model == BUNDLED_ASR:
+            return Transcriber(_bundled_asr_path())
+        offline_reason = hub_offline_reason() if is_model_name(asr_model) else None
+        if offline_reason is None:
+            return Transcriber(asr_model)
+        try:
+            return Transcriber(asr_model, local_files_only=True)  # downloaded on an earlier run
+        except ModelUnavailableError:
+            logger.warning(
+                "speech recognition: %s, so Whisper %s cannot be downloaded: using the bundled "
+                "tiny.en model instead (--asr-model bundled)", offline_reason, asr_model,
+            )
+            return Transcriber(_bundled_asr_path())
 
     return load
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from personaplex.errors import PersonaPlexError
 
 # Keys of moshi's `_lm_kwargs` that select architecture variants this engine does not
 # implement. A config that asks for another value is refused rather than silently misread.
@@ -34,8 +37,63 @@ _LM_FIXED_CHOICES: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(PersonaPlexError, ValueError):
     """A config.json that cannot describe a model this engine can run."""
+
+
+# Bounds no real model of this family comes near (PersonaPlex 7B: context 3000, dim 4096,
+# 32 layers, vocabularies of 32000 and 2048). A config beyond them is damaged or hostile,
+# and would make the loader allocate more than any machine has (context 1e9: 512 GB).
+_MAX_CONTEXT = 1 << 17
+_MAX_WIDTH = 1 << 16
+_MAX_LAYERS = 1024
+_MAX_VOCABULARY = 1 << 20
+_MAX_COUNT = 4096  # heads, codebooks, filters, ratios and other small counts
+_UNBOUNDED_INTS = {"existing_text_padding_id": (0, _MAX_VOCABULARY)}
+_INT_LIMITS = {
+    "context": _MAX_CONTEXT, "dim": _MAX_WIDTH, "depformer_dim": _MAX_WIDTH, "d_model": _MAX_WIDTH,
+    "dim_feedforward": 4 * _MAX_WIDTH, "depformer_dim_feedforward": 4 * _MAX_WIDTH, "dimension": _MAX_WIDTH,
+    "input_dimension": _MAX_WIDTH, "output_dimension": _MAX_WIDTH, "num_layers": _MAX_LAYERS,
+    "depformer_num_layers": _MAX_LAYERS, "card": _MAX_VOCABULARY, "text_card": _MAX_VOCABULARY,
+    "bins": _MAX_VOCABULARY, "sample_rate": 384_000,
+}
+_MAX_SCALE = 1e6  # hidden_scale, max_period, frame_rate ... stay well below
+
+
+def _check_fields(config: Any) -> None:
+    """Every field of a config dataclass has the type it declares, within sane bounds: a
+    string where a number belongs, a zero count or an absurd size is refused here, by name,
+    before anything is allocated."""
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
+        where = f"{type(config).__name__}.{spec.name}"
+        if kind == "int":
+            low, high = _UNBOUNDED_INTS.get(spec.name, (1, _INT_LIMITS.get(spec.name, _MAX_COUNT)))
+            _check_int(where, value, low, high)
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0 <= value <= _MAX_SCALE:
+                raise ConfigError(f"config.json: {spec.name} must be a number from 0 to {_MAX_SCALE:g}, got {value!r} ({where})")
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"config.json: {spec.name} must be true or false, got {value!r} ({where})")
+        elif kind.startswith("tuple"):
+            if not isinstance(value, tuple) or not 0 < len(value) <= _MAX_COUNT:
+                raise ConfigError(f"config.json: {spec.name} must be a non-empty list of integers, got {value!r} ({where})")
+            for item in value:
+                _check_int(where, item, 0 if spec.name == "delays" else 1, _MAX_COUNT)
+
+
+def _check_int(where: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        name = where.split(".")[-1]
+        raise ConfigError(f"config.json: {name} must be a whole number from {low} to {high}, got {value!r} ({where})")
+
+
+def _as_tuple(name: str, value: Any) -> Any:
+    """A JSON list as the tuple the dataclass holds; anything else is left for the check."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _gated_hidden(dim: int, dim_feedforward: int) -> int:
@@ -68,6 +126,7 @@ class LMConfig:
     norm_eps: float = 1e-8
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if len(self.delays) != self.n_q + 1:
             raise ConfigError(f"delays has {len(self.delays)} entries, expected n_q + 1 = {self.n_q + 1}")
         if self.dim % self.num_heads or self.depformer_dim % self.depformer_num_heads:
@@ -114,9 +173,11 @@ class LMConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in known}
         if "delays" in kwargs:
-            kwargs["delays"] = tuple(int(d) for d in kwargs["delays"])
+            kwargs["delays"] = _as_tuple("delays", kwargs["delays"])
         if "hidden_scale" in kwargs and "depformer_dim_feedforward" not in kwargs and "depformer_dim" in kwargs:
-            kwargs["depformer_dim_feedforward"] = int(kwargs["hidden_scale"] * kwargs["depformer_dim"])
+            scale, width = kwargs["hidden_scale"], kwargs["depformer_dim"]
+            if isinstance(scale, (int, float)) and isinstance(width, int) and math.isfinite(scale):
+                kwargs["depformer_dim_feedforward"] = int(scale * width)
         return cls(**kwargs)
 
     @classmethod
@@ -129,9 +190,10 @@ class LMConfig:
                    "num_steps": "dep_q"}
         kwargs.update({ours: depformer[theirs] for theirs, ours in renamed.items() if theirs in depformer})
         if "dim_feedforward" in depformer:  # MLX states the gated width; ours is 3/2 of it (moshi's)
-            kwargs["depformer_dim_feedforward"] = depformer["dim_feedforward"] * 3 // 2
+            width = depformer["dim_feedforward"]
+            kwargs["depformer_dim_feedforward"] = width * 3 // 2 if isinstance(width, int) else width
         if "delays" in raw:
-            kwargs["delays"] = tuple(int(d) for d in raw["delays"])
+            kwargs["delays"] = _as_tuple("delays", raw["delays"])
         return cls(**kwargs)
 
     def to_moshi_dict(self) -> dict[str, Any]:
@@ -158,6 +220,9 @@ class SEANetConfig:
     compress: int = 2
     true_skip: bool = True
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
     @property
     def hop_length(self) -> int:
         hop = 1
@@ -178,6 +243,9 @@ class MimiTransformerConfig:
     max_period: float = 10000.0
     dim_feedforward: int = 2048
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
 
 @dataclass(frozen=True)
 class QuantizerConfig:
@@ -188,6 +256,9 @@ class QuantizerConfig:
     bins: int = 2048
     input_dimension: int = 512
     output_dimension: int = 512
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -200,6 +271,9 @@ class MimiConfig:
     sample_rate: int = 24000
     frame_rate: float = 12.5
     num_codebooks: int = 8
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
     @property
     def frame_samples(self) -> int:
@@ -214,10 +288,12 @@ class MimiConfig:
     def from_moshi_dict(cls, raw: dict[str, Any]) -> "MimiConfig":
         def pick(dc: type, obj: dict[str, Any] | None) -> Any:
             obj = obj or {}
+            if not isinstance(obj, dict):
+                raise ConfigError(f"config.json: a Mimi section must be a JSON object, got {obj!r}")
             known = {f.name for f in fields(dc)}
             kwargs = {k: v for k, v in obj.items() if k in known}
             if "ratios" in kwargs:
-                kwargs["ratios"] = tuple(kwargs["ratios"])
+                kwargs["ratios"] = _as_tuple("ratios", kwargs["ratios"])
             return dc(**kwargs)
 
         top = {k: raw[k] for k in ("sample_rate", "frame_rate", "num_codebooks") if k in raw}
@@ -260,11 +336,16 @@ class ModelConfig:
         if not path.exists():
             return cls()
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a model config: restore the original file") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
+        for section in ("mimi", "temporal", "depformer"):
+            if not isinstance(raw.get(section) or {}, dict):
+                raise ConfigError(f"{path}: {section} must be a JSON object, got {raw[section]!r}")
         if "quantization" in raw and "temporal" in raw:
             return cls.from_mlx_dict(raw)
         return cls.from_moshi_dict(raw)
@@ -274,5 +355,3 @@ class ModelConfig:
         out["mimi"] = self.mimi.to_moshi_dict()
         return out
 
-
-PERSONAPLEX_7B = ModelConfig()

@@ -26,7 +26,6 @@ from .config import LMConfig
 from .kv_cache import TemporalState, ring_capacity, sliding_window_mask
 from .layers import READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, merge_heads, rope_angles, split_heads
 
-ZERO_TOKEN = -1  # "no input": embeds to zero
 UNGENERATED_TOKEN = -2  # "not generated yet": must never reach the model
 
 

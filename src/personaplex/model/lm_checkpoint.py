@@ -98,21 +98,6 @@ def official_to_module(name: str, tensor: torch.Tensor, file_steps: int, dep_q: 
     yield name, tensor
 
 
-def module_to_official(model: LMModel) -> dict[str, torch.Tensor]:
-    """The model's weights under the official names and stacking (for saving a checkpoint)."""
-    state = {}
-    c = model.config
-    for name, tensor in model.state_dict().items():
-        if ".self_attn.in_projs." in name or ".self_attn.out_projs." in name:
-            continue
-        state[name.replace("self_attn.in_proj.weight", "self_attn.in_proj_weight")] = tensor
-    for j, layer in enumerate(model.depformer.layers):
-        attn = layer.self_attn
-        state[f"depformer.layers.{j}.self_attn.in_proj_weight"] = torch.cat([m.weight for m in attn.in_projs[: c.dep_q]])
-        state[f"depformer.layers.{j}.self_attn.out_proj.weight"] = torch.cat([m.weight for m in attn.out_projs[: c.dep_q]])
-    return {k: v.detach().contiguous() for k, v in state.items()}
-
-
 def load_lm(
     path: str | Path,
     config: LMConfig | None = None,

@@ -1,9 +1,7 @@
 """Weight formats for the LM's linear layers: bf16, fp8 (e4m3) and affine int4/int8.
 
 `quantize_model` swaps `nn.Linear` leaves for quantized modules in place, one layer at a
-time, so quantizing the 16 GB bf16 model never holds a second full copy. `save_quantized`
-and `load_quantized` keep the result as one safetensors file whose metadata says how each
-layer is stored, so a reload builds the quantized modules directly (no bf16 detour).
+time, so quantizing the 16 GB bf16 model never holds a second full copy.
 
 Formats
 - int4 / int8: MLX's affine groups, w = q * scale + bias with q in [0, 2^bits), one fp16
@@ -21,26 +19,18 @@ tinygemm or `_scaled_mm`); elsewhere they dequantize to the activation dtype and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
-
-from .checkpoint import CheckpointError, check_tensor_shapes, read_safetensors_shapes
 
 WeightFormat = Literal["bf16", "fp8", "int4", "int8"]
 WEIGHT_FORMATS: tuple[str, ...] = ("bf16", "fp8", "int4", "int8")
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 
-FILE_FORMAT = "personaplex-quantized"
-FILE_VERSION = "1"
 
 
 # --------------------------------------------------------------------------- affine int4 / int8
@@ -250,95 +240,4 @@ def quantize_model(
                 raise ValueError(f"{name}: {exc}") from exc
             setattr(parent, attr, replacement)
             del linear
-    return model
-
-
-def _layer_spec(module: nn.Module) -> dict[str, object] | None:
-    """How a layer is stored, for the file's metadata (None for layers not quantized)."""
-    if isinstance(module, AffineQuantizedLinear):
-        return {"format": f"int{module.bits}", "group_size": module.group_size,
-                "in_features": module.in_features, "out_features": module.out_features}
-    if isinstance(module, Fp8Linear):
-        return {"format": "fp8", "in_features": module.in_features, "out_features": module.out_features}
-    return None
-
-
-def _empty_layer(spec: dict[str, object]) -> nn.Module:
-    fmt = spec["format"]
-    in_features, out_features = int(spec["in_features"]), int(spec["out_features"])
-    if fmt == "int4":
-        return Int4Linear(in_features, out_features, int(spec["group_size"]), device="meta")
-    if fmt == "int8":
-        return Int8Linear(in_features, out_features, int(spec["group_size"]), device="meta")
-    if fmt == "fp8":
-        return Fp8Linear(in_features, out_features, device="meta")
-    raise ValueError(f"unknown layer format {fmt!r}")
-
-
-def save_quantized(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
-    """Write the whole model (quantized layers and the rest) to one safetensors file.
-
-    The metadata records the file format and version and, for each quantized layer, its
-    format, group size and shape; `extra_metadata` (e.g. the model config as JSON) is kept too.
-    """
-    layers = {name: spec for name, module in model.named_modules() if (spec := _layer_spec(module)) is not None}
-    metadata = {**(extra_metadata or {}), "format": FILE_FORMAT, "version": FILE_VERSION, "layers": json.dumps(layers)}
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(path), metadata=metadata)
-
-
-def read_quantized_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a file written by `save_quantized`; CheckpointError for any other file."""
-    read_safetensors_shapes(path)  # absent, not safetensors or truncated: a clear error first
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != FILE_FORMAT:
-        raise CheckpointError(f"{path}: not a quantized PersonaPlex file (no '{FILE_FORMAT}' metadata)")
-    if metadata.get("version") != FILE_VERSION:
-        raise CheckpointError(
-            f"{path}: quantized file version {metadata.get('version')!r}; this engine reads version {FILE_VERSION}"
-        )
-    return metadata
-
-
-def load_quantized(path: str | Path, model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
-    """Fill `model` (best built on the meta device) from a `save_quantized` file.
-
-    The layers the file stores quantized are replaced by empty quantized modules first, then
-    every tensor is read straight onto `device` and assigned, so no bf16 copy of those
-    layers is ever made. The file must match the model exactly: missing, extra or reshaped
-    tensors raise CheckpointError naming them.
-    """
-    metadata = read_quantized_metadata(path)
-    try:
-        layers: dict[str, dict[str, object]] = json.loads(metadata["layers"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable layer table in the metadata ({exc})") from exc
-    for name, spec in layers.items():
-        parent_name, _, attr = name.rpartition(".")
-        try:
-            current = model.get_submodule(name)
-            parent = model.get_submodule(parent_name)
-        except AttributeError as exc:
-            raise CheckpointError(f"{path}: quantized layer {name!r} does not exist in this model") from exc
-        if not isinstance(current, nn.Linear) or (current.in_features, current.out_features) != (
-            spec.get("in_features"), spec.get("out_features")):
-            raise CheckpointError(f"{path}: quantized layer {name!r} does not match the model's {current}")
-        try:
-            setattr(parent, attr, _empty_layer(spec))
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path}: layer {name!r}: {exc}") from exc
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
-    found = read_safetensors_shapes(path)
-    check_tensor_shapes(path, found, expected)
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        for name in expected:
-            tensor = f.get_tensor(name)
-            # Quantized buffers must come back bit for bit; float tensors may follow the model.
-            if not dtypes[name].is_floating_point and tensor.dtype != dtypes[name]:
-                raise CheckpointError(f"{path}: {name} is {tensor.dtype}, expected {dtypes[name]}")
-            state[name] = tensor
-    model.load_state_dict(state, strict=True, assign=True)
     return model

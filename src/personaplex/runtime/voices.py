@@ -108,12 +108,12 @@ def _not_found_message(argument: str, name: str, voices_dir: str | Path | None) 
         )
     if voices_dir is None:
         return (
-            f"voice {name} needs the model's voices folder, which was not found: "
-            "unpack voices.tgz from the model repo into the model folder as voices/"
+            f"voice {name} needs the model folder's voices/, which was not found: put the model "
+            "repo's voices.tgz in the model folder (it is unpacked into voices/ on load)"
         )
     return (
         f"voice {name} is a preset but {voices_dir} has no {name}.pt or {name}.safetensors: "
-        "unpack voices.tgz from the model repo there again"
+        "delete that folder and load again, so the model repo's voices.tgz is unpacked anew"
     )
 
 

@@ -255,7 +255,7 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
     @app.websocket(CONVERSATION_PATH)
     async def chat(websocket: WebSocket) -> None:
         if not settings.policy.origin_accepted(websocket.headers):
-            metrics.sessions_rejected.inc(reason="origin")
+            metrics.sessions_rejected.labels(reason="origin").inc()
             await websocket.close(code=CloseCode.POLICY)  # before accepting: the handshake gets a 403
             return
         await websocket.accept()
@@ -311,15 +311,15 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
     def conversation_slot(config: SessionConfig) -> Iterator[SessionInfo]:
         """One of the server's slots, counted, for as long as a conversation runs."""
         with sessions.slot(config) as info:
-            metrics.sessions_total.inc(mode=config.mode)
-            metrics.sessions_active.inc(mode=config.mode)
+            metrics.sessions_total.labels(mode=config.mode).inc()
+            metrics.sessions_active.labels(mode=config.mode).inc()
             try:
                 yield info
             finally:
-                metrics.sessions_active.dec(mode=config.mode)
+                metrics.sessions_active.labels(mode=config.mode).dec()
 
     async def _refuse(channel: Channel, reason: str, message: str, code: CloseCode) -> None:
-        metrics.sessions_rejected.inc(reason=reason)
+        metrics.sessions_rejected.labels(reason=reason).inc()
         await _end(channel, message, code)
 
     async def _end(channel: Channel, message: str, code: CloseCode) -> None:

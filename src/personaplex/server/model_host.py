@@ -3,7 +3,8 @@
 The server answers HTTP at once, so the page can show the download, load and warm-up
 progress with their timings; conversations are refused with "model loading" until the
 engine is ready. A model that cannot be had (gated repo, no token, bad folder) leaves the
-server up, with the error and the steps to fix it in GET /api/status and on the page.
+server up, with the error in GET /api/status and on the page; the licence-and-token steps
+come with it only when access to the gated repo is what is missing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from personaplex.errors import ModelUnavailableError
+from personaplex.errors import GatedModelError, PersonaPlexError
 from personaplex.server.conversation import Engine
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class _LoadState:
     started_at: float = field(default_factory=time.monotonic)
     stage_started_at: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    help: str | None = None  # steps to fix the error, when they are more than its message says
 
 
 class ModelHost:
@@ -74,7 +76,6 @@ class ModelHost:
             "state": "off" if load_transcriber is None else "loading",
             "error": None,
         }
-        self._ready = threading.Event()
 
     def start(self) -> None:
         """Begin loading in the background; returns at once."""
@@ -97,16 +98,11 @@ class ModelHost:
         """The ASR model once loaded, else None (turn-based chat then has no transcripts)."""
         return self._transcriber
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Block until the engine is ready (or failed); True if ready."""
-        self._ready.wait(timeout)
-        return self._engine is not None
-
     def not_ready_reason(self) -> str:
         """Why conversations cannot start yet, for the error message sent to clients."""
         with self._lock:
             if self._load.state == "error":
-                return f"model unavailable: {self._load.error} {MODEL_HELP}"
+                return " ".join(filter(None, ("model unavailable:", self._load.error, self._load.help)))
             percent = "" if self._load.fraction is None else f" {self._load.fraction:.0%}"
             return (
                 f"model loading ({self._load.stage}{percent}: {self._load.message}); "
@@ -127,7 +123,7 @@ class ModelHost:
                 "elapsed_s": round(finished_at - load.started_at, 2),
                 "timings": self._stage_timings(now),
                 "error": load.error,
-                "help": MODEL_HELP if load.state == "error" else None,
+                "help": load.help,
                 "asr": dict(self._asr),
             }
 
@@ -152,7 +148,9 @@ class ModelHost:
     def _load_engine_thread(self) -> None:
         try:
             engine = self._load_engine(self._on_progress)
-        except ModelUnavailableError as err:
+        except GatedModelError as err:
+            self._fail(str(err), MODEL_HELP)
+        except PersonaPlexError as err:  # its message names the cause and the fix
             self._fail(str(err))
         except Exception as err:  # shown on the page rather than lost in a thread
             logger.exception("loading the model failed")
@@ -165,14 +163,13 @@ class ModelHost:
                 self._load.stage = "ready"
                 self._load.fraction = 1.0
                 self._load.message = "ready"
-        finally:
-            self._ready.set()
 
-    def _fail(self, message: str) -> None:
-        logger.error("the model is unavailable: %s\n%s", message, MODEL_HELP)
+    def _fail(self, message: str, help: str | None = None) -> None:
+        logger.error("the model is unavailable: %s%s", message, f"\n{help}" if help else "")
         with self._lock:
             self._load.state = "error"
             self._load.error = message
+            self._load.help = help
             self._load.message = "the model could not be loaded"
 
     def _load_asr_thread(self, load_transcriber: TranscriberLoader) -> None:

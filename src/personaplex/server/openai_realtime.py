@@ -96,7 +96,7 @@ def add_route(
     @app.websocket(PATH)
     async def realtime(websocket: WebSocket) -> None:
         if not settings.policy.origin_accepted(websocket.headers):
-            metrics.sessions_rejected.inc(reason="origin")
+            metrics.sessions_rejected.labels(reason="origin").inc()
             await websocket.close(code=CloseCode.POLICY)
             return
         await websocket.accept()
@@ -130,7 +130,7 @@ def add_route(
     async def _refuse(
         session: RealtimeSession, reason: str, message: str, code: str, close_code: CloseCode
     ) -> None:
-        metrics.sessions_rejected.inc(reason=reason)
+        metrics.sessions_rejected.labels(reason=reason).inc()
         await session.end(message, code, close_code)
 
 

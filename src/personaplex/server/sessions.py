@@ -10,7 +10,7 @@ names the reference web UI uses are accepted too:
 | `voice`       | a preset name, e.g. NATM0 (reference: `voice_prompt=NATM0.pt`) | NATM0 |
 | `prompt`      | a system-prompt preset name (see GET /api/prompts)   | default |
 | `text_prompt` | the system prompt text itself (wins over `prompt`; empty = none) | |
-| `max_steps`   | turn-based: frames of each reply, 50-500             | 75 |
+| `max_steps`   | turn-based: frames of each reply, 1-500              | 75 |
 | `seed`        | integer seed for reproducible sampling (-1 = random) | random |
 | `text_temperature`, `text_topk` | text sampling: temperature 0-5 (0 = argmax), top-k 1-32000 | 0.7, 25 |
 | `audio_temperature`, `audio_topk` | audio sampling: temperature 0-5 (0 = argmax), top-k 1-2048 | 0.8, 250 |
@@ -39,12 +39,12 @@ from typing import Any, Literal
 from personaplex.errors import PersonaPlexError, UnknownVoiceError
 from personaplex.runtime.prompts import DEFAULT_PROMPT, PROMPT_PRESETS
 from personaplex.runtime.sampling import SamplingConfig
+from personaplex.runtime.validation import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS
 from personaplex.runtime.voices import VOICE_NAMES
 
 Mode = Literal["turn", "duplex"]
 MODES: tuple[Mode, ...] = ("turn", "duplex")
 DEFAULT_VOICE = "NATM0"
-MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 50, 500, 75
 # The settings a client may change in the middle of a turn-based conversation.
 UPDATABLE_SETTINGS = frozenset({"voice", "prompt", "text_prompt", "max_steps", "seed"})
 MAX_TEMPERATURE = 5.0

@@ -55,7 +55,3 @@ class TextTokenizer:
                 f"(0..{self.vocab_size - 1}): the model and tokenizer do not match"
             )
         return self._processor.IdToPiece(token_id).replace(_WORD_BOUNDARY, " ")
-
-    def decode_monologue(self, token_ids: list[int]) -> str:
-        """The inner monologue of a run of generated text tokens, as one string."""
-        return "".join(self.piece_text(token_id) for token_id in token_ids)

@@ -1,7 +1,7 @@
 // The PersonaPlex page: model status, conversation settings, one talk button, live
 // transcripts and timings. It speaks the server's websocket protocol (server/protocol.py).
 
-import { OggOpusDecoder, OggOpusEncoder, resampleLinear } from "./ogg-opus.js";
+import { LinearResampler, OggOpusDecoder, OggOpusEncoder } from "./ogg-opus.js";
 
 const SAMPLE_RATE = 24000;
 const FRAME_SAMPLES = 1920; // one model frame, 80 ms
@@ -110,8 +110,10 @@ function updateModeControls() {
 }
 
 function currentSettings() {
-  const maxSteps = Math.min(500, Math.max(50, Math.round(Number($("max-steps").value) || 75)));
-  $("max-steps").value = maxSteps;
+  // The range is the input's min/max (index.html), the server's rule (runtime/validation.py).
+  const input = $("max-steps");
+  const maxSteps = Math.min(Number(input.max), Math.max(Number(input.min), Math.round(Number(input.value) || Number(input.defaultValue))));
+  input.value = maxSteps;
   return {
     mode: currentMode(),
     voice: $("voice").value,
@@ -291,7 +293,8 @@ class Conversation {
     } else if (event.type === "reply_end") {
       this.player.port.postMessage({ type: "drain" });
     } else if (event.type === "dropped") {
-      $("stat-drops").textContent = event.frames;
+      // `frames` counts 80 ms microphone frames the server dropped (it fell behind): show time.
+      $("stat-drops").textContent = ((event.frames * FRAME_SAMPLES) / SAMPLE_RATE).toFixed(1);
     }
   }
 
@@ -325,7 +328,8 @@ class Conversation {
   }
 
   onReplyPcm(samples, rate) {
-    const pcm = resampleLinear(samples, rate, SAMPLE_RATE);
+    if (this.replyResampler?.fromRate !== rate) this.replyResampler = new LinearResampler(rate, SAMPLE_RATE);
+    const pcm = this.replyResampler.process(samples);
     this.samplesReceived += pcm.length;
     $("stat-audio-seconds").textContent = (this.samplesReceived / SAMPLE_RATE).toFixed(1);
     this.player.port.postMessage({ type: "push", samples: pcm }, [pcm.buffer]);
@@ -362,7 +366,7 @@ class Conversation {
 }
 
 function resetStats() {
-  for (const [id, value] of [["stat-frame-ms", "–"], ["stat-rtf", "–"], ["stat-frames", "0"], ["stat-audio-seconds", "0.0"], ["stat-buffer-ms", "0"], ["stat-drops", "0"]]) {
+  for (const [id, value] of [["stat-frame-ms", "–"], ["stat-rtf", "–"], ["stat-frames", "0"], ["stat-audio-seconds", "0.0"], ["stat-buffer-ms", "0"], ["stat-drops", "0.0"]]) {
     $(id).textContent = value;
   }
 }

@@ -206,18 +206,31 @@ function concat(parts) {
   return joined;
 }
 
-// Linear resampling, for a decoder that hands out another rate than the playback context's.
-export function resampleLinear(samples, fromRate, toRate) {
-  if (fromRate === toRate) return samples;
-  const length = Math.round((samples.length * toRate) / fromRate);
-  const out = new Float32Array(length);
-  const step = fromRate / toRate;
-  for (let i = 0; i < length; i++) {
-    const position = i * step;
-    const index = Math.floor(position);
-    const next = Math.min(index + 1, samples.length - 1);
-    const fraction = position - index;
-    out[i] = samples[index] * (1 - fraction) + samples[next] * fraction;
+// Linear resampling of a stream, for a decoder that hands out another rate than the playback
+// context's. It carries the last sample and the read position from one block to the next, so
+// block edges are interpolated like the rest and no fraction of a sample is lost or repeated.
+export class LinearResampler {
+  constructor(fromRate, toRate) {
+    this.fromRate = fromRate;
+    this.step = fromRate / toRate;
+    this.position = 0; // of the next output sample, in input samples from this block's start
+    this.last = 0; // the previous block's last sample (position -1)
   }
-  return out;
+
+  process(samples) {
+    if (this.step === 1) return samples;
+    const count = Math.max(0, Math.floor((samples.length - 1 - this.position) / this.step) + 1);
+    const out = new Float32Array(count);
+    for (let i = 0; i < count; i++) {
+      const position = this.position + i * this.step;
+      const index = Math.floor(position);
+      const fraction = position - index;
+      const left = index < 0 ? this.last : samples[index];
+      const right = index + 1 < samples.length ? samples[index + 1] : left;
+      out[i] = left * (1 - fraction) + right * fraction;
+    }
+    this.position += count * this.step - samples.length;
+    if (samples.length) this.last = samples[samples.length - 1];
+    return out;
+  }
 }
