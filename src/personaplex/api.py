@@ -24,13 +24,13 @@ import torch
 
 from .audio.io import SAMPLE_RATE, model_rate_frames, normalize_loudness, prepare_user_audio, read_voice_wav
 from .errors import PersonaPlexError, UnknownVoiceError
-from .hub import MLX_MIMI_FILENAME, find_voices_dir, is_mlx_folder, resolve_model_folder
+from .hub import LM_FILENAME, MIMI_FILENAME, MLX_MIMI_FILENAME, find_voices_dir, is_mlx_folder, resolve_model_folder
 from .model.config import ModelConfig
 from .model.layers import READABLE_KERNELS
 from .model.lm import LMModel
-from .model.lm_checkpoint import LM_FILENAME, load_lm
-from .model.mimi import MIMI_FILENAME, Mimi, load_mimi
-from .model.quantize import WEIGHT_FORMATS
+from .model.lm_checkpoint import load_lm
+from .model.mimi import Mimi, load_mimi
+from .model.formats import KV_CACHE_FORMATS, WEIGHT_FORMATS
 from .runtime.diagnostics import DiagnosticInfo, DiagnosticRecorder
 from .runtime.frames import AudioChunk, chunk_of
 from .runtime.generation import FrameGenerator
@@ -43,7 +43,7 @@ from .runtime.validation import check_max_steps, check_text
 from .runtime.voices import DEFAULT_VOICE, VoicePrompt, is_wav_voice, load_voice
 from .text.tokenizer import TEXT_TOKENIZER_FILENAME, TextTokenizer
 
-KV_CACHE_DTYPES = {"bf16": None, "fp8": torch.float8_e4m3fn}  # None: the activation dtype
+KV_CACHE_DTYPES = dict(zip(KV_CACHE_FORMATS, (None, torch.float8_e4m3fn)))  # None: the activation dtype
 SILENT_FRAME_RMS = 1e-3  # -60 dBFS: quieter agent frames count as silence for early stopping
 
 

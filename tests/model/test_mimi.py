@@ -15,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from personaplex.model.checkpoint import CheckpointError
 from personaplex.model.config import MimiConfig
-from personaplex.model.mimi import MIMI_FILENAME, Mimi, MimiStreamState, load_mimi
+from personaplex.hub import MIMI_FILENAME
+from personaplex.model.mimi import Mimi, MimiStreamState, load_mimi
 from personaplex.model.mimi.codec import is_used_key, module_key, official_tensor_shapes
 from personaplex.model.mimi.quantizer import Codebook
 from personaplex.model.mimi.transformer import MimiTransformer

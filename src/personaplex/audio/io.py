@@ -18,10 +18,9 @@ import numpy as np
 import sphn
 import torch
 
+from personaplex.audio.format import FRAME_SAMPLES, SAMPLE_RATE
 from personaplex.errors import InvalidAudioError
 
-SAMPLE_RATE = 24_000
-FRAME_SAMPLES = 1_920
 # The temporal transformer's KV cache holds 3000 frames of 80 ms: longer input falls out of
 # the model's context, so we refuse it instead of silently forgetting the start.
 MAX_SECONDS = 240.0

@@ -15,11 +15,8 @@ import struct
 import numpy as np
 import sphn
 
+from personaplex.audio.format import FRAME_SAMPLES, SAMPLE_RATE
 from personaplex.errors import InvalidAudioError
-
-SAMPLE_RATE = 24_000
-# sphn encodes whole Opus frames; 1920 samples (80 ms) is also the model's frame.
-ENCODER_FRAME_SAMPLES = 1_920
 
 _CAPTURE_PATTERN = b"OggS"
 # capture pattern, version, header type, granule position, serial, page sequence, CRC,
@@ -107,12 +104,12 @@ class OpusStreamEncoder:
     def encode(self, pcm: np.ndarray) -> bytes:
         """Ogg/Opus bytes for every whole frame buffered so far (b"" if none is complete)."""
         self._pending = np.concatenate([self._pending, np.asarray(pcm, dtype=np.float32)])
-        whole_frames = len(self._pending) // ENCODER_FRAME_SAMPLES
+        whole_frames = len(self._pending) // FRAME_SAMPLES
         encoded = bytearray()
         for index in range(whole_frames):
-            frame = self._pending[index * ENCODER_FRAME_SAMPLES : (index + 1) * ENCODER_FRAME_SAMPLES]
+            frame = self._pending[index * FRAME_SAMPLES : (index + 1) * FRAME_SAMPLES]
             encoded += self._writer.append_pcm(np.clip(frame, -1.0, 1.0))
-        self._pending = self._pending[whole_frames * ENCODER_FRAME_SAMPLES :]
+        self._pending = self._pending[whole_frames * FRAME_SAMPLES :]
         return bytes(encoded)
 
 

@@ -24,10 +24,10 @@ import numpy as np
 # arrives (audio that arrives meanwhile would be late for the utterance detector).
 import scipy.signal  # noqa: F401
 
+from personaplex.audio.format import SAMPLE_RATE
 from personaplex.audio.io import StreamingResampler
 from personaplex.errors import PersonaPlexError
 
-SAMPLE_RATE = 24_000
 VAD_SAMPLE_RATE = 16_000
 WINDOW_SAMPLES = 768  # at 24 kHz: 32 ms, one 512-sample model window at 16 kHz
 WINDOW_SECONDS = WINDOW_SAMPLES / SAMPLE_RATE

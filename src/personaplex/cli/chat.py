@@ -22,6 +22,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
+from personaplex.audio.format import FRAME_SAMPLES, SAMPLE_RATE
 from personaplex.audio.opus import OpusStreamDecoder, OpusStreamEncoder
 from personaplex.cli.arguments import MAX_STEPS_HELP, reply_frames
 from personaplex.errors import PersonaPlexError
@@ -29,8 +30,6 @@ from personaplex.runtime.validation import DEFAULT_STEPS
 from personaplex.server import protocol
 from personaplex.server.protocol import MessageKind
 
-SAMPLE_RATE = 24_000
-FRAME_SAMPLES = 1_920
 MIC_BLOCK = 480  # 20 ms
 JITTER_FRAMES = 3
 SPEAKING_LEVEL = 0.01

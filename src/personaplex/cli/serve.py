@@ -12,6 +12,7 @@ from typing import Any
 
 from personaplex.cli.arguments import check_device, positive_count, tcp_port
 from personaplex.errors import ModelUnavailableError, PersonaPlexError
+from personaplex.model.formats import KV_CACHE_FORMATS, WEIGHT_FORMATS
 from personaplex.server.security import AccessPolicy, is_loopback_host, new_token
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--port", type=tcp_port, default=DEFAULT_PORT, help=f"port, 1-65535 (default {DEFAULT_PORT})")
     parser.add_argument(
-        "--weights", choices=("bf16", "fp8", "int4"), default="bf16", help="weight format (default bf16)"
+        "--weights", choices=WEIGHT_FORMATS, default="bf16", help="weight format (default bf16)"
     )
     parser.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cuda when available)")
     parser.add_argument(
@@ -55,7 +56,7 @@ def register(subparsers: Any) -> None:
         "(no download; the replies are noise, the speed is the real model's)",
     )
     parser.add_argument(
-        "--kv-cache", choices=("bf16", "fp8"), default="bf16",
+        "--kv-cache", choices=KV_CACHE_FORMATS, default="bf16",
         help="KV cache format (fp8: half the memory, twice the conversations on one GPU)",
     )
     parser.add_argument(

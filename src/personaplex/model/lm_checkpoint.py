@@ -21,7 +21,6 @@ from .checkpoint import CheckpointError, Shape, check_tensor_shapes, load_safete
 from .config import LMConfig
 from .lm import LMModel
 
-LM_FILENAME = "model.safetensors"
 
 _DEP_ATTN = re.compile(r"^depformer\.layers\.(\d+)\.self_attn\.(in_proj_weight|out_proj\.weight)$")
 _PER_STEP = re.compile(r"^(depformer\.layers\.\d+\.gating|linears|depformer_in|depformer_emb)\.(\d+)\.(.*)$")

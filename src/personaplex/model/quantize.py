@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .formats import WEIGHT_FORMATS
+
 WeightFormat = Literal["bf16", "fp8", "int4", "int8"]
-WEIGHT_FORMATS: tuple[str, ...] = ("bf16", "fp8", "int4", "int8")
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 

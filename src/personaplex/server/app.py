@@ -48,8 +48,8 @@ from personaplex.audio.io import SAMPLE_RATE
 from personaplex.server.metrics import ServerMetrics
 from personaplex.server.model_host import ModelHost
 from personaplex.server.security import TOKEN_COOKIE, AccessPolicy
+from personaplex.runtime.voices import DEFAULT_VOICE
 from personaplex.server.sessions import (
-    DEFAULT_VOICE,
     ServerBusyError,
     SessionConfig,
     SessionInfo,

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-FRAME_SECONDS = 0.08
-SAMPLE_RATE = 24_000
-FRAME_SAMPLES = 1920
+from personaplex.audio.format import FRAME_SAMPLES, SAMPLE_RATE
+
+FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
 
 
 @dataclass

@@ -40,11 +40,10 @@ from personaplex.errors import PersonaPlexError, UnknownVoiceError
 from personaplex.runtime.prompts import DEFAULT_PROMPT, PROMPT_PRESETS
 from personaplex.runtime.sampling import SamplingConfig
 from personaplex.runtime.validation import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS
-from personaplex.runtime.voices import VOICE_NAMES
+from personaplex.runtime.voices import DEFAULT_VOICE, VOICE_NAMES
 
 Mode = Literal["turn", "duplex"]
 MODES: tuple[Mode, ...] = ("turn", "duplex")
-DEFAULT_VOICE = "NATM0"
 # The settings a client may change in the middle of a turn-based conversation.
 UPDATABLE_SETTINGS = frozenset({"voice", "prompt", "text_prompt", "max_steps", "seed"})
 MAX_TEMPERATURE = 5.0

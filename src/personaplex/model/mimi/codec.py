@@ -25,7 +25,6 @@ from personaplex.model.mimi.seanet import SEANetDecoder, SEANetEncoder
 from personaplex.model.mimi.state import CodecSideState, MimiStreamState
 from personaplex.model.mimi.transformer import MimiTransformer
 
-MIMI_FILENAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 
 
 def _check_config(config: MimiConfig) -> int:
