@@ -44,15 +44,22 @@ def family(name: str) -> str:
     return "other"
 
 
-def profile_case(lm, mimi, persona, batch: int, kernels, label: str, frames: int = 5) -> dict:
-    runner = FrameRunner(lm, mimi, batch, use_graphs=False, kernels=kernels)
+def warmed_runner(lm, mimi, persona, batch: int, use_graphs: bool, kernels=None):
+    """A runner with every row joined, warmed up: (runner, user pcm, listening mask)."""
+    runner = FrameRunner(lm, mimi, batch, use_graphs=use_graphs, kernels=kernels)
     for row in range(batch):
         runner.join(row, persona)
     pcm = 0.1 * torch.randn(batch, 1920, device="cuda")
     speaking = torch.zeros(batch, dtype=torch.bool, device="cuda")
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(5):
             runner.run(pcm, speaking)
+    return runner, pcm, speaking
+
+
+def profile_case(lm, mimi, persona, batch: int, kernels, label: str, frames: int = 5) -> dict:
+    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, False, kernels)
+    with torch.no_grad():
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(frames):
@@ -87,14 +94,8 @@ def profile_case(lm, mimi, persona, batch: int, kernels, label: str, frames: int
 
 
 def graphed_time(lm, mimi, persona, batch: int, frames: int = 50) -> float:
-    runner = FrameRunner(lm, mimi, batch, use_graphs=True)
-    for row in range(batch):
-        runner.join(row, persona)
-    pcm = 0.1 * torch.randn(batch, 1920, device="cuda")
-    speaking = torch.zeros(batch, dtype=torch.bool, device="cuda")
+    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, True)
     with torch.no_grad():
-        for _ in range(5):
-            runner.run(pcm, speaking)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(frames):
