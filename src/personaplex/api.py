@@ -35,7 +35,7 @@ from .runtime.diagnostics import DiagnosticInfo, DiagnosticRecorder
 from .runtime.frames import AudioChunk, chunk_of
 from .runtime.generation import FrameGenerator
 from .runtime.persona import PersonaSnapshot, build_script, prefill_batched
-from .runtime.prompts import DEFAULT_PROMPT, wrap_system_prompt
+from .runtime.prompts import DEFAULT_PROMPT, check_system_prompt, wrap_system_prompt
 from .runtime.runner import FrameRunner
 from .runtime.sampling import SamplingConfig
 from .runtime.scheduler import FrameScheduler, RowHandle
@@ -229,6 +229,7 @@ class PersonaPlex:
             raise UnknownVoiceError(f"voice must be a preset name or a file path, got {type(voice).__name__}")
         # A WAV voice is keyed by its modification time too, so an edited file is prefilled anew.
         wav_version = Path(voice).stat().st_mtime_ns if is_wav_voice(voice) and Path(voice).is_file() else None
+        check_system_prompt(system_prompt, self.tokenizer, self.lm.config.context)
         key = (str(voice), wav_version, system_prompt)
         with self.compute_lock:
             if key in self._personas:

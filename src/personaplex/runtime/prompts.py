@@ -8,9 +8,19 @@ close to those styles, which the model follows best.
 
 from __future__ import annotations
 
-from personaplex.errors import PersonaPlexError
+from typing import Protocol
+
+from personaplex.errors import PersonaPlexError, PromptTooLongError
 
 _SYSTEM_TAG = "<system>"
+# The real model's context is 3000 frames, one piece per frame, and an English piece averages
+# about four characters: no prompt longer than this can fit, and checking the length first
+# keeps a huge text from being tokenized at all.
+MAX_SYSTEM_PROMPT_CHARS = 16_000
+
+
+class PieceTokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
 
 PROMPT_PRESETS: dict[str, str] = {
     "default": (
@@ -74,3 +84,41 @@ def resolve_prompt(preset: str | None = None, text: str | None = None) -> str:
             f"unknown prompt preset {preset!r}: use one of {', '.join(PROMPT_PRESETS)}"
         )
     return PROMPT_PRESETS[preset]
+
+
+def check_system_prompt(
+    text: str, tokenizer: PieceTokenizer | None = None, context_frames: int | None = None
+) -> str:
+    """`text` if it can be a system prompt, else PersonaPlexError (PromptTooLongError when long).
+
+    Always checked: a str, valid Unicode, at most MAX_SYSTEM_PROMPT_CHARS characters. Given
+    the model's tokenizer and context, also its pieces: one frame each, plus the silence
+    around them, must leave room in the context (the voice comes on top and is checked when
+    the persona is built). Milliseconds, with no model work: call it before anything else.
+    """
+    if not isinstance(text, str):
+        raise PersonaPlexError(f"the system prompt must be text, got {type(text).__name__}")
+    if len(text) > MAX_SYSTEM_PROMPT_CHARS:
+        raise PromptTooLongError(
+            f"the system prompt has {len(text)} characters, more than the {MAX_SYSTEM_PROMPT_CHARS} "
+            "that can fit in the model's context: shorten the system prompt"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PersonaPlexError(
+            f"the system prompt is not valid Unicode (character {err.start} is a lone surrogate): "
+            "fix its encoding"
+        ) from None
+    if tokenizer is None or context_frames is None or not text.strip():
+        return text
+    from personaplex.runtime.persona import PROMPT_SILENCE_FRAMES  # needs torch: only with a model
+
+    pieces = len(tokenizer.encode(wrap_system_prompt(text)))
+    room = context_frames - 2 * PROMPT_SILENCE_FRAMES - 1
+    if pieces > room:
+        raise PromptTooLongError(
+            f"the system prompt is {pieces} pieces long but the model's context of {context_frames} "
+            f"frames leaves room for at most {room}: shorten the system prompt"
+        )
+    return text
