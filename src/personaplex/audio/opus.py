@@ -91,6 +91,59 @@ def _page_length(data: bytes, offset: int) -> int:
     return page_length
 
 
+# Opus frame lengths in 48 kHz samples by TOC configuration (RFC 6716, section 3.1):
+# SILK 10/20/40/60 ms, hybrid 10/20 ms, CELT 2.5/5/10/20 ms.
+_SILK_FRAMES = (480, 960, 1920, 2880)
+_HYBRID_FRAMES = (480, 960)
+_CELT_FRAMES = (120, 240, 480, 960)
+_OPUS_RATE = 48_000
+_CONTINUED_PACKET = 0x01
+_HEADER_PACKETS = (b"OpusHead", b"OpusTags")
+
+
+def opus_seconds(message: bytes) -> float:
+    """How much audio the Opus packets of `message` (whole Ogg pages) hold, read from their
+    TOC bytes without decoding or checksumming: what admitting the message will cost.
+
+    Raises InvalidAudioError when the pages are malformed (as split_ogg_pages would).
+    """
+    samples = 0
+    offset = 0
+    while offset < len(message):
+        page_length = _page_length(message, offset)
+        header_type, segment_count = message[offset + 5], message[offset + _PAGE_HEAD.size - 1]
+        lacing = message[offset + _PAGE_HEAD.size : offset + _PAGE_HEAD.size + segment_count]
+        position = offset + _PAGE_HEAD.size + segment_count
+        packet_start = not header_type & _CONTINUED_PACKET
+        for size in lacing:
+            if packet_start and size:
+                samples += _packet_samples(message[position : position + size])
+            position += size
+            packet_start = size < 255  # a lacing value of 255 continues the packet
+        offset += page_length
+    return samples / _OPUS_RATE
+
+
+def _packet_samples(packet: bytes) -> int:
+    """48 kHz samples of the Opus packet starting with `packet` (0 for the stream headers)."""
+    if packet.startswith(_HEADER_PACKETS):
+        return 0
+    config, code = packet[0] >> 3, packet[0] & 0x03
+    if config < 12:
+        frame = _SILK_FRAMES[config % 4]
+    elif config < 16:
+        frame = _HYBRID_FRAMES[config % 2]
+    else:
+        frame = _CELT_FRAMES[config % 4]
+    if code == 0:
+        count = 1
+    elif code in (1, 2):
+        count = 2
+    else:
+        count = packet[1] & 0x3F if len(packet) > 1 else 0
+    return frame * count
+
+
 class OpusStreamEncoder:
     """Turns float32 PCM into Ogg/Opus bytes, one page per 80 ms frame.
 
