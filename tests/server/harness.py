@@ -29,6 +29,7 @@ from personaplex.audio.io import read_wav, resample
 from personaplex.audio.opus import OpusStreamDecoder, OpusStreamEncoder
 from personaplex.server import protocol
 from personaplex.server.app import ServerSettings, create_app
+from personaplex.server.connections import guarded_http_protocol
 from personaplex.server.model_host import ModelHost
 from personaplex.server.protocol import MessageKind
 from tests.server.fakes import FakeEngine
@@ -66,12 +67,15 @@ def silence(seconds: float) -> np.ndarray:
 class ServerThread:
     """uvicorn serving `app` on a free loopback port, in a background thread."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, http: type | None = None) -> None:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind(("127.0.0.1", 0))
         self.port = self._socket.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", ws="websockets-sansio")
+        # The protocol `personaplex serve` runs, with its slowloris guard.
+        config = uvicorn.Config(
+            app, log_level="warning", lifespan="on", ws="websockets-sansio", http=http or guarded_http_protocol()
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
@@ -252,7 +256,7 @@ def instant_loader(engine: Any) -> Callable[[Callable[[Any], None]], Any]:
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., ServerThread]]:
-    """start_server(engine=None, loader=None, transcriber=None, **ServerSettings fields)."""
+    """start_server(engine=None, loader=None, transcriber=None, http=None, **ServerSettings fields)."""
     with ExitStack() as stack:
 
         def start(
@@ -261,6 +265,7 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
             loader: Callable[..., Any] | None = None,
             transcriber: Any = None,
             wait: bool = True,
+            http: type | None = None,
             **settings: Any,
         ) -> ServerThread:
             engine = engine if engine is not None else FakeEngine()
@@ -269,7 +274,7 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
                 (lambda: transcriber) if transcriber is not None else None,
                 "test-asr" if transcriber is not None else None,
             )
-            server = stack.enter_context(ServerThread(create_app(host, ServerSettings(**settings))))
+            server = stack.enter_context(ServerThread(create_app(host, ServerSettings(**settings)), http))
             if wait:
                 deadline = time.monotonic() + 60
                 while host.status()["state"] == "loading" and time.monotonic() < deadline:
