@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -41,9 +42,18 @@ def tone(voice: str, frame_index: int) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * voice_pitch(voice) * t)).astype(np.float32)
 
 
+class WordTokenizer:
+    """One piece per word: what the server's system prompt bound needs of a tokenizer."""
+
+    def encode(self, text: str) -> list[int]:
+        return [1] * len(text.split())
+
+
 class FakeEngine:
     sample_rate = SAMPLE_RATE
     frame_samples = FRAME
+    tokenizer = WordTokenizer()
+    lm = SimpleNamespace(config=SimpleNamespace(context=3000))  # the real model's context
 
     def __init__(
         self, frame_seconds: float = 0.0, persona_seconds: float = 0.0, fail_at_frame: int | None = None

@@ -6,6 +6,7 @@ import argparse
 import functools
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8998  # the reference server's port
 BUNDLED_ASR = "bundled"
 NO_ASR = "none"
+DEFAULT_IDLE_TIMEOUT_S = 60.0
 
 
 def register(subparsers: Any) -> None:
@@ -87,6 +89,23 @@ def register(subparsers: Any) -> None:
         "(repeatable; '*' for any)",
     )
     parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name clients may reach this server by besides its addresses and localhost, e.g. "
+        "the name of a reverse proxy (repeatable; '*' for any): other names are refused, "
+        "against DNS rebinding",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_idle_seconds,
+        default=DEFAULT_IDLE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="end a conversation whose client sends nothing for this long, freeing its slot; 0 = never "
+        f"(default {DEFAULT_IDLE_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--asr-model",
         default="base.en",
         help="Whisper model for the user's words in turn-based mode: a faster-whisper name fetched from "
@@ -142,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from personaplex.server.app import create_app
+    from personaplex.server.connections import guarded_http_protocol
+    from personaplex.server.memory import limit_malloc_arenas
     from personaplex.server.model_host import ModelHost
 
     static_dir = Path(args.static) if args.static else None
@@ -153,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    limit_malloc_arenas()  # before the threads start: see server/memory.py
     token = args.token
     if token is None and not is_loopback_host(args.host):
         # Listening beyond this machine without a token would let anyone on the network talk to it.
@@ -175,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         ws="websockets-sansio",
         # Opus pages do not compress: per-message deflate would only spend CPU on every frame.
         ws_per_message_deflate=False,
+        http=guarded_http_protocol(),
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
     )
@@ -222,10 +245,28 @@ def _settings(args: argparse.Namespace, token: str | None) -> Any:
 
     return ServerSettings(
         max_sessions=args.max_sessions,
-        policy=AccessPolicy.create(token, args.allowed_origin),
+        policy=AccessPolicy.create(token, args.allowed_origin, [*_own_names(args.host), *args.allowed_host]),
+        idle_timeout_s=args.idle_timeout or None,
         codec_processes=args.codec_processes or _codec_processes(args.max_sessions),
         static_dir=Path(args.static) if args.static else None,
     )
+
+
+def _own_names(listen_host: str) -> list[str]:
+    """The names clients may reach the server by, besides addresses and loopback names."""
+    if is_loopback_host(listen_host):
+        return []
+    return [listen_host, socket.gethostname(), socket.getfqdn()]
+
+
+def _idle_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 0 (never) or a positive number of seconds, got {text}")
+    return seconds
 
 
 def _cluster_module() -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from personaplex.errors import PersonaPlexError, PromptTooLongError
+from personaplex.runtime.validation import check_text
 
 _SYSTEM_TAG = "<system>"
 # The real model's context is 3000 frames, one piece per frame, and an English piece averages
@@ -96,20 +97,12 @@ def check_system_prompt(
     around them, must leave room in the context (the voice comes on top and is checked when
     the persona is built). Milliseconds, with no model work: call it before anything else.
     """
-    if not isinstance(text, str):
-        raise PersonaPlexError(f"the system prompt must be text, got {type(text).__name__}")
+    check_text("the system prompt", text)
     if len(text) > MAX_SYSTEM_PROMPT_CHARS:
         raise PromptTooLongError(
             f"the system prompt has {len(text)} characters, more than the {MAX_SYSTEM_PROMPT_CHARS} "
             "that can fit in the model's context: shorten the system prompt"
         )
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise PersonaPlexError(
-            f"the system prompt is not valid Unicode (character {err.start} is a lone surrogate): "
-            "fix its encoding"
-        ) from None
     if tokenizer is None or context_frames is None or not text.strip():
         return text
     from personaplex.runtime.persona import PROMPT_SILENCE_FRAMES  # needs torch: only with a model

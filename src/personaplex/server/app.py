@@ -18,6 +18,7 @@ the codes); the page waits for GET /api/status to say "ready" before it offers t
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -33,7 +34,7 @@ from pydantic import BaseModel
 
 from personaplex.audio.vad import UtteranceDetector
 from personaplex.errors import PersonaPlexError
-from personaplex.runtime.prompts import PROMPT_PRESETS
+from personaplex.runtime.prompts import PROMPT_PRESETS, check_system_prompt
 from personaplex.runtime.voices import VOICE_NAMES
 from personaplex.server import openai_realtime, protocol
 from personaplex.server.closing import CloseCode
@@ -41,13 +42,15 @@ from personaplex.server.conversation import (
     Channel,
     ConversationServices,
     DuplexConversation,
+    Engine,
     TurnBasedConversation,
+    client_error_message,
 )
 from personaplex.audio.codec_pool import OpusProcessPool
 from personaplex.audio.io import SAMPLE_RATE
 from personaplex.server.metrics import ServerMetrics
 from personaplex.server.model_host import ModelHost
-from personaplex.server.security import TOKEN_COOKIE, AccessPolicy
+from personaplex.server.security import TOKEN_COOKIE, AccessPolicy, HostGuard
 from personaplex.runtime.voices import DEFAULT_VOICE
 from personaplex.server.sessions import (
     ServerBusyError,
@@ -80,6 +83,8 @@ class ServerSettings:
     # Set when this app is one replica of several (server/cluster.py): /api/status and
     # /metrics then speak for all of them.
     cluster: ClusterView | None = None
+    # A conversation whose client sends nothing for this long is ended (None: never).
+    idle_timeout_s: float | None = 60.0
 
 
 class Health(BaseModel):
@@ -173,6 +178,7 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
         description=_api_description(),
         lifespan=lifespan,
     )
+    app.add_middleware(HostGuard, policy=settings.policy)
     if settings.policy.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -278,6 +284,12 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
         if engine is None:
             await _refuse(channel, "loading", host.not_ready_reason(), CloseCode.TRY_LATER)
             return
+        check_prompt = _prompt_check(engine)
+        try:
+            check_prompt(config.system_prompt)
+        except PersonaPlexError as err:
+            await _refuse(channel, "settings", str(err), CloseCode.POLICY)
+            return
         services = ConversationServices(
             engine=engine,
             metrics=metrics,
@@ -286,6 +298,8 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
             ring_frames=settings.ring_frames,
             codecs=codecs,
             startup_frames=settings.startup_frames,
+            check_prompt=check_prompt,
+            idle_timeout_s=settings.idle_timeout_s,
         )
         try:
             with conversation_slot(config) as info:
@@ -300,12 +314,13 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
         except PersonaPlexError as err:
             # The engine refused this conversation's request (a persona that does not fit,
             # ...): the same request would fail again.
-            await _end(channel, str(err), CloseCode.POLICY)
+            logger.warning("conversation refused: %s", err)  # the log keeps the details
+            await _end(channel, client_error_message(err, config.voice), CloseCode.POLICY)
         except Exception as err:
             # One conversation's failure ends that conversation only.
             logger.exception("conversation failed")
             metrics.session_crashes.inc()
-            await _end(channel, f"internal error: {err}", CloseCode.SERVER_ERROR)
+            await _end(channel, client_error_message(err, config.voice), CloseCode.SERVER_ERROR)
 
     @contextmanager
     def conversation_slot(config: SessionConfig) -> Iterator[SessionInfo]:
@@ -332,6 +347,13 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
         # Last: the folder answers every path the routes above do not.
         app.mount("/", StaticFiles(directory=settings.static_dir, html=True), name="client")
     return app
+
+
+def _prompt_check(engine: Engine) -> Callable[[str], str]:
+    """The system prompt bound of `engine`: characters, then pieces against its context."""
+    return functools.partial(
+        check_system_prompt, tokenizer=engine.tokenizer, context_frames=engine.lm.config.context
+    )
 
 
 _TOKEN_MESSAGE = (

@@ -36,8 +36,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from personaplex.audio.asr import Transcriber
 from personaplex.audio.codec_pool import OpusProcessPool
+from personaplex.audio.opus import opus_seconds
 from personaplex.audio.vad import SpeechStarted, UtteranceDetector, UtteranceEnded
-from personaplex.errors import PersonaPlexError
+from personaplex.errors import PersonaPlexError, UnknownVoiceError
+from personaplex.runtime.prompts import PieceTokenizer
 from personaplex.server import protocol
 from personaplex.server.closing import CloseCode, close_reason
 from personaplex.server.metrics import ServerMetrics
@@ -48,6 +50,12 @@ logger = logging.getLogger(__name__)
 
 FRAME_MS = 80.0
 DROP_EVENT_INTERVAL_S = 1.0
+# A client may send microphone audio ahead of real time by this much (network bursts, a
+# recorder's start-up buffer); beyond it, audio is refused before it is decoded.
+AUDIO_BURST_S = 10.0
+# Opus' highest bitrate (510 kbit/s) plus Ogg framing: more bytes per second than this are
+# not a microphone, whatever their packets claim.
+MAX_AUDIO_BYTES_PER_S = 80_000
 
 
 class Chunk(Protocol):
@@ -64,6 +72,8 @@ class Engine(Protocol):
 
     sample_rate: int
     frame_samples: int
+    tokenizer: PieceTokenizer  # with lm.config.context: the bound on system prompts
+    lm: Any
 
     def respond_stream(self, audio: np.ndarray, **settings: Any) -> Iterator[Chunk]: ...
 
@@ -87,6 +97,10 @@ class ConversationServices:
     # Full-duplex: microphone audio kept from before the handshake (and the burst some
     # clients send right after it), however slow the engine is to catch up.
     startup_frames: int
+    # The system prompt bound of this engine (check_system_prompt with its tokenizer and context).
+    check_prompt: Callable[[str], str]
+    # A conversation whose client sends nothing for this long is ended (None: never).
+    idle_timeout_s: float | None
 
 
 class Channel:
@@ -154,6 +168,10 @@ class Conversation(ABC):
         self.config = config
         self.info = info
         self._opus = services.codecs.stream()  # encoder + decoder, in a codec worker process
+        self._audio_budget = RealTimeBudget(AUDIO_BURST_S)
+        self._last_activity = time.monotonic()
+        self._refused_audio_s = 0.0
+        self._last_refusal_error = 0.0
 
     @abstractmethod
     async def run(self) -> None:
@@ -195,20 +213,62 @@ class Conversation(ABC):
             **frame_fields,
         )
 
+    def waiting_for_server(self) -> bool:
+        """Whether the client is waiting for the server (a reply, the persona): not idle then."""
+        return False
+
     async def receive_loop(self) -> None:
-        """Handle client messages until the socket closes."""
-        while (message := await self.channel.receive()) is not None:
+        """Handle client messages until the socket closes or the client falls silent."""
+        while (message := await self._next_message()) is not None:
             try:
                 await self._handle(message)
             except PersonaPlexError as err:  # protocol, audio and settings errors alike
                 self.services.metrics.protocol_errors.inc()
                 await self.send_error(str(err))
+            except Exception as err:
+                # A message we failed to foresee is still only a bad message: the session goes on.
+                logger.exception("session %d: a client message could not be handled", self.info.session_id)
+                self.services.metrics.protocol_errors.inc()
+                await self.send_error(client_error_message(err, self.config.voice))
+
+    def mark_activity(self) -> None:
+        """Restart the idle clock (a client message came, or the server finished a reply)."""
+        self._last_activity = time.monotonic()
+
+    def _idle_left_s(self) -> float | None:
+        timeout = self.services.idle_timeout_s
+        if timeout is None or self.waiting_for_server():
+            return timeout
+        return max(0.0, self._last_activity + timeout - time.monotonic())
+
+    async def _next_message(self) -> bytes | str | None:
+        """The next client message; None once the socket closed or the idle timeout ended it."""
+        while True:
+            try:
+                message = await asyncio.wait_for(self.channel.receive(), self._idle_left_s())
+            except TimeoutError:
+                if self.waiting_for_server() or self._idle_left_s():
+                    continue  # a reply ended meanwhile: the clock restarted
+                break
+            self.mark_activity()
+            return message
+        self.services.metrics.idle_timeouts.inc()
+        await self.send_error(
+            f"idle: no message from the client for {self.services.idle_timeout_s:g} s, so the "
+            "conversation ended (the server's --idle-timeout); reconnect to talk again"
+        )
+        await self.channel.close()
+        return None
 
     async def _handle(self, message: bytes | str) -> None:
         if isinstance(message, str):
             raise ProtocolError("text websocket frames are not part of the protocol: send binary messages")
         decoded = protocol.decode_message(message)
         if decoded.kind == MessageKind.AUDIO:
+            cost_s = _audio_cost_s(decoded.payload)  # read before any decoding
+            if not self._audio_budget.admit(cost_s):
+                await self._refuse_audio(cost_s)
+                return
             pcm = await self._opus.decode(decoded.payload)
             if len(pcm):
                 await self.on_audio(pcm)
@@ -220,6 +280,18 @@ class Conversation(ABC):
             await self.channel.send(protocol.ping())
         else:
             raise ProtocolError(f"the server does not accept {decoded.kind.name.lower()} messages")
+
+    async def _refuse_audio(self, seconds: float) -> None:
+        """Count audio sent beyond real time; tell the client at most once a second."""
+        self._refused_audio_s += seconds
+        self.services.metrics.refused_audio_seconds.inc(seconds)
+        now = time.monotonic()
+        if now - self._last_refusal_error >= DROP_EVENT_INTERVAL_S:
+            self._last_refusal_error = now
+            await self.send_error(
+                f"audio arrives faster than real time: {self._refused_audio_s:.1f} s of it refused so far; "
+                "send the microphone as it records"
+            )
 
     @abstractmethod
     async def on_audio(self, pcm: np.ndarray) -> None:
@@ -277,8 +349,13 @@ class TurnBasedConversation(Conversation):
                 f"cannot change {', '.join(sorted(unknown))}; "
                 f"changeable: {', '.join(sorted(UPDATABLE_SETTINGS))}"
             )
-        self.config = self.config.updated(changes)
+        config = self.config.updated(changes)
+        self.services.check_prompt(config.system_prompt)
+        self.config = config
         await self.send_session_event()
+
+    def waiting_for_server(self) -> bool:
+        return self._reply_task is not None and not self._reply_task.done()
 
     def _start_reply(self, audio: np.ndarray) -> None:
         self._reply_task = asyncio.create_task(self._reply(audio, self.config))
@@ -318,15 +395,17 @@ class TurnBasedConversation(Conversation):
             reason = "done"
         except PersonaPlexError as err:
             reason = "error"
-            await self.send_error(str(err))
+            logger.warning("session %d: reply refused: %s", self.info.session_id, err)
+            await self.send_error(client_error_message(err, config.voice))
         except Exception as err:
             # A bug in one reply must not take the server down: report it, keep listening.
             reason = "error"
             logger.exception("session %d: reply failed", self.info.session_id)
             self.services.metrics.session_crashes.inc()
-            await self.send_error(f"internal error while replying: {err}")
+            await self.send_error(client_error_message(err, config.voice))
         finally:
             # Sent on cancellation too, so the client knows how much of the reply came.
+            self.mark_activity()
             await asyncio.shield(self.send_event("reply_end", frames=frames, reason=reason))
         await self.send_event("state", state="listening")
 
@@ -349,6 +428,7 @@ class DuplexConversation(Conversation):
         )
         self._dropped_frames = 0.0
         self._last_drop_event = 0.0
+        self._live = False
 
     async def run(self) -> None:
         generation = asyncio.create_task(self._generate())
@@ -363,6 +443,9 @@ class DuplexConversation(Conversation):
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
+
+    def waiting_for_server(self) -> bool:
+        return not self._live  # the persona is being prepared
 
     async def on_audio(self, pcm: np.ndarray) -> None:
         dropped_samples = self._ring.write(pcm)
@@ -409,9 +492,47 @@ class DuplexConversation(Conversation):
         self._ring.handshake_sent()
         await self.send_session_event()
         await self.send_event("state", state="live")
+        self._live = True
+        self.mark_activity()
         frame_samples = self.services.engine.frame_samples
         while self.channel.open:
             yield await self._ring.read(frame_samples)
+
+
+def client_error_message(err: Exception, voice: str) -> str:
+    """What a remote client is told of an error: never a path or internal detail of this
+    server (the log has those)."""
+    if isinstance(err, UnknownVoiceError):
+        # Only preset names get this far; the message would name the server's voice file.
+        return f"voice {voice} is not available on this server (the server log has the details)"
+    if isinstance(err, PersonaPlexError):
+        return str(err)
+    return f"internal error ({type(err).__name__}); the server log has the details"
+
+
+def _audio_cost_s(payload: bytes) -> float:
+    """Real time an audio message takes from a client's budget: its duration, or its size
+    at the highest Opus bitrate when that is more."""
+    return max(opus_seconds(payload), len(payload) / MAX_AUDIO_BYTES_PER_S)
+
+
+class RealTimeBudget:
+    """A token bucket of seconds of audio: it fills at real time up to `burst_s`."""
+
+    def __init__(self, burst_s: float) -> None:
+        self._burst_s = burst_s
+        self._available_s = burst_s
+        self._updated = time.monotonic()
+
+    def admit(self, seconds: float) -> bool:
+        """Whether `seconds` of audio may come in now (taken from the bucket if so)."""
+        now = time.monotonic()
+        self._available_s = min(self._burst_s, self._available_s + now - self._updated)
+        self._updated = now
+        if seconds > self._available_s:
+            return False
+        self._available_s -= seconds
+        return True
 
 
 class PcmRing:

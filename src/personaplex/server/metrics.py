@@ -43,6 +43,16 @@ class ServerMetrics:
             "Microphone frames dropped because inference fell behind real time.",
             registry=registry,
         )
+        self.refused_audio_seconds = Counter(
+            "personaplex_refused_audio_seconds_total",
+            "Microphone audio refused undecoded because a client sent it faster than real time.",
+            registry=registry,
+        )
+        self.idle_timeouts = Counter(
+            "personaplex_idle_timeouts_total",
+            "Conversations ended because the client sent nothing.",
+            registry=registry,
+        )
         self.protocol_errors = Counter(
             "personaplex_protocol_errors_total",
             "Malformed client messages answered with an error.",

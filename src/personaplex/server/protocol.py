@@ -24,6 +24,7 @@ Anything malformed is answered with an error message and the socket stays open.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -88,12 +89,25 @@ def parse_control(payload: bytes) -> ControlAction:
 def parse_metadata(payload: bytes) -> dict[str, Any]:
     """The JSON object of a metadata message."""
     try:
-        value = json.loads(payload.decode("utf-8"))
+        value = json.loads(payload.decode("utf-8"), parse_float=_finite_float, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ProtocolError(f"metadata must be a UTF-8 JSON object ({err})") from None
+    except RecursionError:
+        raise ProtocolError("metadata is nested too deeply: send a flat JSON object of settings") from None
     if not isinstance(value, dict):
         raise ProtocolError(f"metadata must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError(f"metadata holds the number {text}, too large for a float: send finite numbers")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ProtocolError(f"metadata holds {name}, which is not JSON: send finite numbers")
 
 
 def handshake() -> bytes:

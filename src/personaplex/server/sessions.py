@@ -9,9 +9,9 @@ names the reference web UI uses are accepted too:
 | `mode`        | `turn` (turn-based) or `duplex` (full-duplex)        | duplex (as the reference) |
 | `voice`       | a preset name, e.g. NATM0 (reference: `voice_prompt=NATM0.pt`) | NATM0 |
 | `prompt`      | a system-prompt preset name (see GET /api/prompts)   | default |
-| `text_prompt` | the system prompt text itself (wins over `prompt`; empty = none) | |
+| `text_prompt` | the system prompt text itself (wins over `prompt`; empty = none; at most 16000 characters and the model's context) | |
 | `max_steps`   | turn-based: frames of each reply, 1-500              | 75 |
-| `seed`        | integer seed for reproducible sampling (-1 = random) | random |
+| `seed`        | integer seed for reproducible sampling, 0 to 2^63-1 (-1 = random) | random |
 | `text_temperature`, `text_topk` | text sampling: temperature 0-5 (0 = argmax), top-k 1-32000 | 0.7, 25 |
 | `audio_temperature`, `audio_topk` | audio sampling: temperature 0-5 (0 = argmax), top-k 1-2048 | 0.8, 250 |
 | `events`      | `1`: also send the metadata events (0x04) of conversation.py | off |
@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from personaplex.errors import PersonaPlexError, UnknownVoiceError
-from personaplex.runtime.prompts import DEFAULT_PROMPT, PROMPT_PRESETS
+from personaplex.runtime.prompts import DEFAULT_PROMPT, PROMPT_PRESETS, check_system_prompt
 from personaplex.runtime.sampling import SamplingConfig
 from personaplex.runtime.validation import DEFAULT_STEPS, MAX_STEPS, MIN_STEPS
 from personaplex.runtime.voices import DEFAULT_VOICE, VOICE_NAMES
@@ -50,6 +50,9 @@ MAX_TEMPERATURE = 5.0
 # Sampling query parameters (NVIDIA's client's names); top-k: -> (SamplingConfig field, largest).
 TEMPERATURE_PARAMETERS = ("text_temperature", "audio_temperature")  # named as the fields
 TOP_K_PARAMETERS = {"text_topk": ("text_top_k", 32_000), "audio_topk": ("audio_top_k", 2_048)}
+# Seeds are stored as 64-bit signed integers.
+MAX_SEED = 2**63 - 1
+MAX_INTEGER_DIGITS = 20
 
 
 class SettingsError(PersonaPlexError, ValueError):
@@ -86,7 +89,7 @@ class SessionConfig:
         if voice:
             config = replace(config, voice=_checked_voice(str(voice)))
         if "text_prompt" in changes:
-            config = replace(config, system_prompt=str(changes["text_prompt"]))
+            config = replace(config, system_prompt=_checked_prompt(changes["text_prompt"]))
         elif changes.get("prompt"):
             config = replace(config, system_prompt=_preset_text(str(changes["prompt"])))
         if changes.get("max_steps") not in (None, ""):
@@ -125,17 +128,14 @@ def _checked_temperature(name: str, value: str) -> float:
     try:
         temperature = float(value)
     except ValueError:
-        raise SettingsError(f"{name} must be a number, got {value!r}") from None
+        raise SettingsError(f"{name} must be a number, got {_shown(value)}") from None
     if not 0.0 <= temperature <= MAX_TEMPERATURE:  # also refuses nan
         raise SettingsError(f"{name} must be between 0 and {MAX_TEMPERATURE:g}, got {value}")
     return temperature
 
 
 def _checked_top_k(name: str, value: str, largest: int) -> int:
-    try:
-        top_k = int(value)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {value!r}") from None
+    top_k = _integer(name, value)
     if not 1 <= top_k <= largest:
         raise SettingsError(f"{name} must be between 1 and {largest}, got {top_k}")
     return top_k
@@ -158,35 +158,61 @@ def _voice_from_reference_name(name: Any) -> str | None:
 def _checked_voice(voice: str) -> str:
     # Only presets: a path from a remote client must never reach the file system.
     if voice.upper() not in VOICE_NAMES:
-        raise UnknownVoiceError(f"unknown voice {voice!r}: use one of {', '.join(VOICE_NAMES)}")
+        raise UnknownVoiceError(f"unknown voice {_shown(voice)}: use one of {', '.join(VOICE_NAMES)}")
     return voice.upper()
 
 
 def _preset_text(name: str) -> str:
     if name not in PROMPT_PRESETS:
         raise SettingsError(
-            f"unknown prompt preset {name!r}: use one of {', '.join(PROMPT_PRESETS)} "
+            f"unknown prompt preset {_shown(name)}: use one of {', '.join(PROMPT_PRESETS)} "
             "or give the text as text_prompt"
         )
     return PROMPT_PRESETS[name]
 
 
+def _checked_prompt(value: Any) -> str:
+    return check_system_prompt(value)
+
+
 def _checked_steps(value: Any) -> int:
-    try:
-        steps = int(value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"max_steps must be an integer, got {value!r}") from None
+    steps = _integer("max_steps", value)
     if not MIN_STEPS <= steps <= MAX_STEPS:
         raise SettingsError(f"max_steps must be between {MIN_STEPS} and {MAX_STEPS}, got {steps}")
     return steps
 
 
 def _checked_seed(value: Any) -> int | None:
-    try:
-        seed = int(value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"seed must be an integer, got {value!r}") from None
-    return None if seed == -1 else seed
+    seed = _integer("seed", value)
+    if seed == -1:
+        return None
+    if not 0 <= seed <= MAX_SEED:
+        raise SettingsError(f"seed must be between 0 and {MAX_SEED} (or -1 for a random one), got {seed}")
+    return seed
+
+
+def _integer(name: str, value: Any) -> int:
+    """An integer setting from a query string or JSON: an int, a whole finite number or its digits."""
+    if isinstance(value, bool):
+        raise SettingsError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and len(value) > MAX_INTEGER_DIGITS:
+        raise SettingsError(f"{name} must be an integer of at most {MAX_INTEGER_DIGITS} digits, got {_shown(value)}")
+    if isinstance(value, str) and value.isascii():
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise SettingsError(f"{name} must be an integer, got {_shown(value)}")
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A client's value for an error message, cut short: messages must not echo megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
