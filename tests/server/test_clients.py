@@ -205,7 +205,8 @@ def test_an_engine_failure_closes_with_1011(start_server):
     client.wait_for(lambda got: got.handshakes == 1)
     client.send_pcm(silence(0.4))
     code, reason = client.wait_closed()
-    assert code == 1011 and reason == "internal error: simulated engine failure"
+    # The exception's text stays in the server log: it may name the server's files.
+    assert code == 1011 and reason == "internal error (RuntimeError); the server log has the details"
     assert client.received.errors == [reason]
 
 
