@@ -32,7 +32,7 @@ from fastapi import FastAPI, WebSocket
 
 from personaplex.errors import PersonaPlexError
 from personaplex.server.closing import CloseCode
-from personaplex.server.conversation import Channel, Engine, PcmRing
+from personaplex.server.conversation import Channel, Engine, PcmRing, client_error_message
 from personaplex.server.metrics import ServerMetrics
 from personaplex.server.model_host import ModelHost
 from personaplex.server.sessions import ServerBusyError, SessionConfig, SessionInfo
@@ -121,11 +121,12 @@ def add_route(
         except ServerBusyError as err:
             await _refuse(session, "busy", str(err), "server_busy", CloseCode.TRY_LATER)
         except PersonaPlexError as err:
-            await session.end(str(err), "invalid_request", CloseCode.POLICY)
+            logger.warning("realtime session refused: %s", err)  # the log keeps the details
+            await session.end(client_error_message(err, session.config.voice), "invalid_request", CloseCode.POLICY)
         except Exception as err:
             logger.exception("realtime session failed")
             metrics.session_crashes.inc()
-            await session.end(f"internal error: {err}", "server_error", CloseCode.SERVER_ERROR)
+            await session.end(client_error_message(err, session.config.voice), "server_error", CloseCode.SERVER_ERROR)
 
     async def _refuse(
         session: RealtimeSession, reason: str, message: str, code: str, close_code: CloseCode
