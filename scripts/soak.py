@@ -105,6 +105,7 @@ class Server:
         sys.exit(f"soak: the server was not ready after {timeout:g} s")
 
     def chat_url(self, **query: object) -> str:
+        query = {"events": 1, **query}  # the cycles wait for events (speech_started, reply_end, frame)
         return f"ws://127.0.0.1:{self.port}/api/chat?" + "&".join(f"{k}={v}" for k, v in query.items())
 
     def close(self) -> None:
