@@ -110,6 +110,20 @@ def test_a_frame_that_is_not_valid_is_silent(engine):
     assert float(runner.agent_pcm[1].abs().max()) > 0.0
 
 
+def test_a_free_row_keeps_no_history(engine):
+    """Rows nobody joined compute every frame but keep nothing, so they never grow into
+    full-context attention; a joined row's history grows one frame per frame."""
+    runner = FrameRunner(engine.lm, engine.mimi, 2, use_graphs=False)
+    runner.join(1, engine.persona(), GREEDY)
+    start = int(runner.generator.temporal.next_position[1])
+    for _ in range(5):
+        runner.run(torch.zeros(2, 1920), torch.zeros(2, dtype=torch.bool))
+    assert runner.generator.temporal.next_position.tolist() == [1, start + 5]
+    runner.leave(1)
+    runner.run(torch.zeros(2, 1920), torch.zeros(2, dtype=torch.bool))
+    assert runner.generator.temporal.next_position.tolist() == [1, 1]
+
+
 def test_defaults_follow_the_device(engine):
     runner = FrameRunner(engine.lm, engine.mimi, 1)
     assert runner.use_graphs is False  # CPU: the readable eager frame

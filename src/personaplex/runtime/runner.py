@@ -52,6 +52,10 @@ class FrameRunner:
         self.user_codes = torch.zeros(batch_size, agents, dtype=torch.long, device=device)
         self.tokens = torch.zeros(batch_size, 1 + agents, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        # Rows holding a conversation. A free row still computes (static shapes), but its
+        # history is dropped every frame: otherwise it would fill its KV ring with frames
+        # nobody hears and cost full-context attention in every later frame.
+        self.joined = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.agent_pcm = torch.zeros(batch_size, 1, samples, device=device, dtype=torch.float32)
         # What a listening agent is held at: text PAD and the SILENCE codes, as in the persona.
         self._pad_text = torch.full((batch_size, 1), TEXT_PAD, dtype=torch.long, device=device)
@@ -71,6 +75,7 @@ class FrameRunner:
         """Start conversation `row` right after `persona`, with fresh Mimi streams and its own
         sampling stream (`seed`: the same seed gives the same conversation in any batch)."""
         persona.restore(self.generator, row)
+        self.joined[row] = True
         rows = slice(row, row + 1)
         self.generator.noise.reseed(rows, seed)
         self.generator.set_sampling(sampling or SamplingConfig(), rows=rows)
@@ -83,6 +88,7 @@ class FrameRunner:
     def leave(self, row: int) -> None:
         """Free `row`: its history is dropped so nothing of the old conversation is kept."""
         mask = self._row_mask(row)
+        self.joined[row] = False
         self.generator.temporal.reset(mask)
         self.codec_state.reset(mask)
 
@@ -123,6 +129,7 @@ class FrameRunner:
     def step_model(self) -> None:
         """The one place that decides what is forced: the user's codes always, the agent's
         text and audio in listening rows."""
+        self.generator.temporal.reset(~self.joined)
         self.valid.copy_(self.generator.valid())
         inputs = StepInputs(user=self.user_codes, text=self._pad_text, agent=self._silence,
                             agent_rows=self.agent_listens)
