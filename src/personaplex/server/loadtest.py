@@ -9,8 +9,9 @@ least `--duration` seconds:
 - the server's frame time (median, p99: the shared frame's compute, from /api/status),
 - mic-to-reply latency (p50, p99): from a client sending mic frame i to it receiving the
   reply frame i (the i-th audio message: one Ogg page per 80 ms frame), over loopback,
-- dropped mic frames: frames the server dropped (its ring overflowed), frames it had to
-  replace by silence (the client's audio arrived late) and frames never answered,
+- dropped mic frames, the ones the model never heard: frames the server dropped (its ring
+  overflowed) and frames it had to replace by silence (the client's audio arrived late);
+  frames not answered before a client closed are counted apart,
 - server CPU (percent of one core, psutil) and GPU memory (peak, from /api/status).
 
 By default it starts `personaplex serve --random-weights` itself (full 7B shape, no
@@ -192,15 +193,18 @@ def run(args) -> int:
             after_status = get_json(f"{base}/api/status")
             after = after_status["frames"]
             latencies = [ms for result in results for ms in result.latencies_ms]
-            unanswered = sum(result.sent - result.answered for result in results)
+            late = after["late_frames"] - before["late_frames"]
+            ring_dropped = dropped_frames(base) - dropped_before
+            # A late frame is answered with a reply to silence: it counts as an answer, but the
+            # client's own frame was not heard then.
+            unanswered = sum(result.sent - result.answered for result in results) + late
             errors = [error for result in results for error in result.errors]
             row = {
                 "path": "serve", "sessions": clients, "weights": args.serve_weights, "kv": args.kv,
                 "frame_ms_median": after.get("frame_ms_median"), "frame_ms_p99": after.get("frame_ms_p99"),
                 "mic_to_reply_ms_p50": percentile(latencies, 0.5), "mic_to_reply_ms_p99": percentile(latencies, 0.99),
-                "dropped_frames": round(dropped_frames(base) - dropped_before
-                                        + after["late_frames"] - before["late_frames"] + unanswered, 1),
-                "late_frames": after["late_frames"] - before["late_frames"], "unanswered_frames": unanswered,
+                "dropped_frames": round(ring_dropped + late, 1), "ring_dropped_frames": round(ring_dropped, 1),
+                "late_frames": late, "unanswered_frames": unanswered,
                 "frames_sent": sum(result.sent for result in results),
                 "duration_s": round(duration, 1), "cpu_percent": cpu, "gpu_mem_gb": after.get("gpu_mem_gb"),
                 "batch_rows": after.get("capacity"), "client_errors": errors[:5], "card": card,
