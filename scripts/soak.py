@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 from websockets.sync.client import connect
 
+from personaplex.audio.format import SAMPLE_RATE
 from personaplex.audio.io import read_wav, resample
 from personaplex.audio.opus import OpusStreamEncoder
 from personaplex.server import protocol
 from personaplex.server.protocol import ControlAction, MessageKind
 
-SAMPLE_RATE = 24_000
 SENTENCE = "Hello there. What is the weather like today?"
 
 
