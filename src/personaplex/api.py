@@ -39,7 +39,7 @@ from .runtime.prompts import DEFAULT_PROMPT, check_system_prompt, wrap_system_pr
 from .runtime.runner import FrameRunner
 from .runtime.sampling import SamplingConfig
 from .runtime.scheduler import FrameScheduler, RowHandle
-from .runtime.validation import check_max_steps, check_text
+from .runtime.validation import check_max_steps
 from .runtime.voices import DEFAULT_VOICE, VoicePrompt, is_wav_voice, load_voice
 from .text.tokenizer import TEXT_TOKENIZER_FILENAME, TextTokenizer
 
@@ -224,18 +224,18 @@ class PersonaPlex:
 
     def persona(self, voice: str = DEFAULT_VOICE, system_prompt: str = DEFAULT_PROMPT) -> PersonaSnapshot:
         """The prefilled state for (voice, prompt), computed once and cached."""
-        check_text("system_prompt", system_prompt)
+        check_system_prompt(system_prompt, name="system_prompt")  # type, Unicode, length: first
         if not isinstance(voice, (str, Path)):
             raise UnknownVoiceError(f"voice must be a preset name or a file path, got {type(voice).__name__}")
         # A WAV voice is keyed by its modification time too, so an edited file is prefilled anew.
         wav_version = Path(voice).stat().st_mtime_ns if is_wav_voice(voice) and Path(voice).is_file() else None
-        check_system_prompt(system_prompt, self.tokenizer, self.lm.config.context)
         key = (str(voice), wav_version, system_prompt)
         with self.compute_lock:
             if key in self._personas:
                 self._personas.move_to_end(key)
                 return self._personas[key]
-        # Tokenizing and checking that the persona fits need no model: outside the lock.
+        # Checking that the prompt fits the context and tokenizing it need no model: outside the lock.
+        check_system_prompt(system_prompt, self.tokenizer, self.lm.config.context)
         prompt_tokens = self.tokenizer.encode(wrap_system_prompt(system_prompt)) if system_prompt.strip() else []
         preset = None if is_wav_voice(voice) else self._preset(voice)
         with self.compute_lock, torch.no_grad():

@@ -88,7 +88,8 @@ def resolve_prompt(preset: str | None = None, text: str | None = None) -> str:
 
 
 def check_system_prompt(
-    text: str, tokenizer: PieceTokenizer | None = None, context_frames: int | None = None
+    text: str, tokenizer: PieceTokenizer | None = None, context_frames: int | None = None,
+    name: str = "the system prompt",
 ) -> str:
     """`text` if it can be a system prompt, else PersonaPlexError (PromptTooLongError when long).
 
@@ -97,7 +98,7 @@ def check_system_prompt(
     around them, must leave room in the context (the voice comes on top and is checked when
     the persona is built). Milliseconds, with no model work: call it before anything else.
     """
-    check_text("the system prompt", text)
+    check_text(name, text)
     if len(text) > MAX_SYSTEM_PROMPT_CHARS:
         raise PromptTooLongError(
             f"the system prompt has {len(text)} characters, more than the {MAX_SYSTEM_PROMPT_CHARS} "
