@@ -19,10 +19,12 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .api import LoadProgress, PersonaPlex, Response
-    from .errors import InvalidAudioError, ModelUnavailableError, PersonaPlexError, PromptTooLongError, UnknownVoiceError
-    from .runtime.frames import AudioChunk
+if TYPE_CHECKING:  # the names for type checkers and editors; at run time __getattr__ loads them
+    from .api import LoadProgress, PersonaPlex, Response  # noqa: F401
+    from .errors import (  # noqa: F401
+        InvalidAudioError, ModelUnavailableError, PersonaPlexError, PromptTooLongError, UnknownVoiceError,
+    )
+    from .runtime.frames import AudioChunk  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -288,7 +288,7 @@ class Bench:
             runner = FrameRunner(lm, mimi, sessions, kv_dtype=KV_DTYPES[self.args.kv], use_graphs=graphed,
                                  kernels=Kernels.fast() if graphed else READABLE_KERNELS)
 
-            def load_eager(pcm: torch.Tensor) -> None:
+            def load_eager(pcm: torch.Tensor, runner: FrameRunner = runner) -> None:
                 runner.user_pcm.copy_(pcm.view_as(runner.user_pcm))
 
             for fill in ("early", "full"):
@@ -301,7 +301,7 @@ class Bench:
                     else:
                         if fill == "early":
                             self.first_frame(runner, persona, audio[0], weights, sessions)
-                        timing = time_frames([lambda: runner.run(current["pcm"], speaking)], audio, load, warmup)
+                        timing = time_frames([lambda runner=runner: runner.run(current["pcm"], speaking)], audio, load, warmup)
                         split = [capture(runner.encode_user), capture(runner.step_model), capture(runner.decode_agent)]
                         parts = time_frames([graph.replay for graph in split], audio, load_eager, warmup)
                         timing.encode, timing.lm, timing.decode = parts.encode, parts.lm, parts.decode
@@ -364,11 +364,13 @@ class Bench:
         """respond_duplex and respond_realtime on a default engine (graphs on CUDA), and the
         same with graphs off (the readable frame: what devices without graphs run)."""
         for use_graphs in (True, False):
-            engine = random_engine(self.device, "bf16", use_graphs=use_graphs)
             label = "" if use_graphs else " (graphs off)"
-            self.guarded(f"respond_duplex{label}", lambda: self.api_row(engine, "respond_duplex", label))
-            self.guarded(f"respond_realtime{label}", lambda: self.api_row(engine, "respond_realtime", label))
-            del engine
+            # The engine lives only inside its section, so one is freed before the next is built.
+            self.guarded(f"public calls{label}", lambda: self.api_rows(random_engine(self.device, "bf16", use_graphs=use_graphs), label))
+
+    def api_rows(self, engine: "PersonaPlex", label: str) -> None:
+        for path in ("respond_duplex", "respond_realtime"):
+            self.api_row(engine, path, label)
 
     def api_row(self, engine: "PersonaPlex", path: str, label: str) -> None:
         import asyncio

@@ -65,11 +65,6 @@ def test_inconsistent_delays():
 def test_a_context_without_room_for_the_streaming_ring_is_refused():
     """Streaming rings keep context - 1 steps (NVIDIA's semantics): the LM needs one frame,
     Mimi a whole frame of steps (2), or a query would see no key at all."""
-    import dataclasses
-
-    from personaplex.model.mimi import Mimi
-    from tests.fixtures.tiny_mimi import tiny_mimi_config
-
     with pytest.raises(ConfigError, match=r"context must be at least 2 frames, got 1"):
         LMConfig(context=1)
     mimi = tiny_mimi_config()

@@ -12,7 +12,6 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from personaplex.cli import serve
-from personaplex.errors import UnknownVoiceError
 from personaplex.server.connections import guarded_http_protocol
 from personaplex.server.security import AccessPolicy, is_loopback_host
 from tests.server.fakes import FakeEngine
@@ -204,10 +203,10 @@ def test_half_sent_requests_are_closed_and_connections_capped(start_server):
         connection = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         connection.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         slow.append(connection)
-    started = time.monotonic()
+    sent_at = time.monotonic()
     closed = 0
     for connection in slow:  # each is closed by the server (recv gives b"") well before 10 s
-        connection.settimeout(max(0.1, 10 - (time.monotonic() - started)))
+        connection.settimeout(max(0.1, 10 - (time.monotonic() - sent_at)))
         closed += closed_by_server(connection)
         connection.close()
     assert closed == len(slow)
