@@ -263,3 +263,15 @@ def test_respond_stream_reports_each_heard_frame(engine):
     heard = []
     chunks = list(engine.respond_stream(speech_like(0.5), max_steps=2, seed=0, on_listen=lambda: heard.append(1)))
     assert len(heard) == 7 and len(chunks) == 2  # 0.5 s is 7 frames of 80 ms, heard before the reply
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_sessions": 0}, "max_sessions must be a positive integer"),
+    ({"kv_cache": "int4"}, "unknown KV cache format 'int4'"),
+])
+def test_bad_engine_options_are_refused_before_loading(tmp_path, options, message):
+    from personaplex import PersonaPlex
+
+    # An empty folder: loading would fail differently, so the option was checked first.
+    with pytest.raises(PersonaPlexError, match=message):
+        PersonaPlex.from_pretrained(tmp_path, device="cpu", **options)

@@ -101,9 +101,7 @@ class PersonaPlex:
     def __init__(self, lm: LMModel, mimi: Mimi, tokenizer: TextTokenizer, voices_dir: Path | None,
                  weights: str = "bf16", *, max_sessions: int = 1, kv_cache: str = "bf16",
                  use_graphs: bool | None = None, persona_cache_size: int = 8):
-        _check_positive_int("max_sessions", max_sessions)
-        if kv_cache not in KV_CACHE_DTYPES:
-            raise PersonaPlexError(f"unknown KV cache format {kv_cache!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
+        _check_engine_options(max_sessions, kv_cache)
         self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
         self.voices_dir = voices_dir
         self.weights = weights
@@ -166,6 +164,7 @@ class PersonaPlex:
         """
         if weights not in WEIGHT_FORMATS:
             raise PersonaPlexError(f"unknown weights format {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
+        _check_engine_options(max_sessions, kv_cache)  # before minutes of loading, not after
         started = time.perf_counter()
 
         def report(stage: str, fraction: float | None, message: str) -> None:
@@ -443,6 +442,12 @@ def _sampling(sampling: SamplingConfig | None, greedy: bool) -> SamplingConfig:
     if sampling is None:
         return SamplingConfig(greedy=greedy)
     return replace(sampling, greedy=True) if greedy else sampling
+
+
+def _check_engine_options(max_sessions: Any, kv_cache: Any) -> None:
+    _check_positive_int("max_sessions", max_sessions)
+    if kv_cache not in KV_CACHE_FORMATS:
+        raise PersonaPlexError(f"unknown KV cache format {kv_cache!r}: choose one of {', '.join(KV_CACHE_FORMATS)}")
 
 
 def _check_positive_int(name: str, value: Any) -> None:
