@@ -64,7 +64,21 @@ def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
 
 
-class ServerThread:
+class LoopbackUrls:
+    """The page and websocket addresses of a server listening on loopback at `port`."""
+
+    port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/chat"
+
+
+class ServerThread(LoopbackUrls):
     """uvicorn serving `app` on a free loopback port, in a background thread."""
 
     def __init__(self, app: Any, http: type | None = None) -> None:
@@ -80,14 +94,6 @@ class ServerThread:
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
         )
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/chat"
 
     def __enter__(self) -> ServerThread:
         self._thread.start()

@@ -20,24 +20,16 @@ import pytest
 pytest.importorskip("ray.serve", reason="needs the cluster extra: pip install 'personaplex[cluster]'")
 
 from personaplex.cli.main import main  # noqa: E402
-from tests.server.harness import ChatClient, get_json, get_text, wait_until  # noqa: E402
+from tests.server.harness import ChatClient, LoopbackUrls, get_json, get_text, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 240
 
 
 @dataclass
-class ClusterServer:
+class ClusterServer(LoopbackUrls):
     port: int
     log: Path
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/chat"
 
     def status(self) -> dict[str, Any]:
         return get_json(self.http_url + "/api/status")
