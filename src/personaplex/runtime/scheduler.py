@@ -88,7 +88,6 @@ class FrameScheduler:
         self.tokenizer = tokenizer
         self.compute_lock = compute_lock
         self.max_wait_s = max_wait_s
-        self.frame_samples = runner.mimi.frame_samples
         self._rows: list[_Row | None] = [None] * runner.batch_size
         self._leaving: set[int] = set()  # rows to reset in the runner before the next frame
         # Joined rows whose input queue is empty: a frame waits for them (or for the clock).
@@ -102,7 +101,7 @@ class FrameScheduler:
         self._recent_frame_ms: deque[float] = deque(maxlen=RECENT_FRAMES)
         # Pinned host buffers, so that the copies to the device do not wait for the host.
         pin = runner.device.type == "cuda"
-        self._user_pcm = torch.zeros(runner.batch_size, self.frame_samples, pin_memory=pin)
+        self._user_pcm = torch.zeros(runner.batch_size, runner.mimi.frame_samples, pin_memory=pin)
         self._agent_listens = torch.zeros(runner.batch_size, dtype=torch.bool, pin_memory=pin)
         self._worker = threading.Thread(target=self._run, name="personaplex-frames", daemon=True)
         self._worker.start()
