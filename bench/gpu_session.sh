@@ -6,7 +6,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# Installed once per machine: stages started side by side on two GPUs share /tmp/site.
+[ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && touch /tmp/site/.installed; } || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -20,6 +22,13 @@ for stage in "$@"; do
                    --out "$OUT" 2>&1 | tail -20 ;;
         frames) timeout 500 python3 -m personaplex.cli.main bench --sessions "${SESSIONS:-1,32}" --weights "${WEIGHTS:-bf16}" \
                    --frames 100 --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
+        speed)  # issue "Speed II": the compiled graphed frame at B=1/32 with the peer, fp8/int4 at B=1, B=64 full with fp8 KV
+                timeout 330 python3 -m personaplex.cli.main bench --sessions 1,32 --weights bf16 --uncompiled \
+                    --frames 100 --out "$OUT/bf16" 2>&1 | grep -v Warning | tail -30
+                timeout 150 python3 -m personaplex.cli.main bench --sessions 1 --weights bf16,fp8,int4 --no-eager \
+                    --no-upstream --frames 100 --out "$OUT/formats" 2>&1 | grep -v Warning | tail -12
+                timeout 200 python3 -m personaplex.cli.main bench --sessions 64 --weights bf16 --kv fp8 --no-eager \
+                    --no-upstream --frames 100 --out "$OUT/b64" 2>&1 | grep -v Warning | tail -8 ;;
         profile) timeout 400 python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" 2>&1 | grep -v Warning | tail -8 ;;
         *) echo "unknown stage $stage" ;;
     esac

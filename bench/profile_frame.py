@@ -1,9 +1,10 @@
 """Where a frame's time goes, at the full 7B shape on this GPU (random weights).
 
-For each case (rows B, kernels) the frame runs eagerly under torch.profiler: GPU time per
-kernel family (what a graph replay runs too: the graph only removes launch gaps), the
-number of kernels, and the host-side time per frame with the top CPU ops (what an eager
-frame pays on top). The graphed frame's own time is measured by replay for comparison.
+For each case (rows B, kernels, the frame compiled or as written) the frame runs without
+its CUDA graph under torch.profiler: GPU time per kernel family (what a graph replay runs
+too: the graph only removes launch gaps), the number of kernels, and the host-side time per
+frame with the top CPU ops (what an ungraphed frame pays on top). The graphed frame's own
+time is measured by replay for comparison.
 
     PYTHONPATH=src python3 bench/profile_frame.py --out DIR
 """
@@ -44,9 +45,9 @@ def family(name: str) -> str:
     return "other"
 
 
-def warmed_runner(lm, mimi, persona, batch: int, use_graphs: bool, kernels=None):
+def warmed_runner(lm, mimi, persona, batch: int, use_graphs: bool, kernels=None, compile_frame: bool = False):
     """A runner with every row joined, warmed up: (runner, user pcm, listening mask)."""
-    runner = FrameRunner(lm, mimi, batch, use_graphs=use_graphs, kernels=kernels)
+    runner = FrameRunner(lm, mimi, batch, use_graphs=use_graphs, kernels=kernels, compile_frame=compile_frame)
     for row in range(batch):
         runner.join(row, persona)
     pcm = 0.1 * torch.randn(batch, 1920, device="cuda")
@@ -57,8 +58,8 @@ def warmed_runner(lm, mimi, persona, batch: int, use_graphs: bool, kernels=None)
     return runner, pcm, speaking
 
 
-def profile_case(lm, mimi, persona, batch: int, kernels, label: str, frames: int = 5) -> dict:
-    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, False, kernels)
+def profile_case(lm, mimi, persona, batch: int, kernels, label: str, compile_frame: bool = False, frames: int = 5) -> dict:
+    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, False, kernels, compile_frame)
     with torch.no_grad():
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -87,14 +88,14 @@ def profile_case(lm, mimi, persona, batch: int, kernels, label: str, frames: int
         "top_cpu_ops_ms": {k: round(v / 1e3, 2) for k, v in sorted(cpu_ops.items(), key=lambda kv: -kv[1])[:12]},
     }
     if kernels is not READABLE_KERNELS:
-        result["graphed_ms_per_frame"] = graphed_time(lm, mimi, persona, batch)
+        result["graphed_ms_per_frame"] = graphed_time(lm, mimi, persona, batch, compile_frame)
     del runner
     torch.cuda.empty_cache()
     return result
 
 
-def graphed_time(lm, mimi, persona, batch: int, frames: int = 50) -> float:
-    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, True)
+def graphed_time(lm, mimi, persona, batch: int, compile_frame: bool, frames: int = 50) -> float:
+    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, True, compile_frame=compile_frame)
     with torch.no_grad():
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -115,7 +116,8 @@ def main() -> None:
     persona, _ = make_persona(lm)
     results = [profile_case(lm, mimi, persona, 1, READABLE_KERNELS, "eager, readable kernels")]
     for rows in (int(r) for r in args.rows.split(",")):
-        results.append(profile_case(lm, mimi, persona, rows, Kernels.fast(), "eager, fast kernels"))
+        results.append(profile_case(lm, mimi, persona, rows, Kernels.fast(), "as written, Triton ring attention"))
+        results.append(profile_case(lm, mimi, persona, rows, Kernels.fast(), "compiled frame", compile_frame=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"profile-{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(json.dumps(results, indent=1))

@@ -100,7 +100,7 @@ class PersonaPlex:
 
     def __init__(self, lm: LMModel, mimi: Mimi, tokenizer: TextTokenizer, voices_dir: Path | None,
                  weights: str = "bf16", *, max_sessions: int = 1, kv_cache: str = "bf16",
-                 use_graphs: bool | None = None, persona_cache_size: int = 8):
+                 use_graphs: bool | None = None, compile_frame: bool | None = None, persona_cache_size: int = 8):
         _check_engine_options(max_sessions, kv_cache)
         self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
         self.voices_dir = voices_dir
@@ -108,6 +108,7 @@ class PersonaPlex:
         self.max_sessions = max_sessions
         self.kv_cache = kv_cache
         self.use_graphs = use_graphs
+        self.compile_frame = compile_frame
         self.device = lm.text_linear.weight.device
         self.compute_lock = threading.Lock()
         self._personas: OrderedDict[tuple, PersonaSnapshot] = OrderedDict()
@@ -126,7 +127,7 @@ class PersonaPlex:
         with self._scheduler_lock:
             if self._scheduler is None:
                 runner = FrameRunner(self.lm, self.mimi, self.max_sessions, kv_dtype=KV_CACHE_DTYPES[self.kv_cache],
-                                     use_graphs=self.use_graphs)
+                                     use_graphs=self.use_graphs, compile_frame=self.compile_frame)
                 self._scheduler = FrameScheduler(runner, self.tokenizer, self.compute_lock)
             return self._scheduler
 
@@ -154,13 +155,16 @@ class PersonaPlex:
         max_sessions: int = 1,
         kv_cache: str = "bf16",
         use_graphs: bool | None = None,
+        compile_frame: bool | None = None,
     ) -> "PersonaPlex":
         """Load from a local folder or a Hugging Face repo id (default `nvidia/personaplex-7b-v1`).
 
         `device` defaults to CUDA when available; `dtype` to bf16 on CUDA and float32 on CPU.
         `weights` picks the LM's linear-layer format (bf16 as stored, fp8, int4, int8);
         `max_sessions` how many conversations run at once, `kv_cache` their cache format
-        (bf16, or fp8 for half the memory); `use_graphs` defaults to True on CUDA.
+        (bf16, or fp8 for half the memory); `use_graphs` defaults to True on CUDA, and so does
+        `compile_frame` (torch.compile of the frame before its graph is captured: a minute or
+        two at the first frame, which PyTorch caches on disk; False skips it for a slower frame).
         """
         if weights not in WEIGHT_FORMATS:
             raise PersonaPlexError(f"unknown weights format {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
@@ -195,7 +199,7 @@ class PersonaPlex:
         mimi = load_mimi(mimi_file, config.mimi, device=device, dtype=torch.float32)
         tokenizer = TextTokenizer(folder / TEXT_TOKENIZER_FILENAME)
         engine = cls(lm, mimi, tokenizer, find_voices_dir(folder), weights=weights, max_sessions=max_sessions,
-                     kv_cache=kv_cache, use_graphs=use_graphs)
+                     kv_cache=kv_cache, use_graphs=use_graphs, compile_frame=compile_frame)
         report("warmup", 0.0, "warming up (one frame, then the default persona)")
         engine.warmup()
         report("ready", 1.0, f"ready on {device} in {time.perf_counter() - started:.1f} s")

@@ -280,13 +280,17 @@ class Bench:
         def load(pcm: torch.Tensor) -> None:
             current["pcm"] = pcm
 
-        impls = ("eager", "graph") if weights == "bf16" and not self.args.no_eager else ("graph",)
+        impls = ["graph"]
+        if self.args.uncompiled and sessions == 1:
+            impls.append("graph-uncompiled")
+        if weights == "bf16" and not self.args.no_eager:
+            impls.insert(0, "eager")
         for impl in impls:
-            # The readable frame (what devices without graphs run) or the fast one: the same
-            # runner class, options chosen per runner.
-            graphed = impl == "graph"
+            # The readable frame (what devices without graphs run), the fast one (the frame
+            # compiled, then graphed) or the fast one uncompiled: one runner class, options per runner.
+            graphed = impl != "eager"
             runner = FrameRunner(lm, mimi, sessions, kv_dtype=KV_DTYPES[self.args.kv], use_graphs=graphed,
-                                 kernels=Kernels.fast() if graphed else READABLE_KERNELS)
+                                 compile_frame=impl == "graph", kernels=Kernels.fast() if graphed else READABLE_KERNELS)
 
             def load_eager(pcm: torch.Tensor, runner: FrameRunner = runner) -> None:
                 runner.user_pcm.copy_(pcm.view_as(runner.user_pcm))
@@ -302,10 +306,11 @@ class Bench:
                         if fill == "early":
                             self.first_frame(runner, persona, audio[0], weights, sessions)
                         timing = time_frames([lambda runner=runner: runner.run(current["pcm"], speaking)], audio, load, warmup)
-                        split = [capture(runner.encode_user), capture(runner.step_model), capture(runner.decode_agent)]
-                        parts = time_frames([graph.replay for graph in split], audio, load_eager, warmup)
-                        timing.encode, timing.lm, timing.decode = parts.encode, parts.lm, parts.decode
-                        del split
+                        if not runner.compile_frame:  # the compiled frame is one graph: no split
+                            split = [capture(runner.encode_user), capture(runner.step_model), capture(runner.decode_agent)]
+                            parts = time_frames([graph.replay for graph in split], audio, load_eager, warmup)
+                            timing.encode, timing.lm, timing.decode = parts.encode, parts.lm, parts.decode
+                            del split
                 self.add_row(f"personaplex-{impl}", weights, sessions, context, timing)
             del runner
 
@@ -337,7 +342,7 @@ class Bench:
             del runner
         same = bool(torch.equal(tokens[False], tokens[True]))
         agreement = float((tokens[False] == tokens[True]).float().mean())
-        self.note("fast (graph + Triton attention + compiled element-wise) vs readable eager: greedy tokens equal (B=2, 12 frames)", same)
+        self.note("fast (compiled frame + graph + Triton attention) vs readable eager: greedy tokens equal (B=2, 12 frames)", same)
         self.note("fast vs readable: greedy token agreement", round(agreement, 4))
 
     # ---- quantization error vs bf16: teacher-forced logits of the streaming path
@@ -513,6 +518,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-upstream", action="store_true", help="skip upstream moshi")
     parser.add_argument("--kv", choices=sorted(KV_DTYPES), default="bf16", help="KV cache dtype")
     parser.add_argument("--no-eager", action="store_true", help="time only the fast (graphed) path")
+    parser.add_argument("--uncompiled", action="store_true",
+                        help="also time the graphed frame without torch.compile (one conversation)")
     parser.add_argument("--api", action="store_true",
                         help="time the public calls instead (respond_duplex, respond_realtime; graphs on and off)")
     parser.add_argument("--serve", action="store_true",

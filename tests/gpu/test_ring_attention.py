@@ -13,15 +13,15 @@ import dataclasses
 import pytest
 import torch
 
-from personaplex.model.layers import READABLE_KERNELS
+from personaplex.model.layers import READABLE_KERNELS, Kernels
 from personaplex.model.random_init import build_random_lm, compare_logits, random_codes, teacher_forced_logits
 from tests.gpu.common import FRAMES, ROWS, SCALES, device_of, lm_config, record
 
 
-# The readable kernels with only the ring attention swapped for the Triton one: the
-# comparison isolates the attention (the compiled element-wise kernels of `Kernels.fast()`
-# are checked by test_fast_path.py through the whole graphed frame).
-RING_KERNEL = dataclasses.replace(READABLE_KERNELS, ring_attention=True)
+# The readable forward with only the ring attention swapped for the Triton one: the
+# comparison isolates the attention (the compiled, graphed frame is checked whole by
+# test_fast_path.py).
+RING_KERNEL = Kernels.fast()
 
 
 # float32: the two attentions differ only in summation order; bf16: in where they round.

@@ -4,6 +4,7 @@ from the model's parts: Mimi encode, one generator step, Mimi decode, one conver
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from personaplex.runtime.generation import FrameGenerator, StepInputs
@@ -40,8 +41,9 @@ def readable_frames(engine, audio: np.ndarray, listening: list[bool]) -> tuple[l
     return tokens, pcm
 
 
-def run_rows(engine, batch_size: int, rows: dict[int, tuple[np.ndarray, list[bool]]]) -> dict[int, tuple[list, list]]:
-    runner = FrameRunner(engine.lm, engine.mimi, batch_size, use_graphs=False)
+def run_rows(engine, batch_size: int, rows: dict[int, tuple[np.ndarray, list[bool]]],
+             compile_frame: bool = False) -> dict[int, tuple[list, list]]:
+    runner = FrameRunner(engine.lm, engine.mimi, batch_size, use_graphs=False, compile_frame=compile_frame)
     for row in rows:
         runner.join(row, engine.persona(), GREEDY)
     got = {row: ([], []) for row in rows}
@@ -69,6 +71,40 @@ def test_rows_equal_the_readable_frame_of_each_conversation(engine):
     for (tokens, pcm), row in zip(expected, (0, 2)):
         assert got[row][0] == tokens
         np.testing.assert_allclose(np.stack(got[row][1]), np.stack(pcm), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_compiled_frame_equals_the_frame_as_written(engine):
+    """The fast path is `_frame` compiled whole (then, on CUDA, captured in a graph). Compiled
+    here for the CPU, it must trace as one graph (fullgraph: no break, no Python left between
+    kernels) and give each row the same greedy tokens and audio as the frame as written."""
+    listening = [[False] * FRAMES, [True, True, True, False, False, False]]
+    rows = {0: (user_audio(1), listening[0]), 2: (user_audio(2), listening[1])}
+    expected = run_rows(engine, 3, rows)
+    got = run_rows(engine, 3, rows, compile_frame=True)
+    for row in rows:
+        assert got[row][0] == expected[row][0]
+        np.testing.assert_allclose(np.stack(got[row][1]), np.stack(expected[row][1]), atol=1e-5)
+
+
+def test_a_frame_that_fails_to_compile_runs_as_written(engine, caplog):
+    """No working compiler (say, Triton missing): one warning, then the frame as written, with
+    the same results."""
+    audio = torch.from_numpy(user_audio(5))
+    listens = torch.zeros(1, dtype=torch.bool)
+    outputs = []
+    for compile_frame in (False, True):
+        runner = FrameRunner(engine.lm, engine.mimi, 1, use_graphs=False, compile_frame=compile_frame)
+        if compile_frame:
+            def no_compiler() -> None:
+                raise torch._dynamo.exc.TorchDynamoException("no working compiler")
+            runner._compiled_frame = no_compiler
+        runner.join(0, engine.persona(), GREEDY)
+        with caplog.at_level("WARNING"):
+            outputs.append([runner.run(audio[f][None], listens) or runner.tokens.clone() for f in range(3)])
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    assert runner._compiled_frame is None
+    assert "compiling the frame failed (no working compiler)" in caplog.text
 
 
 def test_a_listening_agent_is_held_at_silence(engine):
@@ -127,4 +163,5 @@ def test_a_free_row_keeps_no_history(engine):
 def test_defaults_follow_the_device(engine):
     runner = FrameRunner(engine.lm, engine.mimi, 1)
     assert runner.use_graphs is False  # CPU: the readable eager frame
+    assert runner.compile_frame is False
     assert runner.kernels.ring_attention is False

@@ -6,9 +6,7 @@ explicitly by the caller, so one set of weights can serve many conversations.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +28,8 @@ class RMSNorm(nn.Module):
         # Stored as [1, 1, dim] because that is the checkpoint's shape for `alpha`.
         self.alpha = nn.Parameter(torch.ones(1, 1, dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, kernels: "Kernels | None" = None) -> torch.Tensor:
-        return (kernels or READABLE_KERNELS).rms_norm(x, self.alpha, self.eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.alpha, self.eps)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +62,8 @@ class GatedFFN(nn.Module):
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
         self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, kernels: "Kernels | None" = None) -> torch.Tensor:
-        return self.linear_out((kernels or READABLE_KERNELS).silu_gate(self.linear_in(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_out(silu_gate(self.linear_in(x)))
 
 
 def silu_gate(hidden: torch.Tensor) -> torch.Tensor:
@@ -75,30 +73,23 @@ def silu_gate(hidden: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Kernels:
-    """Which implementation of each hot piece a forward pass uses.
+    """Which attention a live frame uses over the KV ring: what a runner chooses and passes
+    down the forward (nothing here is switched process-wide).
 
-    The readable set is plain PyTorch. Eager PyTorch runs each element-wise piece as several
-    small kernels (the float32 norm alone is six); the fast set fuses each into one with
-    torch.compile, which matters once a CUDA graph has removed the launch gaps, and attends
-    a live frame over the KV ring with a Triton kernel that reads only the filled slots.
-    A runner picks its set and passes it down: nothing here is switched process-wide.
+    The readable choice is SDPA with a mask over every slot. The fast one is a Triton kernel
+    that reads only the filled slots (and fp8 caches as they are), CUDA only. Everything else
+    has one implementation: the fast frame gets its fused norms, RoPE and gates by compiling
+    the whole frame (`FrameRunner`), not from a second copy of those functions.
     """
 
-    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-    rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    silu_gate: Callable[[torch.Tensor], torch.Tensor]
-    ring_attention: bool = False  # Triton single-frame attention over the ring (CUDA only)
+    ring_attention: bool = False
 
     @staticmethod
-    @functools.cache
     def fast() -> "Kernels":
-        # One compiled kernel per shape: batch sizes x (temporal, depformer) widths add up.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        compiled = [torch.compile(fn, dynamic=False, fullgraph=True) for fn in (rms_norm, rope, silu_gate)]
-        return Kernels(*compiled, ring_attention=True)
+        return Kernels(ring_attention=True)
 
 
-READABLE_KERNELS = Kernels(rms_norm=rms_norm, rope=rope, silu_gate=silu_gate)
+READABLE_KERNELS = Kernels()
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

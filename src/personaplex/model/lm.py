@@ -16,7 +16,6 @@ Two paths share the weights:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ from torch import nn
 
 from .config import LMConfig
 from .kv_cache import TemporalState, ring_capacity, sliding_window_mask
-from .layers import READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, merge_heads, rope_angles, split_heads
+from .layers import READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, merge_heads, rope, rope_angles, split_heads
 
 UNGENERATED_TOKEN = -2  # "not generated yet": must never reach the model
 
@@ -42,8 +41,8 @@ class TemporalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, view: "AttentionView", layer_index: int) -> torch.Tensor:
         q, k, v = (split_heads(t, self.num_heads) for t in self.in_proj(x).chunk(3, dim=-1))
-        q = view.kernels.rope(q, *view.rope)
-        k = view.kernels.rope(k, *view.rope)
+        q = rope(q, *view.rope)
+        k = rope(k, *view.rope)
         state = view.state
         if state is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=view.mask)
@@ -75,10 +74,15 @@ class AttentionView:
     filled_slots: torch.Tensor | None = None  # [B] int64, single-frame steps only
     kernels: Kernels = READABLE_KERNELS
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of the frames' RoPE angles
+    _ring_mask: torch.Tensor | None = None
 
-    @cached_property
+    @property
     def ring_mask(self) -> torch.Tensor:
-        return self.state.filled_slot_mask(self.filled_slots)
+        # Built on first use and kept for the other layers (a plain attribute rather than
+        # functools.cached_property, whose lock torch.compile cannot trace).
+        if self._ring_mask is None:
+            self._ring_mask = self.state.filled_slot_mask(self.filled_slots)
+        return self._ring_mask
 
 
 def attend_ring(q: torch.Tensor, state: TemporalState, layer_index: int, view: AttentionView) -> torch.Tensor:
@@ -101,8 +105,8 @@ class TemporalLayer(nn.Module):
         self.gating = GatedFFN(config.dim, config.hidden_dim, device=device, dtype=dtype)
 
     def forward(self, x, positions, view, layer_index):
-        x = x + self.self_attn(self.norm1(x, view.kernels), positions, view, layer_index)
-        return x + self.gating(self.norm2(x, view.kernels), view.kernels)
+        x = x + self.self_attn(self.norm1(x), positions, view, layer_index)
+        return x + self.gating(self.norm2(x))
 
 
 class TemporalTransformer(nn.Module):
@@ -197,10 +201,9 @@ class DepformerLayer(nn.Module):
         ffn_in = self.norm2(x)
         return x + torch.stack([self.gating[k](ffn_in[:, k]) for k in range(x.shape[1])], dim=1)
 
-    def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int,
-                     kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
-        x = x + self.self_attn.forward_step(self.norm1(x, kernels), step, state, layer_index)
-        return x + self.gating[step](self.norm2(x, kernels), kernels)
+    def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int) -> torch.Tensor:
+        x = x + self.self_attn.forward_step(self.norm1(x), step, state, layer_index)
+        return x + self.gating[step](self.norm2(x))
 
 
 class Depformer(nn.Module):
@@ -282,12 +285,11 @@ class LMModel(nn.Module):
         self, embeddings: torch.Tensor, state: TemporalState | None = None, kernels: Kernels = READABLE_KERNELS
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [B, T, dim] -> (normed hidden [B, T, dim], text logits [B, T, text_card])."""
-        hidden = self.out_norm(self.transformer(embeddings, state, kernels), kernels)
+        hidden = self.out_norm(self.transformer(embeddings, state, kernels))
         return hidden, self.text_linear(hidden)
 
     def depformer_step(
         self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor, state: DepformerState,
-        kernels: Kernels = READABLE_KERNELS,
     ) -> torch.Tensor:
         """Logits [B, card] of codebook `step` of one frame.
 
@@ -297,7 +299,7 @@ class LMModel(nn.Module):
         token_embedding = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
         x = self.depformer_in[step](hidden) + embed_with_zero(token_embedding, previous_token[:, None])
         for index, layer in enumerate(self.depformer.layers):
-            x = layer.forward_step(x, step, state, index, kernels)
+            x = layer.forward_step(x, step, state, index)
         return self.linears[step](x[:, 0])
 
     # ---- teacher-forced path

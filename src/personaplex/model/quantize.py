@@ -116,11 +116,11 @@ class AffineQuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from .kernels.quantized_matmul import WeightKind, quantized_linear
+            from .kernels.quantized_matmul import WeightKind, quantized_linear_op
 
             kind = WeightKind.INT4 if self.bits == 4 else WeightKind.INT8
             x2d = x.reshape(-1, self.in_features).contiguous()
-            out = quantized_linear(x2d, self.qweight, self.scales, self.biases, kind, self.group_size)
+            out = quantized_linear_op(x2d, self.qweight, self.scales, self.biases, int(kind), self.group_size)
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantized_weight(x.dtype))
 
@@ -171,10 +171,10 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from .kernels.quantized_matmul import WeightKind, quantized_linear
+            from .kernels.quantized_matmul import WeightKind, quantized_linear_op
 
             x2d = x.reshape(-1, self.in_features).contiguous()
-            out = quantized_linear(x2d, self.weight_fp8, self.scales.float(), None, WeightKind.FP8, group_size=1)
+            out = quantized_linear_op(x2d, self.weight_fp8, self.scales.float(), None, int(WeightKind.FP8), 1)
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantized_weight(x.dtype))
 

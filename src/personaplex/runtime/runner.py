@@ -9,9 +9,16 @@ a GPU the frame is captured once and then replayed: one launch per frame instead
 Every call of the library, the CLI and the server runs its conversations through this one
 frame (`FrameScheduler` drives it). The readable path is the same `_frame` run eagerly with
 the readable kernels: what CPUs and Apple GPUs get, and what the fast path is tested against.
+
+The fast path is that same `_frame`, compiled whole by torch.compile (as gpt-fast compiles its
+decode step) and then captured in the CUDA graph. Compiling fuses the thousands of small
+element-wise, copy and sampling kernels between the matrix products into a few hundred;
+the graph removes the launch cost of what is left.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -21,6 +28,8 @@ from ..model.mimi import Mimi
 from .generation import FrameGenerator, StepInputs
 from .persona import SILENCE_CODES, TEXT_PAD, PersonaSnapshot
 from .sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
 
 
 class FrameRunner:
@@ -32,16 +41,21 @@ class FrameRunner:
     """
 
     def __init__(self, lm: LMModel, mimi: Mimi, batch_size: int, *, kv_dtype: torch.dtype | None = None,
-                 use_graphs: bool | None = None, kernels: Kernels | None = None):
+                 use_graphs: bool | None = None, compile_frame: bool | None = None, kernels: Kernels | None = None):
         """`kv_dtype` torch.float8_e4m3fn halves the KV cache (default: the activation dtype).
         `use_graphs` defaults to what the device does best: a CUDA graph on CUDA, the readable
-        eager frame elsewhere. `kernels` default to the fast set with graphs (compiled kernels
-        pay off once launches are gone) and the readable set without."""
+        eager frame elsewhere. `compile_frame` (default: with graphs) compiles the frame before
+        it is captured; the first frame then takes a minute or two of compilation (cached on
+        disk by PyTorch for later processes). `kernels` default to the Triton ring attention
+        with graphs and the readable attention without."""
         self.lm, self.mimi = lm, mimi
         self.batch_size = batch_size
         device = lm.text_linear.weight.device
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self.compile_frame = self.use_graphs if compile_frame is None else compile_frame
         self.kernels = kernels or (Kernels.fast() if self.use_graphs else READABLE_KERNELS)
+        if device.type == "cuda":
+            _register_cuda_kernels()
         self.generator = FrameGenerator(lm, batch_size, agent_only=True, kv_dtype=kv_dtype, kernels=self.kernels)
         self.codec_state = mimi.init_stream(batch_size)
         agents = lm.config.agent_codebooks
@@ -62,6 +76,12 @@ class FrameRunner:
         self._silence = torch.tensor(SILENCE_CODES, dtype=torch.long, device=device).expand(batch_size, -1)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._captured_top_k = self._top_k()
+        self._compiled_frame = None
+        if self.compile_frame:
+            # One compilation per runner shape (rows, weight format, top-k); a process may hold
+            # several runners (tests, the benchmark), more than dynamo's default of 8 allows.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._compiled_frame = torch.compile(self._frame, fullgraph=True, dynamic=False)
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +130,7 @@ class FrameRunner:
         self.user_pcm.copy_(user_pcm.view(self.user_pcm.shape), non_blocking=True)
         self.agent_listens.copy_(agent_listens, non_blocking=True)
         if not self.use_graphs:
-            self._frame()
+            self._run_frame()
         elif self._graph is None:
             self._frame_then_capture()
         else:
@@ -120,6 +140,22 @@ class FrameRunner:
         self.encode_user()
         self.step_model()
         self.decode_agent()
+
+    def _run_frame(self) -> None:
+        """One frame, compiled if asked. If compiling fails (no working Triton or C compiler,
+        an operator the compiler lacks) the frame runs as written from then on: slower, but
+        the same results. Compilation finishes before any kernel runs, so no state has moved."""
+        if self._compiled_frame is None:
+            self._frame()
+            return
+        try:
+            self._compiled_frame()
+        except Exception as error:  # noqa: BLE001 - any compiler failure leaves the eager frame
+            if self._graph is not None or not _is_compile_error(error):
+                raise
+            log.warning("compiling the frame failed (%s); running it uncompiled", str(error).splitlines()[0][:200])
+            self._compiled_frame = None
+            self._frame()
 
     # The three parts of a frame, through the static buffers (the benchmark times them apart).
 
@@ -150,9 +186,20 @@ class FrameRunner:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._frame()
+            self._run_frame()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._frame()
+            self._run_frame()
         self._graph = graph
+
+
+def _is_compile_error(error: Exception) -> bool:
+    """torch.compile's own failures (tracing, lowering, kernel compilation), not the model's."""
+    return isinstance(error, torch._dynamo.exc.TorchDynamoException) or type(error).__module__.startswith("torch._inductor")
+
+
+def _register_cuda_kernels() -> None:
+    """Import the Triton kernels' modules, which register them as torch custom ops, before any
+    frame is compiled: the compiler should find the ops, not trace the imports."""
+    from ..model.kernels import decode_attention, quantized_matmul  # noqa: F401

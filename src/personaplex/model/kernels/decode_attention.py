@@ -56,6 +56,9 @@ def _partial_attention(
     tl.store(sum_ptr + out, running_sum)
 
 
+# A custom op, so that torch.compile treats the kernel as one opaque call with a known output
+# shape when it compiles the whole frame (`FrameRunner`), instead of tracing its launch.
+@torch.library.custom_op("personaplex::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """q [B, H, 1, D]; keys/values [B, H, capacity, D] (contiguous); lengths [B] int64 in
     1..capacity: softmax(q k^T / sqrt(D)) v over slots [0, lengths[b]). Returns [B, H, 1, D]."""
@@ -75,3 +78,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     weights = torch.exp(maxes - overall)
     out = (acc * weights[..., None]).sum(dim=2) / (sums * weights).sum(dim=2)[..., None]
     return out[:, :, None].to(q.dtype)
+
+
+@decode_attention.register_fake
+def _decode_attention_shape(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape)

@@ -238,3 +238,18 @@ def quantized_linear(
             BLOCK_K=config.block_k, SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return out if config.split_k == 1 else out.to(x.dtype)
+
+
+# The entry point the quantized layers call: a custom op, so that torch.compile keeps each
+# product as one opaque call with a known output shape when it compiles the whole frame.
+@torch.library.custom_op("personaplex::quantized_linear", mutates_args=())
+def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None,
+                        kind: int, group_size: int) -> torch.Tensor:
+    """`quantized_linear` with the default tiling; `kind` is a `WeightKind` value."""
+    return quantized_linear(x, weight, scales, biases, WeightKind(kind), group_size)
+
+
+@quantized_linear_op.register_fake
+def _quantized_linear_shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None,
+                            kind: int, group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
