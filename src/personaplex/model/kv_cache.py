@@ -103,10 +103,7 @@ class TemporalState:
         slots = positions[:, -self.capacity :] % self.capacity  # [B, T]
         index = slots[:, None, :, None].expand_as(keys)
         for cache, new in ((self.keys[layer], keys), (self.values[layer], values)):
-            new = new.to(cache.dtype)
-            if cache.dtype == torch.float8_e4m3fn:  # scatter has no float8 kernel: move the bytes
-                cache, new = cache.view(torch.uint8), new.view(torch.uint8)
-            cache.scatter_(2, index, new)
+            write_slots(cache, index, new.to(cache.dtype))
 
     def layer_kv(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's keys and values [B, H, capacity, D] in `dtype` (a copy only for fp8)."""
@@ -117,6 +114,22 @@ class TemporalState:
         newest = positions[:, -self.capacity :]
         self.slot_positions.scatter_(1, newest % self.capacity, newest)
         self.next_position.copy_(positions[:, -1] + 1)
+
+
+# A custom op that mutates the cache: torch.compile keeps it as one in-place scatter instead of
+# lowering the float8 byte view below, which its code generators do not all handle.
+@torch.library.custom_op("personaplex::write_slots", mutates_args=("cache",))
+def write_slots(cache: torch.Tensor, index: torch.Tensor, new: torch.Tensor) -> None:
+    """cache.scatter_(2, index, new) for any cache dtype (scatter has no float8 kernel: the
+    bytes are moved instead)."""
+    if cache.dtype == torch.float8_e4m3fn:
+        cache, new = cache.view(torch.uint8), new.view(torch.uint8)
+    cache.scatter_(2, index, new)
+
+
+@write_slots.register_fake
+def _write_slots_shape(cache: torch.Tensor, index: torch.Tensor, new: torch.Tensor) -> None:
+    return None
 
 
 def sliding_window_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, context: int) -> torch.Tensor:
