@@ -371,9 +371,9 @@ class Bench:
         for use_graphs in (True, False):
             label = "" if use_graphs else " (graphs off)"
             # The engine lives only inside its section, so one is freed before the next is built.
-            self.guarded(f"public calls{label}", lambda: self.api_rows(random_engine(self.device, "bf16", use_graphs=use_graphs), label))
+            self.guarded(f"public calls{label}", lambda: self.time_public_calls(random_engine(self.device, "bf16", use_graphs=use_graphs), label))
 
-    def api_rows(self, engine: "PersonaPlex", label: str) -> None:
+    def time_public_calls(self, engine: "PersonaPlex", label: str) -> None:
         for path in ("respond_duplex", "respond_realtime"):
             self.api_row(engine, path, label)
 

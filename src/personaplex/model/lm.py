@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
+from .kernels import cuda_op
 from .kv_cache import TemporalState, ring_capacity, sliding_window_mask
 from .layers import READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, merge_heads, rope, rope_angles, split_heads
 
@@ -89,9 +90,7 @@ def attend_ring(q: torch.Tensor, state: TemporalState, layer_index: int, view: A
     """One query per row over its ring. On CUDA a Triton kernel reads only the filled slots
     (and reads fp8 caches as they are); elsewhere SDPA with the mask reads them all."""
     if view.kernels.ring_attention and q.is_cuda and view.filled_slots is not None:
-        from .kernels.decode_attention import decode_attention
-
-        return decode_attention(q, state.keys[layer_index], state.values[layer_index], view.filled_slots)
+        return cuda_op("decode_attention")(q, state.keys[layer_index], state.values[layer_index], view.filled_slots)
     keys, values = state.layer_kv(layer_index, q.dtype)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=view.ring_mask)
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import WEIGHT_FORMATS
+from .kernels import WeightKind, cuda_op
 
 WeightFormat = Literal["bf16", "fp8", "int4", "int8"]
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
@@ -90,6 +91,7 @@ class AffineQuantizedLinear(nn.Module):
     """A bias-free linear layer with `bits`-bit affine group-quantized weights (MLX's format)."""
 
     bits: int
+    kernel_kind: WeightKind
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 64, device=None):
         super().__init__()
@@ -116,11 +118,8 @@ class AffineQuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from .kernels.quantized_matmul import WeightKind, quantized_linear_op
-
-            kind = WeightKind.INT4 if self.bits == 4 else WeightKind.INT8
             x2d = x.reshape(-1, self.in_features).contiguous()
-            out = quantized_linear_op(x2d, self.qweight, self.scales, self.biases, int(kind), self.group_size)
+            out = cuda_op("quantized_linear")(x2d, self.qweight, self.scales, self.biases, int(self.kernel_kind), self.group_size)
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantized_weight(x.dtype))
 
@@ -130,10 +129,12 @@ class AffineQuantizedLinear(nn.Module):
 
 class Int4Linear(AffineQuantizedLinear):
     bits = 4
+    kernel_kind = WeightKind.INT4
 
 
 class Int8Linear(AffineQuantizedLinear):
     bits = 8
+    kernel_kind = WeightKind.INT8
 
 
 # --------------------------------------------------------------------------- fp8
@@ -171,10 +172,8 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from .kernels.quantized_matmul import WeightKind, quantized_linear_op
-
             x2d = x.reshape(-1, self.in_features).contiguous()
-            out = quantized_linear_op(x2d, self.weight_fp8, self.scales.float(), None, int(WeightKind.FP8), 1)
+            out = cuda_op("quantized_linear")(x2d, self.weight_fp8, self.scales.float(), None, int(WeightKind.FP8), 1)
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantized_weight(x.dtype))
 

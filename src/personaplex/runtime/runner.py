@@ -22,6 +22,7 @@ import logging
 
 import torch
 
+from ..model.kernels import register_cuda_ops
 from ..model.layers import READABLE_KERNELS, Kernels
 from ..model.lm import LMModel
 from ..model.mimi import Mimi
@@ -55,7 +56,7 @@ class FrameRunner:
         self.compile_frame = self.use_graphs if compile_frame is None else compile_frame
         self.kernels = kernels or (Kernels.fast() if self.use_graphs else READABLE_KERNELS)
         if device.type == "cuda":
-            _register_cuda_kernels()
+            register_cuda_ops()  # before any frame is compiled: the compiler finds the ops registered
         self.generator = FrameGenerator(lm, batch_size, agent_only=True, kv_dtype=kv_dtype, kernels=self.kernels)
         self.codec_state = mimi.init_stream(batch_size)
         agents = lm.config.agent_codebooks
@@ -198,8 +199,3 @@ def _is_compile_error(error: Exception) -> bool:
     """torch.compile's own failures (tracing, lowering, kernel compilation), not the model's."""
     return isinstance(error, torch._dynamo.exc.TorchDynamoException) or type(error).__module__.startswith("torch._inductor")
 
-
-def _register_cuda_kernels() -> None:
-    """Import the Triton kernels' modules, which register them as torch custom ops, before any
-    frame is compiled: the compiler should find the ops, not trace the imports."""
-    from ..model.kernels import decode_attention, quantized_matmul  # noqa: F401

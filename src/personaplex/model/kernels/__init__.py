@@ -1,1 +1,32 @@
-"""Triton kernels for quantized linear layers (CUDA only; import triton only through here)."""
+"""Triton kernels (CUDA only; import triton only through here), registered as torch custom ops."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+
+class WeightKind(enum.IntEnum):
+    """The weight formats the quantized-matmul kernel reads (one of its compile-time constants)."""
+
+    INT4 = 0
+    INT8 = 1
+    FP8 = 2
+
+
+def register_cuda_ops() -> None:
+    """Import the kernels' modules, which register them as torch custom ops (CUDA machines
+    only: they import Triton)."""
+    from . import decode_attention, quantized_matmul  # noqa: F401
+
+
+def cuda_op(name: str) -> torch._ops.OpOverloadPacket:
+    """`torch.ops.personaplex.<name>`, registering the kernels on first use.
+
+    Under torch.compile the op is only looked up (the frame runner registers the kernels
+    before it compiles): an import inside the traced code would hand the compiler an object
+    it cannot follow back to a module, and it refuses those."""
+    if not torch.compiler.is_compiling():
+        register_cuda_ops()
+    return getattr(torch.ops.personaplex, name)

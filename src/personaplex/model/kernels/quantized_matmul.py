@@ -17,18 +17,13 @@ Measurements and the reasons for this design: docs/QUANTIZATION.md.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-
-class WeightKind(enum.IntEnum):
-    INT4 = 0
-    INT8 = 1
-    FP8 = 2
+from . import WeightKind
 
 
 @dataclass(frozen=True)
