@@ -15,7 +15,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for stage in "$@"; do
     echo "=== $stage $(date +%T)"
     case "$stage" in
-        tests) timeout 330 python3 bench/gpu_quality.py 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu-tests.log" | tail -40 ;;
+        tests) timeout ${TESTS_TIMEOUT:-330} python3 bench/gpu_quality.py 2>&1 | grep -v "^DEBUG" | tee "$OUT/gpu-tests.log" | tail -40 ;;
         api) timeout 400 python3 -m personaplex.cli.main bench --api --frames 150 --warmup 10 --out "$OUT" 2>&1 | grep -v Warning | tail -20 ;;
         serve) timeout 560 python3 -m personaplex.cli.main bench --serve --clients "${CLIENTS:-1,8,32,64,128,150}" \
                    --duration "${DURATION:-60}" --serve-weights "${SERVE_WEIGHTS:-fp8}" --kv fp8 --client-processes 8 \
@@ -23,11 +23,11 @@ for stage in "$@"; do
         frames) timeout 500 python3 -m personaplex.cli.main bench --sessions "${SESSIONS:-1,32}" --weights "${WEIGHTS:-bf16}" \
                    --frames 100 --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
         speed)  # issue "Speed II": the compiled graphed frame at B=1/32 with the peer, fp8/int4 at B=1, B=64 full with fp8 KV
-                timeout 330 python3 -m personaplex.cli.main bench --sessions 1,32 --weights bf16 --uncompiled \
+                timeout 270 python3 -m personaplex.cli.main bench --sessions 1,32 --weights bf16 --uncompiled --no-eager \
                     --frames 100 --out "$OUT/bf16" 2>&1 | grep -v Warning | tail -30
-                timeout 150 python3 -m personaplex.cli.main bench --sessions 1 --weights bf16,fp8,int4 --no-eager \
+                timeout 160 python3 -m personaplex.cli.main bench --sessions 1 --weights bf16,fp8,int4 --no-eager \
                     --no-upstream --frames 100 --out "$OUT/formats" 2>&1 | grep -v Warning | tail -12
-                timeout 200 python3 -m personaplex.cli.main bench --sessions 64 --weights bf16 --kv fp8 --no-eager \
+                timeout 130 python3 -m personaplex.cli.main bench --sessions 64 --weights bf16 --kv fp8 --no-eager \
                     --no-upstream --frames 100 --out "$OUT/b64" 2>&1 | grep -v Warning | tail -8 ;;
         profile) timeout 400 python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" 2>&1 | grep -v Warning | tail -8 ;;
         *) echo "unknown stage $stage" ;;

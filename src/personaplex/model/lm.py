@@ -72,8 +72,9 @@ class AttentionView:
 
     state: TemporalState | None
     mask: torch.Tensor | None  # [B, 1, T, keys] bool; None for a single live frame
+    # No default: torch.compile (2.11) cannot follow a dataclass field's default object.
+    kernels: Kernels
     filled_slots: torch.Tensor | None = None  # [B] int64, single-frame steps only
-    kernels: Kernels = READABLE_KERNELS
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of the frames' RoPE angles
     _ring_mask: torch.Tensor | None = None
 
@@ -124,14 +125,14 @@ class TemporalTransformer(nn.Module):
         batch, frames, _ = x.shape
         if state is None:
             positions = torch.arange(frames, device=x.device).expand(batch, frames)
-            view = AttentionView(None, sliding_window_mask(positions, positions, self.config.context), kernels=kernels)
+            view = AttentionView(None, sliding_window_mask(positions, positions, self.config.context), kernels)
         elif frames == 1:
             positions = state.chunk_positions(1)
-            view = AttentionView(state, None, state.filled_slots_after(positions), kernels)
+            view = AttentionView(state, None, kernels, state.filled_slots_after(positions))
         else:
             positions = state.chunk_positions(frames)
             key_positions = torch.cat([state.slot_positions, positions], dim=1)
-            view = AttentionView(state, sliding_window_mask(positions, key_positions, state.capacity), kernels=kernels)
+            view = AttentionView(state, sliding_window_mask(positions, key_positions, state.capacity), kernels)
         view.rope = rope_angles(positions, self.config.head_dim, self.config.max_period)
         for index, layer in enumerate(self.layers):
             x = layer(x, positions, view, index)
