@@ -17,6 +17,19 @@ FRAMES = 60
 GREEDY = SamplingConfig(greedy=True)
 
 
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """These comparisons are exact in float32, so TF32 is off for them. cuDNN runs float32
+    convolutions in TF32 by default, and the compiled frame may pick other convolution
+    kernels (other memory layouts) than the frame as written: Mimi's outputs would then
+    differ at ~1e-3 and the encoder's nearest-codeword choices could flip. (Users keep
+    PyTorch's defaults: the reference runs Mimi with them too.)"""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module")
 def gpu_engine(tiny_folder):
     return PersonaPlex.from_pretrained(tiny_folder, device="cuda", dtype=torch.float32, max_sessions=3)
