@@ -81,7 +81,7 @@ def test_sampling_respects_top_k_temperature_and_greedy_rows():
     top3 = set(logits[2].topk(3).indices.tolist())
     seen = set()
     for _ in range(50):
-        tokens = sample_tokens(logits, temperature, top_k, max_top_k=5, noise=noise)
+        tokens = sample_tokens(logits, temperature, top_k, noise=noise)
         seen.add(int(tokens[2]))
         assert tokens[0] == logits[0].argmax()
         assert tokens[1] == logits[1].argmax()  # top-1 sampling is greedy
@@ -103,8 +103,8 @@ def test_each_row_samples_from_its_own_seed():
     batch = noise_with([7, 8, 7])
     alone = noise_with([7])
     for _ in range(20):
-        together = sample_tokens(logits, temperature, top_k, 50, batch)
-        single = sample_tokens(logits[:1], temperature[:1], top_k[:1], 50, alone)
+        together = sample_tokens(logits, temperature, top_k, batch)
+        single = sample_tokens(logits[:1], temperature[:1], top_k[:1], alone)
         assert together[0] == together[2] == single[0]
 
 

@@ -124,7 +124,6 @@ class FrameGenerator:
         self.text_top_k = torch.empty(shape, dtype=torch.long, device=self.device)
         self.audio_temperature = torch.empty(shape, device=self.device)
         self.audio_top_k = torch.empty(shape, dtype=torch.long, device=self.device)
-        self.max_text_top_k = self.max_audio_top_k = 1
         self.set_sampling(sampling or SamplingConfig())
         self.kernels = kernels
         self.observer: StepObserver | None = None
@@ -137,8 +136,6 @@ class FrameGenerator:
         self.audio_temperature[rows] = sampling.audio_temperature * scale
         self.text_top_k[rows] = sampling.text_top_k
         self.audio_top_k[rows] = sampling.audio_top_k
-        self.max_text_top_k = max(self.max_text_top_k, sampling.text_top_k)
-        self.max_audio_top_k = max(self.max_audio_top_k, sampling.audio_top_k)
 
     # ---- the reference's prepare_step_input
 
@@ -195,7 +192,7 @@ class FrameGenerator:
 
     def _finish_step(self, hidden: torch.Tensor, text_logits: torch.Tensor, target: torch.Tensor,
                      provided: torch.Tensor) -> torch.Tensor:
-        sampled_text = sample_tokens(text_logits, self.text_temperature, self.text_top_k, self.max_text_top_k, self.noise)
+        sampled_text = sample_tokens(text_logits, self.text_temperature, self.text_top_k, self.noise)
         text_token = torch.where(provided[:, 0], target[:, 0], sampled_text)
         sampled_audio = self._run_depformer(hidden, text_token, target[:, 1:], provided[:, 1:])
         generated = torch.cat([sampled_text[:, None], sampled_audio], dim=1)
@@ -209,7 +206,7 @@ class FrameGenerator:
             logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state)
             if self.observer is not None:
                 self.observer.on_audio_logits(step, logits)
-            token = sample_tokens(logits, self.audio_temperature, self.audio_top_k, self.max_audio_top_k, self.noise)
+            token = sample_tokens(logits, self.audio_temperature, self.audio_top_k, self.noise)
             sampled.append(token)
             # Provided tokens (prompts, the user's audio) are forced as the next step's input.
             previous = torch.where(audio_provided[:, step], audio_target[:, step], token)

@@ -76,10 +76,9 @@ class FrameRunner:
         self._pad_text = torch.full((batch_size, 1), TEXT_PAD, dtype=torch.long, device=device)
         self._silence = torch.tensor(SILENCE_CODES, dtype=torch.long, device=device).expand(batch_size, -1)
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._captured_top_k = self._top_k()
         self._compiled_frame = None
         if self.compile_frame:
-            # One compilation per runner shape (rows, weight format, top-k); a process may hold
+            # One compilation per runner shape (rows, weight format, KV format); a process may hold
             # several runners (tests, the benchmark), more than dynamo's default of 8 allows.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self._compiled_frame = torch.compile(self._frame, fullgraph=True, dynamic=False)
@@ -101,10 +100,6 @@ class FrameRunner:
         self.generator.noise.reseed(rows, seed)
         self.generator.set_sampling(sampling or SamplingConfig(), rows=rows)
         self.codec_state.reset(self._row_mask(row))
-        # top-k sizes are Python ints baked into the captured kernels: a larger one needs a new capture.
-        if self._top_k() != self._captured_top_k:
-            self._graph = None
-            self._captured_top_k = self._top_k()
 
     def leave(self, row: int) -> None:
         """Free `row`: its history is dropped so nothing of the old conversation is kept."""
@@ -115,9 +110,6 @@ class FrameRunner:
 
     def _row_mask(self, row: int) -> torch.Tensor:
         return torch.arange(self.batch_size, device=self.device) == row
-
-    def _top_k(self) -> tuple[int, int]:
-        return self.generator.max_text_top_k, self.generator.max_audio_top_k
 
     # ---- the frame
 

@@ -61,22 +61,17 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
-def sample_tokens(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    max_top_k: int,
-    noise: RowNoise,
-) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, noise: RowNoise) -> torch.Tensor:
     """One token per row of logits [B, V]: top-k sampling at each row's temperature; argmax
-    where the temperature is 0. `max_top_k` is a Python int (static shapes for CUDA graphs);
-    each row keeps its own first `top_k[b]` candidates.
-    """
+    where the temperature is 0. Every candidate is ranked and each row keeps its own first
+    `top_k[b]`: no shape depends on a row's settings, so one compiled and captured frame
+    serves any top-k a conversation asks for (a conversation joining with a larger one costs
+    nothing, where a larger static size would cost a new compilation of the frame)."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
     safe_temperature = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     probs = torch.softmax(logits / safe_temperature[:, None], dim=-1)
-    top_probs, top_ids = probs.topk(min(max_top_k, logits.shape[-1]), dim=-1)
+    top_probs, top_ids = probs.sort(dim=-1, descending=True)
     rank = torch.arange(top_probs.shape[-1], device=logits.device)
     top_probs = torch.where(rank[None, :] < top_k[:, None], top_probs, torch.zeros_like(top_probs))
     # Sampling proportionally to p is argmax(p / E) with E ~ Exp(1): no multinomial, no sync.
