@@ -66,9 +66,9 @@ class FakeEngine:
     loaded_with: tuple = ()
 
     @classmethod
-    def from_pretrained(cls, source=None, device=None, dtype=None, progress=None):
+    def from_pretrained(cls, source=None, device=None, dtype=None, progress=None, compile_frame=None):
         engine = cls()
-        engine.loaded_with = (source, device)
+        engine.loaded_with = (source, device, compile_frame)
         FakeEngine.last = engine
         return engine
 
@@ -207,7 +207,7 @@ def test_respond_turn_based(tmp_path, capsys, fake_engine):
     args += ["--model", "some/repo", "--device", "cpu", "--seed", "7", "--greedy"]
     assert main(args) == 0
     engine = FakeEngine.last
-    assert engine.loaded_with == ("some/repo", "cpu")
+    assert engine.loaded_with == ("some/repo", "cpu", False)  # one recording: no frame compilation
     kind, audio, kwargs = engine.calls[0]
     assert kind == "respond_stream" and audio.shape == (8000,)
     assert kwargs == {

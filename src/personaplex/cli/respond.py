@@ -107,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
     from personaplex.api import PersonaPlex  # the engine pulls in the model code: only now
 
-    engine = PersonaPlex.from_pretrained(args.model, device=args.device, progress=_show_progress)
+    # One recording per process: compiling the frame (minutes) would cost far more than the
+    # few milliseconds per frame it saves, so the graphed frame runs as written.
+    engine = PersonaPlex.from_pretrained(args.model, device=args.device, progress=_show_progress, compile_frame=False)
     if args.duplex:
         reply = _duplex_reply(engine, audio, sample_rate, persona, args.codes)
     else:
