@@ -17,13 +17,14 @@ FRAMES = 60
 GREEDY = SamplingConfig(greedy=True)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def exact_float32():
     """These comparisons are exact in float32, so TF32 is off for them. cuDNN runs float32
     convolutions in TF32 by default, and the compiled frame may pick other convolution
     kernels (other memory layouts) than the frame as written: Mimi's outputs would then
     differ at ~1e-3 and the encoder's nearest-codeword choices could flip. (Users keep
-    PyTorch's defaults: the reference runs Mimi with them too.)"""
+    PyTorch's defaults: the reference runs Mimi with them too.) Module-scoped, so that it is
+    on before the shared engine below compiles and captures its frame."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
