@@ -1,6 +1,7 @@
 """`personaplex serve --replicas 2` on a local Ray cluster (CPU, tiny model): conversations
 spread over the replicas, "busy" only when both are full, /api/status lists the replicas,
-and a replica killed mid-conversation ends that conversation with a 0x05 message."""
+and a replica killed mid-conversation ends that conversation with a 0x05 message; the same
+behind Ray Serve's HAProxy ingress, where that conversation just drops."""
 
 from __future__ import annotations
 
@@ -45,15 +46,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_folder, tmp_path_factory) -> Iterator[ClusterServer]:
-    """`personaplex serve --replicas 2 --max-sessions 1` in a subprocess (its own Ray)."""
+def cluster(request, tiny_folder, tmp_path_factory) -> Iterator[ClusterServer]:
+    """`personaplex serve --replicas 2 --max-sessions 1 --ingress INGRESS` in a subprocess (its
+    own Ray); tests choose INGRESS by indirect parametrization, so that the two clusters run
+    one after the other."""
     port = _free_port()
     log = tmp_path_factory.mktemp("cluster") / "serve.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
     command = [
         sys.executable, "-m", "personaplex.cli.main", "serve",
-        "--replicas", "2", "--max-sessions", "1",
+        "--replicas", "2", "--max-sessions", "1", "--ingress", request.param,
         "--model", str(tiny_folder), "--device", "cpu", "--asr-model", "none",
         "--port", str(port), "--log-level", "warning",
     ]  # fmt: skip
@@ -68,9 +71,10 @@ def cluster(tiny_folder, tmp_path_factory) -> Iterator[ClusterServer]:
     except TimeoutError:
         pytest.fail(f"the cluster did not start; its log ends:\n{log.read_text()[-4000:]}")
     finally:
-        process.send_signal(signal.SIGINT)  # removes the application and stops its Ray
+        # Removes the application and stops its Ray (HAProxy's replicas drain for 30 s first).
+        process.send_signal(signal.SIGINT)
         try:
-            process.wait(timeout=60)
+            process.wait(timeout=90)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -97,6 +101,7 @@ def _talk(client: ChatClient) -> None:
 
 
 @pytest.mark.slow  # the cluster: a Ray instance and two model loads, about a minute on 2 cores
+@pytest.mark.parametrize("cluster", ["proxy"], indirect=True)
 def test_two_conversations_go_to_two_replicas_and_a_third_is_busy(cluster):
     status = cluster.status()
     assert len(status["replicas"]) == 2 and status["max_sessions"] == 2
@@ -125,6 +130,7 @@ def test_two_conversations_go_to_two_replicas_and_a_third_is_busy(cluster):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["proxy"], indirect=True)
 def test_a_killed_replica_ends_its_conversation_and_the_other_takes_the_next(cluster):
     doomed_client = ChatClient(cluster.ws_url, mode="duplex", seed=4)
     _talk(doomed_client)
@@ -150,6 +156,35 @@ def test_a_killed_replica_ends_its_conversation_and_the_other_takes_the_next(clu
         return len(ready) == 2 and doomed["id"] not in ready
 
     wait_until(replaced, timeout=START_TIMEOUT_S, interval=1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cluster", ["haproxy"], indirect=True)
+def test_haproxy_ingress_spreads_conversations_and_a_killed_replica_drops_its_own(cluster):
+    """HAProxy (leastconn) instead of SessionSlotRouter; a dead replica's conversation ends
+    with a bare drop (1006): ConversationEndNotice lives in the Python proxy it bypasses."""
+    assert get_text(cluster.http_url + "/").startswith("<!doctype html>")
+    first = ChatClient(cluster.ws_url, mode="duplex", seed=1)
+    second = ChatClient(cluster.ws_url, mode="duplex", seed=2)
+    _talk(first)
+    _talk(second)
+    wait_until(lambda: sorted(_sessions_by_replica(cluster).values()) == [1, 1], timeout=10)
+    third = ChatClient(cluster.ws_url, mode="duplex", seed=3)
+    third.drain(10)
+    assert third.closed and third.connection.close_code == 1013
+    assert third.received.errors[0].startswith("busy")
+    second.close()
+    wait_until(lambda: sorted(_sessions_by_replica(cluster).values()) == [0, 1], timeout=10)
+
+    doomed = next(replica for replica in cluster.status()["replicas"] if replica["sessions"] == 1)
+    os.kill(doomed["pid"], signal.SIGKILL)
+    first.drain(15)
+    assert first.closed and first.connection.close_code == 1006
+    assert first.received.errors == []
+
+    after = ChatClient(cluster.ws_url, mode="duplex", seed=4)
+    _talk(after)
+    after.close()
 
 
 def test_serve_without_replicas_does_not_import_ray():

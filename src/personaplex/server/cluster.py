@@ -90,6 +90,13 @@ DEFAULT_TARGET_LOAD = 0.75
 SHUTDOWN_GRACE_S = 120.0
 # Ray Serve reads this in every proxy process to add our middleware (ConversationEndNotice).
 PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "personaplex.server.cluster:proxy_middlewares"}
+# How clients reach the replicas (`serve --ingress`): "proxy", Ray Serve's Python proxy (our
+# router and ConversationEndNotice), or "haproxy", Ray Serve's experimental HAProxy ingress
+# (HAProxy carries the connections straight to the replicas' own HTTP servers: about ten
+# times the messages a second, but leastconn balancing and a bare close when a replica dies).
+INGRESSES = ("proxy", "haproxy")
+# What every Ray process needs for the HAProxy ingress (read when Ray Serve is imported).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 REPLICA_GONE_MESSAGE = (
     "the server process holding this conversation stopped (its GPU worker failed or was "
@@ -109,15 +116,18 @@ class ReplicaRecipe:
 
 @dataclass(frozen=True)
 class Scaling:
-    """How many replicas, each on how many GPUs."""
+    """How many replicas, each on how many GPUs, and how clients reach them (INGRESSES)."""
 
     replicas: int = 1
     min_replicas: int | None = None  # both set: autoscaling between them
     max_replicas: int | None = None
     gpus_per_replica: float | None = None  # None: one if the Ray cluster has GPUs, else none
     target_load: float = DEFAULT_TARGET_LOAD
+    ingress: str = "proxy"
 
     def checked(self) -> Scaling:
+        if self.ingress not in INGRESSES:
+            raise ValueError(f"--ingress must be one of {', '.join(INGRESSES)}, got {self.ingress!r}")
         if self.replicas < 1:
             raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
         if (self.min_replicas is None) != (self.max_replicas is None):
@@ -477,12 +487,15 @@ def build_application(recipe: ReplicaRecipe, scaling: Scaling) -> serve.Applicat
         # replicas share the machine's cores (Ray would otherwise cap them at one per core).
         "ray_actor_options": {"num_gpus": gpus, "num_cpus": 1 if gpus else 0},
         "max_ongoing_requests": capacity + HTTP_HEADROOM,
-        "request_router_config": RequestRouterConfig(
-            request_router_class=SessionSlotRouter,
-            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
-        ),
         "graceful_shutdown_timeout_s": SHUTDOWN_GRACE_S,
     }
+    # HAProxy balances its connections itself (leastconn), and Ray Serve refuses a custom
+    # router on the deployment it serves.
+    if scaling.ingress == "proxy":
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=SessionSlotRouter,
+            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+        )
     if scaling.min_replicas is not None:
         options["autoscaling_config"] = AutoscalingConfig(
             min_replicas=scaling.min_replicas,
@@ -523,8 +536,11 @@ def serve_until_stopped(
     the application is deployed."""
     import signal
 
-    # A local cluster's processes inherit this: every proxy gets ConversationEndNotice.
+    # A local cluster's processes inherit these: every proxy gets ConversationEndNotice, and
+    # with --ingress haproxy, Ray Serve starts HAProxy and the replicas' own HTTP servers.
     os.environ.update(PROXY_ENV)
+    if scaling.ingress == "haproxy":
+        os.environ.update(HAPROXY_ENV)
     if ray_address is not None:
         _check_reachable(ray_address)
     try:
