@@ -14,7 +14,8 @@
 # CPU, then stops the server. Results in $OUT: h200x2/<card>-serving.json, status.json,
 # cpu.log, serve.log, bench.log; raylogs/serve-logs.txt on failure (8 files at most come back).
 # Knobs (env): SESSIONS (per replica, 150), CLIENTS (32,64,128), DURATION (30),
-# READY_TIMEOUT (300), PORT (8998), SERVE_MODEL_ARGS, PY (python3), SKIP_INSTALL=1 (local test),
+# READY_TIMEOUT (300), PORT (8998), INGRESS (proxy | haproxy: `serve --ingress`), SERVE_MODEL_ARGS,
+# PY (python3), SKIP_INSTALL=1 (local test),
 # RAYSTASH, SITE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -179,10 +180,10 @@ run() {
     if "$PY" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/', timeout=2)" 2>/dev/null; then
         echo "FAIL: something already answers on port $PORT (a server left from an earlier call?)"; exit 1
     fi
-    stage "serve --replicas 2 (max ${SESSIONS:-150} sessions each)"
+    stage "serve --replicas 2 --ingress ${INGRESS:-proxy} (max ${SESSIONS:-150} sessions each)"
     # shellcheck disable=SC2086  # SERVE_MODEL_ARGS is a list of flags
     setsid "$PY" -m personaplex.cli.main serve --replicas 2 ${SERVE_MODEL_ARGS:---random-weights --weights fp8 --kv-cache fp8} \
-        --max-sessions "${SESSIONS:-150}" --asr-model none --port "$PORT" --log-level warning \
+        --max-sessions "${SESSIONS:-150}" --ingress "${INGRESS:-proxy}" --asr-model none --port "$PORT" --log-level warning \
         >"$OUT/serve.log" 2>&1 &
     local server=$! ok=0 sampler="" rc=1
     SERVER_PID=$server
