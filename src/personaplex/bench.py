@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .api import KV_CACHE_DTYPES
 from .model.config import LMConfig, MimiConfig
+from .model.formats import KV_CACHE_FORMATS
 from .model.layers import READABLE_KERNELS, Kernels
 from .model.lm import LMModel
 from .model.random_init import build_random_lm, compare_logits, random_codes, teacher_forced_logits
@@ -259,8 +261,8 @@ class Bench:
         mimi = build_mimi(self.device)
         self.note(f"{weights}: build_s", round(build_s, 2))
         self.note(f"{weights}: weights_gb", round(torch.cuda.memory_allocated() / 1e9, 2))
-        for kv in KV_DTYPES:
-            fit = sessions_that_fit(lm.config, free_gpu_bytes(self.device), KV_DTYPES[kv])
+        for kv, kv_dtype in KV_CACHE_DTYPES.items():
+            fit = sessions_that_fit(lm.config, free_gpu_bytes(self.device), kv_dtype or lm.activation_dtype)
             self.note(f"{weights}: sessions that fit at 3000 frames, {kv} KV (computed)", fit)
         persona, prefill_s = make_persona(lm)
         self.note(f"{weights}: persona_prefill_ms (uncached, {persona.frames} frames)", round(1e3 * prefill_s, 1))
@@ -289,7 +291,7 @@ class Bench:
             # The readable frame (what devices without graphs run), the fast one (the frame
             # compiled, then graphed) or the fast one uncompiled: one runner class, options per runner.
             graphed = impl != "eager"
-            runner = FrameRunner(lm, mimi, sessions, kv_dtype=KV_DTYPES[self.args.kv], use_graphs=graphed,
+            runner = FrameRunner(lm, mimi, sessions, kv_dtype=KV_CACHE_DTYPES[self.args.kv], use_graphs=graphed,
                                  compile_frame=impl == "graph", kernels=Kernels.fast() if graphed else READABLE_KERNELS)
 
             def load_eager(pcm: torch.Tensor, runner: FrameRunner = runner) -> None:
@@ -505,7 +507,6 @@ def print_table(rows: list[dict]) -> None:
         print(" | ".join(str(row[key]) for key in header))
 
 
-KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -516,7 +517,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5,
                         help="untimed frames run first, so compiling and graph capture are not timed (5)")
     parser.add_argument("--no-upstream", action="store_true", help="skip upstream moshi")
-    parser.add_argument("--kv", choices=sorted(KV_DTYPES), default="bf16", help="KV cache dtype")
+    parser.add_argument("--kv", choices=KV_CACHE_FORMATS, default="bf16", help="KV cache format")
     parser.add_argument("--no-eager", action="store_true", help="time only the fast (graphed) path")
     parser.add_argument("--uncompiled", action="store_true",
                         help="also time the graphed frame without torch.compile (one conversation)")

@@ -173,12 +173,6 @@ def run(args: argparse.Namespace) -> int:
     from personaplex.server.memory import limit_malloc_arenas
     from personaplex.server.model_host import ModelHost
 
-    static_dir = Path(args.static) if args.static else None
-    if static_dir is not None and not (static_dir / "index.html").is_file():
-        raise PersonaPlexError(
-            f"--static {args.static} is not a folder with an index.html: give the folder of a "
-            "built web client (e.g. NVIDIA's client/dist after `npm run build`)"
-        )
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -256,8 +250,21 @@ def _settings(args: argparse.Namespace, token: str | None) -> Any:
         policy=AccessPolicy.create(token, args.allowed_origin, [*_own_names(args.host), *args.allowed_host]),
         idle_timeout_s=args.idle_timeout or None,
         codec_processes=args.codec_processes or _codec_processes(args.max_sessions),
-        static_dir=Path(args.static) if args.static else None,
+        static_dir=_static_dir(args),
     )
+
+
+def _static_dir(args: argparse.Namespace) -> Path | None:
+    """The web client folder of --static, checked (before any model is loaded)."""
+    if not args.static:
+        return None
+    static_dir = Path(args.static)
+    if not (static_dir / "index.html").is_file():
+        raise PersonaPlexError(
+            f"--static {args.static} is not a folder with an index.html: give the folder of a "
+            "built web client (e.g. NVIDIA's client/dist after `npm run build`)"
+        )
+    return static_dir
 
 
 def _own_names(listen_host: str) -> list[str]:
