@@ -507,8 +507,6 @@ def print_table(rows: list[dict]) -> None:
         print(" | ".join(str(row[key]) for key in header))
 
 
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for the JSON and PNG ($OUT by default)")
     parser.add_argument("--sessions", default="1,8,32,64", help="comma-separated batch sizes")

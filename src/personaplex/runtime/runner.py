@@ -190,4 +190,3 @@ class FrameRunner:
 def _is_compile_error(error: Exception) -> bool:
     """torch.compile's own failures (tracing, lowering, kernel compilation), not the model's."""
     return isinstance(error, torch._dynamo.exc.TorchDynamoException) or type(error).__module__.startswith("torch._inductor")
-
