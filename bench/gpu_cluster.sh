@@ -201,7 +201,7 @@ run() {
         local bench_s=$(( $(left) - 45 ))
         stage "bench --serve: clients ${CLIENTS:-32,64,128}, ${DURATION:-30} s each (at most ${bench_s}s)"
         timeout "$bench_s" "$PY" -m personaplex.cli.main bench --serve --url "http://127.0.0.1:$PORT" \
-            --clients "${CLIENTS:-32,64,128}" --duration "${DURATION:-30}" --client-processes 12 \
+            --clients "${CLIENTS:-32,64,128}" --duration "${DURATION:-30}" --client-processes "${CLIENT_PROCESSES:-12}" \
             --serve-weights "${SERVE_WEIGHTS:-fp8}" --kv "${KV:-fp8}" --server-timeout 60 \
             --out "$OUT/h200x2" 2>&1 | tee "$OUT/bench.log"
         rc=${PIPESTATUS[0]}

@@ -29,7 +29,8 @@ for stage in "$@"; do
                     --no-upstream --frames 100 --out "$OUT/formats" 2>&1 | grep -v Warning | tail -12
                 timeout 130 python3 -m personaplex.cli.main bench --sessions 64 --weights bf16 --kv fp8 --no-eager \
                     --no-upstream --frames 100 --out "$OUT/b64" 2>&1 | grep -v Warning | tail -8 ;;
-        profile) timeout 400 python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" 2>&1 | grep -v Warning | tail -8 ;;
+        profile) timeout "${PROFILE_TIMEOUT:-400}" python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" \
+                     --cases "${CASES:-readable,as-written,compiled}" 2>&1 | grep -v Warning | cut -c1-2000 | tail -8 ;;
         *) echo "unknown stage $stage" ;;
     esac
 done

@@ -72,6 +72,7 @@ def profile_case(lm, mimi, persona, batch: int, kernels, label: str, compile_fra
                 runner.run(pcm, speaking)
             torch.cuda.synchronize()
     gpu_us: dict[str, float] = defaultdict(float)
+    kernel_us: dict[str, tuple[float, float]] = {}  # kernel name: (GPU us, launches) per frame
     kernels_per_frame = 0
     cpu_ops: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
@@ -79,6 +80,7 @@ def profile_case(lm, mimi, persona, batch: int, kernels, label: str, compile_fra
         if event.device_type == torch.autograd.DeviceType.CUDA:
             gpu_us[family(event.key)] += device_us / frames
             kernels_per_frame += event.count / frames
+            kernel_us[event.key] = (device_us / frames, event.count / frames)
         elif event.key.startswith("aten::"):
             cpu_ops[event.key] += event.self_cpu_time_total / frames
     result = {
@@ -86,6 +88,9 @@ def profile_case(lm, mimi, persona, batch: int, kernels, label: str, compile_fra
         "gpu_ms_per_frame": round(sum(gpu_us.values()) / 1e3, 2), "kernels_per_frame": round(kernels_per_frame),
         "gpu_ms_by_family": {k: round(v / 1e3, 3) for k, v in sorted(gpu_us.items(), key=lambda kv: -kv[1])},
         "top_cpu_ops_ms": {k: round(v / 1e3, 2) for k, v in sorted(cpu_ops.items(), key=lambda kv: -kv[1])[:12]},
+        # The 25 kernels that take longest: [ms per frame, launches per frame] (names cut at 90 characters)
+        "top_kernels": {name[:90]: [round(us / 1e3, 3), round(count, 1)] for name, (us, count)
+                        in sorted(kernel_us.items(), key=lambda kv: -kv[1][0])[:25]},
     }
     if kernels is not READABLE_KERNELS:
         result["graphed_ms_per_frame"] = graphed_time(lm, mimi, persona, batch, compile_frame)
@@ -110,19 +115,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--rows", default="1,32")
+    parser.add_argument("--cases", default="readable,as-written,compiled",
+                        help="which frames to profile: readable (B=1 only), as-written, compiled")
     args = parser.parse_args()
+    cases = set(args.cases.split(","))
     lm, _ = build_lm("bf16", torch.device("cuda"))
     mimi = build_mimi(torch.device("cuda"))
     persona, _ = make_persona(lm)
-    results = [profile_case(lm, mimi, persona, 1, READABLE_KERNELS, "eager, readable kernels")]
-    for rows in (int(r) for r in args.rows.split(",")):
-        results.append(profile_case(lm, mimi, persona, rows, Kernels.fast(), "as written, Triton ring attention"))
-        results.append(profile_case(lm, mimi, persona, rows, Kernels.fast(), "compiled frame", compile_frame=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile-{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(json.dumps(results, indent=1))
-    for result in results:
-        print(json.dumps(result))
+    results: list[dict] = []
+
+    def add(result: dict) -> None:  # written case by case: a run cut short keeps what it measured
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        (out / f"profile-{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(json.dumps(results, indent=1))
+
+    if "readable" in cases:
+        add(profile_case(lm, mimi, persona, 1, READABLE_KERNELS, "eager, readable kernels"))
+    for rows in (int(r) for r in args.rows.split(",")):
+        if "as-written" in cases:
+            add(profile_case(lm, mimi, persona, rows, Kernels.fast(), "as written, Triton ring attention"))
+        if "compiled" in cases:
+            add(profile_case(lm, mimi, persona, rows, Kernels.fast(), "compiled frame", compile_frame=True))
 
 
 if __name__ == "__main__":

@@ -214,6 +214,7 @@ class Bench:
         self.rows: list[dict] = []
         self.api_rows: list[dict] = []
         self.notes: dict[str, object] = {"card": self.card, "torch": torch.__version__}
+        self.reference_logits: torch.Tensor | None = None  # the bf16 LM's, for the quality notes
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -360,6 +361,11 @@ class Bench:
         if weights == "bf16":
             self.reference_logits = logits
             return
+        if self.reference_logits is None:  # bf16 was not among --weights: build it for the comparison
+            reference, _ = build_lm("bf16", self.device)
+            self.reference_logits = teacher_forced_logits(reference, codes, streaming=True)
+            del reference
+            torch.cuda.empty_cache()
         stats = compare_logits(logits, self.reference_logits)
         self.note(f"{weights}: logits vs bf16 (teacher-forced streaming, {QUALITY_FRAMES} frames x 2 rows, "
                   "Gaussian random LM of personaplex.model.random_init): relative error, at the worst position, greedy agreement",

@@ -122,6 +122,24 @@ def test_a_late_client_hears_silence_instead_of_stalling_the_others(batched_engi
     assert late >= 1 and len(slow_chunks) >= 2
 
 
+def test_a_client_that_stops_sending_hears_silence_but_is_not_late(batched_engine):
+    async def stops():
+        yield np.zeros(FRAME, np.float32)
+        await asyncio.sleep(1.2)  # connected but silent: the others go on without it
+        # ... and hangs up without sending more
+
+    async def run():
+        late_before = batched_engine.scheduler.late_frames
+        fast, stopped = await asyncio.gather(collect(batched_engine, audio(5, 30), size=FRAME),
+                                             _collect_stream(batched_engine.respond_realtime(stops(), greedy=True)))
+        return fast, stopped, batched_engine.scheduler.late_frames - late_before
+
+    fast, stopped, late = asyncio.run(run())
+    assert len(fast) == 30
+    assert len(stopped) >= 2  # it heard silence while the other conversation went on
+    assert late == 0  # none of its audio came late: there was none
+
+
 async def _collect_stream(stream) -> list:
     return [chunk async for chunk in stream]
 

@@ -7,9 +7,12 @@ frames into it and read agent frames out, one per frame pushed. Two kinds of row
   time, each client on its own clock. A frame runs as soon as every live row has one
   waiting, which lines the frames up with the last client's phase. When the oldest waiting
   paced frame has waited `max_wait_s` (a frame period and a half, so ordinary network jitter
-  never triggers it), the rows still without input hear silence for that frame (counted in
-  `late_frames`) and stop holding the others back until their audio comes again: one
-  stalled client costs the others one wait, not their real-time rate;
+  never triggers it), the rows still without input hear silence for that frame and stop
+  holding the others back until their audio comes again: one stalled client costs the
+  others one wait, not their real-time rate. Audio that comes after its frame ran is not
+  thrown away but heard a frame later, and the frames of silence it caused count in
+  `late_frames` then. A client that stopped sending (and has not hung up yet) hears
+  silence too, but none of it is late: none of its audio was missing;
 - unpaced rows (recordings: `respond`, `respond_stream`, `respond_duplex`) have all their
   frames from the start, so alone they run as fast as the device allows, and beside live
   rows they simply keep pace.
@@ -57,6 +60,7 @@ class _Row:
     oldest_wait: float | None = None  # monotonic time the oldest queued frame arrived
     joined: bool = False  # the runner row holds this conversation (from its first input on)
     stalled: bool = False  # late at the last frame: not waited for until its audio comes again
+    silent_frames: int = 0  # frames run with silence in place of this row's audio since its last input
     input_ended: bool = False
     closed: bool = False  # the reader stopped: leave at the next frame
     frames_done: int = 0
@@ -148,6 +152,8 @@ class FrameScheduler:
         with self._changed:
             row.inputs.append((pcm, agent_listens))
             row.stalled = False
+            self.late_frames += row.silent_frames  # its audio was late for them, not missing
+            row.silent_frames = 0
             if len(row.inputs) == 1:
                 row.oldest_wait = time.monotonic()
                 self._starved.discard(index)
@@ -183,6 +189,7 @@ class FrameScheduler:
                     frames = {i: self._next_input(r) for i, r in self._live() if r.joined}
                     for index, row in self._live():
                         row.stalled = row.joined and frames.get(index, True) is None
+                        row.silent_frames += row.stalled
                     self._starved.update(i for i, r in self._live() if r.joined and not r.inputs and not r.stalled)
             for row in ended:
                 _deliver(row, None)
@@ -258,8 +265,7 @@ class FrameScheduler:
         self._user_pcm.zero_()
         self._agent_listens.zero_()
         for index, frame in frames.items():
-            if frame is None:
-                self.late_frames += 1  # this row's client is late: it hears silence this frame
+            if frame is None:  # this row's client is late or has stopped: it hears silence
                 continue
             self._user_pcm[index] = torch.from_numpy(frame[0])
             self._agent_listens[index] = frame[1]

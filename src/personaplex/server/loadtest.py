@@ -9,9 +9,10 @@ least `--duration` seconds:
 - the server's frame time (median, p99: the shared frame's compute, from /api/status),
 - mic-to-reply latency (p50, p99): from a client sending mic frame i to it receiving the
   reply frame i (the i-th audio message: one Ogg page per 80 ms frame), over loopback,
-- dropped mic frames, the ones the model never heard: frames the server dropped (its ring
-  overflowed) and frames it had to replace by silence (the client's audio arrived late);
-  frames not answered before a client closed are counted apart,
+- dropped mic frames: frames the model never heard (the server's ring overflowed) and
+  frames it heard late (the client's audio came after its frame ran, so the model heard
+  silence there and the audio one frame later); frames not answered before a client
+  closed are counted apart,
 - server CPU (percent of one core, psutil) and GPU memory (peak, from /api/status).
 
 By default it starts `personaplex serve --random-weights` itself (full 7B shape, no
@@ -82,7 +83,11 @@ async def one_client(url: str, pages: list[bytes], duration_s: float, start_dela
                     sent_at[index] = time.monotonic()
                     await socket.send(b"\x01" + page)
                     result.sent += 1
-                await asyncio.sleep(1.0)  # the last replies
+                # The last replies (1 s at most), then hang up at once: a client that stayed on
+                # without sending would have the model go on hearing silence for it.
+                deadline = time.monotonic() + 1.0
+                while result.answered < result.sent and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
 
             async def receive() -> None:
                 async for message in socket:
