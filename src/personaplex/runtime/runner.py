@@ -19,6 +19,7 @@ the graph removes the launch cost of what is left.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -176,6 +177,10 @@ class FrameRunner:
         """Run this frame eagerly on a side stream (which also warms up cuBLAS, the compiled
         kernels and the allocator, as capture requires), then capture the next frames' graph.
         Capturing runs nothing, so the state advances exactly once."""
+        started = time.perf_counter()
+        if self._compiled_frame is not None:  # a wait of minutes should not look like a hang
+            log.info("compiling the frame for %d rows: a minute or two the first time on this machine "
+                     "(PyTorch keeps the result in its on-disk cache for later processes)", self.batch_size)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -185,6 +190,8 @@ class FrameRunner:
         with torch.cuda.graph(graph):
             self._run_frame()
         self._graph = graph
+        log.info("the %d-row frame is %s and captured as a CUDA graph (%.1f s)", self.batch_size,
+                 "compiled" if self._compiled_frame is not None else "not compiled", time.perf_counter() - started)
 
 
 def _is_compile_error(error: Exception) -> bool:
