@@ -13,7 +13,10 @@ least `--duration` seconds:
   frames it heard late (the client's audio came after its frame ran, so the model heard
   silence there and the audio one frame later); frames not answered before a client
   closed are counted apart,
-- server CPU (percent of one core, psutil) and GPU memory (peak, from /api/status).
+- server CPU (percent of one core, psutil) and GPU memory (peak, from /api/status),
+- the clients' own pace: how late they sent their frames (p99) and how many went out more
+  than half a frame late, which can make frames late at the server through no fault of its
+  own (the clients share the machine).
 
 By default it starts `personaplex serve --random-weights` itself (full 7B shape, no
 download) with room for the largest N, and writes the rows to `--out`/<card>-serving.json.
@@ -46,6 +49,7 @@ class ClientResult:
     sent: int = 0
     answered: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    send_lags_ms: list[float] = field(default_factory=list)  # how long after its due time each frame went out
     errors: list[str] = field(default_factory=list)
 
 
@@ -81,6 +85,7 @@ async def one_client(url: str, pages: list[bytes], duration_s: float, start_dela
                         break
                     await asyncio.sleep(max(0.0, due - time.monotonic()))
                     sent_at[index] = time.monotonic()
+                    result.send_lags_ms.append((sent_at[index] - due) * 1e3)
                     await socket.send(b"\x01" + page)
                     result.sent += 1
                 # The last replies (1 s at most), then hang up at once: a client that stayed on
@@ -198,6 +203,7 @@ def run(args) -> int:
             after_status = get_json(f"{base}/api/status")
             after = after_status["frames"]
             latencies = [ms for result in results for ms in result.latencies_ms]
+            send_lags = [ms for result in results for ms in result.send_lags_ms]
             late = after["late_frames"] - before["late_frames"]
             ring_dropped = dropped_frames(base) - dropped_before
             # A late frame is answered with a reply to silence: it counts as an answer, but the
@@ -211,6 +217,10 @@ def run(args) -> int:
                 "dropped_frames": round(ring_dropped + late, 1), "ring_dropped_frames": round(ring_dropped, 1),
                 "late_frames": late, "unanswered_frames": unanswered,
                 "frames_sent": sum(result.sent for result in results),
+                # The clients' own pace: frames a client sent over half a frame late can reach the
+                # server too late for their frame through no fault of the server's.
+                "client_send_lag_ms_p99": percentile(send_lags, 0.99),
+                "client_sends_late": sum(ms > FRAME_SECONDS * 500 for ms in send_lags),
                 "duration_s": round(duration, 1), "cpu_percent": cpu, "gpu_mem_gb": after.get("gpu_mem_gb"),
                 "batch_rows": after.get("capacity"), "client_errors": errors[:5], "card": card,
                 "replicas": len(after_status.get("replicas") or ()) or 1,  # serve --replicas (SCALING.md)
