@@ -107,7 +107,7 @@ print("ray", ray.__version__, "from", ray.__file__)
 EOF
 }
 
-cpu_sampler() {  # every 10 s: CPU% of Ray's proxy, controller and replicas (with their children)
+cpu_sampler() {  # every 10 s: CPU% of Ray's proxy (or HAProxy), controller and replicas (with their children)
     exec "$PY" - "$1" <<'EOF'
 import sys, time, psutil
 log = open(sys.argv[1], "a", buffering=1)
@@ -115,7 +115,7 @@ watched = {}
 while True:
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.pid not in watched and any(k in cmd for k in ("ProxyActor", "ServeReplica", "ServeController")):
+        if proc.pid not in watched and any(k in cmd for k in ("ProxyActor", "ServeReplica", "ServeController", "haproxy")):
             try:
                 proc.cpu_percent()
             except psutil.Error:
