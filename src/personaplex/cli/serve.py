@@ -14,6 +14,7 @@ from typing import Any
 from personaplex.cli.arguments import check_device, positive_count, tcp_port
 from personaplex.errors import ModelUnavailableError, PersonaPlexError
 from personaplex.model.formats import KV_CACHE_FORMATS, WEIGHT_FORMATS
+from personaplex.server.scaling import INGRESSES, Scaling
 from personaplex.server.security import AccessPolicy, is_loopback_host, new_token
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def register(subparsers: Any) -> None:
     )
     cluster.add_argument(
         "--ingress",
-        choices=("proxy", "haproxy"),
+        choices=INGRESSES,
         default="proxy",
         help="with --replicas: how clients reach the replicas: Ray Serve's Python proxy (default), or "
         "its experimental HAProxy ingress, about ten times the messages a second but without "
@@ -296,17 +297,11 @@ def _cluster_module() -> Any:
 
 
 def _cluster_plan(args: argparse.Namespace, settings: Any) -> tuple[Any, Any]:
-    """The replicas' recipe and their number from `serve`'s options."""
-    cluster = _cluster_module()
-    recipe = cluster.ReplicaRecipe(
-        load_engine=functools.partial(_load_engine, args),
-        load_transcriber=_transcriber_loader(args.asr_model),
-        asr_model_name=None if args.asr_model == NO_ASR else args.asr_model,
-        settings=settings,
-    )
+    """The replicas' recipe and their number from `serve`'s options (checked before Ray is
+    imported, which takes seconds)."""
     replicas = args.replicas if args.replicas is not None else max(1, args.min_replicas or 1)
     try:
-        scaling = cluster.Scaling(
+        scaling = Scaling(
             replicas=replicas,
             min_replicas=args.min_replicas,
             max_replicas=args.max_replicas,
@@ -316,6 +311,13 @@ def _cluster_plan(args: argparse.Namespace, settings: Any) -> tuple[Any, Any]:
         ).checked()
     except ValueError as err:
         raise PersonaPlexError(str(err)) from None
+    cluster = _cluster_module()
+    recipe = cluster.ReplicaRecipe(
+        load_engine=functools.partial(_load_engine, args),
+        load_transcriber=_transcriber_loader(args.asr_model),
+        asr_model_name=None if args.asr_model == NO_ASR else args.asr_model,
+        settings=settings,
+    )
     return recipe, scaling
 
 

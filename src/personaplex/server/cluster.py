@@ -68,6 +68,7 @@ from personaplex.server.app import (
     create_app,
 )
 from personaplex.server.model_host import EngineLoader, ModelHost, TranscriberLoader
+from personaplex.server.scaling import Scaling
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +85,10 @@ BOARD_CALL_TIMEOUT_S = 2.0
 BOARD_READ_CACHE_S = 0.25
 ADDRESS_PROBE_TIMEOUT_S = 5.0
 ROUTING_STATS_PERIOD_S = 0.5
-# Autoscaling aims at replicas this full (ongoing conversations / capacity).
-DEFAULT_TARGET_LOAD = 0.75
 # A replica being removed lets its conversations run this long before it stops.
 SHUTDOWN_GRACE_S = 120.0
 # Ray Serve reads this in every proxy process to add our middleware (ConversationEndNotice).
 PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "personaplex.server.cluster:proxy_middlewares"}
-# How clients reach the replicas (`serve --ingress`): "proxy", Ray Serve's Python proxy (our
-# router and ConversationEndNotice), or "haproxy", Ray Serve's experimental HAProxy ingress
-# (HAProxy carries the connections straight to the replicas' own HTTP servers: about ten
-# times the messages a second, but leastconn balancing and a bare close when a replica dies).
-INGRESSES = ("proxy", "haproxy")
 # What every Ray process needs for the HAProxy ingress (read when Ray Serve is imported).
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
@@ -112,34 +106,6 @@ class ReplicaRecipe:
     load_transcriber: TranscriberLoader | None
     asr_model_name: str | None
     settings: ServerSettings
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """How many replicas, each on how many GPUs, and how clients reach them (INGRESSES)."""
-
-    replicas: int = 1
-    min_replicas: int | None = None  # both set: autoscaling between them
-    max_replicas: int | None = None
-    gpus_per_replica: float | None = None  # None: one if the Ray cluster has GPUs, else none
-    target_load: float = DEFAULT_TARGET_LOAD
-    ingress: str = "proxy"
-
-    def checked(self) -> Scaling:
-        if self.ingress not in INGRESSES:
-            raise ValueError(f"--ingress must be one of {', '.join(INGRESSES)}, got {self.ingress!r}")
-        if self.replicas < 1:
-            raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
-        if (self.min_replicas is None) != (self.max_replicas is None):
-            raise ValueError("autoscaling needs both --min-replicas and --max-replicas")
-        # At least one replica always: with none, the page and "busy" would wait for a model load.
-        if self.min_replicas is not None and self.max_replicas is not None:
-            if not 1 <= self.min_replicas <= self.replicas <= self.max_replicas:
-                raise ValueError(
-                    "autoscaling needs 1 <= --min-replicas <= --replicas <= --max-replicas, got "
-                    f"{self.min_replicas} <= {self.replicas} <= {self.max_replicas}"
-                )
-        return self
 
 
 # --- the board: every replica's latest report --------------------------------------------
