@@ -105,19 +105,25 @@ def test_recordings_run_beside_live_conversations_unchanged(engine, batched_engi
     assert len(live) == 6
 
 
+def beside_a_steady_client(engine, pauser, steady_frames: int) -> tuple[list, list, int]:
+    """A steady live client of `steady_frames` frames and the `pauser` live stream at once:
+    (the steady client's frames, the pauser's frames, frames counted late meanwhile)."""
+    async def run():
+        late_before = engine.scheduler.late_frames
+        steady, paused = await asyncio.gather(collect(engine, audio(5, steady_frames), size=FRAME),
+                                              _collect_stream(engine.respond_realtime(pauser, greedy=True)))
+        return steady, paused, engine.scheduler.late_frames - late_before
+
+    return asyncio.run(run())
+
+
 def test_a_late_client_hears_silence_instead_of_stalling_the_others(batched_engine):
     async def slow():
         yield np.zeros(FRAME, np.float32)
         await asyncio.sleep(1.2)  # more than max_wait_s (0.5 s): the others go on
         yield np.zeros(FRAME, np.float32)
 
-    async def run():
-        late_before = batched_engine.scheduler.late_frames
-        fast, slow_chunks = await asyncio.gather(collect(batched_engine, audio(5, 8), size=FRAME),
-                                                 _collect_stream(batched_engine.respond_realtime(slow(), greedy=True)))
-        return fast, slow_chunks, batched_engine.scheduler.late_frames - late_before
-
-    fast, slow_chunks, late = asyncio.run(run())
+    fast, slow_chunks, late = beside_a_steady_client(batched_engine, slow(), 8)
     assert len(fast) == 8
     assert late >= 1 and len(slow_chunks) >= 2
 
@@ -128,13 +134,7 @@ def test_a_client_that_stops_sending_hears_silence_but_is_not_late(batched_engin
         await asyncio.sleep(1.2)  # connected but silent: the others go on without it
         # ... and hangs up without sending more
 
-    async def run():
-        late_before = batched_engine.scheduler.late_frames
-        fast, stopped = await asyncio.gather(collect(batched_engine, audio(5, 30), size=FRAME),
-                                             _collect_stream(batched_engine.respond_realtime(stops(), greedy=True)))
-        return fast, stopped, batched_engine.scheduler.late_frames - late_before
-
-    fast, stopped, late = asyncio.run(run())
+    fast, stopped, late = beside_a_steady_client(batched_engine, stops(), 30)
     assert len(fast) == 30
     assert len(stopped) >= 2  # it heard silence while the other conversation went on
     assert late == 0  # none of its audio came late: there was none
