@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with torch (installed first, explicitly) and personaplex.
-# Usage: scripts/setup.sh [--test]   (--test adds the test extras and the moshi oracle)
+# Usage: scripts/setup.sh [--test]   (--test adds the test extras, the moshi oracle and, on a
+# CPU torch, Triton for its kernel interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,6 +28,12 @@ if [ "${1:-}" = "--test" ]; then
     step 4 "test oracle moshi 0.2.13 into .oracle/"
     $PIP uninstall -y -q moshi 2>/dev/null || true  # left in .venv by an older setup
     [ -d .oracle/moshi ] || $PIP install -q --no-deps --target .oracle "moshi==0.2.13"
+    # Without a GPU, the kernel tests run our Triton kernels in Triton's interpreter
+    # (tests/gpu/common.py). A CUDA torch brings its own Triton, pinned: leave that one alone.
+    if .venv/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+        $PIP install -q "triton==${TRITON_VERSION:-3.9.0}" ||
+            echo "    (no Triton wheel for this machine: the kernel tests will be skipped)" >&2
+    fi
 else
     step 3 "personaplex with the server extras"
     $PIP install --progress-bar on -e ".[server]"

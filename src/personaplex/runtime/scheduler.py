@@ -6,13 +6,16 @@ frames into it and read agent frames out, one per frame pushed. Two kinds of row
 - paced rows (live microphones: `respond_realtime`, the server) get their frames in real
   time, each client on its own clock. A frame runs as soon as every live row has one
   waiting, which lines the frames up with the last client's phase. When the oldest waiting
-  paced frame has waited `max_wait_s` (a frame period and a half, so ordinary network jitter
-  never triggers it), the rows still without input hear silence for that frame and stop
-  holding the others back until their audio comes again: one stalled client costs the
-  others one wait, not their real-time rate. Audio that comes after its frame ran is not
+  paced frame has waited `max_wait_s`, the rows still without input hear silence for that
+  frame and stop holding the others back until their audio comes again: one stalled client
+  costs the others one wait, not their real-time rate. Audio that comes after its frame ran is not
   thrown away but heard a frame later, and the frames of silence it caused count in
   `late_frames` then. A client that stopped sending (and has not hung up yet) hears
-  silence too, but none of it is late: none of its audio was missing;
+  silence too, but none of it is late: none of its audio was missing. `max_wait_s` is two
+  frame periods: with clients on random phases a frame waits for the last one's audio, so
+  the oldest waiting frame has usually waited most of a period already; the second period
+  is the slack left for a client's audio to come late (network jitter, a busy host) before
+  it counts as late;
 - unpaced rows (recordings: `respond`, `respond_stream`, `respond_duplex`) have all their
   frames from the start, so alone they run as fast as the device allows, and beside live
   rows they simply keep pace.
@@ -87,7 +90,7 @@ class RowHandle:
 
 class FrameScheduler:
     def __init__(self, runner: FrameRunner, tokenizer: TextTokenizer, compute_lock: threading.Lock, *,
-                 max_wait_s: float = 0.12):
+                 max_wait_s: float = 0.16):
         self.runner = runner
         self.tokenizer = tokenizer
         self.compute_lock = compute_lock
