@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip"
-STEPS=$([ "${1:-}" = "--test" ] && echo 4 || echo 3)
+STEPS=$([ "${1:-}" = "--test" ] && echo 5 || echo 3)
 step() { echo "==> [$1/$STEPS] $2" >&2; }
 
 step 1 "virtual environment .venv"
@@ -31,8 +31,11 @@ if [ "${1:-}" = "--test" ]; then
     # Without a GPU, the kernel tests run our Triton kernels in Triton's interpreter
     # (tests/gpu/common.py). A CUDA torch brings its own Triton, pinned: leave that one alone.
     if .venv/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
-        $PIP install -q "triton==${TRITON_VERSION:-3.9.0}" ||
+        step 5 "Triton ${TRITON_VERSION:-3.9.0}, for the kernel tests' interpreter (about 290 MB)"
+        $PIP install --progress-bar on "triton==${TRITON_VERSION:-3.9.0}" ||
             echo "    (no Triton wheel for this machine: the kernel tests will be skipped)" >&2
+    else
+        step 5 "Triton: the CUDA torch's own is kept"
     fi
 else
     step 3 "personaplex with the server extras"
