@@ -31,12 +31,23 @@ START_TIMEOUT_S = 240
 class ClusterServer(LoopbackUrls):
     port: int
     log: Path
+    haproxy_stats_port: int | None = None  # with --ingress haproxy: HAProxy's statistics page
 
     def status(self) -> dict[str, Any]:
         return get_json(self.http_url + "/api/status")
 
     def ready_replicas(self) -> list[dict[str, Any]]:
         return [replica for replica in self.status()["replicas"] if replica["state"] == "ready"]
+
+    def haproxy_servers_up(self) -> int:
+        """Replicas HAProxy sends requests to (its statistics: one CSV row per server; Ray
+        adds its own proxy as a backup server, which is not counted)."""
+        rows = [line.split(",") for line in
+                get_text(f"http://127.0.0.1:{self.haproxy_stats_port}/stats;csv").splitlines()]
+        header = [column.lstrip("# ") for column in rows[0]]
+        name, status = header.index("svname"), header.index("status")
+        return sum(1 for row in rows[1:]
+                   if len(row) > status and row[name].startswith("SERVE_REPLICA") and row[status].startswith("UP"))
 
 
 def _free_port() -> int:
@@ -54,6 +65,9 @@ def cluster(request, tiny_folder, tmp_path_factory) -> Iterator[ClusterServer]:
     log = tmp_path_factory.mktemp("cluster") / "serve.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
+    stats_port = _free_port() if request.param == "haproxy" else None
+    if stats_port is not None:
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(stats_port)
     command = [
         sys.executable, "-m", "personaplex.cli.main", "serve",
         "--replicas", "2", "--max-sessions", "1", "--ingress", request.param,
@@ -64,7 +78,7 @@ def cluster(request, tiny_folder, tmp_path_factory) -> Iterator[ClusterServer]:
         process = subprocess.Popen(
             command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
-    server = ClusterServer(port, log)
+    server = ClusterServer(port, log, stats_port)
     try:
         wait_until(lambda: _replicas_ready(server, process), timeout=START_TIMEOUT_S, interval=1.0)
         yield server
@@ -84,7 +98,10 @@ def _replicas_ready(server: ClusterServer, process: subprocess.Popen) -> bool:
     if process.poll() is not None:
         raise AssertionError(f"serve exited ({process.returncode}):\n{server.log.read_text()[-4000:]}")
     try:
-        return len(server.ready_replicas()) == 2
+        # Behind HAProxy a replica serves once its model is loaded, and joins HAProxy's
+        # servers a moment after it says so.
+        return len(server.ready_replicas()) == 2 and (
+            server.haproxy_stats_port is None or server.haproxy_servers_up() == 2)
     except OSError:  # the proxy is not listening yet
         return False
 
@@ -162,7 +179,8 @@ def test_a_killed_replica_ends_its_conversation_and_the_other_takes_the_next(clu
 @pytest.mark.parametrize("cluster", ["haproxy"], indirect=True)
 def test_haproxy_ingress_spreads_conversations_and_a_killed_replica_drops_its_own(cluster):
     """HAProxy (leastconn) instead of SessionSlotRouter; a dead replica's conversation ends
-    with a bare drop (1006): ConversationEndNotice lives in the Python proxy it bypasses."""
+    with a bare drop (1006): ConversationEndNotice lives in the Python proxy it bypasses.
+    Its replacement joins HAProxy's servers once it has loaded the model."""
     assert get_text(cluster.http_url + "/").startswith("<!doctype html>")
     first = ChatClient(cluster.ws_url, mode="duplex", seed=1)
     second = ChatClient(cluster.ws_url, mode="duplex", seed=2)
@@ -185,6 +203,8 @@ def test_haproxy_ingress_spreads_conversations_and_a_killed_replica_drops_its_ow
     after = ChatClient(cluster.ws_url, mode="duplex", seed=4)
     _talk(after)
     after.close()
+    # Ray Serve replaces the dead replica; HAProxy sends it conversations once it has loaded.
+    wait_until(lambda: len(cluster.ready_replicas()) == 2 and cluster.haproxy_servers_up() == 2, timeout=120)
 
 
 def test_serve_without_replicas_does_not_import_ray():
@@ -282,3 +302,15 @@ def test_metrics_of_several_replicas_add_up_to_one_process_series():
     assert active == {"duplex": 3.0, "turn": 0.0}
     counts = [s.value for s in families["personaplex_frame_seconds"].samples if s.name.endswith("_count")]
     assert counts == [2.0]
+
+
+def test_serve_failing_to_start_is_named_in_one_line():
+    from personaplex.server.cluster import _failure_line
+
+    haproxy = RuntimeError(
+        "HAProxy crashed during startup: [NOTICE] (30055) : haproxy version is 2.8.25\n"
+        "[ALERT] (30055) : Binding [haproxy.cfg:45] for frontend prometheus: cannot bind socket "
+        "(Address already in use) for [0.0.0.0:9101]\n[ALERT] (30055) : Some protocols failed to start. Exiting.")
+    assert _failure_line(haproxy).endswith("cannot bind socket (Address already in use) for [0.0.0.0:9101]")
+    assert _failure_line(RuntimeError("first\nValueError: the cause\n")) == "ValueError: the cause"
+    assert _failure_line(RuntimeError("")) == "RuntimeError"

@@ -18,6 +18,7 @@ the codes); the page waits for GET /api/status to say "ready" before it offers t
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -65,6 +66,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_PROMPT_PRESET = "default"
 
 CONVERSATION_PATH = "/api/chat"
+LOADING_POLL_S = 0.5  # how often a `serve_once_loaded` startup looks at the model's loading
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,10 @@ class ServerSettings:
     cluster: ClusterView | None = None
     # A conversation whose client sends nothing for this long is ended (None: never).
     idle_timeout_s: float | None = 60.0
+    # Start serving only once the model has loaded (or failed to). One process serves at once
+    # and shows the loading on its page; a Ray Serve replica behind HAProxy waits, so that it
+    # joins HAProxy's backends only when it can hold conversations (server/cluster.py).
+    serve_once_loaded: bool = False
 
 
 class Health(BaseModel):
@@ -167,6 +173,8 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
         codecs = OpusProcessPool(settings.codec_processes, SAMPLE_RATE)
         host.start()
         await codecs.ready()
+        while settings.serve_once_loaded and host.status()["state"] == "loading":
+            await asyncio.sleep(LOADING_POLL_S)
         try:
             yield
         finally:

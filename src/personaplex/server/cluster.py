@@ -474,6 +474,11 @@ def build_application(recipe: ReplicaRecipe, scaling: Scaling) -> serve.Applicat
         )
     else:
         options["num_replicas"] = scaling.replicas
+    if scaling.ingress == "haproxy":
+        # HAProxy knows nothing of our readiness: a replica joins its backends when Serve
+        # starts it, so it starts only once its model is loaded (its app's startup waits).
+        # Meanwhile it still posts its loading progress to the board.
+        recipe = replace(recipe, settings=replace(recipe.settings, serve_once_loaded=True))
     deployment = serve.deployment(PersonaPlexServer).options(**options)
     return deployment.bind(recipe, ReplicaBoard.bind())
 
@@ -520,19 +525,7 @@ def serve_until_stopped(
     # After ray.init, which installs its own (crash-dumping) SIGTERM handler.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        serve.start(
-            http_options=http_options,
-            logging_config={"log_level": log_level.upper()},
-            # On a cluster that runs no Serve yet, the proxies get it from the controller.
-            controller_options={"runtime_env": {"env_vars": dict(PROXY_ENV)}},
-        )
-        serve.run(
-            build_application(recipe, scaling),
-            name=APP_NAME,
-            route_prefix="/",
-            blocking=False,
-            logging_config={"log_level": log_level.upper()},
-        )
+        _start_serve(recipe, scaling, http_options, log_level)
         print(welcome, file=sys.stderr, flush=True)
         while True:
             time.sleep(1.0)
@@ -543,6 +536,44 @@ def serve_until_stopped(
             with contextlib.suppress(Exception):
                 serve.shutdown()
         ray.shutdown()
+
+
+def _start_serve(recipe: ReplicaRecipe, scaling: Scaling, http_options: dict[str, Any], log_level: str) -> None:
+    """Serve's controller, proxies (or HAProxy) and the application, deployed; Serve failing
+    to start (a port taken, say) is one line naming what failed."""
+    try:
+        serve.start(
+            http_options=http_options,
+            logging_config={"log_level": log_level.upper()},
+            # On a cluster that runs no Serve yet, the proxies get it from the controller.
+            controller_options={"runtime_env": {"env_vars": dict(PROXY_ENV)}},
+        )
+        if scaling.ingress == "haproxy":
+            print(f"starting {scaling.replicas} replica(s): with --ingress haproxy the server answers once "
+                  "one has loaded the model", file=sys.stderr, flush=True)
+        serve.run(
+            build_application(recipe, scaling),
+            name=APP_NAME,
+            route_prefix="/",
+            blocking=False,
+            logging_config={"log_level": log_level.upper()},
+        )
+    except (ray.exceptions.RayError, RuntimeError) as err:
+        raise PersonaPlexError(
+            f"Ray Serve could not start: {_failure_line(err)}. Is another `serve --replicas` or Ray Serve "
+            "running on this machine? Stop it (`ray stop`), or use another --port"
+        ) from None
+
+
+def _failure_line(err: BaseException) -> str:
+    """The line of a (remote, multi-line) error that says what failed: HAProxy's ALERT, else the
+    last line that names an error, else the first."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for marker in ("[ALERT]", "Error", "error"):
+        named = [line for line in lines if marker in line]
+        if named:
+            return named[0 if marker == "[ALERT]" else -1][:300]
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def _check_reachable(ray_address: str) -> None:
