@@ -8,6 +8,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+from personaplex.errors import PersonaPlexError
 from personaplex.runtime.prompts import PROMPT_PRESETS
 from personaplex.runtime.voices import VOICE_NAMES
 from personaplex.server.app import STATIC_DIR
@@ -57,6 +58,24 @@ def test_status_reports_each_loading_stage_with_its_timing(start_server):
     assert status["timings"]["warmup"] >= 0.1
     assert status["error"] is None and status["help"] is None
     assert get_json(server.http_url + "/api/health") == {"status": "ok", "model_ready": True}
+
+
+def test_serve_once_loaded_answers_only_when_the_model_has_loaded_or_failed(start_server):
+    """What a Ray Serve replica behind HAProxy runs: its first answer already says ready (or
+    why the model could not load)."""
+
+    def slow_loader(progress):
+        time.sleep(0.5)
+        return FakeEngine()
+
+    def failing_loader(progress):
+        raise PersonaPlexError("no model here")
+
+    server = start_server(loader=slow_loader, wait=False, serve_once_loaded=True)
+    assert get_json(server.http_url + "/api/status")["state"] == "ready"
+    server = start_server(loader=failing_loader, wait=False, serve_once_loaded=True)
+    status = get_json(server.http_url + "/api/status")
+    assert status["state"] == "error" and "no model here" in status["error"]
 
 
 def test_voices_and_prompts(start_server):
