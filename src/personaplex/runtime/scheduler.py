@@ -8,8 +8,8 @@ frames into it and read agent frames out, one per frame pushed. Two kinds of row
   waiting, which lines the frames up with the last client's phase. When the oldest waiting
   paced frame has waited `max_wait_s`, the rows still without input hear silence for that
   frame and stop holding the others back until their audio comes again: one stalled client
-  costs the others one wait, not their real-time rate. Audio that comes after its frame ran is not
-  thrown away but heard a frame later, and the frames of silence it caused count in
+  costs the others one wait, not their real-time rate. Audio that comes after its frame ran
+  is not thrown away but heard a frame later, and the frames of silence it caused count in
   `late_frames` then. A client that stopped sending (and has not hung up yet) hears
   silence too, but none of it is late: none of its audio was missing. `max_wait_s` is two
   frame periods: with clients on random phases a frame waits for the last one's audio, so
@@ -62,11 +62,15 @@ class _Row:
     inputs: deque = field(default_factory=deque)  # (pcm [frame_samples] float32, agent listens)
     oldest_wait: float | None = None  # monotonic time the oldest queued frame arrived
     joined: bool = False  # the runner row holds this conversation (from its first input on)
-    stalled: bool = False  # late at the last frame: not waited for until its audio comes again
     silent_frames: int = 0  # frames run with silence in place of this row's audio since its last input
     input_ended: bool = False
     closed: bool = False  # the reader stopped: leave at the next frame
     frames_done: int = 0
+
+    @property
+    def stalled(self) -> bool:
+        """Late at a frame and silent since: not waited for until its audio comes again."""
+        return self.silent_frames > 0
 
 
 class RowHandle:
@@ -154,7 +158,6 @@ class FrameScheduler:
     def _push(self, index: int, row: _Row, pcm: np.ndarray, agent_listens: bool) -> None:
         with self._changed:
             row.inputs.append((pcm, agent_listens))
-            row.stalled = False
             self.late_frames += row.silent_frames  # its audio was late for them, not missing
             row.silent_frames = 0
             if len(row.inputs) == 1:
@@ -191,8 +194,7 @@ class FrameScheduler:
                     leaves = self._take_leaves()
                     frames = {i: self._next_input(r) for i, r in self._live() if r.joined}
                     for index, row in self._live():
-                        row.stalled = row.joined and frames.get(index, True) is None
-                        row.silent_frames += row.stalled
+                        row.silent_frames += row.joined and frames.get(index, True) is None
                     self._starved.update(i for i, r in self._live() if r.joined and not r.inputs and not r.stalled)
             for row in ended:
                 _deliver(row, None)

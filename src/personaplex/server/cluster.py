@@ -455,13 +455,17 @@ def build_application(recipe: ReplicaRecipe, scaling: Scaling) -> serve.Applicat
         "max_ongoing_requests": capacity + HTTP_HEADROOM,
         "graceful_shutdown_timeout_s": SHUTDOWN_GRACE_S,
     }
-    # HAProxy balances its connections itself (leastconn), and Ray Serve refuses a custom
-    # router on the deployment it serves.
     if scaling.ingress == "proxy":
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=SessionSlotRouter,
             request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
         )
+    else:
+        # HAProxy balances its connections itself (leastconn; Ray Serve refuses a custom
+        # router on the deployment it serves) and knows nothing of our readiness: a replica
+        # joins its backends when Serve starts it, so it starts only once its model is loaded
+        # (its app's startup waits). Meanwhile it still posts its loading progress to the board.
+        recipe = replace(recipe, settings=replace(recipe.settings, serve_once_loaded=True))
     if scaling.min_replicas is not None:
         options["autoscaling_config"] = AutoscalingConfig(
             min_replicas=scaling.min_replicas,
@@ -474,11 +478,6 @@ def build_application(recipe: ReplicaRecipe, scaling: Scaling) -> serve.Applicat
         )
     else:
         options["num_replicas"] = scaling.replicas
-    if scaling.ingress == "haproxy":
-        # HAProxy knows nothing of our readiness: a replica joins its backends when Serve
-        # starts it, so it starts only once its model is loaded (its app's startup waits).
-        # Meanwhile it still posts its loading progress to the board.
-        recipe = replace(recipe, settings=replace(recipe.settings, serve_once_loaded=True))
     deployment = serve.deployment(PersonaPlexServer).options(**options)
     return deployment.bind(recipe, ReplicaBoard.bind())
 
