@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One whole GPU measurement in one call of the device machine (it has no internet: the
 # server's wheels travel in .whl/). Stages are picked by name: bash bench/gpu_session.sh tests api serve
+# (speed, formats and b64 are the rows of docs/PERFORMANCE.md's speed table; on two GPUs, run
+# one list per GPU with CUDA_VISIBLE_DEVICES after one call with no stage has installed).
 # Everything lands in $OUT (logs and JSON rows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +24,16 @@ for stage in "$@"; do
                    --out "$OUT" 2>&1 | tail -20 ;;
         frames) timeout 500 python3 -m personaplex.cli.main bench --sessions "${SESSIONS:-1,32}" --weights "${WEIGHTS:-bf16}" \
                    --frames 100 --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
-        speed)  # issue "Speed II": the compiled graphed frame at B=1/32 with the peer, fp8/int4 at B=1, B=64 full with fp8 KV
-                timeout 270 python3 -m personaplex.cli.main bench --sessions 1,32 --weights bf16 --uncompiled --no-eager \
-                    --frames 100 --out "$OUT/bf16" 2>&1 | grep -v Warning | tail -30
-                timeout 160 python3 -m personaplex.cli.main bench --sessions 1 --weights bf16,fp8,int4 --no-eager \
-                    --no-upstream --frames 100 --out "$OUT/formats" 2>&1 | grep -v Warning | tail -12
-                timeout 130 python3 -m personaplex.cli.main bench --sessions 64 --weights bf16 --kv fp8 --no-eager \
-                    --no-upstream --frames 100 --out "$OUT/b64" 2>&1 | grep -v Warning | tail -8 ;;
+        speed)  # issue "Speed II": the compiled graphed frame at B=1 and 32 beside the peer (upstream moshi)
+                timeout "${SPEED_TIMEOUT:-330}" python3 -m personaplex.cli.main bench --sessions 1,32 --weights bf16 \
+                    --no-eager --frames 100 --out "$OUT/bf16" 2>&1 | grep -v Warning | tail -30 ;;
+        formats)  # fp8 and int4 weights (FORMATS), at FORMAT_SESSIONS rows
+                timeout "${FORMATS_TIMEOUT:-300}" python3 -m personaplex.cli.main bench --sessions "${FORMAT_SESSIONS:-1}" \
+                    --weights "${FORMATS:-fp8,int4}" --no-eager --no-upstream --frames 100 \
+                    --out "$OUT/formats-${FORMAT_SESSIONS:-1}" 2>&1 | grep -v Warning | tail -12 ;;
+        b64)  # 64 rows, bf16 weights, fp8 KV: early and full context
+                timeout "${B64_TIMEOUT:-200}" python3 -m personaplex.cli.main bench --sessions 64 --weights bf16 --kv fp8 \
+                    --no-eager --no-upstream --frames 100 --out "$OUT/b64" 2>&1 | grep -v Warning | tail -8 ;;
         profile) timeout "${PROFILE_TIMEOUT:-400}" python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" \
                      --cases "${CASES:-readable,as-written,compiled}" 2>&1 | grep -v Warning | cut -c1-2000 | tail -8 ;;
         *) echo "unknown stage $stage" ;;

@@ -19,7 +19,7 @@ import torch
 from personaplex.model.config import LMConfig
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
+if not CUDA and importlib.util.find_spec("triton") is not None:
     # Without a GPU the CPU variants run the Triton kernels in Triton's interpreter, which is
     # chosen when a kernel is defined: set before any test imports the kernel modules.
     os.environ.setdefault("TRITON_INTERPRET", "1")

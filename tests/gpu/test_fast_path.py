@@ -119,22 +119,3 @@ def test_public_calls_run_the_graphed_frame_and_match_the_readable_one(gpu_engin
     assert fast_reply.text_tokens == readable_reply.text_tokens
     assert [f.agent_codes for f in fast_reply.frames] == [f.agent_codes for f in readable_reply.frames]
     np.testing.assert_allclose(fast_reply.audio, readable_reply.audio, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
-def test_triton_ring_attention_equals_sdpa(dtype):
-    from personaplex.model.kernels.decode_attention import decode_attention
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(4, 32, 1, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
-    k = torch.randn(4, 32, 3000, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    k_cache, v_cache = k.to(dtype), v.to(dtype)
-    lengths = torch.tensor([1, 57, 2999, 3000], device="cuda")
-    expected = torch.cat([
-        torch.nn.functional.scaled_dot_product_attention(
-            q[b : b + 1].float(), k_cache[b : b + 1, :, : int(n)].float(), v_cache[b : b + 1, :, : int(n)].float())
-        for b, n in enumerate(lengths)
-    ])
-    got = decode_attention(q, k_cache, v_cache, lengths).float()
-    assert float((got - expected).norm() / expected.norm()) < 1e-2

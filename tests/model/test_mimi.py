@@ -19,7 +19,9 @@ from personaplex.hub import MIMI_FILENAME
 from personaplex.model.mimi import Mimi, MimiStreamState, load_mimi
 from personaplex.model.mimi.codec import is_used_key, module_key, official_tensor_shapes
 from personaplex.model.mimi.quantizer import Codebook
+from personaplex.model.layers import READABLE_KERNELS, Kernels
 from personaplex.model.mimi.transformer import MimiTransformer
+from tests.gpu.common import interpreter_or_skip
 from tests.fixtures.tiny_mimi import moshi_mimi, random_mimi_tensors, test_audio, tiny_mimi_config, write_tiny_mimi
 
 FRAME = 1920
@@ -200,14 +202,18 @@ def brute_force_stream(transformer: MimiTransformer, x: torch.Tensor, chunk: int
     return torch.cat(outputs, dim=-1)
 
 
+@pytest.mark.parametrize("kernels", [READABLE_KERNELS, Kernels.fast()], ids=["readable", "ring-kernel"])
 @pytest.mark.parametrize("chunk", [2, 1, 3])
-def test_streaming_transformer_follows_the_reference_rule_past_the_wrap(mimi, chunk):
-    """Two steps per call as the codec runs it (and 1, 3), 30 steps through a ring of 7."""
+def test_streaming_transformer_follows_the_reference_rule_past_the_wrap(mimi, chunk, kernels):
+    """Two steps per call as the codec runs it (and 1, 3), 30 steps through a ring of 7; the
+    readable attention and the Triton ring kernel (on the CPU, in Triton's interpreter)."""
+    if kernels.ring_attention:
+        interpreter_or_skip("cpu")
     transformer = mimi.encoder_transformer
     x = torch.randn(2, transformer.config.d_model, 30, generator=torch.Generator().manual_seed(3))
     state = transformer.new_state(2, x.device, x.dtype)
     with torch.no_grad():
-        streamed = torch.cat([transformer(x[..., i : i + chunk], state) for i in range(0, 30, chunk)], dim=-1)
+        streamed = torch.cat([transformer(x[..., i : i + chunk], state, kernels) for i in range(0, 30, chunk)], dim=-1)
         expected = brute_force_stream(transformer, x, chunk)
     assert rel_error(streamed, expected) < 1e-6
 

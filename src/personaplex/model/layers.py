@@ -73,13 +73,17 @@ def silu_gate(hidden: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Kernels:
-    """Which attention a live frame uses over the KV ring: what a runner chooses and passes
-    down the forward (nothing here is switched process-wide).
+    """Which attention the streaming steps use: what a runner chooses and passes down the
+    forward (nothing here is switched process-wide).
 
-    The readable choice is SDPA with a mask over every slot. The fast one is a Triton kernel
-    that reads only the filled slots (and fp8 caches as they are), CUDA only. Everything else
-    has one implementation: the fast frame gets its fused norms, RoPE and gates by compiling
-    the whole frame (`FrameRunner`), not from a second copy of those functions.
+    Three streaming attentions write a few new keys into a ring and attend over it: a live LM
+    frame over its KV ring, Mimi's transformer steps, the depformer's codebook steps. The
+    readable choice writes with a scatter and runs SDPA with a mask over every slot. The fast
+    one is one Triton kernel for all three (`kernels/ring_attention.py`) that writes and
+    attends in one launch and reads only the filled slots (fp8 caches as they are): on CUDA,
+    or under Triton's interpreter on the CPU. Everything else has one implementation: the
+    fast frame gets its fused norms, RoPE and gates by compiling the whole frame
+    (`FrameRunner`), not from a second copy of those functions.
     """
 
     ring_attention: bool = False

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
-from .kernels import cuda_op
+from .kernels import cuda_op, kernels_can_run
 from .kv_cache import TemporalState, ring_capacity, sliding_window_mask
 from .layers import READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, merge_heads, rope, rope_angles, split_heads
 
@@ -48,10 +48,7 @@ class TemporalAttention(nn.Module):
         if state is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=view.mask)
         elif x.shape[1] == 1:
-            # One live frame: its slot holds the frame that just left the window, so write
-            # first and attend over the ring in place (no copy of the cache).
-            state.write(layer_index, k, v, positions)
-            out = attend_ring(q, state, layer_index, view)
+            out = attend_ring(q, k, v, positions, state, layer_index, view)
         else:
             # A chunk of prompt frames: attend over (cache before the chunk) + (the chunk), then
             # store it; writing first could overwrite keys earlier frames of the chunk still need.
@@ -67,8 +64,8 @@ class TemporalAttention(nn.Module):
 class AttentionView:
     """What every layer's attention needs for one forward: the state, and either the mask
     (whole sequence, or a chunk over cache + chunk) or, for a single live frame, the number
-    of filled ring slots per row (all the fast kernel reads; the mask is built from it once,
-    and only if the readable path asks)."""
+    of filled ring slots per row (the readable path builds its mask from it once; the fast
+    kernel finds them from the frame's position)."""
 
     state: TemporalState | None
     mask: torch.Tensor | None  # [B, 1, T, keys] bool; None for a single live frame
@@ -87,11 +84,15 @@ class AttentionView:
         return self._ring_mask
 
 
-def attend_ring(q: torch.Tensor, state: TemporalState, layer_index: int, view: AttentionView) -> torch.Tensor:
-    """One query per row over its ring. On CUDA a Triton kernel reads only the filled slots
-    (and reads fp8 caches as they are); elsewhere SDPA with the mask reads them all."""
-    if view.kernels.ring_attention and q.is_cuda and view.filled_slots is not None:
-        return cuda_op("decode_attention")(q, state.keys[layer_index], state.values[layer_index], view.filled_slots)
+def attend_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                state: TemporalState, layer_index: int, view: AttentionView) -> torch.Tensor:
+    """One live frame: its keys/values go to its slot (which held the frame that just left the
+    window), then its query attends over the ring in place (no copy of the cache). The fast
+    kernel does both in one launch and reads only the filled slots (fp8 caches as they are);
+    the readable path writes, then runs SDPA with a mask over every slot."""
+    if view.kernels.ring_attention and kernels_can_run(q):
+        return cuda_op("ring_attention")(q, k, v, state.keys[layer_index], state.values[layer_index], positions[:, -1])
+    state.write(layer_index, k, v, positions)
     keys, values = state.layer_kv(layer_index, q.dtype)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=view.ring_mask)
 
@@ -146,10 +147,12 @@ class TemporalTransformer(nn.Module):
 
 @dataclass
 class DepformerState:
-    """Keys/values of the depformer steps already run in the current frame."""
+    """Keys/values of the depformer steps already run in the current frame: per layer a ring
+    of dep_q slots that never wraps (step k writes slot k and sees slots 0..k)."""
 
     keys: torch.Tensor  # [layers, B, heads, steps, head_dim]
     values: torch.Tensor
+    step_positions: torch.Tensor  # [steps, B] int64, row k all k: step k's position, as the ring kernel takes it
 
 
 class DepformerAttention(nn.Module):
@@ -174,14 +177,17 @@ class DepformerAttention(nn.Module):
         out = merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
         return torch.stack([self.out_projs[s](out[:, s]) for s in range(steps)], dim=1)
 
-    def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int) -> torch.Tensor:
+    def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int,
+                     kernels: Kernels) -> torch.Tensor:
         """Streaming: x [B, 1, dim] is step `step`; attends to steps 0..step of this frame."""
         q, k, v = (split_heads(t, self.num_heads) for t in self.in_projs[step](x).chunk(3, dim=-1))
-        state.keys[layer_index, :, :, step : step + 1] = k
-        state.values[layer_index, :, :, step : step + 1] = v
-        keys = state.keys[layer_index, :, :, : step + 1]
-        values = state.values[layer_index, :, :, : step + 1]
-        out = F.scaled_dot_product_attention(q, keys, values)
+        keys, values = state.keys[layer_index], state.values[layer_index]
+        if kernels.ring_attention and kernels_can_run(q):
+            out = cuda_op("ring_attention")(q, k, v, keys, values, state.step_positions[step])
+        else:
+            keys[:, :, step : step + 1] = k
+            values[:, :, step : step + 1] = v
+            out = F.scaled_dot_product_attention(q, keys[:, :, : step + 1], values[:, :, : step + 1])
         return self.out_projs[step](merge_heads(out))
 
 
@@ -201,8 +207,9 @@ class DepformerLayer(nn.Module):
         ffn_in = self.norm2(x)
         return x + torch.stack([self.gating[k](ffn_in[:, k]) for k in range(x.shape[1])], dim=1)
 
-    def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int) -> torch.Tensor:
-        x = x + self.self_attn.forward_step(self.norm1(x), step, state, layer_index)
+    def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int,
+                     kernels: Kernels) -> torch.Tensor:
+        x = x + self.self_attn.forward_step(self.norm1(x), step, state, layer_index, kernels)
         return x + self.gating[step](self.norm2(x))
 
 
@@ -265,7 +272,9 @@ class LMModel(nn.Module):
         shape = (c.depformer_num_layers, batch_size, c.depformer_num_heads, c.dep_q, c.depformer_dim // c.depformer_num_heads)
         device = device or self.text_linear.weight.device
         dtype = dtype or self.activation_dtype
-        return DepformerState(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        step_positions = torch.arange(c.dep_q, device=device)[:, None].expand(-1, batch_size).contiguous()
+        return DepformerState(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                              step_positions)
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -290,6 +299,7 @@ class LMModel(nn.Module):
 
     def depformer_step(
         self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor, state: DepformerState,
+        kernels: Kernels = READABLE_KERNELS,
     ) -> torch.Tensor:
         """Logits [B, card] of codebook `step` of one frame.
 
@@ -299,7 +309,7 @@ class LMModel(nn.Module):
         token_embedding = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
         x = self.depformer_in[step](hidden) + embed_with_zero(token_embedding, previous_token[:, None])
         for index, layer in enumerate(self.depformer.layers):
-            x = layer.forward_step(x, step, state, index)
+            x = layer.forward_step(x, step, state, index, kernels)
         return self.linears[step](x[:, 0])
 
     # ---- teacher-forced path

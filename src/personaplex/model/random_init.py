@@ -164,7 +164,7 @@ def teacher_forced_logits(
         text.append(text_logits[:, 0])
         # Step k reads stream k of the next slot: the text token for k = 0, else codebook k - 1.
         given = delayed[:, :, frame + 1]
-        steps = [lm.depformer_step(k, hidden, given[:, k], depformer) for k in range(config.dep_q)]
+        steps = [lm.depformer_step(k, hidden, given[:, k], depformer, kernels) for k in range(config.dep_q)]
         audio.append(torch.stack(steps, dim=1))
     text_logits = torch.stack(text, dim=1)[:, None]
     audio_logits = torch.stack(audio, dim=2)

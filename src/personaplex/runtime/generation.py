@@ -203,7 +203,7 @@ class FrameGenerator:
         previous = text_token
         sampled = []
         for step in range(self.depformer_steps):
-            logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state)
+            logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state, self.kernels)
             if self.observer is not None:
                 self.observer.on_audio_logits(step, logits)
             token = sample_tokens(logits, self.audio_temperature, self.audio_top_k, self.noise)

@@ -154,7 +154,7 @@ class FrameRunner:
     # The three parts of a frame, through the static buffers (the benchmark times them apart).
 
     def encode_user(self) -> None:
-        self.user_codes.copy_(self.mimi.encode_step(self.user_pcm, self.codec_state)[:, :, 0])
+        self.user_codes.copy_(self.mimi.encode_step(self.user_pcm, self.codec_state, self.kernels)[:, :, 0])
 
     def step_model(self) -> None:
         """The one place that decides what is forced: the user's codes always, the agent's
@@ -170,7 +170,7 @@ class FrameRunner:
         never joined a persona has one) holds start tokens: its codes are clamped into the
         codebook for the decoder and its audio is silence."""
         codes = self.tokens[:, 1:, None].clamp(0, self.lm.config.card - 1)
-        decoded = self.mimi.decode_step(codes, self.codec_state)
+        decoded = self.mimi.decode_step(codes, self.codec_state, self.kernels)
         self.agent_pcm.copy_(torch.where(self.valid[:, None, None], decoded, torch.zeros((), device=self.device)))
 
     def _frame_then_capture(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 
 import torch
 
@@ -18,7 +19,16 @@ class WeightKind(enum.IntEnum):
 def register_cuda_ops() -> None:
     """Import the kernels' modules, which register them as torch custom ops (CUDA machines
     only: they import Triton)."""
-    from . import decode_attention, quantized_matmul  # noqa: F401
+    from . import quantized_matmul, ring_attention  # noqa: F401
+
+
+def kernels_can_run(tensor: torch.Tensor) -> bool:
+    """Whether our Triton kernels can take `tensor`: on CUDA, and on the CPU when Triton's
+    interpreter is on (TRITON_INTERPRET=1, as the CPU tests set it), so that the model takes
+    the GPU's path there too, slowly. Never the interpreter inside a compiled frame."""
+    if tensor.is_cuda:
+        return True
+    return not torch.compiler.is_compiling() and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def cuda_op(name: str) -> torch._ops.OpOverloadPacket:

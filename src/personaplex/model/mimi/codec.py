@@ -19,6 +19,7 @@ from torch import nn
 
 from personaplex.model.checkpoint import check_tensor_shapes, load_safetensors, read_safetensors_shapes
 from personaplex.model.config import ConfigError, MimiConfig
+from personaplex.model.layers import READABLE_KERNELS, Kernels
 from personaplex.model.mimi.conv import StreamingConv1d, StreamingConvTranspose1d
 from personaplex.model.mimi.quantizer import SplitResidualVQ
 from personaplex.model.mimi.seanet import SEANetDecoder, SEANetEncoder
@@ -143,8 +144,9 @@ class Mimi(nn.Module):
         )
 
     @torch.no_grad()
-    def encode_step(self, pcm: torch.Tensor, state: MimiStreamState) -> torch.Tensor:
-        """One frame: pcm [B, 1, 1920] -> codes [B, num_codebooks, 1]. Updates state.encoder."""
+    def encode_step(self, pcm: torch.Tensor, state: MimiStreamState, kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
+        """One frame: pcm [B, 1, 1920] -> codes [B, num_codebooks, 1]. Updates state.encoder.
+        `kernels`: which attention its transformer's steps use."""
         self._check_pcm(pcm)
         self._check_step_shape("pcm", pcm, (state.batch_size, 1, self.frame_samples))
         side = state.encoder
@@ -152,12 +154,12 @@ class Mimi(nn.Module):
         # repeating its first sample (upstream's "replicate" padding).
         fresh = side.transformer.offset == 0
         x = self.encoder(pcm.to(self.dtype), side.seanet)
-        x = self.encoder_transformer(x, side.transformer)
+        x = self.encoder_transformer(x, side.transformer, kernels)
         x = self.downsample(x, side.resample, fresh)
         return self.quantizer.encode(x)
 
     @torch.no_grad()
-    def decode_step(self, codes: torch.Tensor, state: MimiStreamState) -> torch.Tensor:
+    def decode_step(self, codes: torch.Tensor, state: MimiStreamState, kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """One frame: codes [B, K, 1] -> pcm [B, 1, 1920] float32. Updates state.decoder.
         Codes are not range-checked here (that would synchronise with the device)."""
         self._check_codes(codes)
@@ -165,7 +167,7 @@ class Mimi(nn.Module):
         side = state.decoder
         x = self.quantizer.decode(codes).to(self.dtype)
         x = self.upsample(x, side.resample)
-        x = self.decoder_transformer(x, side.transformer)
+        x = self.decoder_transformer(x, side.transformer, kernels)
         x = self.decoder(x, side.seanet)
         return x.float()
 

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from personaplex.model.config import MimiTransformerConfig
+from personaplex.model.kernels import cuda_op, kernels_can_run
 from personaplex.model.kv_cache import ring_capacity
-from personaplex.model.layers import rope, rope_angles
+from personaplex.model.layers import READABLE_KERNELS, Kernels, rope, rope_angles
 
 
 @dataclass
@@ -69,7 +70,10 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """visible [B or 1, T, S]: which keys each query sees."""
-        out = F.scaled_dot_product_attention(q, k, v, visible[:, None])
+        return self._project_out(F.scaled_dot_product_attention(q, k, v, visible[:, None]))
+
+    def _project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, H, T, D] -> [B, T, C] through out_proj."""
         batch, heads, steps, head_dim = out.shape
         return self.out_proj(out.permute(0, 2, 1, 3).reshape(batch, steps, heads * head_dim))
 
@@ -82,16 +86,20 @@ class Attention(nn.Module):
         delta = positions.view(-1, 1) - positions.view(1, -1)
         return self._attend(q, k, v, ((delta >= 0) & (delta < self.context))[None])
 
-    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor,
+             kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """x [B, T, C] at positions offset[b] + t (T < ring slots); writes its keys/values
         into the ring, then attends.
 
         As in the reference, the T new keys are written first, so the ring then holds the
         last context - 1 positions up to the call's last one, P: a query at q sees the keys at
         k <= q with P - k < context - 1. The first queries of a call thus see fewer keys than
-        the whole-clip mask allows once the ring has wrapped."""
+        the whole-clip mask allows once the ring has wrapped. The fast kernel (the LM's ring
+        attention) writes and attends in one launch, reading only the filled slots."""
         batch, steps, _ = x.shape
         q, k, v = self._qkv(x, offset)
+        if kernels.ring_attention and kernels_can_run(q):
+            return self._project_out(cuda_op("ring_attention")(q, k, v, keys, values, offset + (steps - 1)))
         capacity = keys.shape[2]
         new_pos = offset.view(-1, 1) + torch.arange(steps, device=x.device)  # [B, T]
         slots = (new_pos % capacity).view(batch, 1, steps, 1).expand(-1, k.shape[1], -1, k.shape[3])
@@ -123,8 +131,9 @@ class TransformerLayer(nn.Module):
         x = x + self.layer_scale_1(self.self_attn(self.norm1(x)))
         return self._feed_forward(x)
 
-    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        x = x + self.layer_scale_1(self.self_attn.step(self.norm1(x), keys, values, offset))
+    def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor,
+             kernels: Kernels) -> torch.Tensor:
+        x = x + self.layer_scale_1(self.self_attn.step(self.norm1(x), keys, values, offset, kernels))
         return self._feed_forward(x)
 
 
@@ -146,14 +155,16 @@ class MimiTransformer(nn.Module):
             offset=torch.zeros(batch_size, device=device, dtype=torch.long),
         )
 
-    def forward(self, x: torch.Tensor, state: TransformerState | None = None) -> torch.Tensor:
-        """A whole clip if `state` is None, else the next x.shape[-1] positions of a stream."""
+    def forward(self, x: torch.Tensor, state: TransformerState | None = None,
+                kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
+        """A whole clip if `state` is None, else the next x.shape[-1] positions of a stream
+        (`kernels`: which attention the streaming steps use)."""
         x = x.transpose(1, 2)
         if state is None:
             for layer in self.layers:
                 x = layer(x)
         else:
             for layer, keys, values in zip(self.layers, state.keys, state.values):
-                x = layer.step(x, keys, values, state.offset)
+                x = layer.step(x, keys, values, state.offset, kernels)
             state.offset.add_(x.shape[1])
         return x.transpose(1, 2)
