@@ -25,7 +25,7 @@ for stage in "$@"; do
         frames) timeout 500 python3 -m personaplex.cli.main bench --sessions "${SESSIONS:-1,32}" --weights "${WEIGHTS:-bf16}" \
                    --frames 100 --out "$OUT" 2>&1 | grep -v Warning | tail -30 ;;
         speed)  # issue "Speed II": the compiled graphed frame at B=1 and 32 beside the peer (upstream moshi)
-                timeout "${SPEED_TIMEOUT:-330}" python3 -m personaplex.cli.main bench --sessions 1,32 --weights bf16 \
+                timeout "${SPEED_TIMEOUT:-330}" python3 -m personaplex.cli.main bench --sessions "${SPEED_SESSIONS:-1,32}" --weights bf16 \
                     --no-eager --frames 100 --out "$OUT/bf16" 2>&1 | grep -v Warning | tail -30 ;;
         formats)  # fp8 and int4 weights (FORMATS), at FORMAT_SESSIONS rows
                 timeout "${FORMATS_TIMEOUT:-300}" python3 -m personaplex.cli.main bench --sessions "${FORMAT_SESSIONS:-1}" \

@@ -11,8 +11,9 @@ reads of the whole ring even when a conversation is 10 s old.
 This kernel does it in one launch (two when the ring is split, as the LM's is):
 - slots fill from 0 until the ring wraps, so only the first min(last + 1, slots) are read,
   split over several programs per head so that one query still fills the GPU;
-- the program of the first split stores the new keys/values, and every program reads the new
-  steps' slots from the inputs rather than the cache, so no program waits for another;
+- one program per query and split; the first split's programs store their step's key/value,
+  and every program reads the new steps' slots from the inputs rather than the cache, so no
+  program waits for another;
 - with several splits, a second small kernel merges the partial softmaxes.
 Keys and values may be stored in float8 (e4m3): they are read as they are, and the new ones
 are rounded to the cache's type before they are used, as the readable path reads them back.
@@ -30,47 +31,38 @@ _BLOCK = 64  # slots per inner iteration
 
 
 @triton.jit
-def _load_steps(ptr, stride_b, stride_h, stride_t, row, head, steps, step_ok, dims):
-    """[STEPS_PAD, HEAD_DIM] of a [B, H, T, D] tensor (last dimension contiguous) at (row, head)."""
-    offsets = row * stride_b + head * stride_h + steps[:, None] * stride_t + dims[None, :]
-    return tl.load(ptr + offsets, mask=step_ok[:, None], other=0.0)
-
-
-@triton.jit
 def _ring_attention_split(
     q_ptr, new_k_ptr, new_v_ptr, k_ptr, v_ptr, last_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     heads, capacity, splits, scale,
-    STEPS: tl.constexpr, STEPS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    STEPS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, ONE_SPLIT: tl.constexpr,
 ):
+    """One program: one query (row, head, step) over one split of the ring. Every tile is 2-D
+    ([BLOCK slots, HEAD_DIM]), as Triton lays those out best; a call's T queries are T programs
+    that read the same slots (T is 1 or 2, and the rings they share are small)."""
     row = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1) // STEPS
+    step = tl.program_id(1) % STEPS
     split = tl.program_id(2)
     last = tl.load(last_ptr + row)  # position of the call's newest step
     start = split * SPLIT
     end = tl.minimum(start + SPLIT, tl.minimum(last + 1, capacity))
     dims = tl.arange(0, HEAD_DIM)
-    steps = tl.arange(0, STEPS_PAD)
-    step_ok = steps < STEPS
-    step_positions = last - (STEPS - 1) + steps  # >= 0: every new step has a position
-    new_slots = step_positions % capacity
+    first_position = last - (STEPS - 1)  # >= 0: every new step has a position
+    query_position = first_position + step
     cache_type = k_ptr.dtype.element_ty
-    # The new keys/values as the cache stores them (rounded to float8 where it is float8).
-    new_k = _load_steps(new_k_ptr, stride_kb, stride_kh, stride_kt, row, head, steps, step_ok, dims).to(cache_type)
-    new_v = _load_steps(new_v_ptr, stride_vb, stride_vh, stride_vt, row, head, steps, step_ok, dims).to(cache_type)
     ring = (row * heads + head) * capacity * HEAD_DIM
-    if split == 0:
-        new_offsets = ring + new_slots[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(k_ptr + new_offsets, new_k, mask=step_ok[:, None])
-        tl.store(v_ptr + new_offsets, new_v, mask=step_ok[:, None])
-    new_k = new_k.to(tl.float32)
-    new_v = new_v.to(tl.float32)
-    q = _load_steps(q_ptr, stride_qb, stride_qh, stride_qt, row, head, steps, step_ok, dims).to(tl.float32) * scale
+    new_k_base = new_k_ptr + row * stride_kb + head * stride_kh
+    new_v_base = new_v_ptr + row * stride_vb + head * stride_vh
+    if split == 0:  # this query's own step goes into the ring, rounded as the cache stores it
+        slot = query_position % capacity
+        tl.store(k_ptr + ring + slot * HEAD_DIM + dims, tl.load(new_k_base + step * stride_kt + dims).to(cache_type))
+        tl.store(v_ptr + ring + slot * HEAD_DIM + dims, tl.load(new_v_base + step * stride_vt + dims).to(cache_type))
+    q = tl.load(q_ptr + row * stride_qb + head * stride_qh + step * stride_qt + dims).to(tl.float32) * scale
 
-    running_max = tl.full([STEPS_PAD], float("-inf"), tl.float32)
-    running_sum = tl.zeros([STEPS_PAD], tl.float32)
-    acc = tl.zeros([STEPS_PAD, HEAD_DIM], tl.float32)
+    running_max = -float("inf")
+    running_sum = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for first in range(start, end, BLOCK):
         slots = first + tl.arange(0, BLOCK)
         in_range = slots < end
@@ -78,31 +70,32 @@ def _ring_attention_split(
         k = tl.load(k_ptr + offsets, mask=in_range[:, None], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offsets, mask=in_range[:, None], other=0.0).to(tl.float32)
         for t in tl.static_range(STEPS):  # the new steps' slots: from the inputs, not the cache
-            written = (slots == (last - (STEPS - 1) + t) % capacity)[:, None]
-            k = tl.where(written, tl.sum(tl.where(steps[:, None] == t, new_k, 0.0), axis=0)[None, :], k)
-            v = tl.where(written, tl.sum(tl.where(steps[:, None] == t, new_v, 0.0), axis=0)[None, :], v)
+            written = (slots == (first_position + t) % capacity)[:, None]
+            new_k = tl.load(new_k_base + t * stride_kt + dims).to(cache_type).to(tl.float32)
+            new_v = tl.load(new_v_base + t * stride_vt + dims).to(cache_type).to(tl.float32)
+            k = tl.where(written, new_k[None, :], k)
+            v = tl.where(written, new_v[None, :], v)
         # Newest position held by each slot (capacity is added so that % sees no negative number).
         key_positions = last - (last - slots + capacity) % capacity
-        visible = in_range[None, :] & (key_positions[None, :] <= step_positions[:, None])
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
-        scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        visible = in_range & (key_positions <= query_position)
+        scores = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
         # A query that has seen nothing yet keeps max -inf: subtract 0 instead (its weights are 0).
         finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        weights = tl.exp(scores - finite_max[:, None])
+        weights = tl.exp(scores - finite_max)
         correction = tl.exp(running_max - finite_max)
-        acc = acc * correction[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
-        running_sum = running_sum * correction + tl.sum(weights, axis=1)
+        acc = acc * correction + tl.sum(weights[:, None] * v, axis=0)
+        running_sum = running_sum * correction + tl.sum(weights, axis=0)
         running_max = new_max
 
+    query = (row * heads + head) * STEPS + step
     if ONE_SPLIT:  # every query sees at least its own key: the sum is > 0
-        out_offsets = ((row * heads + head) * STEPS + steps)[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(out_ptr + out_offsets, (acc / running_sum[:, None]).to(out_ptr.dtype.element_ty), mask=step_ok[:, None])
+        tl.store(out_ptr + query * HEAD_DIM + dims, (acc / running_sum).to(out_ptr.dtype.element_ty))
     else:
-        partial = ((row * heads + head) * splits + split) * STEPS + steps
-        tl.store(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=step_ok[:, None])
-        tl.store(max_ptr + partial, running_max, mask=step_ok)
-        tl.store(sum_ptr + partial, running_sum, mask=step_ok)
+        partial = ((row * heads + head) * splits + split) * STEPS + step
+        tl.store(acc_ptr + partial * HEAD_DIM + dims, acc)
+        tl.store(max_ptr + partial, running_max)
+        tl.store(sum_ptr + partial, running_sum)
 
 
 @triton.jit
@@ -146,11 +139,11 @@ def ring_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Te
     acc = torch.empty(*partials, head_dim, device=q.device, dtype=torch.float32) if splits > 1 else out
     maxes = torch.empty(partials, device=q.device, dtype=torch.float32) if splits > 1 else out
     sums = torch.empty_like(maxes) if splits > 1 else out
-    _ring_attention_split[(batch, heads, splits)](
+    _ring_attention_split[(batch, heads * steps, splits)](
         q, new_keys, new_values, keys, values, last_position.contiguous(), out, acc, maxes, sums,
         *q.stride()[:3], *new_keys.stride()[:3], *new_values.stride()[:3],
         heads, capacity, splits, head_dim**-0.5,
-        STEPS=steps, STEPS_PAD=triton.next_power_of_2(steps), HEAD_DIM=head_dim, SPLIT=_SPLIT,
+        STEPS=steps, HEAD_DIM=head_dim, SPLIT=_SPLIT,
         BLOCK=min(_BLOCK, triton.next_power_of_2(capacity)), ONE_SPLIT=splits == 1,
     )
     if splits > 1:
