@@ -12,8 +12,9 @@ This kernel does it in one launch (two when the ring is split, as the LM's is):
 - slots fill from 0 until the ring wraps, so only the first min(last + 1, slots) are read,
   split over several programs per head so that one query still fills the GPU;
 - one program per query and split; the first split's programs store their step's key/value,
-  and every program reads the new steps' slots from the inputs rather than the cache, so no
-  program waits for another;
+  and the new steps are read from the inputs (by the program whose split holds their slot),
+  never from the cache, so no program waits for another. Every other filled slot holds an
+  older position, which all of the call's queries see: no per-slot position arithmetic;
 - with several splits, a second small kernel merges the partial softmaxes.
 Keys and values may be stored in float8 (e4m3): they are read as they are, and the new ones
 are rounded to the cache's type before they are used, as the readable path reads them back.
@@ -63,21 +64,30 @@ def _ring_attention_split(
     running_max = -float("inf")
     running_sum = 0.0
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    # The new steps first, from the inputs: the program of the split holding a step's slot
+    # counts it if the query may see it (its own step and the ones before). Every slot not
+    # written by this call holds an older position, which every query of the call sees.
+    for t in tl.static_range(STEPS):
+        slot = (first_position + t) % capacity
+        counted = (slot >= start) & (slot < end) & (t <= step)
+        new_k = tl.load(new_k_base + t * stride_kt + dims).to(cache_type).to(tl.float32)
+        new_v = tl.load(new_v_base + t * stride_vt + dims).to(cache_type).to(tl.float32)
+        score = tl.where(counted, tl.sum(q * new_k, axis=0), float("-inf"))
+        new_max = tl.maximum(running_max, score)
+        finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        weight = tl.exp(score - finite_max)
+        correction = tl.exp(running_max - finite_max)
+        acc = acc * correction + weight * new_v
+        running_sum = running_sum * correction + weight
+        running_max = new_max
     for first in range(start, end, BLOCK):
         slots = first + tl.arange(0, BLOCK)
-        in_range = slots < end
+        visible = slots < end
+        for t in tl.static_range(STEPS):  # the new steps' slots were counted above
+            visible &= slots != (first_position + t) % capacity
         offsets = ring + slots[:, None] * HEAD_DIM + dims[None, :]
-        k = tl.load(k_ptr + offsets, mask=in_range[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offsets, mask=in_range[:, None], other=0.0).to(tl.float32)
-        for t in tl.static_range(STEPS):  # the new steps' slots: from the inputs, not the cache
-            written = (slots == (first_position + t) % capacity)[:, None]
-            new_k = tl.load(new_k_base + t * stride_kt + dims).to(cache_type).to(tl.float32)
-            new_v = tl.load(new_v_base + t * stride_vt + dims).to(cache_type).to(tl.float32)
-            k = tl.where(written, new_k[None, :], k)
-            v = tl.where(written, new_v[None, :], v)
-        # Newest position held by each slot (capacity is added so that % sees no negative number).
-        key_positions = last - (last - slots + capacity) % capacity
-        visible = in_range & (key_positions <= query_position)
+        k = tl.load(k_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
         scores = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=0))
         # A query that has seen nothing yet keeps max -inf: subtract 0 instead (its weights are 0).
