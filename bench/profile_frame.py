@@ -26,7 +26,7 @@ from personaplex.model.layers import READABLE_KERNELS, Kernels
 from personaplex.runtime.runner import FrameRunner
 
 FAMILIES = [  # first match wins
-    ("attention (ring, Triton)", r"_partial_attention"),
+    ("attention (ring, Triton)", r"_ring_attention_split|_merge_splits|_partial_attention"),
     ("attention (SDPA)", r"flash|fmha|attention|softmax"),
     ("matmul", r"gemm|gemv|cutlass|sm90_|nvjet|matmul|_quantized|dequant"),
     ("convolution", r"conv|implicit|winograd"),
