@@ -100,6 +100,28 @@ def test_ring_kernel_takes_strided_steps(scale):
     assert float((out - expected).norm() / expected.norm()) < 1e-5
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the rings take 4.3 GB")
+def test_ring_kernel_reaches_rows_past_2_to_the_31_bytes():
+    """176 rows of fp8 rings at the LM's shape: the last rows start past byte 2^31 of the
+    cache (a 32-bit offset would wrap there and read another row's keys)."""
+    from personaplex.model.kernels.ring_attention import ring_attention
+
+    batch, heads, capacity, head_dim = 176, 32, 2999, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, new_keys, new_values = (torch.randn(batch, heads, 1, head_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
+                               for _ in range(3))
+    keys, values = (torch.randn(batch, heads, capacity, head_dim, device="cuda", dtype=torch.bfloat16,
+                                generator=gen).to(torch.float8_e4m3fn) for _ in range(2))
+    last = torch.full((batch,), 3 * capacity + 5, device="cuda")
+    rows = slice(batch - 2, batch)
+    expected_keys, expected_values = keys[rows].clone(), values[rows].clone()
+    expected = readable_ring_attention(q[rows], new_keys[rows], new_values[rows], expected_keys, expected_values, last[rows])
+    out = ring_attention(q, new_keys, new_values, keys, values, last)
+    assert torch.equal(keys[rows].view(torch.uint8), expected_keys.view(torch.uint8))
+    assert float((out[rows].float() - expected).norm() / expected.norm()) < 1e-2
+
+
 # ---------------------------------------------------------------------------- inside the LM
 
 

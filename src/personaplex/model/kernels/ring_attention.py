@@ -52,7 +52,8 @@ def _ring_attention_split(
     first_position = last - (STEPS - 1)  # >= 0: every new step has a position
     query_position = first_position + step
     cache_type = k_ptr.dtype.element_ty
-    ring = (row * heads + head) * capacity * HEAD_DIM
+    # 64-bit: from 175 rows (x 32 heads x 2999 slots x 128) a ring's offset passes 2^31.
+    ring = (row * heads + head).to(tl.int64) * capacity * HEAD_DIM
     new_k_base = new_k_ptr + row * stride_kb + head * stride_kh
     new_v_base = new_v_ptr + row * stride_vb + head * stride_vh
     if split == 0:  # this query's own step goes into the ring, rounded as the cache stores it
