@@ -23,12 +23,25 @@ Shapes are static and nothing synchronises with the host, so it is CUDA-graph sa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-_SPLIT = 256  # slots per program
-_BLOCK = 64  # slots per inner iteration
+@dataclass(frozen=True)
+class RingLaunch:
+    """How the kernel is launched: slots per program (`split`), slots per inner iteration
+    (`block`, capped at the ring's size), Triton's warps and pipeline stages. The default is
+    what run F measured; `bench/ring_attention_sweep.py` times the alternatives."""
+
+    split: int = 256
+    block: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DEFAULT_LAUNCH = RingLaunch()
 
 
 @triton.jit
@@ -139,12 +152,18 @@ def ring_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Te
     Stores the new keys/values at slot position % slots, then returns [B, H, T, D] in q's
     dtype: softmax(q k^T / sqrt(D)) v over the slots whose newest position is at most the
     query's (slot s holds position last - ((last - s) mod slots); negative: never written)."""
+    return launch_ring_attention(q, new_keys, new_values, keys, values, last_position, DEFAULT_LAUNCH)
+
+
+def launch_ring_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, keys: torch.Tensor,
+                          values: torch.Tensor, last_position: torch.Tensor, launch: RingLaunch) -> torch.Tensor:
+    """`ring_attention` with a given launch shape (the op always takes the default)."""
     batch, heads, steps, head_dim = q.shape
     capacity = keys.shape[2]
     if not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("ring_attention needs contiguous key and value rings")
     q, new_keys, new_values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, new_keys, new_values))
-    splits = triton.cdiv(capacity, _SPLIT)
+    splits = triton.cdiv(capacity, launch.split)
     out = torch.empty(batch, heads, steps, head_dim, device=q.device, dtype=q.dtype)
     partials = (batch, heads, splits, steps)
     acc = torch.empty(*partials, head_dim, device=q.device, dtype=torch.float32) if splits > 1 else out
@@ -154,8 +173,9 @@ def ring_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Te
         q, new_keys, new_values, keys, values, last_position.contiguous(), out, acc, maxes, sums,
         *q.stride()[:3], *new_keys.stride()[:3], *new_values.stride()[:3],
         heads, capacity, splits, head_dim**-0.5,
-        STEPS=steps, HEAD_DIM=head_dim, SPLIT=_SPLIT,
-        BLOCK=min(_BLOCK, triton.next_power_of_2(capacity)), ONE_SPLIT=splits == 1,
+        STEPS=steps, HEAD_DIM=head_dim, SPLIT=launch.split,
+        BLOCK=min(launch.block, triton.next_power_of_2(capacity)), ONE_SPLIT=splits == 1,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if splits > 1:
         _merge_splits[(batch * heads, steps)](

@@ -1,0 +1,114 @@
+"""GPU micro-benchmark of the ring-attention kernel (`model/kernels/ring_attention.py`) over
+its launch shapes, at the calls a frame makes: the LM's live frame at early and full context
+(B = 1, 32, 64; bf16 and fp8 rings), Mimi's transformer call and a depformer step.
+
+Each case times every launch shape in a CUDA graph of 20 calls (median of several replays),
+so launch overhead is counted as in the graphed frame, and reports microseconds per call and
+the GB/s of ring bytes read (the filled slots' keys and values). Rows go to
+$OUT/<card>-ring-attention.json.
+
+    PYTHONPATH=src python3 bench/ring_attention_sweep.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from personaplex.model.kernels.ring_attention import DEFAULT_LAUNCH, RingLaunch, launch_ring_attention
+
+# name: (rows, heads, new steps, slots, head dim, ring dtype, activation dtype, newest position)
+CASES = {
+    "lm B=1 early bf16": (1, 32, 1, 2999, 128, torch.bfloat16, torch.bfloat16, 41),
+    "lm B=1 full bf16": (1, 32, 1, 2999, 128, torch.bfloat16, torch.bfloat16, 3 * 2999 + 5),
+    "lm B=32 full bf16": (32, 32, 1, 2999, 128, torch.bfloat16, torch.bfloat16, 3 * 2999 + 5),
+    "lm B=64 early fp8": (64, 32, 1, 2999, 128, torch.float8_e4m3fn, torch.bfloat16, 41),
+    "lm B=64 full fp8": (64, 32, 1, 2999, 128, torch.float8_e4m3fn, torch.bfloat16, 3 * 2999 + 5),
+    "mimi B=1": (1, 8, 2, 249, 64, torch.float32, torch.float32, 3 * 249 + 5),
+    "mimi B=64": (64, 8, 2, 249, 64, torch.float32, torch.float32, 3 * 249 + 5),
+    "depformer B=1 last step": (1, 16, 1, 8, 64, torch.bfloat16, torch.bfloat16, 7),
+}
+CALLS_PER_GRAPH = 20
+
+
+def launches(quick: bool) -> list[RingLaunch]:
+    if quick:
+        return [DEFAULT_LAUNCH, RingLaunch(split=128), RingLaunch(num_warps=8), RingLaunch(block=32)]
+    grid = itertools.product((128, 256, 512), (32, 64, 128), (4, 8), (2, 3))
+    return [RingLaunch(split, block, warps, stages) for split, block, warps, stages in grid]
+
+
+def time_case(case: tuple, launch: RingLaunch) -> float:
+    """Microseconds per call, from a CUDA graph of CALLS_PER_GRAPH calls."""
+    rows, heads, steps, slots, head_dim, ring_dtype, dtype, newest = case
+    q, new_keys, new_values = (torch.randn(rows, heads, steps, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    keys, values = (torch.randn(rows, heads, slots, head_dim, device="cuda", dtype=torch.bfloat16).to(ring_dtype)
+                    for _ in range(2))
+    last = torch.full((rows,), newest, device="cuda")
+    call = lambda: launch_ring_attention(q, new_keys, new_values, keys, values, last, launch)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()  # compiles the kernel, warms the allocator
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS_PER_GRAPH):
+            call()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / CALLS_PER_GRAPH)
+    return statistics.median(times)
+
+
+def ring_bytes(case: tuple) -> int:
+    rows, heads, _, slots, head_dim, ring_dtype, _, newest = case
+    filled = min(newest + 1, slots)
+    return 2 * rows * heads * filled * head_dim * torch.tensor([], dtype=ring_dtype).element_size()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the default launch and three neighbours only")
+    args = parser.parse_args()
+    card = torch.cuda.get_device_name()
+    rows = []
+    for name, case in CASES.items():
+        results = []
+        for launch in launches(args.quick):
+            try:
+                micros = time_case(case, launch)
+            except Exception as error:  # noqa: BLE001 - a launch shape the card cannot run (resources)
+                print(f"{name} {launch}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+                continue
+            row = {"case": name, **asdict(launch), "us": round(micros, 2),
+                   "ring_gb_per_s": round(ring_bytes(case) / micros / 1e3, 1), "default": launch == DEFAULT_LAUNCH,
+                   "card": card, "torch": torch.__version__}
+            results.append(row)
+        results.sort(key=lambda row: row["us"])
+        default = next((row for row in results if row["default"]), None)
+        print(f"{name}: default {default and default['us']} us; best {results[0]['us']} us with "
+              f"{ {k: results[0][k] for k in ('split', 'block', 'num_warps', 'num_stages')} }, "
+              f"{results[0]['ring_gb_per_s']} GB/s of ring")
+        rows.extend(results)
+    out = Path(os.environ.get("OUT", "bench_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{card.replace(' ', '_')}-ring-attention.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
