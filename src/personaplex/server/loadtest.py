@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -66,6 +67,12 @@ def microphone_pages(seconds: float, seed: int) -> list[bytes]:
     return [encoder.encode(pcm[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES].astype(np.float32)) for i in range(frames)]
 
 
+def frames_in(seconds: float) -> int:
+    """80 ms frames a client sends in `seconds` (counted, not compared against a clock: whether
+    start + 1.2 - start >= 1.2 depends on the clock's value)."""
+    return math.ceil(seconds / FRAME_SECONDS - 1e-9)
+
+
 async def one_client(url: str, pages: list[bytes], duration_s: float, start_delay_s: float) -> ClientResult:
     import websockets
 
@@ -79,10 +86,8 @@ async def one_client(url: str, pages: list[bytes], duration_s: float, start_dela
 
             async def send() -> None:
                 start = time.monotonic()
-                for index, page in enumerate(pages):
+                for index, page in enumerate(pages[: frames_in(duration_s)]):
                     due = start + index * FRAME_SECONDS
-                    if due - start >= duration_s:
-                        break
                     await asyncio.sleep(max(0.0, due - time.monotonic()))
                     sent_at[index] = time.monotonic()
                     result.send_lags_ms.append((sent_at[index] - due) * 1e3)
