@@ -62,25 +62,24 @@ class TemporalAttention(nn.Module):
 
 @dataclass
 class AttentionView:
-    """What every layer's attention needs for one forward: the state, and either the mask
-    (whole sequence, or a chunk over cache + chunk) or, for a single live frame, the number
-    of filled ring slots per row (the readable path builds its mask from it once; the fast
-    kernel finds them from the frame's position)."""
+    """What every layer's attention needs for one forward: the state, and the mask for a
+    whole sequence or a chunk over cache + chunk. A single live frame has no mask up front:
+    the readable path builds it from the frame's positions once (`ring_mask`), and the fast
+    kernel needs none."""
 
     state: TemporalState | None
     mask: torch.Tensor | None  # [B, 1, T, keys] bool; None for a single live frame
     # No default: torch.compile (2.11) cannot follow a dataclass field's default object.
     kernels: Kernels
-    filled_slots: torch.Tensor | None = None  # [B] int64, single-frame steps only
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of the frames' RoPE angles
     _ring_mask: torch.Tensor | None = None
 
-    @property
-    def ring_mask(self) -> torch.Tensor:
-        # Built on first use and kept for the other layers (a plain attribute rather than
-        # functools.cached_property, whose lock torch.compile cannot trace).
+    def ring_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """The filled ring slots once the single frame at `positions` [B, 1] is written:
+        built by the first layer that asks and kept for the others (a plain attribute rather
+        than functools.cached_property, whose lock torch.compile cannot trace)."""
         if self._ring_mask is None:
-            self._ring_mask = self.state.filled_slot_mask(self.filled_slots)
+            self._ring_mask = self.state.filled_slot_mask(self.state.filled_slots_after(positions))
         return self._ring_mask
 
 
@@ -94,7 +93,7 @@ def attend_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: to
         return cuda_op("ring_attention")(q, k, v, state.keys[layer_index], state.values[layer_index], positions[:, -1])
     state.write(layer_index, k, v, positions)
     keys, values = state.layer_kv(layer_index, q.dtype)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=view.ring_mask)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=view.ring_mask(positions))
 
 
 class TemporalLayer(nn.Module):
@@ -129,7 +128,7 @@ class TemporalTransformer(nn.Module):
             view = AttentionView(None, sliding_window_mask(positions, positions, self.config.context), kernels)
         elif frames == 1:
             positions = state.chunk_positions(1)
-            view = AttentionView(state, None, kernels, state.filled_slots_after(positions))
+            view = AttentionView(state, None, kernels)
         else:
             positions = state.chunk_positions(frames)
             key_positions = torch.cat([state.slot_positions, positions], dim=1)
