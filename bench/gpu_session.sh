@@ -34,7 +34,7 @@ for stage in "$@"; do
         b64)  # 64 rows, bf16 weights, fp8 KV: early and full context
                 timeout "${B64_TIMEOUT:-200}" python3 -m personaplex.cli.main bench --sessions 64 --weights bf16 --kv fp8 \
                     --no-eager --no-upstream --frames 100 --out "$OUT/b64" 2>&1 | grep -v Warning | tail -8 ;;
-        ring)  # the ring-attention kernel's launch shapes at the frame's calls (RING_ARGS=--quick: four of them)
+        ring)  # the ring-attention kernel's launch shapes at the frame's calls (RING_ARGS="--launches quick": four)
                 timeout "${RING_TIMEOUT:-400}" python3 bench/ring_attention_sweep.py ${RING_ARGS:-} 2>&1 | grep -v Warning | tail -12 ;;
         profile) timeout "${PROFILE_TIMEOUT:-400}" python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" \
                      --cases "${CASES:-readable,as-written,compiled}" 2>&1 | grep -v Warning | cut -c1-2000 | tail -8 ;;

@@ -7,7 +7,9 @@ so launch overhead is counted as in the graphed frame, and reports microseconds 
 the GB/s of ring bytes read (the filled slots' keys and values). Rows go to
 $OUT/<card>-ring-attention.json.
 
-    PYTHONPATH=src python3 bench/ring_attention_sweep.py [--quick]
+    PYTHONPATH=src python3 bench/ring_attention_sweep.py [--launches quick|medium|full] [--label NAME]
+
+Rows are rewritten after every case, so a run cut short by its time limit keeps what it timed.
 """
 
 from __future__ import annotations
@@ -38,11 +40,14 @@ CASES = {
 CALLS_PER_GRAPH = 20
 
 
-def launches(quick: bool) -> list[RingLaunch]:
-    if quick:
-        return [DEFAULT_LAUNCH, RingLaunch(split=128), RingLaunch(num_warps=8), RingLaunch(block=32)]
-    grid = itertools.product((128, 256, 512), (32, 64, 128), (4, 8), (2, 3))
-    return [RingLaunch(split, block, warps, stages) for split, block, warps, stages in grid]
+def launches(grid: str) -> list[RingLaunch]:
+    if grid == "quick":
+        return [DEFAULT_LAUNCH, RingLaunch(split=256), RingLaunch(split=512), RingLaunch(block=64)]
+    if grid == "medium":  # 12 shapes: every split, the two smaller tiles, both warp counts
+        shapes = itertools.product((128, 256, 512), (32, 64), (4, 8), (3,))
+    else:
+        shapes = itertools.product((128, 256, 512), (32, 64, 128), (4, 8), (2, 3))
+    return [RingLaunch(split, block, warps, stages) for split, block, warps, stages in shapes]
 
 
 def time_case(case: tuple, launch: RingLaunch) -> float:
@@ -81,13 +86,18 @@ def ring_bytes(case: tuple) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the default launch and three neighbours only")
+    parser.add_argument("--launches", choices=("quick", "medium", "full"), default="full",
+                        help="quick: the default and three neighbours; medium: 12 shapes; full: 36")
+    parser.add_argument("--label", default="", help="names the kernel's version in the rows and the file name")
     args = parser.parse_args()
     card = torch.cuda.get_device_name()
+    out = Path(os.environ.get("OUT", "bench_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{card.replace(' ', '_')}-ring-attention{'-' + args.label if args.label else ''}.json"
     rows = []
     for name, case in CASES.items():
         results = []
-        for launch in launches(args.quick):
+        for launch in launches(args.launches):
             try:
                 micros = time_case(case, launch)
             except Exception as error:  # noqa: BLE001 - a launch shape the card cannot run (resources)
@@ -95,18 +105,17 @@ def main() -> None:
                 continue
             row = {"case": name, **asdict(launch), "us": round(micros, 2),
                    "ring_gb_per_s": round(ring_bytes(case) / micros / 1e3, 1), "default": launch == DEFAULT_LAUNCH,
-                   "card": card, "torch": torch.__version__}
+                   "label": args.label, "card": card, "torch": torch.__version__}
             results.append(row)
         results.sort(key=lambda row: row["us"])
+        if not results:
+            continue
         default = next((row for row in results if row["default"]), None)
         print(f"{name}: default {default and default['us']} us; best {results[0]['us']} us with "
               f"{ {k: results[0][k] for k in ('split', 'block', 'num_warps', 'num_stages')} }, "
               f"{results[0]['ring_gb_per_s']} GB/s of ring")
         rows.extend(results)
-    out = Path(os.environ.get("OUT", "bench_out"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{card.replace(' ', '_')}-ring-attention.json"
-    path.write_text(json.dumps(rows, indent=1))
+        path.write_text(json.dumps(rows, indent=1))
     print(f"wrote {path}")
 
 

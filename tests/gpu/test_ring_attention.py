@@ -39,10 +39,11 @@ def readable_ring_attention(q, new_keys, new_values, keys, values, last_position
 
 
 # (batch, heads, new steps, slots, head dim): the model's shapes on CUDA, smaller ones on the CPU
-# (with a ring of several splits, so that the merge kernel runs too).
+# (with a ring of several splits, so that the merge kernel runs too, and head dims that the
+# kernel pads to the tensor cores' 16: 8, and 12, not a power of 2).
 SHAPES = {
     "cuda": {"lm frame": (4, 32, 1, 2999, 128), "mimi call": (4, 8, 2, 249, 64), "depformer step": (4, 16, 1, 8, 64)},
-    "cpu": {"lm frame": (3, 2, 1, 600, 16), "mimi call": (3, 2, 2, 23, 16), "depformer step": (3, 2, 1, 8, 16)},
+    "cpu": {"lm frame": (3, 2, 1, 600, 16), "mimi call": (3, 2, 2, 23, 12), "depformer step": (3, 2, 1, 8, 8)},
 }
 CACHE_TYPES = [torch.float32, torch.bfloat16, torch.float8_e4m3fn]
 

@@ -10,11 +10,16 @@ reads of the whole ring even when a conversation is 10 s old.
 
 This kernel does it in one launch (two when the ring is split, as the LM's is):
 - slots fill from 0 until the ring wraps, so only the first min(last + 1, slots) are read,
-  split over several programs per head so that one query still fills the GPU;
-- one program per query and split; the first split's programs store their step's key/value,
-  and the new steps are read from the inputs (by the program whose split holds their slot),
-  never from the cache, so no program waits for another. Every other filled slot holds an
-  older position, which all of the call's queries see: no per-slot position arithmetic;
+  split over several programs per head so that one conversation still fills the GPU (a split
+  the ring has not reached returns at once);
+- one program per (row, head, split) takes the call's queries together as a tile and runs
+  the products on the tensor cores, as flash attention does: the loads feeding them are
+  pipelined, and no step of the loop reduces across warps (the CUDA-core loop it replaced
+  read the ring at 2.5 TB/s, this one at 4.3 on an H200, run G);
+- the first split's program stores the new keys/values, and the new steps are read from the
+  inputs (by the program whose split holds their slot), never from the cache, so no program
+  waits for another. Every other filled slot holds an older position, which all of the
+  call's queries see: no per-slot position arithmetic;
 - with several splits, a second small kernel merges the partial softmaxes.
 Keys and values may be stored in float8 (e4m3): they are read as they are, and the new ones
 are rounded to the cache's type before they are used, as the readable path reads them back.
@@ -23,6 +28,7 @@ Shapes are static and nothing synchronises with the host, so it is CUDA-graph sa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,17 +37,58 @@ import triton.language as tl
 
 @dataclass(frozen=True)
 class RingLaunch:
-    """How the kernel is launched: slots per program (`split`), slots per inner iteration
-    (`block`, capped at the ring's size), Triton's warps and pipeline stages. The default is
-    what run F measured; `bench/ring_attention_sweep.py` times the alternatives."""
+    """How the kernel is launched: slots per program (`split`; None: `choose_split`), slots
+    per inner iteration (`block`), Triton's warps and pipeline stages. The default is the best
+    of run G's sweep (`bench/ring_attention_sweep.py`) at the frame's calls."""
 
-    split: int = 256
-    block: int = 64
+    split: int | None = None
+    block: int = 32
     num_warps: int = 4
     num_stages: int = 3
 
 
 DEFAULT_LAUNCH = RingLaunch()
+SPLITS = (512, 256, 128)  # the splits `choose_split` picks from, largest first
+# The tensor cores take tiles of at least 16 along every side: a call's queries (1 or 2) are
+# padded to 16 rows, a block holds at least 16 slots and a head's dims are padded to 16.
+QUERY_TILE = 16
+
+
+def choose_split(rows: int, heads: int, capacity: int, device: torch.device) -> int:
+    """The largest split that still gives every SM two programs: fewer, longer splits leave
+    fewer partial softmaxes to merge (B=64: 648 us at 512 slots against 758 at 256), but one
+    conversation's 32 heads need short ones to fill the card (B=1: 16.6 us at 256, 21.3 at 512).
+    On the CPU (Triton's interpreter) the smallest, so that the tests run the merge."""
+    if device.type == "cuda":
+        wanted = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+        for split in SPLITS:
+            if rows * heads * triton.cdiv(capacity, split) >= wanted:
+                return split
+    return SPLITS[-1]
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@triton.jit
+def _wrapped(slot, capacity):
+    """slot % capacity for 0 <= slot < 2 * capacity, without a division."""
+    return tl.where(slot >= capacity, slot - capacity, slot)
+
+
+@triton.jit
+def _absorb(scores, values, running_max, running_sum, acc):
+    """One online-softmax step: the [QUERIES, n] scores (-inf where unseen) and their [n, D]
+    values into each query's running max, sum and [QUERIES, D] weighted sum."""
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    # A query that has seen nothing yet keeps max -inf: subtract 0 instead (its weights are 0).
+    finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    weights = tl.exp(scores - finite_max[:, None])
+    correction = tl.exp(running_max - finite_max)
+    acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values, input_precision="tf32x3")
+    return new_max, running_sum * correction + tl.sum(weights, axis=1), acc
 
 
 @triton.jit
@@ -49,96 +96,117 @@ def _ring_attention_split(
     q_ptr, new_k_ptr, new_v_ptr, k_ptr, v_ptr, last_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     heads, capacity, splits, scale,
-    STEPS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, ONE_SPLIT: tl.constexpr,
+    STEPS: tl.constexpr, QUERIES: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_TILE: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, PRODUCT_TYPE: tl.constexpr,
 ):
-    """One program: one query (row, head, step) over one split of the ring. Every tile is 2-D
-    ([BLOCK slots, HEAD_DIM]), as Triton lays those out best; a call's T queries are T programs
-    that read the same slots (T is 1 or 2, and the rings they share are small)."""
+    """One program: a call's STEPS queries of one (row, head) over one split of the ring, as the
+    first rows of a [QUERIES = 16, D] tile (the smallest the tensor cores take; the other rows
+    are zeros that are never stored). Scores and weighted values are tensor-core products in
+    PRODUCT_TYPE, the queries' type (float32 products stay exact: input_precision="tf32x3");
+    the ring's keys and values are converted to it as they are loaded."""
     row = tl.program_id(0)
-    head = tl.program_id(1) // STEPS
-    step = tl.program_id(1) % STEPS
+    head = tl.program_id(1)
     split = tl.program_id(2)
-    last = tl.load(last_ptr + row)  # position of the call's newest step
+    # Positions fit in 32 bits (2^31 frames = 5 years), so the slot arithmetic stays 32-bit.
+    last = tl.load(last_ptr + row).to(tl.int32)  # position of the call's newest step
     start = split * SPLIT
     end = tl.minimum(start + SPLIT, tl.minimum(last + 1, capacity))
-    dims = tl.arange(0, HEAD_DIM)
-    first_position = last - (STEPS - 1)  # >= 0: every new step has a position
-    query_position = first_position + step
+    if start >= end:  # never split 0: it holds the newest step at least
+        return
+    dims = tl.arange(0, DIM_TILE)  # HEAD_DIM padded to a power of 2 and >= 16, for the tensor cores
+    dim_ok = (dims < HEAD_DIM)[None, :]
+    steps = tl.arange(0, QUERIES)
+    is_step = steps < STEPS
+    step_ok = is_step[:, None] & dim_ok
     cache_type = k_ptr.dtype.element_ty
     # 64-bit: from 175 rows (x 32 heads x 2999 slots x 128) a ring's offset passes 2^31.
     ring = (row * heads + head).to(tl.int64) * capacity * HEAD_DIM
-    new_k_base = new_k_ptr + row * stride_kb + head * stride_kh
-    new_v_base = new_v_ptr + row * stride_vb + head * stride_vh
-    if split == 0:  # this query's own step goes into the ring, rounded as the cache stores it
-        slot = query_position % capacity
-        tl.store(k_ptr + ring + slot * HEAD_DIM + dims, tl.load(new_k_base + step * stride_kt + dims).to(cache_type))
-        tl.store(v_ptr + ring + slot * HEAD_DIM + dims, tl.load(new_v_base + step * stride_vt + dims).to(cache_type))
-    q = tl.load(q_ptr + row * stride_qb + head * stride_qh + step * stride_qt + dims).to(tl.float32) * scale
+    first_slot = (last - (STEPS - 1)) % capacity  # the new steps' slots follow, wrapping at capacity
+    new_slots = _wrapped(first_slot + steps, capacity)
+    step_rows = steps[:, None]
+    new_keys = tl.load(new_k_ptr + row * stride_kb + head * stride_kh + step_rows * stride_kt + dims[None, :],
+                       mask=step_ok, other=0.0).to(cache_type)
+    new_values = tl.load(new_v_ptr + row * stride_vb + head * stride_vh + step_rows * stride_vt + dims[None, :],
+                         mask=step_ok, other=0.0).to(cache_type)
+    if split == 0:  # the new steps go into the ring, rounded as the cache stores them
+        new_offsets = ring + new_slots[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(k_ptr + new_offsets, new_keys, mask=step_ok)
+        tl.store(v_ptr + new_offsets, new_values, mask=step_ok)
+    q = tl.load(q_ptr + row * stride_qb + head * stride_qh + step_rows * stride_qt + dims[None, :],
+                mask=step_ok, other=0.0).to(PRODUCT_TYPE)
 
-    running_max = -float("inf")
-    running_sum = 0.0
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    running_max = tl.full([QUERIES], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([QUERIES], dtype=tl.float32)
+    acc = tl.zeros([QUERIES, DIM_TILE], dtype=tl.float32)
     # The new steps first, from the inputs: the program of the split holding a step's slot
-    # counts it if the query may see it (its own step and the ones before). Every slot not
-    # written by this call holds an older position, which every query of the call sees.
-    for t in tl.static_range(STEPS):
-        slot = (first_position + t) % capacity
-        counted = (slot >= start) & (slot < end) & (t <= step)
-        new_k = tl.load(new_k_base + t * stride_kt + dims).to(cache_type).to(tl.float32)
-        new_v = tl.load(new_v_base + t * stride_vt + dims).to(cache_type).to(tl.float32)
-        score = tl.where(counted, tl.sum(q * new_k, axis=0), float("-inf"))
-        new_max = tl.maximum(running_max, score)
-        finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        weight = tl.exp(score - finite_max)
-        correction = tl.exp(running_max - finite_max)
-        acc = acc * correction + weight * new_v
-        running_sum = running_sum * correction + weight
-        running_max = new_max
+    # counts it for the queries that may see it (their own step and the ones before). Every
+    # slot not written by this call holds an older position, which every query of the call sees.
+    counted = is_step & (new_slots >= start) & (new_slots < end)
+    seen = counted[None, :] & (steps[None, :] <= steps[:, None])
+    new_scores = tl.dot(q, tl.trans(new_keys.to(PRODUCT_TYPE)), input_precision="tf32x3") * scale
+    running_max, running_sum, acc = _absorb(tl.where(seen, new_scores, float("-inf")), new_values.to(PRODUCT_TYPE),
+                                            running_max, running_sum, acc)
     for first in range(start, end, BLOCK):
         slots = first + tl.arange(0, BLOCK)
         visible = slots < end
         for t in tl.static_range(STEPS):  # the new steps' slots were counted above
-            visible &= slots != (first_position + t) % capacity
+            visible &= slots != _wrapped(first_slot + t, capacity)
         offsets = ring + slots[:, None] * HEAD_DIM + dims[None, :]
-        k = tl.load(k_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
-        scores = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
-        # A query that has seen nothing yet keeps max -inf: subtract 0 instead (its weights are 0).
-        finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        weights = tl.exp(scores - finite_max)
-        correction = tl.exp(running_max - finite_max)
-        acc = acc * correction + tl.sum(weights[:, None] * v, axis=0)
-        running_sum = running_sum * correction + tl.sum(weights, axis=0)
-        running_max = new_max
+        keys = tl.load(k_ptr + offsets, mask=visible[:, None] & dim_ok, other=0.0).to(PRODUCT_TYPE)
+        values = tl.load(v_ptr + offsets, mask=visible[:, None] & dim_ok, other=0.0).to(PRODUCT_TYPE)
+        scores = tl.dot(q, tl.trans(keys), input_precision="tf32x3") * scale
+        running_max, running_sum, acc = _absorb(tl.where(visible[None, :], scores, float("-inf")), values,
+                                                running_max, running_sum, acc)
 
-    query = (row * heads + head) * STEPS + step
+    queries = (row * heads + head) * STEPS + steps
     if ONE_SPLIT:  # every query sees at least its own key: the sum is > 0
-        tl.store(out_ptr + query * HEAD_DIM + dims, (acc / running_sum).to(out_ptr.dtype.element_ty))
+        out = acc / running_sum[:, None]
+        tl.store(out_ptr + queries[:, None] * HEAD_DIM + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=step_ok)
     else:
-        partial = ((row * heads + head) * splits + split) * STEPS + step
-        tl.store(acc_ptr + partial * HEAD_DIM + dims, acc)
-        tl.store(max_ptr + partial, running_max)
-        tl.store(sum_ptr + partial, running_sum)
+        partials = ((row * heads + head) * splits + split) * STEPS + steps
+        tl.store(acc_ptr + partials[:, None] * HEAD_DIM + dims[None, :], acc, mask=step_ok)
+        tl.store(max_ptr + partials, running_max, mask=is_step)
+        tl.store(sum_ptr + partials, running_sum, mask=is_step)
 
 
 @triton.jit
-def _merge_splits(acc_ptr, max_ptr, sum_ptr, out_ptr, splits,
-                  STEPS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """out[row, head, step] from the splits' partial softmaxes (a split that saw nothing has
-    max -inf and sum 0, and weighs 0)."""
+def _merge_splits(acc_ptr, max_ptr, sum_ptr, last_ptr, out_ptr, heads, capacity, splits,
+                  STEPS: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  DIM_TILE: tl.constexpr):
+    """out[row, head, step] from the partial softmaxes of the splits the ring has reached (the
+    others' programs returned early and wrote nothing)."""
     row_head = tl.program_id(0)
     step = tl.program_id(1)
+    last = tl.load(last_ptr + row_head // heads).to(tl.int32)
+    reached = tl.cdiv(tl.minimum(last + 1, capacity), SPLIT)
     split = tl.arange(0, SPLITS_PAD)
-    split_ok = split < splits
-    dims = tl.arange(0, HEAD_DIM)
+    split_ok = split < reached
+    dims = tl.arange(0, DIM_TILE)
+    dim_ok = dims < HEAD_DIM
     partial = (row_head * splits + split) * STEPS + step
     maxes = tl.load(max_ptr + partial, mask=split_ok, other=float("-inf"))
     sums = tl.load(sum_ptr + partial, mask=split_ok, other=0.0)
-    acc = tl.load(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None], other=0.0)
+    acc = tl.load(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None] & dim_ok[None, :],
+                  other=0.0)
     weights = tl.exp(maxes - tl.max(maxes, axis=0))
     out = tl.sum(acc * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
-    tl.store(out_ptr + (row_head * STEPS + step) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + (row_head * STEPS + step) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+def _product_type(q: torch.Tensor, keys: torch.Tensor) -> tl.dtype:
+    """The type the tensor cores multiply in: the queries' type, with two exceptions.
+    - float8 rings: float16, as float8 (e4m3) converts to it in one instruction per pair and
+      exactly, and bf16 queries fit it (more mantissa, ample range for attention queries).
+      Converting to bf16 took several instructions per pair and bound the kernel (run G).
+    - the CPU: Triton's interpreter (3.9) multiplies bfloat16 operands' raw bits, so there
+      the products run in float32 (same algorithm, exact operands)."""
+    if q.device.type == "cpu" or q.dtype == torch.float32:
+        return tl.float32
+    if keys.dtype == torch.float8_e4m3fn:
+        return tl.float16
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype]
 
 
 # A custom op, so that torch.compile treats the kernel as one opaque call with a known output
@@ -163,24 +231,28 @@ def launch_ring_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: t
     if not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("ring_attention needs contiguous key and value rings")
     q, new_keys, new_values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, new_keys, new_values))
-    splits = triton.cdiv(capacity, launch.split)
+    split = launch.split or choose_split(batch, heads, capacity, q.device)
+    splits = triton.cdiv(capacity, split)
+    dim_tile = max(QUERY_TILE, triton.next_power_of_2(head_dim))
     out = torch.empty(batch, heads, steps, head_dim, device=q.device, dtype=q.dtype)
     partials = (batch, heads, splits, steps)
     acc = torch.empty(*partials, head_dim, device=q.device, dtype=torch.float32) if splits > 1 else out
     maxes = torch.empty(partials, device=q.device, dtype=torch.float32) if splits > 1 else out
     sums = torch.empty_like(maxes) if splits > 1 else out
-    _ring_attention_split[(batch, heads * steps, splits)](
-        q, new_keys, new_values, keys, values, last_position.contiguous(), out, acc, maxes, sums,
+    last_position = last_position.contiguous()
+    _ring_attention_split[(batch, heads, splits)](
+        q, new_keys, new_values, keys, values, last_position, out, acc, maxes, sums,
         *q.stride()[:3], *new_keys.stride()[:3], *new_values.stride()[:3],
         heads, capacity, splits, head_dim**-0.5,
-        STEPS=steps, HEAD_DIM=head_dim, SPLIT=launch.split,
-        BLOCK=min(launch.block, triton.next_power_of_2(capacity)), ONE_SPLIT=splits == 1,
+        STEPS=steps, QUERIES=QUERY_TILE, HEAD_DIM=head_dim, DIM_TILE=dim_tile, SPLIT=split,
+        BLOCK=max(QUERY_TILE, min(launch.block, triton.next_power_of_2(capacity))), ONE_SPLIT=splits == 1,
+        PRODUCT_TYPE=_product_type(q, keys),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if splits > 1:
         _merge_splits[(batch * heads, steps)](
-            acc, maxes, sums, out, splits,
-            STEPS=steps, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+            acc, maxes, sums, last_position, out, heads, capacity, splits,
+            STEPS=steps, SPLITS_PAD=triton.next_power_of_2(splits), SPLIT=split, HEAD_DIM=head_dim, DIM_TILE=dim_tile,
         )
     return out
 
