@@ -32,8 +32,11 @@ for stage in "$@"; do
                     --weights "${FORMATS:-fp8,int4}" --no-eager --no-upstream --frames 100 \
                     --out "$OUT/formats-${FORMAT_SESSIONS:-1}" 2>&1 | grep -v Warning | tail -12 ;;
         b64)  # 64 rows, bf16 weights, fp8 KV: early and full context
-                timeout "${B64_TIMEOUT:-200}" python3 -m personaplex.cli.main bench --sessions 64 --weights bf16 --kv fp8 \
+                timeout "${B64_TIMEOUT:-320}" python3 -m personaplex.cli.main bench --sessions 64 --weights bf16 --kv fp8 \
                     --no-eager --no-upstream --frames 100 --out "$OUT/b64" 2>&1 | grep -v Warning | tail -8 ;;
+        linear)  # the linear layers' products in every weight format, with the launch-shape sweep
+                BENCH_BUDGET_S="${LINEAR_BUDGET:-270}" timeout "${LINEAR_TIMEOUT:-400}" python3 bench/linear_kernels.py 2>&1 \
+                    | grep -v Warning | tail -12 ;;
         ring)  # the ring-attention kernel's launch shapes at the frame's calls (RING_ARGS="--launches quick": four)
                 timeout "${RING_TIMEOUT:-400}" python3 bench/ring_attention_sweep.py ${RING_ARGS:-} 2>&1 | grep -v Warning | tail -12 ;;
         profile) timeout "${PROFILE_TIMEOUT:-400}" python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" \
