@@ -27,6 +27,10 @@ for stage in "$@"; do
         speed)  # issue "Speed II": the compiled graphed frame at B=1 and 32 beside the peer (upstream moshi)
                 timeout "${SPEED_TIMEOUT:-330}" python3 -m personaplex.cli.main bench --sessions "${SPEED_SESSIONS:-1,32}" --weights bf16 \
                     --no-eager --frames 100 --out "$OUT/bf16" 2>&1 | grep -v Warning | tail -30 ;;
+        tuning)  # the compiler's tuning (TUNING=coordinate-descent or max-autotune), bf16 at TUNING_SESSIONS rows
+                timeout "${TUNING_TIMEOUT:-400}" python3 -m personaplex.cli.main bench --sessions "${TUNING_SESSIONS:-1}" --weights bf16 \
+                    --no-eager --no-upstream --compile-tuning "${TUNING:-coordinate-descent}" --frames 100 \
+                    --out "$OUT/tuning-${TUNING:-coordinate-descent}" 2>&1 | grep -v Warning | tail -8 ;;
         formats)  # fp8 and int4 weights (FORMATS), at FORMAT_SESSIONS rows
                 timeout "${FORMATS_TIMEOUT:-300}" python3 -m personaplex.cli.main bench --sessions "${FORMAT_SESSIONS:-1}" \
                     --weights "${FORMATS:-fp8,int4}" --no-eager --no-upstream --frames 100 \

@@ -41,7 +41,7 @@ from .model.lm import LMModel
 from .model.random_init import build_random_lm, compare_logits, random_codes, teacher_forced_logits
 from .model.mimi import Mimi
 from .runtime.capacity import free_gpu_bytes, sessions_that_fit
-from .runtime.runner import FrameRunner
+from .runtime.runner import COMPILE_TUNINGS, FrameRunner
 from .runtime.generation import FrameGenerator
 from .runtime.persona import PersonaSnapshot, build_script, prefill_batched
 from .runtime.sampling import SamplingConfig
@@ -293,7 +293,8 @@ class Bench:
             # compiled, then graphed) or the fast one uncompiled: one runner class, options per runner.
             graphed = impl != "eager"
             runner = FrameRunner(lm, mimi, sessions, kv_dtype=KV_CACHE_DTYPES[self.args.kv], use_graphs=graphed,
-                                 compile_frame=impl == "graph", kernels=Kernels.fast() if graphed else READABLE_KERNELS)
+                                 compile_frame=impl == "graph", kernels=Kernels.fast() if graphed else READABLE_KERNELS,
+                                 compile_tuning=self.args.compile_tuning)
 
             def load_eager(pcm: torch.Tensor, runner: FrameRunner = runner) -> None:
                 runner.user_pcm.copy_(pcm.view_as(runner.user_pcm))
@@ -314,7 +315,9 @@ class Bench:
                             parts = time_frames([graph.replay for graph in split], audio, load_eager, warmup)
                             timing.encode, timing.lm, timing.decode = parts.encode, parts.lm, parts.decode
                             del split
-                self.add_row(f"personaplex-{impl}", weights, sessions, context, timing)
+                tuning = self.args.compile_tuning
+                self.add_row(f"personaplex-{impl}" + (f" ({tuning})" if impl == "graph" and tuning != "default" else ""),
+                             weights, sessions, context, timing)
             del runner
 
     def first_frame(self, runner: FrameRunner, persona: PersonaSnapshot, pcm: torch.Tensor, weights: str,
@@ -525,6 +528,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-eager", action="store_true", help="time only the fast (graphed) path")
     parser.add_argument("--uncompiled", action="store_true",
                         help="also time the graphed frame without torch.compile (one conversation)")
+    parser.add_argument("--compile-tuning", choices=list(COMPILE_TUNINGS), default="default",
+                        help="how hard the compiler tunes the fast frame (runtime/runner.py: COMPILE_TUNINGS)")
     parser.add_argument("--api", action="store_true",
                         help="time the public calls instead (respond_duplex, respond_realtime; graphs on and off)")
     parser.add_argument("--serve", action="store_true",

@@ -165,3 +165,8 @@ def test_defaults_follow_the_device(engine):
     assert runner.use_graphs is False  # CPU: the readable eager frame
     assert runner.compile_frame is False
     assert runner.kernels.ring_attention is False
+
+
+def test_compile_tuning_is_checked_when_the_runner_is_built(engine):
+    with pytest.raises(ValueError, match="unknown compile tuning 'fastest'"):
+        FrameRunner(engine.lm, engine.mimi, 1, compile_tuning="fastest")

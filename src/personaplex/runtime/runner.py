@@ -33,6 +33,18 @@ from .sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
+# How hard Inductor tunes the compiled frame (`FrameRunner(compile_tuning=...)`), as options of
+# that one compilation, never process-wide. "default": Inductor's heuristics. "coordinate-descent":
+# each fused kernel's block sizes and warps are timed against their neighbours (gpt-fast's
+# setting for decoding). "max-autotune": that, plus Triton templates for the matrix products
+# timed against cuBLAS at each shape, with the element-wise work after a product fused into it.
+# The two tuned ones take minutes more to compile; `personaplex bench --compile-tuning` measures them.
+COMPILE_TUNINGS: dict[str, dict[str, bool]] = {
+    "default": {},
+    "coordinate-descent": {"coordinate_descent_tuning": True},
+    "max-autotune": {"coordinate_descent_tuning": True, "max_autotune": True},
+}
+
 
 class FrameRunner:
     """B conversation rows advanced in lockstep.
@@ -43,13 +55,17 @@ class FrameRunner:
     """
 
     def __init__(self, lm: LMModel, mimi: Mimi, batch_size: int, *, kv_dtype: torch.dtype | None = None,
-                 use_graphs: bool | None = None, compile_frame: bool | None = None, kernels: Kernels | None = None):
+                 use_graphs: bool | None = None, compile_frame: bool | None = None, kernels: Kernels | None = None,
+                 compile_tuning: str = "default"):
         """`kv_dtype` torch.float8_e4m3fn halves the KV cache (default: the activation dtype).
         `use_graphs` defaults to what the device does best: a CUDA graph on CUDA, the readable
         eager frame elsewhere. `compile_frame` (default: with graphs) compiles the frame before
         it is captured; the first frame then takes a minute or two of compilation (cached on
         disk by PyTorch for later processes). `kernels` default to the Triton ring attention
-        with graphs and the readable attention without."""
+        with graphs and the readable attention without. `compile_tuning` is a key of
+        `COMPILE_TUNINGS`."""
+        if compile_tuning not in COMPILE_TUNINGS:
+            raise ValueError(f"unknown compile tuning {compile_tuning!r}: one of {', '.join(COMPILE_TUNINGS)}")
         self.lm, self.mimi = lm, mimi
         self.batch_size = batch_size
         device = lm.text_linear.weight.device
@@ -82,7 +98,8 @@ class FrameRunner:
             # One compilation per runner shape (rows, weight format, KV format); a process may hold
             # several runners (tests, the benchmark), more than dynamo's default of 8 allows.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._compiled_frame = torch.compile(self._frame, fullgraph=True, dynamic=False)
+            self._compiled_frame = torch.compile(self._frame, fullgraph=True, dynamic=False,
+                                                 options=COMPILE_TUNINGS[compile_tuning] or None)
 
     @property
     def device(self) -> torch.device:
