@@ -103,8 +103,9 @@ def _ring_attention_split(
     """One program: a call's STEPS queries of one (row, head) over one split of the ring, as the
     first rows of a [QUERIES = 16, D] tile (the smallest the tensor cores take; the other rows
     are zeros that are never stored). Scores and weighted values are tensor-core products in
-    PRODUCT_TYPE, the queries' type (float32 products stay exact: input_precision="tf32x3");
-    the ring's keys and values are converted to it as they are loaded."""
+    PRODUCT_TYPE (`_product_type`); float32 products run as three TF32 ones ("tf32x3"), as
+    exact as float32 to ~1e-6. The ring's keys and values are converted as they are loaded.
+    A split the ring has not reached yet has nothing to do: the merge skips it."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
