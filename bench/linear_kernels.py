@@ -1,6 +1,7 @@
 """GPU micro-benchmark of the LM's linear layers in every weight format, plus full-size checks.
 
-Run on the GPU machine: `PYTHONPATH=src python3 bench/linear_kernels.py` (writes JSON to $OUT).
+Run on the GPU machine: `PYTHONPATH=src python3 bench/linear_kernels.py` (writes JSON to $OUT);
+`... bench/linear_kernels.py --frame-linears LABEL` times only part 2's frame products (quick).
 
 Part 1, per layer shape and batch M in {1, 8, 32, 64}: bf16 cuBLAS (F.linear); fp8 through
 `torch._scaled_mm` (activation quantized per row, M padded to 16) and through our Triton
@@ -53,7 +54,8 @@ def elapsed() -> float:
 
 def save() -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "linear_kernels.json").write_text(json.dumps(RESULTS, indent=1))
+    label = RESULTS.get("label")
+    (OUT_DIR / f"linear_kernels{'-' + label if label else ''}.json").write_text(json.dumps(RESULTS, indent=1))
 
 
 def graph_time_us(calls: list, replays: int = 15) -> float:
@@ -327,12 +329,31 @@ def model_checks() -> None:
         save()
 
 
+def frame_linears_only(label: str) -> None:
+    """Part 2's per-frame time of the linear products alone, per format and batch, with the
+    default launch shapes: a quick comparison of two versions of the kernels (LABEL names the
+    version; $LINEAR_FORMATS, default bf16,fp8,int4, picks the formats)."""
+    for fmt in os.environ.get("LINEAR_FORMATS", "bf16,fp8,int4").split(","):
+        model = random_lm()
+        if fmt != "bf16":
+            quantize_model(model, fmt, group_size=GROUP_SIZE)
+        RESULTS.setdefault("frame_linears_ms", {})[fmt] = {b: round(time_frame_linears(model, b), 3) for b in BATCHES}
+        print(label, fmt, RESULTS["frame_linears_ms"][fmt], flush=True)
+        del model
+        torch.cuda.empty_cache()
+    RESULTS["label"] = label
+    save()
+
+
 def main() -> None:
-    qmm.default_config = tuned_config  # the model part runs with the fastest launch shapes found
     props = torch.cuda.get_device_properties(0)
     RESULTS["device"] = {"name": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
                          "triton": triton.__version__}
     print(RESULTS["device"], flush=True)
+    if "--frame-linears" in sys.argv:  # [--frame-linears LABEL]: only the frame's products
+        frame_linears_only(sys.argv[sys.argv.index("--frame-linears") + 1])
+        return
+    qmm.default_config = tuned_config  # the model part runs with the fastest launch shapes found
     RESULTS["odd_shape_errors"] = odd_shape_errors()
     print("odd shapes", RESULTS["odd_shape_errors"], flush=True)
     rows = []
