@@ -19,12 +19,12 @@ import itertools
 import json
 import os
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from personaplex.model.kernels.ring_attention import DEFAULT_LAUNCH, RingLaunch, launch_ring_attention
+from personaplex.model.kernels.ring_attention import DEFAULT_LAUNCH, RingLaunch, choose_split, launch_ring_attention
 
 # name: (rows, heads, new steps, slots, head dim, ring dtype, activation dtype, newest position)
 CASES = {
@@ -43,6 +43,8 @@ CALLS_PER_GRAPH = 20
 def launches(grid: str) -> list[RingLaunch]:
     if grid == "quick":
         return [DEFAULT_LAUNCH, RingLaunch(split=256), RingLaunch(split=512), RingLaunch(block=64)]
+    if grid == "long":  # splits longer than `choose_split` offers (up to the whole ring: no merge)
+        return [RingLaunch(split, block) for split in (512, 1024, 2048, 4096) for block in (32, 64)]
     if grid == "medium":  # 12 shapes: every split, the two smaller tiles, both warp counts
         shapes = itertools.product((128, 256, 512), (32, 64), (4, 8), (3,))
     else:
@@ -86,8 +88,9 @@ def ring_bytes(case: tuple) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--launches", choices=("quick", "medium", "full"), default="full",
-                        help="quick: the default and three neighbours; medium: 12 shapes; full: 36")
+    parser.add_argument("--launches", choices=("quick", "medium", "long", "full"), default="full",
+                        help="quick: the default and three neighbours; medium: 12 shapes; long: splits "
+                        "of 512 to 4096 slots; full: 36")
     parser.add_argument("--label", default="", help="names the kernel's version in the rows and the file name")
     args = parser.parse_args()
     card = torch.cuda.get_device_name()
@@ -96,6 +99,8 @@ def main() -> None:
     path = out / f"{card.replace(' ', '_')}-ring-attention{'-' + args.label if args.label else ''}.json"
     rows = []
     for name, case in CASES.items():
+        batch, heads, _, slots = case[:4]
+        chosen = replace(DEFAULT_LAUNCH, split=choose_split(batch, heads, slots, torch.device("cuda")))
         results = []
         for launch in launches(args.launches):
             try:
@@ -104,7 +109,7 @@ def main() -> None:
                 print(f"{name} {launch}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
                 continue
             row = {"case": name, **asdict(launch), "us": round(micros, 2),
-                   "ring_gb_per_s": round(ring_bytes(case) / micros / 1e3, 1), "default": launch == DEFAULT_LAUNCH,
+                   "ring_gb_per_s": round(ring_bytes(case) / micros / 1e3, 1), "default": launch == chosen,
                    "label": args.label, "card": card, "torch": torch.__version__}
             results.append(row)
         results.sort(key=lambda row: row["us"])

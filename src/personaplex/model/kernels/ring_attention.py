@@ -15,7 +15,10 @@ This kernel does it in one launch (two when the ring is split, as the LM's is):
 - one program per (row, head, split) takes the call's queries together as a tile and runs
   the products on the tensor cores, as flash attention does: the loads feeding them are
   pipelined, and no step of the loop reduces across warps (the CUDA-core loop it replaced
-  read a bf16 ring at 2.5 TB/s, this one at 4.3 on an H200; an fp8 ring at 2.4, run G);
+  read the ring at 2.5 TB/s, this one a bf16 ring at 4.2 on an H200, an fp8 one at 2.7);
+- the products are transposed (the ring's tiles are their first operand), so that an fp8
+  ring's tiles are converted in the registers that feed the tensor cores: 9 % faster on fp8
+  rings than the other order, within 3 % on bf16 ones (run H, `h200-ring-attention.json`);
 - the first split's program stores the new keys/values, and the new steps are read from the
   inputs (by the program whose split holds their slot), never from the cache, so no program
   waits for another. Every other filled slot holds an older position, which all of the
@@ -48,7 +51,7 @@ class RingLaunch:
 
 
 DEFAULT_LAUNCH = RingLaunch()
-SPLITS = (512, 256, 128)  # the splits `choose_split` picks from, largest first
+SPLITS = (4096, 2048, 1024, 512, 256, 128)  # the splits `choose_split` picks from, largest first
 # The tensor cores take tiles of at least 16 along every side: a call's queries (1 or 2) are
 # padded to 16 rows, a block holds at least 16 slots and a head's dims are padded to 16.
 QUERY_TILE = 16
@@ -56,8 +59,10 @@ QUERY_TILE = 16
 
 def choose_split(rows: int, heads: int, capacity: int, device: torch.device) -> int:
     """The largest split that still gives every SM two programs: fewer, longer splits leave
-    fewer partial softmaxes to merge (B=64: 648 us at 512 slots against 758 at 256), but one
-    conversation's 32 heads need short ones to fill the card (B=1: 16.6 us at 256, 21.3 at 512).
+    fewer partial softmaxes to merge and each program's pipeline runs longer (LM, fp8 ring,
+    B=64, full context: 597 us at 512 slots, 542 at 4096, the whole ring with no merge; B=32
+    bf16: 369 -> 354), but one conversation's 32 heads need short ones to fill the card (B=1:
+    16.6 us at 256, 22 at 512, 77 at 4096). Run H's sweep, `h200-ring-attention.json`.
     On the CPU (Triton's interpreter) the smallest, so that the tests run the merge."""
     if device.type == "cuda":
         wanted = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
@@ -80,15 +85,15 @@ def _wrapped(slot, capacity):
 
 @triton.jit
 def _absorb(scores, values, running_max, running_sum, acc):
-    """One online-softmax step: the [QUERIES, n] scores (-inf where unseen) and their [n, D]
-    values into each query's running max, sum and [QUERIES, D] weighted sum."""
-    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    """One online-softmax step, transposed: the [n, QUERIES] scores (-inf where unseen) and
+    the [D, n] values into each query's running max, sum and [D, QUERIES] weighted sum."""
+    new_max = tl.maximum(running_max, tl.max(scores, axis=0))
     # A query that has seen nothing yet keeps max -inf: subtract 0 instead (its weights are 0).
     finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    weights = tl.exp(scores - finite_max[:, None])
+    weights = tl.exp(scores - finite_max[None, :])
     correction = tl.exp(running_max - finite_max)
-    acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values, input_precision="tf32x3")
-    return new_max, running_sum * correction + tl.sum(weights, axis=1), acc
+    acc = acc * correction[None, :] + tl.dot(values, weights.to(values.dtype), input_precision="tf32x3")
+    return new_max, running_sum * correction + tl.sum(weights, axis=0), acc
 
 
 @triton.jit
@@ -101,10 +106,11 @@ def _ring_attention_split(
     ONE_SPLIT: tl.constexpr, PRODUCT_TYPE: tl.constexpr,
 ):
     """One program: a call's STEPS queries of one (row, head) over one split of the ring, as the
-    first rows of a [QUERIES = 16, D] tile (the smallest the tensor cores take; the other rows
-    are zeros that are never stored). Scores and weighted values are tensor-core products in
-    PRODUCT_TYPE (`_product_type`); float32 products run as three TF32 ones ("tf32x3"), as
-    exact as float32 to ~1e-6. The ring's keys and values are converted as they are loaded.
+    first columns of a [D, QUERIES = 16] tile (the smallest the tensor cores take; the other
+    columns are zeros that are never stored). The products are transposed, so that the ring's
+    tiles are their first operand, converted in registers as they are loaded: scores^T =
+    keys @ q^T and out^T = values^T @ weights^T, in PRODUCT_TYPE (`_product_type`); float32
+    products run as three TF32 ones ("tf32x3"), as exact as float32 to ~1e-6.
     A split the ring has not reached yet has nothing to do: the merge skips it."""
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -116,36 +122,35 @@ def _ring_attention_split(
     if start >= end:  # never split 0: it holds the newest step at least
         return
     dims = tl.arange(0, DIM_TILE)  # HEAD_DIM padded to a power of 2 and >= 16, for the tensor cores
-    dim_ok = (dims < HEAD_DIM)[None, :]
+    dim_ok = dims < HEAD_DIM
     steps = tl.arange(0, QUERIES)
     is_step = steps < STEPS
-    step_ok = is_step[:, None] & dim_ok
+    step_ok = is_step[:, None] & dim_ok[None, :]  # [steps, dims]
+    column_ok = dim_ok[:, None] & is_step[None, :]  # [dims, steps]
     cache_type = k_ptr.dtype.element_ty
     # 64-bit: from 175 rows (x 32 heads x 2999 slots x 128) a ring's offset passes 2^31.
     ring = (row * heads + head).to(tl.int64) * capacity * HEAD_DIM
     first_slot = (last - (STEPS - 1)) % capacity  # the new steps' slots follow, wrapping at capacity
     new_slots = _wrapped(first_slot + steps, capacity)
-    step_rows = steps[:, None]
-    new_keys = tl.load(new_k_ptr + row * stride_kb + head * stride_kh + step_rows * stride_kt + dims[None, :],
+    new_keys = tl.load(new_k_ptr + row * stride_kb + head * stride_kh + steps[:, None] * stride_kt + dims[None, :],
                        mask=step_ok, other=0.0).to(cache_type)
-    new_values = tl.load(new_v_ptr + row * stride_vb + head * stride_vh + step_rows * stride_vt + dims[None, :],
-                         mask=step_ok, other=0.0).to(cache_type)
+    new_values = tl.load(new_v_ptr + row * stride_vb + head * stride_vh + steps[None, :] * stride_vt + dims[:, None],
+                         mask=column_ok, other=0.0).to(cache_type)  # [dims, steps]
     if split == 0:  # the new steps go into the ring, rounded as the cache stores them
-        new_offsets = ring + new_slots[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(k_ptr + new_offsets, new_keys, mask=step_ok)
-        tl.store(v_ptr + new_offsets, new_values, mask=step_ok)
-    q = tl.load(q_ptr + row * stride_qb + head * stride_qh + step_rows * stride_qt + dims[None, :],
-                mask=step_ok, other=0.0).to(PRODUCT_TYPE)
+        tl.store(k_ptr + ring + new_slots[:, None] * HEAD_DIM + dims[None, :], new_keys, mask=step_ok)
+        tl.store(v_ptr + ring + new_slots[None, :] * HEAD_DIM + dims[:, None], new_values, mask=column_ok)
+    q = tl.load(q_ptr + row * stride_qb + head * stride_qh + steps[None, :] * stride_qt + dims[:, None],
+                mask=column_ok, other=0.0).to(PRODUCT_TYPE)  # q^T [dims, steps]
 
     running_max = tl.full([QUERIES], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([QUERIES], dtype=tl.float32)
-    acc = tl.zeros([QUERIES, DIM_TILE], dtype=tl.float32)
+    acc = tl.zeros([DIM_TILE, QUERIES], dtype=tl.float32)
     # The new steps first, from the inputs: the program of the split holding a step's slot
     # counts it for the queries that may see it (their own step and the ones before). Every
     # slot not written by this call holds an older position, which every query of the call sees.
     counted = is_step & (new_slots >= start) & (new_slots < end)
-    seen = counted[None, :] & (steps[None, :] <= steps[:, None])
-    new_scores = tl.dot(q, tl.trans(new_keys.to(PRODUCT_TYPE)), input_precision="tf32x3") * scale
+    seen = counted[:, None] & (steps[:, None] <= steps[None, :])  # [new step, query]
+    new_scores = tl.dot(new_keys.to(PRODUCT_TYPE), q, input_precision="tf32x3") * scale
     running_max, running_sum, acc = _absorb(tl.where(seen, new_scores, float("-inf")), new_values.to(PRODUCT_TYPE),
                                             running_max, running_sum, acc)
     for first in range(start, end, BLOCK):
@@ -153,21 +158,22 @@ def _ring_attention_split(
         visible = slots < end
         for t in tl.static_range(STEPS):  # the new steps' slots were counted above
             visible &= slots != _wrapped(first_slot + t, capacity)
-        offsets = ring + slots[:, None] * HEAD_DIM + dims[None, :]
-        keys = tl.load(k_ptr + offsets, mask=visible[:, None] & dim_ok, other=0.0).to(PRODUCT_TYPE)
-        values = tl.load(v_ptr + offsets, mask=visible[:, None] & dim_ok, other=0.0).to(PRODUCT_TYPE)
-        scores = tl.dot(q, tl.trans(keys), input_precision="tf32x3") * scale
-        running_max, running_sum, acc = _absorb(tl.where(visible[None, :], scores, float("-inf")), values,
+        keys = tl.load(k_ptr + ring + slots[:, None] * HEAD_DIM + dims[None, :],
+                       mask=visible[:, None] & dim_ok[None, :], other=0.0).to(PRODUCT_TYPE)  # [slots, dims]
+        values = tl.load(v_ptr + ring + slots[None, :] * HEAD_DIM + dims[:, None],
+                         mask=dim_ok[:, None] & visible[None, :], other=0.0).to(PRODUCT_TYPE)  # [dims, slots]
+        scores = tl.dot(keys, q, input_precision="tf32x3") * scale  # [slots, queries]
+        running_max, running_sum, acc = _absorb(tl.where(visible[:, None], scores, float("-inf")), values,
                                                 running_max, running_sum, acc)
 
     queries = (row * heads + head) * STEPS + steps
     if ONE_SPLIT:  # every query sees at least its own key: the sum is > 0
-        out = acc / running_sum[:, None]
-        tl.store(out_ptr + queries[:, None] * HEAD_DIM + dims[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=step_ok)
+        out = acc / running_sum[None, :]
+        tl.store(out_ptr + queries[None, :] * HEAD_DIM + dims[:, None], out.to(out_ptr.dtype.element_ty),
+                 mask=column_ok)
     else:
         partials = ((row * heads + head) * splits + split) * STEPS + steps
-        tl.store(acc_ptr + partials[:, None] * HEAD_DIM + dims[None, :], acc, mask=step_ok)
+        tl.store(acc_ptr + partials[None, :] * HEAD_DIM + dims[:, None], acc, mask=column_ok)
         tl.store(max_ptr + partials, running_max, mask=is_step)
         tl.store(sum_ptr + partials, running_sum, mask=is_step)
 
