@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # A/B of kernel versions in one call of the device machine (it gets a copy of the working tree,
 # not the git history). Before the call, put each version's files under bench/variants/<label>/
-# at their paths in the repository, e.g. from a branch:
-#     mkdir -p bench/variants/swapped/src/personaplex/model/kernels
-#     git show ring-swapped-operands:src/personaplex/model/kernels/ring_attention.py \
-#         > bench/variants/swapped/src/personaplex/model/kernels/ring_attention.py
+# at their paths in the repository, e.g. from a branch rebased on main:
+#     for file in $(git diff --name-only main BRANCH); do
+#         mkdir -p "bench/variants/LABEL/$(dirname "$file")"
+#         git show "BRANCH:$file" > "bench/variants/LABEL/$file"
+#     done
 # (bench/variants/ is git-ignored: name it in the call's carry). Then: bash bench/gpu_ab.sh COMMAND...  runs COMMAND with
 # LABEL=base on the tree as it is, then once per variant with its files copied over the tree
 # (LABEL=<label>), restoring the tree in between. COMMAND gets $LABEL in its environment.

@@ -8,7 +8,7 @@ sees the slots whose newest position p satisfies 0 <= p <= q. The readable code 
 with a scatter per cache, a mask over every slot and SDPA: several launches per layer, and
 reads of the whole ring even when a conversation is 10 s old.
 
-This kernel does it in one launch (two when the ring is split, as the LM's is):
+This kernel does it in one launch (two when the ring is split: the LM's, for a few rows):
 - slots fill from 0 until the ring wraps, so only the first min(last + 1, slots) are read,
   split over several programs per head so that one conversation still fills the GPU (a split
   the ring has not reached returns at once);
