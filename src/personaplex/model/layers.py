@@ -84,9 +84,14 @@ class Kernels:
     or under Triton's interpreter on the CPU. Everything else has one implementation: the
     fast frame gets its fused norms, RoPE and gates by compiling the whole frame
     (`FrameRunner`), not from a second copy of those functions.
+
+    `fused_depformer` runs each depformer step (every layer, then the logits head) as one
+    Triton launch (`kernels/fused_depformer.py`) where the step's weights are plain bf16 or
+    float32 linears; off in `fast()` until it has been measured in the compiled frame.
     """
 
     ring_attention: bool = False
+    fused_depformer: bool = False
 
     @staticmethod
     def fast() -> "Kernels":

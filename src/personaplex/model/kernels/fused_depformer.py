@@ -1,0 +1,359 @@
+"""One depformer step (all its layers, then the logits head) in one Triton launch.
+
+Per frame the depformer runs 8 steps of 6 layers for B conversations. Every product in it is
+small (1024 wide; B rows of 1 to 64), so the readable step is ~45 small kernels whose launch
+and tail latencies add up to several times the 0.3 ms it takes to read the weights once
+(1.3 GB at 4.3 TB/s): the GPU mostly waits between kernels.
+
+The kernel runs a step as a sequence of PHASES, each a product whose output columns are
+shared out among the programs (each program reads the weight rows of its columns once and
+computes them for every row of x), with the element-wise work fused into the phase that
+needs it:
+
+  per layer  0 qkv:     RMSNorm(x) @ in_proj^T; q to a workspace, k and v into the step's
+                        cache slot (the norm's statistic comes out of the same pass over x:
+                        sum(x^2) is accumulated beside the product, which is scaled at the end)
+             1 attend:  each (row, head) over the cache slots 0..step
+             2 out:     attention @ out_proj^T, plus the residual
+             3 gate:    RMSNorm(x) @ linear_in^T; a program owns matching columns of both
+                        halves, so silu(a) * b is done there
+             4 ffn:     gate @ linear_out^T, plus the residual
+  last       logits:    x @ head^T
+
+A phase reads what the previous one wrote in every program, so phases are separated by a
+barrier across all programs. Two ways to run the same phase code:
+- PERSISTENT (CUDA): one launch of one program per SM, all resident at once, looping over
+  the phases with a grid barrier between them: a shared int32 counter that each program
+  increments (release) when done with a phase, then polls (acquire) until every program has
+  arrived. Data another program wrote is read with ".cg" loads (from L2, never a stale L1).
+  The counter is a zeroed workspace of the call, so a replayed CUDA graph zeroes it again.
+- one launch per phase (Triton's interpreter, which runs programs one after another and
+  would spin forever at a barrier; also a reference for the persistent mode on CUDA): the
+  kernel boundaries are the barriers.
+
+Numbers follow the readable `depformer_step`: float32 arithmetic, and every intermediate the
+readable path materialises (q/k/v, attention, gate, residual stream) rounded to the
+activation dtype where it does. Keys and values go to slot `step` of each layer's cache as
+the readable path writes them, so both paths can share one `DepformerState`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# The kernel reads these module constants, which Triton takes only as tl.constexpr.
+PHASES_PER_LAYER = tl.constexpr(5)
+QKV, ATTEND, OUT, GATE = (tl.constexpr(part) for part in range(4))  # the 5th, FFN, is the else
+# Pointers per layer in the weight table, in this order (`LMModel.depformer_step_weights`).
+NORM1, IN_PROJ, OUT_PROJ, NORM2, LINEAR_IN, LINEAR_OUT = (tl.constexpr(which) for which in range(6))
+WEIGHTS_PER_LAYER = tl.constexpr(6)
+# tl.dot takes tiles of at least 16 along every side: a program's output columns come 16 at
+# a time, and the rows of x are padded to 16.
+BLOCK_N = tl.constexpr(16)
+MIN_ROWS = 16
+MAX_ROWS = 64  # rows per product tile; more rows loop over tiles of 64
+BLOCK_K = 128
+INTERPRETER_PROGRAMS = 3  # on the CPU: several programs, so the tests see columns shared out
+
+_TRITON_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _product(in_ptr, rows, row_ok, w_ptr, w_rows, w_ok, alpha_ptr, K: tl.constexpr, NORM: tl.constexpr,
+             PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """in[rows, :K] @ w[w_rows, :K]^T as [BLOCK_B, BLOCK_N] float32. With NORM, the input is
+    RMSNorm(in) * alpha: the products take in * alpha, and the result is scaled by each row's
+    1 / rms, gathered in the same pass. `in` was written by other programs: read from L2."""
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(in_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+                    cache_modifier=".cg").to(tl.float32)
+        if NORM:
+            squares += tl.sum(x * x, axis=1)
+            x = x * tl.load(alpha_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(w_ptr + w_rows[:, None] * K + ks[None, :], mask=w_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(x.to(PRODUCT_TYPE), tl.trans(w.to(PRODUCT_TYPE)), input_precision="tf32x3")
+    return acc, squares
+
+
+@triton.jit
+def _inverse_rms(squares, K: tl.constexpr, eps):
+    return 1.0 / tl.sqrt(squares / K + eps)
+
+
+@triton.jit
+def _rounded(x, ptr):
+    """x as the tensor at `ptr` stores it, back in float32: the readable path's rounding."""
+    return x.to(ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _qkv_phase(x_ptr, w_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, layer, rows, step, eps, program, programs,
+               DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
+               PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """RMSNorm(x) @ in_proj^T: q to its workspace [B, DIM], k and v into slot `step` of the
+    layer's cache [layers, B, HEADS, SLOTS, HEAD_DIM]."""
+    for tile in range(program, 3 * DIM // BLOCK_N, programs):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < 3 * DIM
+        part = cols // DIM  # 0: q, 1: k, 2: v
+        within = cols % DIM
+        head = within // HEAD_DIM
+        dim = within % HEAD_DIM
+        for row0 in range(0, rows, BLOCK_B):
+            row_ids = row0 + tl.arange(0, BLOCK_B)
+            row_ok = row_ids < rows
+            acc, squares = _product(x_ptr, row_ids, row_ok, w_ptr, cols, col_ok, alpha_ptr, DIM, True,
+                                    PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+            qkv = acc * _inverse_rms(squares, DIM, eps)[:, None]
+            ok = row_ok[:, None] & col_ok[None, :]
+            tl.store(q_ptr + row_ids[:, None] * DIM + within[None, :], qkv.to(q_ptr.dtype.element_ty),
+                     mask=ok & (part == 0)[None, :])
+            # Rounded to the activation dtype first, as the readable path's projection is.
+            qkv = _rounded(qkv, q_ptr)
+            slot = (((layer * rows + row_ids[:, None]) * HEADS + head[None, :]) * SLOTS + step) * HEAD_DIM + dim[None, :]
+            tl.store(keys_ptr + slot, qkv.to(keys_ptr.dtype.element_ty), mask=ok & (part == 1)[None, :])
+            tl.store(values_ptr + slot, qkv.to(values_ptr.dtype.element_ty), mask=ok & (part == 2)[None, :])
+
+
+@triton.jit
+def _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scale, program, programs,
+                  DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
+                  SLOTS_TILE: tl.constexpr, DIM_TILE: tl.constexpr):
+    """softmax(q k^T * scale) v of each (row, head) over the cache slots 0..step (at most
+    SLOTS: a few products per head, on the CUDA cores)."""
+    slots = tl.arange(0, SLOTS_TILE)
+    dims = tl.arange(0, DIM_TILE)
+    dim_ok = dims < HEAD_DIM
+    seen = slots <= step
+    for item in range(program, rows * HEADS, programs):
+        row = item // HEADS
+        head = item % HEADS
+        q = tl.load(q_ptr + row * DIM + head * HEAD_DIM + dims, mask=dim_ok, other=0.0, cache_modifier=".cg")
+        ring = ((layer * rows + row) * HEADS + head) * SLOTS * HEAD_DIM
+        offsets = ring + slots[:, None] * HEAD_DIM + dims[None, :]
+        ok = seen[:, None] & dim_ok[None, :]
+        keys = tl.load(keys_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        values = tl.load(values_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        scores = tl.where(seen, tl.sum(q.to(tl.float32)[None, :] * keys, axis=1) * scale, float("-inf"))
+        weights = tl.exp(scores - tl.max(scores, axis=0))
+        out = tl.sum(weights[:, None] * values, axis=0) / tl.sum(weights, axis=0)
+        tl.store(attn_ptr + row * DIM + head * HEAD_DIM + dims, out.to(attn_ptr.dtype.element_ty), mask=dim_ok)
+
+
+@triton.jit
+def _residual_phase(in_ptr, w_ptr, residual_ptr, out_ptr, rows, program, programs,
+                    K: tl.constexpr, DIM: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """out = residual + in @ w^T, [B, DIM] (out may be residual: a column is read and written
+    only by its owner)."""
+    for tile in range(program, DIM // BLOCK_N, programs):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < DIM
+        for row0 in range(0, rows, BLOCK_B):
+            row_ids = row0 + tl.arange(0, BLOCK_B)
+            row_ok = row_ids < rows
+            acc, _ = _product(in_ptr, row_ids, row_ok, w_ptr, cols, col_ok, w_ptr, K, False, PRODUCT_TYPE,
+                              BLOCK_B, BLOCK_K)
+            offsets = row_ids[:, None] * DIM + cols[None, :]
+            ok = row_ok[:, None] & col_ok[None, :]
+            residual = tl.load(residual_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(out_ptr + offsets, (residual + _rounded(acc, out_ptr)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gate_phase(x_ptr, w_ptr, alpha_ptr, gate_ptr, rows, eps, program, programs,
+                DIM: tl.constexpr, HIDDEN: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """silu(a) * b of the two halves of RMSNorm(x) @ linear_in^T (a: its first HIDDEN
+    outputs), [B, HIDDEN]: a program computes column j of both halves."""
+    for tile in range(program, tl.cdiv(HIDDEN, BLOCK_N), programs):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < HIDDEN
+        for row0 in range(0, rows, BLOCK_B):
+            row_ids = row0 + tl.arange(0, BLOCK_B)
+            row_ok = row_ids < rows
+            a, squares = _product(x_ptr, row_ids, row_ok, w_ptr, cols, col_ok, alpha_ptr, DIM, True,
+                                  PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+            b, _ = _product(x_ptr, row_ids, row_ok, w_ptr, HIDDEN + cols, col_ok, alpha_ptr, DIM, True,
+                            PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+            inverse_rms = _inverse_rms(squares, DIM, eps)[:, None]
+            a = _rounded(a * inverse_rms, gate_ptr)
+            b = _rounded(b * inverse_rms, gate_ptr)
+            gate = _rounded(a / (1.0 + tl.exp(-a)), gate_ptr) * b
+            tl.store(gate_ptr + row_ids[:, None] * HIDDEN + cols[None, :], gate.to(gate_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _logits_phase(x_ptr, w_ptr, logits_ptr, rows, program, programs,
+                  DIM: tl.constexpr, CARD: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    for tile in range(program, tl.cdiv(CARD, BLOCK_N), programs):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < CARD
+        for row0 in range(0, rows, BLOCK_B):
+            row_ids = row0 + tl.arange(0, BLOCK_B)
+            row_ok = row_ids < rows
+            acc, _ = _product(x_ptr, row_ids, row_ok, w_ptr, cols, col_ok, w_ptr, DIM, False, PRODUCT_TYPE,
+                              BLOCK_B, BLOCK_K)
+            tl.store(logits_ptr + row_ids[:, None] * CARD + cols[None, :], acc.to(logits_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grid_barrier(counter_ptr, arrivals):
+    """Wait until `arrivals` programs in all have arrived at a barrier of this launch (the
+    counter only grows during a launch: barrier i waits for i * programs)."""
+    tl.debug_barrier()  # every thread of this program has issued its stores
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < arrivals:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _layer_weight(table_ptr, layer, which: tl.constexpr, TYPE: tl.constexpr):
+    return tl.load(table_ptr + layer * WEIGHTS_PER_LAYER + which).to(tl.pointer_type(TYPE))
+
+
+@triton.jit
+def _depformer_step(
+    x_ptr, table_ptr, head_ptr, keys_ptr, values_ptr, residual_ptr, q_ptr, attn_ptr, gate_ptr, logits_ptr,
+    counter_ptr, rows, step, first_phase, end_phase, eps, scale,
+    LAYERS: tl.constexpr, DIM: tl.constexpr, HIDDEN: tl.constexpr, CARD: tl.constexpr, HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, SLOTS_TILE: tl.constexpr, DIM_TILE: tl.constexpr,
+    WEIGHT_TYPE: tl.constexpr, ALPHA_TYPE: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """Phases first_phase .. end_phase - 1 of a step (see the module doc); with PERSISTENT, a
+    grid barrier after each but the last."""
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for phase in range(first_phase, end_phase):
+        layer = phase // PHASES_PER_LAYER
+        part = phase - layer * PHASES_PER_LAYER  # not %: the interpreter's constexpr has no __rmod__
+        # The residual stream is the input x until layer 0's attention has been added to it.
+        stream_ptr = residual_ptr
+        if phase <= OUT:
+            stream_ptr = x_ptr
+        if layer == LAYERS:
+            _logits_phase(residual_ptr, head_ptr, logits_ptr, rows, program, programs, DIM, CARD, PRODUCT_TYPE,
+                          BLOCK_B, BLOCK_K)
+        elif part == QKV:
+            _qkv_phase(stream_ptr, _layer_weight(table_ptr, layer, IN_PROJ, WEIGHT_TYPE),
+                       _layer_weight(table_ptr, layer, NORM1, ALPHA_TYPE), q_ptr, keys_ptr, values_ptr, layer, rows,
+                       step, eps, program, programs, DIM, HEADS, HEAD_DIM, SLOTS, PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+        elif part == ATTEND:
+            _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scale, program, programs,
+                          DIM, HEADS, HEAD_DIM, SLOTS, SLOTS_TILE, DIM_TILE)
+        elif part == OUT:
+            _residual_phase(attn_ptr, _layer_weight(table_ptr, layer, OUT_PROJ, WEIGHT_TYPE), stream_ptr,
+                            residual_ptr, rows, program, programs, DIM, DIM, PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+        elif part == GATE:
+            _gate_phase(residual_ptr, _layer_weight(table_ptr, layer, LINEAR_IN, WEIGHT_TYPE),
+                        _layer_weight(table_ptr, layer, NORM2, ALPHA_TYPE), gate_ptr, rows, eps, program, programs,
+                        DIM, HIDDEN, PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+        else:
+            _residual_phase(gate_ptr, _layer_weight(table_ptr, layer, LINEAR_OUT, WEIGHT_TYPE), residual_ptr,
+                            residual_ptr, rows, program, programs, HIDDEN, DIM, PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+        if PERSISTENT:
+            if phase + 1 < end_phase:
+                _grid_barrier(counter_ptr, (phase + 1 - first_phase) * programs)
+
+
+@functools.lru_cache(maxsize=64)
+def _pointer_table(pointers: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The weights' addresses as the kernel reads them ([layers, WEIGHTS_PER_LAYER] int64),
+    made once per set of weights: it is a host-to-device copy, which a CUDA graph being
+    captured cannot hold (the frame runner runs a frame before it captures one)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fused_depformer_step: run the step once before capturing it in a CUDA graph")
+    return torch.tensor(pointers, dtype=torch.int64).view(-1, WEIGHTS_PER_LAYER.value).to(device)
+
+
+def _uniform_type(tensors: list[torch.Tensor], what: str) -> torch.dtype:
+    types = {t.dtype for t in tensors}
+    if len(types) != 1:
+        raise ValueError(f"fused_depformer_step: the {what} must share one dtype, got {sorted(map(str, types))}")
+    return types.pop()
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# A custom op, so that torch.compile keeps the launch opaque when it compiles the whole frame.
+@torch.library.custom_op("personaplex::fused_depformer_step", mutates_args=("keys", "values"))
+def fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor, keys: torch.Tensor,
+                         values: torch.Tensor, step: int, eps: float) -> torch.Tensor:
+    """Every depformer layer of step `step`, then the logits head: x [B, dim] (depformer_in of
+    the hidden state plus the token's embedding) -> logits [B, card] in x's dtype.
+
+    layer_weights: per layer, in order, norm1's alpha, in_proj [3 dim, dim], out_proj
+    [dim, dim], norm2's alpha, linear_in [2 hidden, dim], linear_out [dim, hidden] (the step's
+    weights, contiguous, one dtype); head [card, dim]; keys/values the depformer cache
+    [layers, B, heads, steps, head_dim], contiguous: slot `step` of each layer is written."""
+    return launch_fused_depformer_step(x, layer_weights, head, keys, values, step, eps, persistent=x.is_cuda)
+
+
+def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor,
+                                keys: torch.Tensor, values: torch.Tensor, step: int, eps: float,
+                                persistent: bool) -> torch.Tensor:
+    """`fused_depformer_step` in either mode (the op takes the persistent one on CUDA; the
+    GPU test compares the two)."""
+    if persistent and not x.is_cuda:
+        raise ValueError("the persistent depformer kernel needs CUDA: its grid barrier deadlocks in the interpreter")
+    layers, rows, heads, slots, head_dim = keys.shape
+    dim = x.shape[1]
+    hidden = layer_weights[LINEAR_OUT.value].shape[1]
+    card = head.shape[0]
+    is_norm = [i % WEIGHTS_PER_LAYER.value in (NORM1.value, NORM2.value) for i in range(len(layer_weights))]
+    matrices = [w for w, norm in zip(layer_weights, is_norm) if not norm] + [head]
+    alphas = [w for w, norm in zip(layer_weights, is_norm) if norm]
+    if not all(t.is_contiguous() for t in [keys, values, *matrices, *alphas]):
+        raise ValueError("fused_depformer_step needs contiguous weights and caches")
+    if len(layer_weights) != layers * WEIGHTS_PER_LAYER.value or heads * head_dim != dim or dim % BLOCK_N.value:
+        raise ValueError(f"fused_depformer_step: {len(layer_weights)} weights for {layers} layers, "
+                         f"{heads} heads of {head_dim} for width {dim} (a multiple of {BLOCK_N})")
+    weight_type = _uniform_type(matrices, "weight matrices")
+    alpha_type = _uniform_type(alphas, "norm scales")
+    x = x.contiguous()
+    table = _pointer_table(tuple(w.data_ptr() for w in layer_weights), x.device)
+    # Workspaces in the activation dtype: storing there is the readable path's rounding.
+    residual, q, attn = (torch.empty(rows, dim, device=x.device, dtype=x.dtype) for _ in range(3))
+    gate = torch.empty(rows, hidden, device=x.device, dtype=x.dtype)
+    logits = torch.empty(rows, card, device=x.device, dtype=x.dtype)
+    counter = torch.zeros(1, device=x.device, dtype=torch.int32)  # zeroed again by every graph replay
+    phases = layers * PHASES_PER_LAYER.value + 1
+    if x.is_cuda:
+        programs = _multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    else:
+        programs = INTERPRETER_PROGRAMS
+    # The interpreter (3.9) multiplies bf16 tl.dot operands wrongly: float32 products there.
+    product_type = tl.float32 if x.device.type == "cpu" or weight_type == torch.float32 else _TRITON_TYPES[weight_type]
+    constants = dict(
+        LAYERS=layers, DIM=dim, HIDDEN=hidden, CARD=card, HEADS=heads, HEAD_DIM=head_dim, SLOTS=slots,
+        SLOTS_TILE=triton.next_power_of_2(slots), DIM_TILE=triton.next_power_of_2(head_dim),
+        WEIGHT_TYPE=_TRITON_TYPES[weight_type], ALPHA_TYPE=_TRITON_TYPES[alpha_type], PRODUCT_TYPE=product_type,
+        BLOCK_B=min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(rows))), BLOCK_K=BLOCK_K, PERSISTENT=persistent,
+    )
+    arguments = (x, table, head, keys, values, residual, q, attn, gate, logits, counter, rows, step)
+    launches = [(0, phases)] if persistent else [(phase, phase + 1) for phase in range(phases)]
+    for first, end in launches:
+        _depformer_step[(programs,)](*arguments, first, end, eps, head_dim**-0.5, **constants)
+    return logits
+
+
+@fused_depformer_step.register_fake
+def _fused_depformer_step_shape(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor,
+                                keys: torch.Tensor, values: torch.Tensor, step: int, eps: float) -> torch.Tensor:
+    return x.new_empty(x.shape[0], head.shape[0])
