@@ -305,14 +305,18 @@ class LMModel(nn.Module):
         hidden [B, 1, dim] is the frame's normed temporal output; previous_token [B] is the
         text token for step 0, else the audio token chosen at step - 1.
         """
-        token_embedding = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
-        x = self.depformer_in[step](hidden) + embed_with_zero(token_embedding, previous_token[:, None])
+        x = self.depformer_input(step, hidden, previous_token)
         if kernels.fused_depformer and kernels_can_run(x) and self.depformer_step_is_plain(step, x.dtype):
             return cuda_op("fused_depformer_step")(x[:, 0], self.depformer_step_weights(step), self.linears[step].weight,
                                                    state.keys, state.values, step, self.config.norm_eps)
         for index, layer in enumerate(self.depformer.layers):
             x = layer.forward_step(x, step, state, index, kernels)
         return self.linears[step](x[:, 0])
+
+    def depformer_input(self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor) -> torch.Tensor:
+        """What enters step `step`'s first layer [B, 1, depformer_dim] (arguments as `depformer_step`'s)."""
+        token_embedding = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
+        return self.depformer_in[step](hidden) + embed_with_zero(token_embedding, previous_token[:, None])
 
     def depformer_step_weights(self, step: int) -> list[torch.Tensor]:
         """Step `step`'s layer weights in the order the fused kernel reads them: per layer
