@@ -221,7 +221,9 @@ def _grid_barrier(counter_ptr, arrivals):
 
 @triton.jit
 def _layer_weight(table_ptr, layer, which: tl.constexpr, TYPE: tl.constexpr):
-    return tl.load(table_ptr + layer * WEIGHTS_PER_LAYER + which).to(tl.pointer_type(TYPE))
+    """A weight's address from the table. Triton knows nothing of a loaded address's alignment:
+    the hint (checked by the host) lets it load 16 bytes at a time."""
+    return tl.multiple_of(tl.load(table_ptr + layer * WEIGHTS_PER_LAYER + which).to(tl.pointer_type(TYPE)), 16)
 
 
 @triton.jit
@@ -321,6 +323,8 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     alphas = [w for w, norm in zip(layer_weights, is_norm) if norm]
     if not all(t.is_contiguous() for t in [keys, values, *matrices, *alphas]):
         raise ValueError("fused_depformer_step needs contiguous weights and caches")
+    if any(w.data_ptr() % 16 for w in layer_weights):
+        raise ValueError("fused_depformer_step needs weights aligned to 16 bytes")
     if len(layer_weights) != layers * WEIGHTS_PER_LAYER.value or heads * head_dim != dim or dim % BLOCK_N.value:
         raise ValueError(f"fused_depformer_step: {len(layer_weights)} weights for {layers} layers, "
                          f"{heads} heads of {head_dim} for width {dim} (a multiple of {BLOCK_N})")
