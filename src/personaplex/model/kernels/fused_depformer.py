@@ -56,7 +56,10 @@ WEIGHTS_PER_LAYER = tl.constexpr(6)
 BLOCK_N = tl.constexpr(16)
 MIN_ROWS = 16
 MAX_ROWS = 64  # rows per product tile; more rows loop over tiles of 64
-BLOCK_K = 128
+# Inputs per iteration of a product: long iterations keep many loads in flight (a phase is a
+# few iterations, each waiting on DRAM), within a register budget for the x tile.
+MAX_BLOCK_K = 512
+TILE_ELEMENTS = 8192  # BLOCK_B * BLOCK_K
 INTERPRETER_PROGRAMS = 3  # on the CPU: several programs, so the tests see columns shared out
 
 _TRITON_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -344,11 +347,12 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
         programs = INTERPRETER_PROGRAMS
     # The interpreter (3.9) multiplies bf16 tl.dot operands wrongly: float32 products there.
     product_type = tl.float32 if x.device.type == "cpu" or weight_type == torch.float32 else _TRITON_TYPES[weight_type]
+    block_rows = min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(rows)))
     constants = dict(
         LAYERS=layers, DIM=dim, HIDDEN=hidden, CARD=card, HEADS=heads, HEAD_DIM=head_dim, SLOTS=slots,
         SLOTS_TILE=triton.next_power_of_2(slots), DIM_TILE=triton.next_power_of_2(head_dim),
         WEIGHT_TYPE=_TRITON_TYPES[weight_type], ALPHA_TYPE=_TRITON_TYPES[alpha_type], PRODUCT_TYPE=product_type,
-        BLOCK_B=min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(rows))), BLOCK_K=BLOCK_K, PERSISTENT=persistent,
+        BLOCK_B=block_rows, BLOCK_K=min(MAX_BLOCK_K, TILE_ELEMENTS // block_rows), PERSISTENT=persistent,
     )
     arguments = (x, table, head, keys, values, residual, q, attn, gate, logits, counter, rows, step)
     launches = [(0, phases)] if persistent else [(phase, phase + 1) for phase in range(phases)]
