@@ -54,8 +54,8 @@ def test_fused_and_readable_steps_share_one_state(lm):
     hidden = torch.randn(2, 1, model.config.dim)
     tokens = torch.randint(0, model.config.card, (2, STEPS))
     mixed_state, readable_state = model.new_depformer_state(2), model.new_depformer_state(2)
-    mixed = torch.stack([model.depformer_step(k, hidden, tokens[:, k], mixed_state, FUSED if k % 2 else READABLE_KERNELS)
-                         for k in range(STEPS)], 1)
+    mixed = torch.stack([model.depformer_step(k, hidden, tokens[:, k], mixed_state,
+                                              FUSED if k % 2 else READABLE_KERNELS) for k in range(STEPS)], 1)
     expected = steps_of(model, READABLE_KERNELS, hidden, tokens, readable_state)
     assert float((mixed - expected).norm() / expected.norm()) < 1e-5
 

@@ -307,8 +307,9 @@ class LMModel(nn.Module):
         """
         x = self.depformer_input(step, hidden, previous_token)
         if kernels.fused_depformer and kernels_can_run(x) and self.depformer_step_is_plain(step, x.dtype):
-            return cuda_op("fused_depformer_step")(x[:, 0], self.depformer_step_weights(step), self.linears[step].weight,
-                                                   state.keys, state.values, step, self.config.norm_eps)
+            return cuda_op("fused_depformer_step")(x[:, 0], self.depformer_step_weights(step),
+                                                   self.linears[step].weight, state.keys, state.values, step,
+                                                   self.config.norm_eps)
         for index, layer in enumerate(self.depformer.layers):
             x = layer.forward_step(x, step, state, index, kernels)
         return self.linears[step](x[:, 0])

@@ -127,7 +127,8 @@ def _qkv_phase(x_ptr, w_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, layer, rows
                      mask=ok & (part == 0)[None, :])
             # Rounded to the activation dtype first, as the readable path's projection is.
             qkv = _rounded(qkv, q_ptr)
-            slot = (((layer * rows + row_ids[:, None]) * HEADS + head[None, :]) * SLOTS + step) * HEAD_DIM + dim[None, :]
+            ring = (layer * rows + row_ids[:, None]) * HEADS + head[None, :]
+            slot = (ring * SLOTS + step) * HEAD_DIM + dim[None, :]
             tl.store(keys_ptr + slot, qkv.to(keys_ptr.dtype.element_ty), mask=ok & (part == 1)[None, :])
             tl.store(values_ptr + slot, qkv.to(values_ptr.dtype.element_ty), mask=ok & (part == 2)[None, :])
 
