@@ -105,3 +105,22 @@ def test_fused_step_compiles_whole(lm):
     out = compiled(hidden, tokens, lm.new_depformer_state(rows))
     expected = run_steps(lm, hidden, tokens, lm.new_depformer_state(rows), READABLE_KERNELS)
     assert relative_error(out, expected) < 2e-2
+
+
+@pytest.mark.parametrize("shape", [(8, 8192, 4, 4), (32, 32768, 8, 2), (32, 8192, 8, 2)], ids=str)
+@pytest.mark.parametrize("rows", [1, 5, 24])
+def test_launch_shapes_compute_the_same_steps(lm, shape, rows):
+    """Several programs per SM behind one grid barrier, narrow and wide column tiles, on both
+    sides of the CUDA-core / tensor-core switch: the readable steps' logits and caches."""
+    from personaplex.model.kernels.fused_depformer import LaunchShape, launch_fused_depformer_step
+
+    hidden, tokens = frame_inputs(lm, rows, seed=200 + rows)
+    readable_state, fused_state = lm.new_depformer_state(rows), lm.new_depformer_state(rows)
+    expected = run_steps(lm, hidden, tokens, readable_state, READABLE_KERNELS)
+    fused = torch.stack([
+        launch_fused_depformer_step(lm.depformer_input(k, hidden, tokens[:, k])[:, 0], lm.depformer_step_weights(k),
+                                    lm.linears[k].weight, fused_state.keys, fused_state.values, k, lm.config.norm_eps,
+                                    persistent=True, shape=LaunchShape(*shape))
+        for k in range(STEPS)], dim=1)
+    assert relative_error(fused, expected) < 2e-2
+    assert relative_error(fused_state.keys, readable_state.keys) < 2e-2

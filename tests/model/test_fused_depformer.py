@@ -28,7 +28,7 @@ def steps_of(lm, kernels: Kernels, hidden: torch.Tensor, tokens: torch.Tensor, s
     return torch.stack([lm.depformer_step(k, hidden, tokens[:, k], state, kernels) for k in range(tokens.shape[1])], 1)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 9])  # 9: on the tensor cores (padded to 16 rows)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 def test_fused_steps_match_the_readable_steps(lm, rows, dtype):
     interpreter_or_skip("cpu")
@@ -45,6 +45,25 @@ def test_fused_steps_match_the_readable_steps(lm, rows, dtype):
     for got, want in ((fused, expected), (fused_state.keys, readable_state.keys),
                       (fused_state.values, readable_state.values)):
         assert float((got.float() - want.float()).norm() / want.float().norm()) < bound
+
+
+@pytest.mark.parametrize("shape", [(8, 256, 4, 1), (32, 4096, 8, 4)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("rows", [2, 9])
+def test_every_launch_shape_computes_the_same_step(lm, shape, rows):
+    """Column tiles narrower and wider than the layers' widths, K in several iterations or one."""
+    interpreter_or_skip("cpu")
+    from personaplex.model.kernels.fused_depformer import LaunchShape, launch_fused_depformer_step
+
+    model = lm.float()
+    hidden = torch.randn(rows, 1, model.config.dim)
+    tokens = torch.randint(0, model.config.card, (rows,))
+    readable_state, fused_state = model.new_depformer_state(rows), model.new_depformer_state(rows)
+    expected = model.depformer_step(0, hidden, tokens, readable_state, READABLE_KERNELS)
+    x = model.depformer_input(0, hidden, tokens)[:, 0]
+    fused = launch_fused_depformer_step(x, model.depformer_step_weights(0), model.linears[0].weight,
+                                        fused_state.keys, fused_state.values, 0, model.config.norm_eps,
+                                        persistent=False, shape=LaunchShape(*shape))
+    assert float((fused - expected).norm() / expected.norm()) < 1e-5
 
 
 def test_fused_and_readable_steps_share_one_state(lm):

@@ -45,7 +45,9 @@ off until they are faster.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import torch
 import triton
@@ -57,38 +59,85 @@ QKV, ATTEND, OUT, GATE = (tl.constexpr(part) for part in range(4))  # the 5th, F
 # Pointers per layer in the weight table, in this order (`LMModel.depformer_step_weights`).
 NORM1, IN_PROJ, OUT_PROJ, NORM2, LINEAR_IN, LINEAR_OUT = (tl.constexpr(which) for which in range(6))
 WEIGHTS_PER_LAYER = tl.constexpr(6)
-# tl.dot takes tiles of at least 16 along every side: a program's output columns come 16 at
-# a time, and the rows of x are padded to 16.
-BLOCK_N = tl.constexpr(16)
-MIN_ROWS = 16
-MAX_ROWS = 64  # rows per product tile; more rows loop over tiles of 64
-# Inputs per iteration of a product: long iterations keep many loads in flight (a phase is a
-# few iterations, each waiting on DRAM), within a register budget for the x tile.
-MAX_BLOCK_K = 512
-TILE_ELEMENTS = 8192  # BLOCK_B * BLOCK_K
+# tl.dot takes tiles of at least 16 along every side: on the tensor cores, the rows of x are
+# padded to 16 and a program's output columns come at least 16 at a time.
+DOT_MIN = 16
+MAX_DOT_ROWS = 64  # rows per product tile; more rows loop over tiles of 64
 INTERPRETER_PROGRAMS = 3  # on the CPU: several programs, so the tests see columns shared out
 
 _TRITON_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchShape:
+    """How the kernel shares a step out. A phase is latency-bound at these sizes (a few MB of
+    weights over 132 SMs): what counts is how many weight bytes each SM has in flight, which
+    grows with the weight tile a program loads per iteration and with the programs resident
+    on an SM.
+
+    block_n:         output columns per program tile (a power of two; >= 16 on the tensor cores)
+    weight_tile:     weight elements a program loads per iteration (block_n x block_k)
+    num_warps:       warps per program
+    programs_per_sm: programs per SM, all resident at once (capped at what the compiled
+                     kernel's registers and shared memory allow: a grid barrier with a program
+                     left waiting for an SM would never open)
+    """
+
+    block_n: int
+    weight_tile: int
+    num_warps: int
+    programs_per_sm: int
+
+    @staticmethod
+    def for_rows(rows: int) -> "LaunchShape":
+        """The shape measured fastest for `rows` conversations (bench/depformer_fused.py)."""
+        if on_cuda_cores(rows):
+            return LaunchShape(block_n=16, weight_tile=16384, num_warps=8, programs_per_sm=2)
+        return LaunchShape(block_n=16, weight_tile=8192, num_warps=4, programs_per_sm=1)
+
+
+def on_cuda_cores(rows: int) -> bool:
+    """Up to 8 rows, the products run as multiply-and-sum on the CUDA cores, row by row; more
+    rows fill a 16-row tensor-core tile well enough to pay for its padding."""
+    return rows <= 8
+
+
 @triton.jit
-def _product(in_ptr, rows, row_ok, w_ptr, w_rows, w_ok, alpha_ptr, K: tl.constexpr, NORM: tl.constexpr,
-             PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """in[rows, :K] @ w[w_rows, :K]^T as [BLOCK_B, BLOCK_N] float32. With NORM, the input is
-    RMSNorm(in) * alpha: the products take in * alpha, and the result is scaled by each row's
-    1 / rms, gathered in the same pass. `in` was written by other programs: read from L2."""
+def _product(in_ptr, row0, rows, w_ptr, w_rows, w_ok, alpha_ptr, K: tl.constexpr, NORM: tl.constexpr,
+             PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             ON_TENSOR_CORES: tl.constexpr):
+    """in[row0 : row0 + BLOCK_B, :K] @ w[w_rows, :K]^T as [BLOCK_B, BLOCK_N] float32. With NORM,
+    the input is RMSNorm(in) * alpha: the products take in * alpha, and the result is scaled by
+    each row's 1 / rms, gathered in the same pass. `in` was written by other programs: read
+    from L2."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     squares = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    tile_rows = tl.arange(0, BLOCK_B)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x = tl.load(in_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0,
-                    cache_modifier=".cg").to(tl.float32)
-        if NORM:
-            squares += tl.sum(x * x, axis=1)
-            x = x * tl.load(alpha_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         w = tl.load(w_ptr + w_rows[:, None] * K + ks[None, :], mask=w_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(x.to(PRODUCT_TYPE), tl.trans(w.to(PRODUCT_TYPE)), input_precision="tf32x3")
+        if NORM:
+            alpha = tl.load(alpha_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if ON_TENSOR_CORES:
+            row_ids = row0 + tile_rows
+            x = tl.load(in_ptr + row_ids[:, None] * K + ks[None, :], mask=(row_ids < rows)[:, None] & k_ok[None, :],
+                        other=0.0, cache_modifier=".cg").to(tl.float32)
+            if NORM:
+                squares += tl.sum(x * x, axis=1)
+                x = x * alpha[None, :]
+            acc += tl.dot(x.to(PRODUCT_TYPE), tl.trans(w.to(PRODUCT_TYPE)), input_precision="tf32x3")
+        else:
+            # Row by row: one weight tile in registers serves every row.
+            w = w.to(tl.float32)
+            for r in tl.static_range(BLOCK_B):
+                row_ok = (tl.zeros_like(ks) + row0 + r) < rows  # a tensor: row0 may be a Python int
+                x = tl.load(in_ptr + (row0 + r) * K + ks, mask=k_ok & row_ok, other=0.0,
+                            cache_modifier=".cg").to(tl.float32)
+                if NORM:
+                    squares += tl.where(tile_rows == r, tl.sum(x * x, axis=0), 0.0)
+                    x = x * alpha
+                acc += tl.where(tile_rows[:, None] == r, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
     return acc, squares
 
 
@@ -106,10 +155,11 @@ def _rounded(x, ptr):
 @triton.jit
 def _qkv_phase(x_ptr, w_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, layer, rows, step, eps, program, programs,
                DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
-               PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+               PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               ON_TENSOR_CORES: tl.constexpr):
     """RMSNorm(x) @ in_proj^T: q to its workspace [B, DIM], k and v into slot `step` of the
     layer's cache [layers, B, HEADS, SLOTS, HEAD_DIM]."""
-    for tile in range(program, 3 * DIM // BLOCK_N, programs):
+    for tile in range(program, tl.cdiv(3 * DIM, BLOCK_N), programs):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < 3 * DIM
         part = cols // DIM  # 0: q, 1: k, 2: v
@@ -119,8 +169,8 @@ def _qkv_phase(x_ptr, w_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, layer, rows
         for row0 in range(0, rows, BLOCK_B):
             row_ids = row0 + tl.arange(0, BLOCK_B)
             row_ok = row_ids < rows
-            acc, squares = _product(x_ptr, row_ids, row_ok, w_ptr, cols, col_ok, alpha_ptr, DIM, True,
-                                    PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+            acc, squares = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, alpha_ptr, DIM, True,
+                                    PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
             qkv = acc * _inverse_rms(squares, DIM, eps)[:, None]
             ok = row_ok[:, None] & col_ok[None, :]
             tl.store(q_ptr + row_ids[:, None] * DIM + within[None, :], qkv.to(q_ptr.dtype.element_ty),
@@ -161,17 +211,17 @@ def _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scal
 @triton.jit
 def _residual_phase(in_ptr, w_ptr, residual_ptr, out_ptr, rows, program, programs,
                     K: tl.constexpr, DIM: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
     """out = residual + in @ w^T, [B, DIM] (out may be residual: a column is read and written
     only by its owner)."""
-    for tile in range(program, DIM // BLOCK_N, programs):
+    for tile in range(program, tl.cdiv(DIM, BLOCK_N), programs):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < DIM
         for row0 in range(0, rows, BLOCK_B):
             row_ids = row0 + tl.arange(0, BLOCK_B)
             row_ok = row_ids < rows
-            acc, _ = _product(in_ptr, row_ids, row_ok, w_ptr, cols, col_ok, w_ptr, K, False, PRODUCT_TYPE,
-                              BLOCK_B, BLOCK_K)
+            acc, _ = _product(in_ptr, row0, rows, w_ptr, cols, col_ok, w_ptr, K, False, PRODUCT_TYPE,
+                              BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
             offsets = row_ids[:, None] * DIM + cols[None, :]
             ok = row_ok[:, None] & col_ok[None, :]
             residual = tl.load(residual_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -181,7 +231,7 @@ def _residual_phase(in_ptr, w_ptr, residual_ptr, out_ptr, rows, program, program
 @triton.jit
 def _gate_phase(x_ptr, w_ptr, alpha_ptr, gate_ptr, rows, eps, program, programs,
                 DIM: tl.constexpr, HIDDEN: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
     """silu(a) * b of the two halves of RMSNorm(x) @ linear_in^T (a: its first HIDDEN
     outputs), [B, HIDDEN]: a program computes column j of both halves."""
     for tile in range(program, tl.cdiv(HIDDEN, BLOCK_N), programs):
@@ -190,10 +240,10 @@ def _gate_phase(x_ptr, w_ptr, alpha_ptr, gate_ptr, rows, eps, program, programs,
         for row0 in range(0, rows, BLOCK_B):
             row_ids = row0 + tl.arange(0, BLOCK_B)
             row_ok = row_ids < rows
-            a, squares = _product(x_ptr, row_ids, row_ok, w_ptr, cols, col_ok, alpha_ptr, DIM, True,
-                                  PRODUCT_TYPE, BLOCK_B, BLOCK_K)
-            b, _ = _product(x_ptr, row_ids, row_ok, w_ptr, HIDDEN + cols, col_ok, alpha_ptr, DIM, True,
-                            PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+            a, squares = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, alpha_ptr, DIM, True,
+                                  PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            b, _ = _product(x_ptr, row0, rows, w_ptr, HIDDEN + cols, col_ok, alpha_ptr, DIM, True,
+                            PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
             inverse_rms = _inverse_rms(squares, DIM, eps)[:, None]
             a = _rounded(a * inverse_rms, gate_ptr)
             b = _rounded(b * inverse_rms, gate_ptr)
@@ -205,15 +255,15 @@ def _gate_phase(x_ptr, w_ptr, alpha_ptr, gate_ptr, rows, eps, program, programs,
 @triton.jit
 def _logits_phase(x_ptr, w_ptr, logits_ptr, rows, program, programs,
                   DIM: tl.constexpr, CARD: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
     for tile in range(program, tl.cdiv(CARD, BLOCK_N), programs):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < CARD
         for row0 in range(0, rows, BLOCK_B):
             row_ids = row0 + tl.arange(0, BLOCK_B)
             row_ok = row_ids < rows
-            acc, _ = _product(x_ptr, row_ids, row_ok, w_ptr, cols, col_ok, w_ptr, DIM, False, PRODUCT_TYPE,
-                              BLOCK_B, BLOCK_K)
+            acc, _ = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, w_ptr, DIM, False, PRODUCT_TYPE,
+                              BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
             tl.store(logits_ptr + row_ids[:, None] * CARD + cols[None, :], acc.to(logits_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
 
@@ -245,7 +295,7 @@ def _depformer_step(
     LAYERS: tl.constexpr, DIM: tl.constexpr, HIDDEN: tl.constexpr, CARD: tl.constexpr, HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, SLOTS_TILE: tl.constexpr, DIM_TILE: tl.constexpr,
     WEIGHT_TYPE: tl.constexpr, ALPHA_TYPE: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Phases first_phase .. end_phase - 1 of a step (see the module doc); with PERSISTENT, a
     grid barrier after each but the last."""
@@ -260,24 +310,27 @@ def _depformer_step(
             stream_ptr = x_ptr
         if layer == LAYERS:
             _logits_phase(residual_ptr, head_ptr, logits_ptr, rows, program, programs, DIM, CARD, PRODUCT_TYPE,
-                          BLOCK_B, BLOCK_K)
+                          BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
         elif part == QKV:
             _qkv_phase(stream_ptr, _layer_weight(table_ptr, layer, IN_PROJ, WEIGHT_TYPE),
                        _layer_weight(table_ptr, layer, NORM1, ALPHA_TYPE), q_ptr, keys_ptr, values_ptr, layer, rows,
-                       step, eps, program, programs, DIM, HEADS, HEAD_DIM, SLOTS, PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+                       step, eps, program, programs, DIM, HEADS, HEAD_DIM, SLOTS, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
+                       ON_TENSOR_CORES)
         elif part == ATTEND:
             _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scale, program, programs,
                           DIM, HEADS, HEAD_DIM, SLOTS, SLOTS_TILE, DIM_TILE)
         elif part == OUT:
             _residual_phase(attn_ptr, _layer_weight(table_ptr, layer, OUT_PROJ, WEIGHT_TYPE), stream_ptr,
-                            residual_ptr, rows, program, programs, DIM, DIM, PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+                            residual_ptr, rows, program, programs, DIM, DIM, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
+                            ON_TENSOR_CORES)
         elif part == GATE:
             _gate_phase(residual_ptr, _layer_weight(table_ptr, layer, LINEAR_IN, WEIGHT_TYPE),
                         _layer_weight(table_ptr, layer, NORM2, ALPHA_TYPE), gate_ptr, rows, eps, program, programs,
-                        DIM, HIDDEN, PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+                        DIM, HIDDEN, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
         else:
             _residual_phase(gate_ptr, _layer_weight(table_ptr, layer, LINEAR_OUT, WEIGHT_TYPE), residual_ptr,
-                            residual_ptr, rows, program, programs, HIDDEN, DIM, PRODUCT_TYPE, BLOCK_B, BLOCK_K)
+                            residual_ptr, rows, program, programs, HIDDEN, DIM, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
+                            ON_TENSOR_CORES)
         if PERSISTENT:
             if phase + 1 < end_phase:
                 _grid_barrier(counter_ptr, (phase + 1 - first_phase) * programs)
@@ -305,6 +358,29 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _resident_programs_per_sm(device_index: int, registers_per_thread: int, shared_bytes: int, num_warps: int) -> int:
+    """How many programs of a compiled kernel fit on one SM at once (CUDA's occupancy rule:
+    registers are given per warp in units of 256, shared memory per block, threads per SM)."""
+    properties = torch.cuda.get_device_properties(device_index)
+    registers_per_warp = math.ceil(registers_per_thread * 32 / 256) * 256
+    by_registers = getattr(properties, "regs_per_multiprocessor", 65536) // (registers_per_warp * num_warps)
+    by_threads = getattr(properties, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    shared_per_sm = getattr(properties, "shared_memory_per_multiprocessor", 233472)
+    by_shared = shared_per_sm // (shared_bytes + 1024) if shared_bytes else by_threads  # 1 KB per block is the driver's
+    return max(1, min(by_registers, by_threads, by_shared))
+
+
+def _programs(kernel: triton.JITFunction, arguments: tuple, constants: dict, shape: LaunchShape,
+              device: torch.device) -> int:
+    """One program per SM times shape.programs_per_sm, at most what stays resident."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    compiled = kernel.warmup(*arguments, grid=(1,), num_warps=shape.num_warps, **constants)
+    compiled._init_handles()  # loads the binary: its register count is known from here
+    resident = _resident_programs_per_sm(index, compiled.n_regs, compiled.metadata.shared, shape.num_warps)
+    return _multiprocessors(index) * min(shape.programs_per_sm, resident)
+
+
 # A custom op, so that torch.compile keeps the launch opaque when it compiles the whole frame.
 @torch.library.custom_op("personaplex::fused_depformer_step", mutates_args=("keys", "values"))
 def fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor, keys: torch.Tensor,
@@ -321,12 +397,14 @@ def fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], hea
 
 def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor,
                                 keys: torch.Tensor, values: torch.Tensor, step: int, eps: float,
-                                persistent: bool) -> torch.Tensor:
+                                persistent: bool, shape: LaunchShape | None = None) -> torch.Tensor:
     """`fused_depformer_step` in either mode (the op takes the persistent one on CUDA; the
-    GPU test compares the two)."""
+    GPU test compares the two), shared out as `shape` says (default: `LaunchShape.for_rows`;
+    the benchmark sweeps others)."""
     if persistent and not x.is_cuda:
         raise ValueError("the persistent depformer kernel needs CUDA: its grid barrier deadlocks in the interpreter")
     layers, rows, heads, slots, head_dim = keys.shape
+    shape = shape or LaunchShape.for_rows(rows)
     dim = x.shape[1]
     hidden = layer_weights[LINEAR_OUT.value].shape[1]
     card = head.shape[0]
@@ -337,9 +415,9 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
         raise ValueError("fused_depformer_step needs contiguous weights and caches")
     if any(w.data_ptr() % 16 for w in layer_weights):
         raise ValueError("fused_depformer_step needs weights aligned to 16 bytes")
-    if len(layer_weights) != layers * WEIGHTS_PER_LAYER.value or heads * head_dim != dim or dim % BLOCK_N.value:
+    if len(layer_weights) != layers * WEIGHTS_PER_LAYER.value or heads * head_dim != dim:
         raise ValueError(f"fused_depformer_step: {len(layer_weights)} weights for {layers} layers, "
-                         f"{heads} heads of {head_dim} for width {dim} (a multiple of {BLOCK_N})")
+                         f"{heads} heads of {head_dim} for width {dim}")
     weight_type = _uniform_type(matrices, "weight matrices")
     alpha_type = _uniform_type(alphas, "norm scales")
     x = x.contiguous()
@@ -350,23 +428,33 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     logits = torch.empty(rows, card, device=x.device, dtype=x.dtype)
     counter = torch.zeros(1, device=x.device, dtype=torch.int32)  # zeroed again by every graph replay
     phases = layers * PHASES_PER_LAYER.value + 1
-    if x.is_cuda:
-        programs = _multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    else:
-        programs = INTERPRETER_PROGRAMS
+    on_tensor_cores = not on_cuda_cores(rows)
     # The interpreter (3.9) multiplies bf16 tl.dot operands wrongly: float32 products there.
     product_type = tl.float32 if x.device.type == "cpu" or weight_type == torch.float32 else _TRITON_TYPES[weight_type]
-    block_rows = min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(rows)))
+    if on_tensor_cores:
+        block_rows = min(MAX_DOT_ROWS, triton.next_power_of_2(rows))
+        block_n = max(DOT_MIN, shape.block_n)
+        block_k = max(DOT_MIN, shape.weight_tile // block_rows)  # the x tile, in registers, bounds it there
+    else:
+        block_rows = triton.next_power_of_2(rows)
+        block_n = shape.block_n
+        block_k = shape.weight_tile // block_n
     constants = dict(
         LAYERS=layers, DIM=dim, HIDDEN=hidden, CARD=card, HEADS=heads, HEAD_DIM=head_dim, SLOTS=slots,
         SLOTS_TILE=triton.next_power_of_2(slots), DIM_TILE=triton.next_power_of_2(head_dim),
         WEIGHT_TYPE=_TRITON_TYPES[weight_type], ALPHA_TYPE=_TRITON_TYPES[alpha_type], PRODUCT_TYPE=product_type,
-        BLOCK_B=block_rows, BLOCK_K=min(MAX_BLOCK_K, TILE_ELEMENTS // block_rows), PERSISTENT=persistent,
+        BLOCK_B=block_rows, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(max(dim, hidden))),
+        ON_TENSOR_CORES=on_tensor_cores, PERSISTENT=persistent,
     )
     arguments = (x, table, head, keys, values, residual, q, attn, gate, logits, counter, rows, step)
     launches = [(0, phases)] if persistent else [(phase, phase + 1) for phase in range(phases)]
+    scale = head_dim**-0.5
+    if x.is_cuda:
+        programs = _programs(_depformer_step, (*arguments, *launches[0], eps, scale), constants, shape, x.device)
+    else:
+        programs = INTERPRETER_PROGRAMS
     for first, end in launches:
-        _depformer_step[(programs,)](*arguments, first, end, eps, head_dim**-0.5, **constants)
+        _depformer_step[(programs,)](*arguments, first, end, eps, scale, num_warps=shape.num_warps, **constants)
     return logits
 
 
