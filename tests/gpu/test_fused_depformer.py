@@ -20,7 +20,7 @@ from personaplex.model.random_init import build_random_lm
 from tests.gpu.common import GPU_ONLY
 
 pytestmark = list(GPU_ONLY)
-FUSED = Kernels(fused_depformer=True)
+FUSED = Kernels(fused_depformer_max_rows=1 << 30)
 STEPS = 8
 
 

@@ -85,13 +85,14 @@ class Kernels:
     fast frame gets its fused norms, RoPE and gates by compiling the whole frame
     (`FrameRunner`), not from a second copy of those functions.
 
-    `fused_depformer` runs each depformer step (every layer, then the logits head) as one
-    Triton launch (`kernels/fused_depformer.py`) where the step's weights are plain bf16 or
-    float32 linears; off in `fast()` until it has been measured in the compiled frame.
+    `fused_depformer_max_rows` runs each depformer step (every layer, then the logits head)
+    as one Triton launch (`kernels/fused_depformer.py`) for frames of up to that many rows
+    (0: never), where the step's weights are plain bf16 or float32 linears. With more rows the
+    compiled step's cuBLAS products are faster (docs/PERFORMANCE.md).
     """
 
     ring_attention: bool = False
-    fused_depformer: bool = False
+    fused_depformer_max_rows: int = 0
 
     @staticmethod
     def fast() -> "Kernels":

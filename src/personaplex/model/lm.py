@@ -306,7 +306,8 @@ class LMModel(nn.Module):
         text token for step 0, else the audio token chosen at step - 1.
         """
         x = self.depformer_input(step, hidden, previous_token)
-        if kernels.fused_depformer and kernels_can_run(x) and self.depformer_step_is_plain(step, x.dtype):
+        fused = x.shape[0] <= kernels.fused_depformer_max_rows and self.depformer_step_is_plain(step, x.dtype)
+        if fused and kernels_can_run(x):
             return cuda_op("fused_depformer_step")(x[:, 0], self.depformer_step_weights(step),
                                                    self.linears[step].weight, state.keys, state.values, step,
                                                    self.config.norm_eps)
