@@ -98,10 +98,10 @@ def sweep_shapes(rows: int) -> list[LaunchShape]:
     """Programs per SM vary slowest: a shape that hung at its grid barrier (more programs than
     fit, were the occupancy rule wrong) would cost only the shapes after it."""
     if on_cuda_cores(rows):
-        grid = itertools.product((2, 4), (8, 16), ((16384, 8), (32768, 8)), (True, False))
+        grid = itertools.product((1, 2, 4), (8, 16, 32), ((8192, 4), (16384, 8), (32768, 8)))
     else:
-        grid = itertools.product((1, 2), (16, 32), ((4096, 4), (8192, 4), (8192, 8)), (True,))
-    return [LaunchShape(block_n, tile, warps, per_sm, polls) for per_sm, block_n, (tile, warps), polls in grid]
+        grid = itertools.product((1, 2), (16, 32), ((4096, 4), (8192, 4), (8192, 8)))
+    return [LaunchShape(block_n, tile, warps, per_sm) for per_sm, block_n, (tile, warps) in grid]
 
 
 def sweep(lm: LMModel, rows: int) -> list[dict]:

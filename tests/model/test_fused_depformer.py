@@ -79,6 +79,20 @@ def test_fused_and_readable_steps_share_one_state(lm):
     assert float((mixed - expected).norm() / expected.norm()) < 1e-5
 
 
+def test_frames_with_more_rows_than_the_limit_take_the_readable_step(lm):
+    """fused_depformer_max_rows picks the path by the frame's rows: the readable step's result
+    is the same bits as the readable kernels'."""
+    interpreter_or_skip("cpu")
+    model = lm.float()
+    hidden = torch.randn(3, 1, model.config.dim)
+    tokens = torch.randint(0, model.config.card, (3,))
+    expected = model.depformer_step(0, hidden, tokens, model.new_depformer_state(3), READABLE_KERNELS)
+    above = model.depformer_step(0, hidden, tokens, model.new_depformer_state(3), Kernels(fused_depformer_max_rows=2))
+    within = model.depformer_step(0, hidden, tokens, model.new_depformer_state(3), Kernels(fused_depformer_max_rows=3))
+    assert torch.equal(above, expected)
+    assert not torch.equal(within, expected) and torch.allclose(within, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_quantized_depformer_steps_take_the_readable_path():
     """The kernel reads plain linear weights only: a quantized step falls back, whatever the kernels."""
     model = random_lm(tiny_lm_config(card=80)).to(torch.bfloat16)
