@@ -7,8 +7,8 @@ and tail latencies add up to several times the 0.3 ms it takes to read the weigh
 
 The kernel runs a step as a sequence of PHASES, each a product whose output columns are
 shared out among the programs (each program reads the weight rows of its columns once and
-computes them for every row of x), with the element-wise work fused into the phase that
-needs it:
+computes them for every row of x: up to 4 rows as multiply-and-sum on the CUDA cores, more
+on the tensor cores), with the element-wise work fused into the phase that needs it:
 
   per layer  0 qkv:     RMSNorm(x) @ in_proj^T; q to a workspace, k and v into the step's
                         cache slot (the norm's statistic comes out of the same pass over x:
@@ -22,10 +22,10 @@ needs it:
 
 A phase reads what the previous one wrote in every program, so phases are separated by a
 barrier across all programs. Two ways to run the same phase code:
-- PERSISTENT (CUDA): one launch of one program per SM, all resident at once, looping over
-  the phases with a grid barrier between them: a shared int32 counter that each program
-  increments (release) when done with a phase, then polls (acquire) until every program has
-  arrived. Data another program wrote is read with ".cg" loads (from L2, never a stale L1).
+- PERSISTENT (CUDA): one launch of a few programs per SM (`LaunchShape`), all resident at
+  once, looping over the phases with a grid barrier between them: a shared int32 counter
+  that each program increments (release) when done with a phase, then polls (acquire) until
+  every program has arrived. Data another program wrote is read with ".cg" loads (from L2, never a stale L1).
   The counter is a zeroed workspace of the call, so a replayed CUDA graph zeroes it again.
 - one launch per phase (Triton's interpreter, which runs programs one after another and
   would spin forever at a barrier; also a reference for the persistent mode on CUDA): the
@@ -36,11 +36,15 @@ readable path materialises (q/k/v, attention, gate, residual stream) rounded to 
 activation dtype where it does. Keys and values go to slot `step` of each layer's cache as
 the readable path writes them, so both paths can share one `DepformerState`.
 
-Measured once (H200, B = 1, 8 steps in a CUDA graph, random bf16 weights): the persistent
-kernel gives the per-phase launches' logits exactly and the readable path's to 0.75%, but
-takes 3.3 ms against the readable path's 2.4 ms, and one launch per phase takes 3.4 ms: the
-phase bodies, not the barriers, cost the time (~13 us a phase). `Kernels.fast()` leaves it
-off until they are faster.
+Measured on an H200 (bench/depformer_fused.py; bench/results/h200-depformer-fused.json), a
+frame's 8 steps in one CUDA graph, random bf16 weights: at one row 1.18 ms against 1.50 for
+the steps compiled whole by torch.compile (the frame runner's path) and 2.73 eager; in the
+whole graphed frame, 7.80 ms against 8.35. From two rows on the compiled steps win (two:
+1.64 against 1.43 ms; 64 rows on the tensor cores: 3.0 against 1.6), so `Kernels.fast()`
+takes this kernel for one-row frames only. A step still takes ~147 us where its weights
+alone would read in ~40: ~4.7 us for each of its 31 phases, each a few dependent trips to
+memory and a grid barrier (fewer phases, e.g. attention recomputed inside the out phase,
+is what would close more of that).
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ class LaunchShape:
         """The shape measured fastest for `rows` conversations (bench/depformer_fused.py)."""
         if on_cuda_cores(rows):
             return LaunchShape(block_n=16, weight_tile=16384, num_warps=8, programs_per_sm=2)
-        return LaunchShape(block_n=16, weight_tile=8192, num_warps=4, programs_per_sm=1)
+        return LaunchShape(block_n=32, weight_tile=8192, num_warps=4, programs_per_sm=1)
 
 
 def on_cuda_cores(rows: int) -> bool:
