@@ -53,14 +53,16 @@ def fast_and_readable(engine: PersonaPlex, rows: int) -> tuple[FrameRunner, Fram
     return fast, readable
 
 
-def test_graphed_frame_equals_readable_frame_over_many_frames(gpu_engine):
-    fast, readable = fast_and_readable(gpu_engine, 2)
+# One row: the fast frame's depformer is the fused kernel (`Kernels.fast()`); two: compiled.
+@pytest.mark.parametrize("rows", [1, 2])
+def test_graphed_frame_equals_readable_frame_over_many_frames(gpu_engine, rows):
+    fast, readable = fast_and_readable(gpu_engine, rows)
     persona = gpu_engine.persona()
     for runner in (fast, readable):
-        for row in range(2):
+        for row in range(rows):
             runner.join(row, persona, GREEDY)
-    pcm = audio(FRAMES, 2, seed=0)
-    listens = torch.tensor([False, True])
+    pcm = audio(FRAMES, rows, seed=0)
+    listens = torch.tensor([False, True])[:rows]
     for frame in range(FRAMES):
         listening = listens & (frame < FRAMES // 2)
         fast_tokens, fast_pcm = run(fast, pcm[frame], listening)

@@ -305,11 +305,40 @@ class LMModel(nn.Module):
         hidden [B, 1, dim] is the frame's normed temporal output; previous_token [B] is the
         text token for step 0, else the audio token chosen at step - 1.
         """
-        token_embedding = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
-        x = self.depformer_in[step](hidden) + embed_with_zero(token_embedding, previous_token[:, None])
+        x = self.depformer_input(step, hidden, previous_token)
+        fused = x.shape[0] <= kernels.fused_depformer_max_rows and self.depformer_step_is_plain(step, x.dtype)
+        if fused and kernels_can_run(x):
+            return cuda_op("fused_depformer_step")(x[:, 0], self.depformer_step_weights(step),
+                                                   self.linears[step].weight, state.keys, state.values, step,
+                                                   self.config.norm_eps)
         for index, layer in enumerate(self.depformer.layers):
             x = layer.forward_step(x, step, state, index, kernels)
         return self.linears[step](x[:, 0])
+
+    def depformer_input(self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor) -> torch.Tensor:
+        """What enters step `step`'s first layer [B, 1, depformer_dim] (arguments as `depformer_step`'s)."""
+        token_embedding = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
+        return self.depformer_in[step](hidden) + embed_with_zero(token_embedding, previous_token[:, None])
+
+    def depformer_step_weights(self, step: int) -> list[torch.Tensor]:
+        """Step `step`'s layer weights in the order the fused kernel reads them: per layer
+        norm1, in_proj, out_proj, norm2, linear_in, linear_out."""
+        weights = []
+        for layer in self.depformer.layers:
+            attention, ffn = layer.self_attn, layer.gating[step]
+            weights += [layer.norm1.alpha, attention.in_projs[step].weight, attention.out_projs[step].weight,
+                        layer.norm2.alpha, ffn.linear_in.weight, ffn.linear_out.weight]
+        return weights
+
+    def depformer_step_is_plain(self, step: int, activation_dtype: torch.dtype) -> bool:
+        """Whether the fused kernel can read step `step`'s weights: every linear a plain
+        nn.Linear (quantized formats replace them with their own modules) in the activations'
+        dtype."""
+        linears = [self.linears[step]]
+        for layer in self.depformer.layers:
+            ffn = layer.gating[step]
+            linears += [layer.self_attn.in_projs[step], layer.self_attn.out_projs[step], ffn.linear_in, ffn.linear_out]
+        return all(type(linear) is nn.Linear and linear.weight.dtype == activation_dtype for linear in linears)
 
     # ---- teacher-forced path
 

@@ -1,0 +1,151 @@
+"""GPU benchmark of a frame's 8 depformer steps: readable, compiled (as the frame runner
+compiles them), fused; then the fused kernel's launch shapes swept.
+
+The depformer is full size (PersonaPlex's, random bf16 weights) behind a one-layer temporal
+transformer that is never run. Each variant's 8 steps (with the depformer_in product and the
+token embeddings, as `LMModel.depformer_step` runs them) are captured in one CUDA graph,
+so launch overhead counts as in the graphed frame; the table gives the median microseconds of
+a replay (a frame's depformer) at B = 1, 8, 32, 64. The sweep times the fused steps alone
+(`launch_fused_depformer_step` with each `LaunchShape`, 8 steps in a graph). Rows go to
+$OUT/depformer-fused.json (default bench/results-local).
+
+    PYTHONPATH=src python3 bench/depformer_fused.py [--no-sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+
+from personaplex.model.config import LMConfig
+from personaplex.model.kernels import register_cuda_ops
+from personaplex.model.kernels.fused_depformer import LaunchShape, launch_fused_depformer_step, on_cuda_cores
+from personaplex.model.layers import Kernels
+from personaplex.model.lm import LMModel
+from personaplex.model.random_init import build_random_lm
+
+ROWS = (1, 8, 32, 64)
+VARIANTS = {"readable": (Kernels(), False), "compiled": (Kernels.fast(), True),
+            "fused": (Kernels(fused_depformer_max_rows=1 << 30), False)}
+STEPS = 8
+REPLAYS = 50
+
+
+def frame_of_steps(lm: LMModel, rows: int, kernels: Kernels, compiled: bool) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of one frame's 8 depformer steps (compiled whole first if asked)."""
+    hidden = torch.randn(rows, 1, lm.config.dim, device="cuda", dtype=torch.bfloat16)
+    tokens = torch.randint(0, lm.config.card, (rows, STEPS), device="cuda")
+    state = lm.new_depformer_state(rows)
+
+    def steps() -> None:
+        for k in range(STEPS):
+            lm.depformer_step(k, hidden, tokens[:, k], state, kernels)
+
+    return captured(torch.compile(steps, fullgraph=True, dynamic=False) if compiled else steps)
+
+
+def fused_steps(lm: LMModel, rows: int, shape: LaunchShape) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of the fused kernel alone for 8 steps, launched with `shape`."""
+    inputs = [lm.depformer_input(k, torch.randn(rows, 1, lm.config.dim, device="cuda", dtype=torch.bfloat16),
+                                 torch.zeros(rows, dtype=torch.long, device="cuda"))[:, 0] for k in range(STEPS)]
+    weights = [(lm.depformer_step_weights(k), lm.linears[k].weight) for k in range(STEPS)]
+    state = lm.new_depformer_state(rows)
+
+    def steps() -> None:
+        for k in range(STEPS):
+            launch_fused_depformer_step(inputs[k], *weights[k], state.keys, state.values, k, lm.config.norm_eps,
+                                        persistent=True, shape=shape)
+
+    return captured(steps)
+
+
+def captured(steps) -> torch.cuda.CUDAGraph:
+    """`steps` in a CUDA graph, run once on a side stream first (compilation, weight tables)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        steps()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        steps()
+    return graph
+
+
+def replay_microseconds(graph: torch.cuda.CUDAGraph) -> float:
+    """Median of REPLAYS timed replays (after a few untimed ones)."""
+    for _ in range(5):
+        graph.replay()
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return statistics.median(times)
+
+
+def sweep_shapes(rows: int) -> list[LaunchShape]:
+    """Programs per SM vary slowest: a shape that hung at its grid barrier (more programs than
+    fit, were the occupancy rule wrong) would cost only the shapes after it."""
+    if on_cuda_cores(rows):
+        grid = itertools.product((1, 2, 4), (8, 16, 32), ((8192, 4), (16384, 8), (32768, 8)))
+    else:
+        grid = itertools.product((1, 2), (16, 32), ((4096, 4), (8192, 4), (8192, 8)))
+    return [LaunchShape(block_n, tile, warps, per_sm) for per_sm, block_n, (tile, warps) in grid]
+
+
+def sweep(lm: LMModel, rows: int) -> list[dict]:
+    """Every launch shape at `rows` (a shape that fails to compile or launch is reported, not fatal)."""
+    results = []
+    for shape in sweep_shapes(rows):
+        try:
+            us = replay_microseconds(fused_steps(lm, rows, shape))
+        except Exception as error:  # noqa: BLE001 -- a sweep reports every shape it could not run
+            print(f"  rows {rows} {shape}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+            continue
+        print(f"  rows {rows} {shape}: {us:.1f} us", flush=True)
+        results.append({"rows": rows, "shape": dataclasses.asdict(shape), "us_per_frame": us})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-sweep", action="store_true", help="the variants' table only")
+    parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+    args = parser.parse_args()
+    register_cuda_ops()
+    config = dataclasses.replace(LMConfig(dep_q=STEPS), num_layers=1)
+    lm = build_random_lm(config, "cuda")
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in lm.named_parameters()
+                       if name.startswith(("depformer.", "depformer_in.", "linears.")))
+    print(f"{torch.cuda.get_device_name()}: depformer weights {weight_bytes / 1e9:.2f} GB for {STEPS} steps")
+    print(f"{'rows':>5} " + " ".join(f"{name:>15}" for name in VARIANTS) + "   (us per frame: 8 steps)")
+    out = Path(os.environ.get("OUT", "bench/results-local"))
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": STEPS,
+              "weight_bytes": weight_bytes, "results": [], "sweep": []}
+    for rows in args.rows:
+        times = {name: replay_microseconds(frame_of_steps(lm, rows, kernels, compiled))
+                 for name, (kernels, compiled) in VARIANTS.items()}
+        print(f"{rows:>5} " + " ".join(f"{times[name]:>15.1f}" for name in VARIANTS), flush=True)
+        report["results"].append({"rows": rows, "us_per_frame": times, "default_shape":
+                                  dataclasses.asdict(LaunchShape.for_rows(rows)),
+                                  "fused_weight_GBps": weight_bytes / (times["fused"] * 1e-6) / 1e9})
+        (out / "depformer-fused.json").write_text(json.dumps(report, indent=1))
+    for rows in [] if args.no_sweep else args.rows:
+        report["sweep"] += sweep(lm, rows)
+        (out / "depformer-fused.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""One depformer step (all its layers, then the logits head) in one Triton launch.
+
+Per frame the depformer runs 8 steps of 6 layers for B conversations. Every product in it is
+small (1024 wide; B rows of 1 to 64), so the readable step is ~45 small kernels whose launch
+and tail latencies add up to several times the 0.3 ms it takes to read the weights once
+(1.3 GB at 4.3 TB/s): the GPU mostly waits between kernels.
+
+The kernel runs a step as a sequence of PHASES, each a product whose output columns are
+shared out among the programs (each program reads the weight rows of its columns once and
+computes them for every row of x: up to 4 rows as multiply-and-sum on the CUDA cores, more
+on the tensor cores), with the element-wise work fused into the phase that needs it:
+
+  per layer  0 qkv:     RMSNorm(x) @ in_proj^T; q to a workspace, k and v into the step's
+                        cache slot (the norm's statistic comes out of the same pass over x:
+                        sum(x^2) is accumulated beside the product, which is scaled at the end)
+             1 attend:  each (row, head) over the cache slots 0..step
+             2 out:     attention @ out_proj^T, plus the residual
+             3 gate:    RMSNorm(x) @ linear_in^T; a program owns matching columns of both
+                        halves, so silu(a) * b is done there
+             4 ffn:     gate @ linear_out^T, plus the residual
+  last       logits:    x @ head^T
+
+A phase reads what the previous one wrote in every program, so phases are separated by a
+barrier across all programs. Two ways to run the same phase code:
+- PERSISTENT (CUDA): one launch of a few programs per SM (`LaunchShape`), all resident at
+  once, looping over the phases with a grid barrier between them: a shared int32 counter
+  that each program increments (release) when done with a phase, then polls (acquire) until
+  every program has arrived. Data another program wrote is read with ".cg" loads (from L2, never a stale L1).
+  The counter is a zeroed workspace of the call, so a replayed CUDA graph zeroes it again.
+- one launch per phase (Triton's interpreter, which runs programs one after another and
+  would spin forever at a barrier; also a reference for the persistent mode on CUDA): the
+  kernel boundaries are the barriers.
+
+Numbers follow the readable `depformer_step`: float32 arithmetic, and every intermediate the
+readable path materialises (q/k/v, attention, gate, residual stream) rounded to the
+activation dtype where it does. Keys and values go to slot `step` of each layer's cache as
+the readable path writes them, so both paths can share one `DepformerState`.
+
+Measured on an H200 (bench/depformer_fused.py; bench/results/h200-depformer-fused.json), a
+frame's 8 steps in one CUDA graph, random bf16 weights: at one row 1.18 ms against 1.50 for
+the steps compiled whole by torch.compile (the frame runner's path) and 2.73 eager; in the
+whole graphed frame, 7.80 ms against 8.35. From two rows on the compiled steps win (two:
+1.64 against 1.43 ms; 64 rows on the tensor cores: 3.0 against 1.6), so `Kernels.fast()`
+takes this kernel for one-row frames only. A step still takes ~147 us where its weights
+alone would read in ~40: ~4.7 us for each of its 31 phases, each a few dependent trips to
+memory and a grid barrier (fewer phases, e.g. attention recomputed inside the out phase,
+is what would close more of that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# The kernel reads these module constants, which Triton takes only as tl.constexpr.
+PHASES_PER_LAYER = tl.constexpr(5)
+QKV, ATTEND, OUT, GATE = (tl.constexpr(part) for part in range(4))  # the 5th, FFN, is the else
+# Pointers per layer in the weight table, in this order (`LMModel.depformer_step_weights`).
+NORM1, IN_PROJ, OUT_PROJ, NORM2, LINEAR_IN, LINEAR_OUT = (tl.constexpr(which) for which in range(6))
+WEIGHTS_PER_LAYER = tl.constexpr(6)
+# tl.dot takes tiles of at least 16 along every side: on the tensor cores, the rows of x are
+# padded to 16 and a program's output columns come at least 16 at a time.
+DOT_MIN = 16
+MAX_DOT_ROWS = 64  # rows per product tile; more rows loop over tiles of 64
+MAX_DOT_TILE = 8192  # elements of x (rows x inputs) per iteration on the tensor cores
+INTERPRETER_PROGRAMS = 3  # on the CPU: several programs, so the tests see columns shared out
+
+_TRITON_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchShape:
+    """How the kernel shares a step out. A phase is latency-bound at these sizes (a few MB of
+    weights over 132 SMs): what counts is how many weight bytes each SM has in flight, which
+    grows with the weight tile a program loads per iteration and with the programs resident
+    on an SM.
+
+    block_n:         output columns per program tile (a power of two; >= 16 on the tensor cores)
+    weight_tile:     weight elements a program loads per iteration (block_n x block_k)
+    num_warps:       warps per program
+    programs_per_sm: programs per SM, all resident at once (capped at what the compiled
+                     kernel's registers and shared memory allow: a grid barrier with a program
+                     left waiting for an SM would never open)
+    """
+
+    block_n: int
+    weight_tile: int
+    num_warps: int
+    programs_per_sm: int
+
+    @staticmethod
+    def for_rows(rows: int) -> "LaunchShape":
+        """The shape measured fastest for `rows` conversations (bench/depformer_fused.py)."""
+        if on_cuda_cores(rows):
+            return LaunchShape(block_n=16, weight_tile=16384, num_warps=8, programs_per_sm=2)
+        return LaunchShape(block_n=32, weight_tile=8192, num_warps=4, programs_per_sm=1)
+
+
+def on_cuda_cores(rows: int) -> bool:
+    """Up to 4 rows, the products run as multiply-and-sum on the CUDA cores, row by row (a
+    reduction across the program per row and iteration); more rows go to the tensor cores,
+    padded to a 16-row tile."""
+    return rows <= 4
+
+
+@triton.jit
+def _product(in_ptr, row0, rows, w_ptr, w_rows, w_ok, alpha_ptr, K: tl.constexpr, NORM: tl.constexpr,
+             PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             ON_TENSOR_CORES: tl.constexpr):
+    """in[row0 : row0 + BLOCK_B, :K] @ w[w_rows, :K]^T as [BLOCK_B, BLOCK_N] float32. With NORM,
+    the input is RMSNorm(in) * alpha: the products take in * alpha, and the result is scaled by
+    each row's 1 / rms, gathered in the same pass. `in` was written by other programs: read
+    from L2."""
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    tile_rows = tl.arange(0, BLOCK_B)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w = tl.load(w_ptr + w_rows[:, None] * K + ks[None, :], mask=w_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            alpha = tl.load(alpha_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if ON_TENSOR_CORES:
+            row_ids = row0 + tile_rows
+            x = tl.load(in_ptr + row_ids[:, None] * K + ks[None, :], mask=(row_ids < rows)[:, None] & k_ok[None, :],
+                        other=0.0, cache_modifier=".cg").to(tl.float32)
+            if NORM:
+                squares += tl.sum(x * x, axis=1)
+                x = x * alpha[None, :]
+            acc += tl.dot(x.to(PRODUCT_TYPE), tl.trans(w.to(PRODUCT_TYPE)), input_precision="tf32x3")
+        else:
+            # Row by row: one weight tile in registers serves every row.
+            w = w.to(tl.float32)
+            for r in tl.static_range(BLOCK_B):
+                row_ok = (tl.zeros_like(ks) + row0 + r) < rows  # a tensor: row0 may be a Python int
+                x = tl.load(in_ptr + (row0 + r) * K + ks, mask=k_ok & row_ok, other=0.0,
+                            cache_modifier=".cg").to(tl.float32)
+                if NORM:
+                    squares += tl.where(tile_rows == r, tl.sum(x * x, axis=0), 0.0)
+                    x = x * alpha
+                acc += tl.where(tile_rows[:, None] == r, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
+    return acc, squares
+
+
+@triton.jit
+def _inverse_rms(squares, K: tl.constexpr, eps):
+    return 1.0 / tl.sqrt(squares / K + eps)
+
+
+@triton.jit
+def _rounded(x, ptr):
+    """x as the tensor at `ptr` stores it, back in float32: the readable path's rounding."""
+    return x.to(ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _qkv_phase(x_ptr, w_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, layer, rows, step, eps, program, programs,
+               DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
+               PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               ON_TENSOR_CORES: tl.constexpr):
+    """RMSNorm(x) @ in_proj^T: q to its workspace [B, DIM], k and v into slot `step` of the
+    layer's cache [layers, B, HEADS, SLOTS, HEAD_DIM]."""
+    for tile in range(program, tl.cdiv(3 * DIM, BLOCK_N), programs):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < 3 * DIM
+        part = cols // DIM  # 0: q, 1: k, 2: v
+        within = cols % DIM
+        head = within // HEAD_DIM
+        dim = within % HEAD_DIM
+        for row0 in range(0, rows, BLOCK_B):
+            row_ids = row0 + tl.arange(0, BLOCK_B)
+            row_ok = row_ids < rows
+            acc, squares = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, alpha_ptr, DIM, True,
+                                    PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            qkv = acc * _inverse_rms(squares, DIM, eps)[:, None]
+            ok = row_ok[:, None] & col_ok[None, :]
+            tl.store(q_ptr + row_ids[:, None] * DIM + within[None, :], qkv.to(q_ptr.dtype.element_ty),
+                     mask=ok & (part == 0)[None, :])
+            # Rounded to the activation dtype first, as the readable path's projection is.
+            qkv = _rounded(qkv, q_ptr)
+            ring = (layer * rows + row_ids[:, None]) * HEADS + head[None, :]
+            slot = (ring * SLOTS + step) * HEAD_DIM + dim[None, :]
+            tl.store(keys_ptr + slot, qkv.to(keys_ptr.dtype.element_ty), mask=ok & (part == 1)[None, :])
+            tl.store(values_ptr + slot, qkv.to(values_ptr.dtype.element_ty), mask=ok & (part == 2)[None, :])
+
+
+@triton.jit
+def _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scale, program, programs,
+                  DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
+                  SLOTS_TILE: tl.constexpr, DIM_TILE: tl.constexpr):
+    """softmax(q k^T * scale) v of each (row, head) over the cache slots 0..step (at most
+    SLOTS: a few products per head, on the CUDA cores)."""
+    slots = tl.arange(0, SLOTS_TILE)
+    dims = tl.arange(0, DIM_TILE)
+    dim_ok = dims < HEAD_DIM
+    seen = slots <= step
+    for item in range(program, rows * HEADS, programs):
+        row = item // HEADS
+        head = item % HEADS
+        q = tl.load(q_ptr + row * DIM + head * HEAD_DIM + dims, mask=dim_ok, other=0.0, cache_modifier=".cg")
+        ring = ((layer * rows + row) * HEADS + head) * SLOTS * HEAD_DIM
+        offsets = ring + slots[:, None] * HEAD_DIM + dims[None, :]
+        ok = seen[:, None] & dim_ok[None, :]
+        keys = tl.load(keys_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        values = tl.load(values_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        scores = tl.where(seen, tl.sum(q.to(tl.float32)[None, :] * keys, axis=1) * scale, float("-inf"))
+        weights = tl.exp(scores - tl.max(scores, axis=0))
+        out = tl.sum(weights[:, None] * values, axis=0) / tl.sum(weights, axis=0)
+        tl.store(attn_ptr + row * DIM + head * HEAD_DIM + dims, out.to(attn_ptr.dtype.element_ty), mask=dim_ok)
+
+
+@triton.jit
+def _residual_phase(in_ptr, w_ptr, residual_ptr, out_ptr, rows, program, programs,
+                    K: tl.constexpr, DIM: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
+    """out = residual + in @ w^T, [B, DIM] (out may be residual: a column is read and written
+    only by its owner)."""
+    for tile in range(program, tl.cdiv(DIM, BLOCK_N), programs):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < DIM
+        for row0 in range(0, rows, BLOCK_B):
+            row_ids = row0 + tl.arange(0, BLOCK_B)
+            row_ok = row_ids < rows
+            acc, _ = _product(in_ptr, row0, rows, w_ptr, cols, col_ok, w_ptr, K, False, PRODUCT_TYPE,
+                              BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            offsets = row_ids[:, None] * DIM + cols[None, :]
+            ok = row_ok[:, None] & col_ok[None, :]
+            residual = tl.load(residual_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(out_ptr + offsets, (residual + _rounded(acc, out_ptr)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gate_phase(x_ptr, w_ptr, alpha_ptr, gate_ptr, rows, eps, program, programs,
+                DIM: tl.constexpr, HIDDEN: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
+    """silu(a) * b of the two halves of RMSNorm(x) @ linear_in^T (a: its first HIDDEN
+    outputs), [B, HIDDEN]: a program computes column j of both halves."""
+    for tile in range(program, tl.cdiv(HIDDEN, BLOCK_N), programs):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < HIDDEN
+        for row0 in range(0, rows, BLOCK_B):
+            row_ids = row0 + tl.arange(0, BLOCK_B)
+            row_ok = row_ids < rows
+            a, squares = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, alpha_ptr, DIM, True,
+                                  PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            b, _ = _product(x_ptr, row0, rows, w_ptr, HIDDEN + cols, col_ok, alpha_ptr, DIM, True,
+                            PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            inverse_rms = _inverse_rms(squares, DIM, eps)[:, None]
+            a = _rounded(a * inverse_rms, gate_ptr)
+            b = _rounded(b * inverse_rms, gate_ptr)
+            gate = _rounded(a / (1.0 + tl.exp(-a)), gate_ptr) * b
+            tl.store(gate_ptr + row_ids[:, None] * HIDDEN + cols[None, :], gate.to(gate_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _logits_phase(x_ptr, w_ptr, logits_ptr, rows, program, programs,
+                  DIM: tl.constexpr, CARD: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
+    for tile in range(program, tl.cdiv(CARD, BLOCK_N), programs):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < CARD
+        for row0 in range(0, rows, BLOCK_B):
+            row_ids = row0 + tl.arange(0, BLOCK_B)
+            row_ok = row_ids < rows
+            acc, _ = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, w_ptr, DIM, False, PRODUCT_TYPE,
+                              BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            tl.store(logits_ptr + row_ids[:, None] * CARD + cols[None, :], acc.to(logits_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grid_barrier(counter_ptr, arrivals):
+    """Wait until `arrivals` programs in all have arrived at a barrier of this launch (the
+    counter only grows during a launch: barrier i waits for i * programs). Waiting programs
+    poll with atomic adds of 0: polling with `ld.acquire` loads instead measured 45 % slower
+    per step (H200, B = 1)."""
+    tl.debug_barrier()  # every thread of this program has issued its stores
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < arrivals:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _layer_weight(table_ptr, layer, which: tl.constexpr, TYPE: tl.constexpr):
+    """A weight's address from the table. Triton knows nothing of a loaded address's alignment:
+    the hint (checked by the host) lets it load 16 bytes at a time."""
+    return tl.multiple_of(tl.load(table_ptr + layer * WEIGHTS_PER_LAYER + which).to(tl.pointer_type(TYPE)), 16)
+
+
+# Triton compiles a variant per integer argument equal to 1 or divisible by 16: without this,
+# the row counts, steps and phase bounds would compile a dozen variants of this large kernel.
+@triton.jit(do_not_specialize=["rows", "step", "first_phase", "end_phase"])
+def _depformer_step(
+    x_ptr, table_ptr, head_ptr, keys_ptr, values_ptr, residual_ptr, q_ptr, attn_ptr, gate_ptr, logits_ptr,
+    counter_ptr, rows, step, first_phase, end_phase, eps, scale,
+    LAYERS: tl.constexpr, DIM: tl.constexpr, HIDDEN: tl.constexpr, CARD: tl.constexpr, HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, SLOTS_TILE: tl.constexpr, DIM_TILE: tl.constexpr,
+    WEIGHT_TYPE: tl.constexpr, ALPHA_TYPE: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """Phases first_phase .. end_phase - 1 of a step (see the module doc); with PERSISTENT, a
+    grid barrier after each but the last."""
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for phase in range(first_phase, end_phase):
+        layer = phase // PHASES_PER_LAYER
+        part = phase - layer * PHASES_PER_LAYER  # not %: the interpreter's constexpr has no __rmod__
+        # The residual stream is the input x until layer 0's attention has been added to it.
+        stream_ptr = residual_ptr
+        if phase <= OUT:
+            stream_ptr = x_ptr
+        if layer == LAYERS:
+            _logits_phase(residual_ptr, head_ptr, logits_ptr, rows, program, programs, DIM, CARD, PRODUCT_TYPE,
+                          BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+        elif part == QKV:
+            _qkv_phase(stream_ptr, _layer_weight(table_ptr, layer, IN_PROJ, WEIGHT_TYPE),
+                       _layer_weight(table_ptr, layer, NORM1, ALPHA_TYPE), q_ptr, keys_ptr, values_ptr, layer, rows,
+                       step, eps, program, programs, DIM, HEADS, HEAD_DIM, SLOTS, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
+                       ON_TENSOR_CORES)
+        elif part == ATTEND:
+            _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scale, program, programs,
+                          DIM, HEADS, HEAD_DIM, SLOTS, SLOTS_TILE, DIM_TILE)
+        elif part == OUT:
+            _residual_phase(attn_ptr, _layer_weight(table_ptr, layer, OUT_PROJ, WEIGHT_TYPE), stream_ptr,
+                            residual_ptr, rows, program, programs, DIM, DIM, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
+                            ON_TENSOR_CORES)
+        elif part == GATE:
+            _gate_phase(residual_ptr, _layer_weight(table_ptr, layer, LINEAR_IN, WEIGHT_TYPE),
+                        _layer_weight(table_ptr, layer, NORM2, ALPHA_TYPE), gate_ptr, rows, eps, program, programs,
+                        DIM, HIDDEN, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+        else:
+            _residual_phase(gate_ptr, _layer_weight(table_ptr, layer, LINEAR_OUT, WEIGHT_TYPE), residual_ptr,
+                            residual_ptr, rows, program, programs, HIDDEN, DIM, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
+                            ON_TENSOR_CORES)
+        if PERSISTENT:
+            if phase + 1 < end_phase:
+                _grid_barrier(counter_ptr, (phase + 1 - first_phase) * programs)
+
+
+@functools.lru_cache(maxsize=64)
+def _pointer_table(pointers: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The weights' addresses as the kernel reads them ([layers, WEIGHTS_PER_LAYER] int64),
+    made once per set of weights: it is a host-to-device copy, which a CUDA graph being
+    captured cannot hold (the frame runner runs a frame before it captures one)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fused_depformer_step: run the step once before capturing it in a CUDA graph")
+    return torch.tensor(pointers, dtype=torch.int64).view(-1, WEIGHTS_PER_LAYER.value).to(device)
+
+
+def _uniform_type(tensors: list[torch.Tensor], what: str) -> torch.dtype:
+    types = {t.dtype for t in tensors}
+    if len(types) != 1:
+        raise ValueError(f"fused_depformer_step: the {what} must share one dtype, got {sorted(map(str, types))}")
+    return types.pop()
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _resident_programs_per_sm(device_index: int, registers_per_thread: int, shared_bytes: int, num_warps: int) -> int:
+    """How many programs of a compiled kernel fit on one SM at once (CUDA's occupancy rule:
+    registers are given per warp in units of 256, shared memory per block, threads per SM)."""
+    properties = torch.cuda.get_device_properties(device_index)
+    registers_per_warp = math.ceil(registers_per_thread * 32 / 256) * 256
+    by_registers = getattr(properties, "regs_per_multiprocessor", 65536) // (registers_per_warp * num_warps)
+    by_threads = getattr(properties, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    shared_per_sm = getattr(properties, "shared_memory_per_multiprocessor", 233472)
+    by_shared = shared_per_sm // (shared_bytes + 1024) if shared_bytes else by_threads  # 1 KB per block is the driver's
+    return max(1, min(by_registers, by_threads, by_shared))
+
+
+def _programs(kernel: triton.JITFunction, arguments: tuple, constants: dict, shape: LaunchShape,
+              device: torch.device) -> int:
+    """One program per SM times shape.programs_per_sm, at most what stays resident."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    compiled = kernel.warmup(*arguments, grid=(1,), num_warps=shape.num_warps, **constants)
+    compiled._init_handles()  # loads the binary: its register count is known from here
+    resident = _resident_programs_per_sm(index, compiled.n_regs, compiled.metadata.shared, shape.num_warps)
+    return _multiprocessors(index) * min(shape.programs_per_sm, resident)
+
+
+# A custom op, so that torch.compile keeps the launch opaque when it compiles the whole frame.
+@torch.library.custom_op("personaplex::fused_depformer_step", mutates_args=("keys", "values"))
+def fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor, keys: torch.Tensor,
+                         values: torch.Tensor, step: int, eps: float) -> torch.Tensor:
+    """Every depformer layer of step `step`, then the logits head: x [B, dim] (depformer_in of
+    the hidden state plus the token's embedding) -> logits [B, card] in x's dtype.
+
+    layer_weights: per layer, in order, norm1's alpha, in_proj [3 dim, dim], out_proj
+    [dim, dim], norm2's alpha, linear_in [2 hidden, dim], linear_out [dim, hidden] (the step's
+    weights, contiguous, one dtype); head [card, dim]; keys/values the depformer cache
+    [layers, B, heads, steps, head_dim], contiguous: slot `step` of each layer is written."""
+    return launch_fused_depformer_step(x, layer_weights, head, keys, values, step, eps, persistent=x.is_cuda)
+
+
+def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor,
+                                keys: torch.Tensor, values: torch.Tensor, step: int, eps: float,
+                                persistent: bool, shape: LaunchShape | None = None) -> torch.Tensor:
+    """`fused_depformer_step` in either mode (the op takes the persistent one on CUDA; the
+    GPU test compares the two), shared out as `shape` says (default: `LaunchShape.for_rows`;
+    the benchmark sweeps others)."""
+    if persistent and not x.is_cuda:
+        raise ValueError("the persistent depformer kernel needs CUDA: its grid barrier deadlocks in the interpreter")
+    layers, rows, heads, slots, head_dim = keys.shape
+    shape = shape or LaunchShape.for_rows(rows)
+    dim = x.shape[1]
+    hidden = layer_weights[LINEAR_OUT.value].shape[1]
+    card = head.shape[0]
+    is_norm = [i % WEIGHTS_PER_LAYER.value in (NORM1.value, NORM2.value) for i in range(len(layer_weights))]
+    matrices = [w for w, norm in zip(layer_weights, is_norm) if not norm] + [head]
+    alphas = [w for w, norm in zip(layer_weights, is_norm) if norm]
+    if not all(t.is_contiguous() for t in [keys, values, *matrices, *alphas]):
+        raise ValueError("fused_depformer_step needs contiguous weights and caches")
+    if any(w.data_ptr() % 16 for w in layer_weights):
+        raise ValueError("fused_depformer_step needs weights aligned to 16 bytes")
+    if len(layer_weights) != layers * WEIGHTS_PER_LAYER.value or heads * head_dim != dim:
+        raise ValueError(f"fused_depformer_step: {len(layer_weights)} weights for {layers} layers, "
+                         f"{heads} heads of {head_dim} for width {dim}")
+    weight_type = _uniform_type(matrices, "weight matrices")
+    alpha_type = _uniform_type(alphas, "norm scales")
+    x = x.contiguous()
+    table = _pointer_table(tuple(w.data_ptr() for w in layer_weights), x.device)
+    # Workspaces in the activation dtype: storing there is the readable path's rounding.
+    residual, q, attn = (torch.empty(rows, dim, device=x.device, dtype=x.dtype) for _ in range(3))
+    gate = torch.empty(rows, hidden, device=x.device, dtype=x.dtype)
+    logits = torch.empty(rows, card, device=x.device, dtype=x.dtype)
+    counter = torch.zeros(1, device=x.device, dtype=torch.int32)  # zeroed again by every graph replay
+    phases = layers * PHASES_PER_LAYER.value + 1
+    on_tensor_cores = not on_cuda_cores(rows)
+    # The interpreter (3.9) multiplies bf16 tl.dot operands wrongly: float32 products there.
+    product_type = tl.float32 if x.device.type == "cpu" or weight_type == torch.float32 else _TRITON_TYPES[weight_type]
+    if on_tensor_cores:
+        block_rows = min(MAX_DOT_ROWS, max(DOT_MIN, triton.next_power_of_2(rows)))
+        block_n = max(DOT_MIN, shape.block_n)
+        # The x tile, in registers, bounds the iteration there.
+        block_k = max(DOT_MIN, min(shape.weight_tile, MAX_DOT_TILE) // block_rows)
+    else:
+        block_rows = triton.next_power_of_2(rows)
+        block_n = shape.block_n
+        block_k = shape.weight_tile // block_n
+    constants = dict(
+        LAYERS=layers, DIM=dim, HIDDEN=hidden, CARD=card, HEADS=heads, HEAD_DIM=head_dim, SLOTS=slots,
+        SLOTS_TILE=triton.next_power_of_2(slots), DIM_TILE=triton.next_power_of_2(head_dim),
+        WEIGHT_TYPE=_TRITON_TYPES[weight_type], ALPHA_TYPE=_TRITON_TYPES[alpha_type], PRODUCT_TYPE=product_type,
+        BLOCK_B=block_rows, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(max(dim, hidden))),
+        ON_TENSOR_CORES=on_tensor_cores, PERSISTENT=persistent,
+    )
+    arguments = (x, table, head, keys, values, residual, q, attn, gate, logits, counter, rows, step)
+    launches = [(0, phases)] if persistent else [(phase, phase + 1) for phase in range(phases)]
+    scale = head_dim**-0.5
+    if x.is_cuda:
+        programs = _programs(_depformer_step, (*arguments, *launches[0], eps, scale), constants, shape, x.device)
+    else:
+        programs = INTERPRETER_PROGRAMS
+    for first, end in launches:
+        _depformer_step[(programs,)](*arguments, first, end, eps, scale, num_warps=shape.num_warps, **constants)
+    return logits
+
+
+@fused_depformer_step.register_fake
+def _fused_depformer_step_shape(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor,
+                                keys: torch.Tensor, values: torch.Tensor, step: int, eps: float) -> torch.Tensor:
+    return x.new_empty(x.shape[0], head.shape[0])

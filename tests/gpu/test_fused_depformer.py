@@ -1,0 +1,126 @@
+"""The fused depformer step (`kernels/fused_depformer.py`) on CUDA at PersonaPlex's depformer
+shape (random bf16 weights): the persistent kernel (one launch, grid barriers) against the
+same phases launched one by one and against the readable `depformer_step`, over the 8 agent
+steps of a frame; then inside a CUDA graph replayed twice (the barrier's counter must start
+from zero on every replay) and inside torch.compile. The CPU side runs in
+tests/model/test_fused_depformer.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from personaplex.model.config import LMConfig
+from personaplex.model.kernels import register_cuda_ops
+from personaplex.model.layers import READABLE_KERNELS, Kernels
+from personaplex.model.lm import LMModel
+from personaplex.model.random_init import build_random_lm
+from tests.gpu.common import GPU_ONLY
+
+pytestmark = list(GPU_ONLY)
+FUSED = Kernels(fused_depformer_max_rows=1 << 30)
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def lm() -> LMModel:
+    """The full depformer behind a one-layer temporal transformer (never run here)."""
+    return build_random_lm(dataclasses.replace(LMConfig(dep_q=STEPS), num_layers=1), "cuda", kind="trained-like")
+
+
+def frame_inputs(lm: LMModel, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A frame's normed temporal output [B, 1, dim] and the tokens fed to steps 0..7 [B, 8]."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(rows, 1, lm.config.dim, device="cuda", generator=gen).to(torch.bfloat16)
+    tokens = torch.randint(0, lm.config.card, (rows, STEPS), device="cuda", generator=gen)
+    return hidden, tokens
+
+
+def run_steps(lm: LMModel, hidden: torch.Tensor, tokens: torch.Tensor, state, kernels: Kernels) -> torch.Tensor:
+    return torch.stack([lm.depformer_step(k, hidden, tokens[:, k], state, kernels) for k in range(STEPS)], dim=1)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_persistent_kernel_matches_per_phase_launches_and_readable_steps(lm, rows):
+    from personaplex.model.kernels.fused_depformer import launch_fused_depformer_step
+
+    hidden, tokens = frame_inputs(lm, rows, seed=rows)
+    readable_state = lm.new_depformer_state(rows)
+    expected = run_steps(lm, hidden, tokens, readable_state, READABLE_KERNELS)
+    fused_state = lm.new_depformer_state(rows)
+    fused = run_steps(lm, hidden, tokens, fused_state, FUSED)
+    assert relative_error(fused, expected) < 2e-2
+    # The caches are what the next steps read: the same keys and values as the readable path's.
+    assert relative_error(fused_state.keys, readable_state.keys) < 2e-2
+    assert relative_error(fused_state.values, readable_state.values) < 2e-2
+
+    # Step by step from the same state, the persistent kernel and one launch per phase run the
+    # same phase code: they differ by nothing but the compiler's instruction choices.
+    per_phase_state = dataclasses.replace(fused_state, keys=fused_state.keys.clone(), values=fused_state.values.clone())
+    for step in range(STEPS):
+        x = lm.depformer_input(step, hidden, tokens[:, step])[:, 0]
+        args = (x, lm.depformer_step_weights(step), lm.linears[step].weight)
+        persistent = launch_fused_depformer_step(*args, fused_state.keys, fused_state.values, step, lm.config.norm_eps,
+                                                 persistent=True)
+        per_phase = launch_fused_depformer_step(*args, per_phase_state.keys, per_phase_state.values, step,
+                                                lm.config.norm_eps, persistent=False)
+        assert relative_error(persistent, per_phase) < 1e-3
+    assert relative_error(fused_state.keys, per_phase_state.keys) < 1e-3
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_fused_steps_replay_in_a_cuda_graph(lm, rows):
+    hidden, tokens = frame_inputs(lm, rows, seed=100 + rows)
+    state = lm.new_depformer_state(rows)
+    static_hidden, static_tokens = hidden.clone(), tokens.clone()
+    side = torch.cuda.Stream()  # warm up (Triton's compilation, the weight table) off the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run_steps(lm, static_hidden, static_tokens, state, FUSED)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = run_steps(lm, static_hidden, static_tokens, state, FUSED)
+    for seed in (1, 2):  # two replays with new inputs: a counter left at its last value would hang or race
+        hidden, tokens = frame_inputs(lm, rows, seed=seed)
+        static_hidden.copy_(hidden)
+        static_tokens.copy_(tokens)
+        graph.replay()
+        expected = run_steps(lm, hidden, tokens, lm.new_depformer_state(rows), READABLE_KERNELS)
+        assert relative_error(graphed, expected) < 2e-2
+
+
+def test_fused_step_compiles_whole(lm):
+    """torch.compile(fullgraph) keeps the op opaque (its fake shape), as the frame runner needs."""
+    register_cuda_ops()  # as the frame runner does before it compiles
+    rows = 8
+    hidden, tokens = frame_inputs(lm, rows, seed=7)
+    compiled = torch.compile(lambda h, t, s: run_steps(lm, h, t, s, FUSED), fullgraph=True, dynamic=False)
+    out = compiled(hidden, tokens, lm.new_depformer_state(rows))
+    expected = run_steps(lm, hidden, tokens, lm.new_depformer_state(rows), READABLE_KERNELS)
+    assert relative_error(out, expected) < 2e-2
+
+
+@pytest.mark.parametrize("shape", [(8, 8192, 4, 4), (32, 32768, 8, 2), (32, 8192, 8, 2)], ids=str)
+@pytest.mark.parametrize("rows", [1, 5, 24])
+def test_launch_shapes_compute_the_same_steps(lm, shape, rows):
+    """Several programs per SM behind one grid barrier, narrow and wide column tiles, on both
+    sides of the CUDA-core / tensor-core switch: the readable steps' logits and caches."""
+    from personaplex.model.kernels.fused_depformer import LaunchShape, launch_fused_depformer_step
+
+    hidden, tokens = frame_inputs(lm, rows, seed=200 + rows)
+    readable_state, fused_state = lm.new_depformer_state(rows), lm.new_depformer_state(rows)
+    expected = run_steps(lm, hidden, tokens, readable_state, READABLE_KERNELS)
+    fused = torch.stack([
+        launch_fused_depformer_step(lm.depformer_input(k, hidden, tokens[:, k])[:, 0], lm.depformer_step_weights(k),
+                                    lm.linears[k].weight, fused_state.keys, fused_state.values, k, lm.config.norm_eps,
+                                    persistent=True, shape=LaunchShape(*shape))
+        for k in range(STEPS)], dim=1)
+    assert relative_error(fused, expected) < 2e-2
+    assert relative_error(fused_state.keys, readable_state.keys) < 2e-2

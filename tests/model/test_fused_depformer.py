@@ -1,0 +1,102 @@
+"""The fused depformer step (`model/kernels/fused_depformer.py`) against the readable
+`LMModel.depformer_step`, on the CPU: the kernel's phases launched one by one in Triton's
+interpreter, on a tiny LM (widths and a hidden size that are not multiples of the kernel's
+tiles, 4 heads of 8). Several steps in sequence, so that later steps attend over keys the
+fused steps wrote; the caches are compared too, so that both paths can share one state.
+The persistent (one-launch) mode runs on CUDA: tests/gpu/test_fused_depformer.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from personaplex.model.layers import READABLE_KERNELS, Kernels
+from personaplex.model.quantize import quantize_model
+from tests.fixtures.tiny_lm import random_lm, tiny_lm_config
+from tests.gpu.common import interpreter_or_skip
+
+FUSED = Kernels(fused_depformer_max_rows=1 << 30)
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return random_lm(tiny_lm_config(card=80))
+
+
+def steps_of(lm, kernels: Kernels, hidden: torch.Tensor, tokens: torch.Tensor, state) -> torch.Tensor:
+    return torch.stack([lm.depformer_step(k, hidden, tokens[:, k], state, kernels) for k in range(tokens.shape[1])], 1)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])  # 9: on the tensor cores (padded to 16 rows)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_fused_steps_match_the_readable_steps(lm, rows, dtype):
+    interpreter_or_skip("cpu")
+    model = lm.to(dtype)
+    gen = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, 1, model.config.dim, generator=gen).to(dtype)
+    tokens = torch.randint(0, model.config.card, (rows, STEPS), generator=gen)
+    tokens[0, 1] = -1  # "no input": embeds to zero
+    readable_state, fused_state = model.new_depformer_state(rows), model.new_depformer_state(rows)
+    expected = steps_of(model, READABLE_KERNELS, hidden, tokens, readable_state)
+    fused = steps_of(model, FUSED, hidden, tokens, fused_state)
+    assert fused.dtype == dtype and fused.shape == expected.shape
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in ((fused, expected), (fused_state.keys, readable_state.keys),
+                      (fused_state.values, readable_state.values)):
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < bound
+
+
+@pytest.mark.parametrize("shape", [(8, 256, 4, 1), (32, 4096, 8, 4)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("rows", [2, 9])
+def test_every_launch_shape_computes_the_same_step(lm, shape, rows):
+    """Column tiles narrower and wider than the layers' widths, K in several iterations or one."""
+    interpreter_or_skip("cpu")
+    from personaplex.model.kernels.fused_depformer import LaunchShape, launch_fused_depformer_step
+
+    model = lm.float()
+    hidden = torch.randn(rows, 1, model.config.dim)
+    tokens = torch.randint(0, model.config.card, (rows,))
+    readable_state, fused_state = model.new_depformer_state(rows), model.new_depformer_state(rows)
+    expected = model.depformer_step(0, hidden, tokens, readable_state, READABLE_KERNELS)
+    x = model.depformer_input(0, hidden, tokens)[:, 0]
+    fused = launch_fused_depformer_step(x, model.depformer_step_weights(0), model.linears[0].weight,
+                                        fused_state.keys, fused_state.values, 0, model.config.norm_eps,
+                                        persistent=False, shape=LaunchShape(*shape))
+    assert float((fused - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_fused_and_readable_steps_share_one_state(lm):
+    """A fused step attends over keys a readable step wrote, and the other way round."""
+    interpreter_or_skip("cpu")
+    model = lm.float()
+    hidden = torch.randn(2, 1, model.config.dim)
+    tokens = torch.randint(0, model.config.card, (2, STEPS))
+    mixed_state, readable_state = model.new_depformer_state(2), model.new_depformer_state(2)
+    mixed = torch.stack([model.depformer_step(k, hidden, tokens[:, k], mixed_state,
+                                              FUSED if k % 2 else READABLE_KERNELS) for k in range(STEPS)], 1)
+    expected = steps_of(model, READABLE_KERNELS, hidden, tokens, readable_state)
+    assert float((mixed - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_frames_with_more_rows_than_the_limit_take_the_readable_step(lm):
+    """fused_depformer_max_rows picks the path by the frame's rows: the readable step's result
+    is the same bits as the readable kernels'."""
+    interpreter_or_skip("cpu")
+    model = lm.float()
+    hidden = torch.randn(3, 1, model.config.dim)
+    tokens = torch.randint(0, model.config.card, (3,))
+    expected = model.depformer_step(0, hidden, tokens, model.new_depformer_state(3), READABLE_KERNELS)
+    above = model.depformer_step(0, hidden, tokens, model.new_depformer_state(3), Kernels(fused_depformer_max_rows=2))
+    within = model.depformer_step(0, hidden, tokens, model.new_depformer_state(3), Kernels(fused_depformer_max_rows=3))
+    assert torch.equal(above, expected)
+    assert not torch.equal(within, expected) and torch.allclose(within, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_quantized_depformer_steps_take_the_readable_path():
+    """The kernel reads plain linear weights only: a quantized step falls back, whatever the kernels."""
+    model = random_lm(tiny_lm_config(card=80)).to(torch.bfloat16)
+    assert model.depformer_step_is_plain(0, torch.bfloat16)
+    assert not model.depformer_step_is_plain(0, torch.float32)  # weights in another dtype than the activations
+    quantize_model(model, "fp8")
+    assert not model.depformer_step_is_plain(0, torch.bfloat16)
