@@ -215,23 +215,25 @@ def _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scal
 
 
 @triton.jit
-def _residual_phase(in_ptr, w_ptr, residual_ptr, out_ptr, rows, program, programs,
-                    K: tl.constexpr, DIM: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
-    """out = residual + in @ w^T, [B, DIM] (out may be residual: a column is read and written
-    only by its owner)."""
-    for tile in range(program, tl.cdiv(DIM, BLOCK_N), programs):
+def _product_phase(in_ptr, w_ptr, residual_ptr, out_ptr, rows, program, programs,
+                   K: tl.constexpr, N: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PRODUCT_TYPE: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
+    """out = in @ w^T, [B, N], or with ADD_RESIDUAL residual + in @ w^T (out may be residual:
+    a column is read and written only by its owner)."""
+    for tile in range(program, tl.cdiv(N, BLOCK_N), programs):
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < DIM
+        col_ok = cols < N
         for row0 in range(0, rows, BLOCK_B):
             row_ids = row0 + tl.arange(0, BLOCK_B)
             row_ok = row_ids < rows
-            acc, _ = _product(in_ptr, row0, rows, w_ptr, cols, col_ok, w_ptr, K, False, PRODUCT_TYPE,
+            out, _ = _product(in_ptr, row0, rows, w_ptr, cols, col_ok, w_ptr, K, False, PRODUCT_TYPE,
                               BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
-            offsets = row_ids[:, None] * DIM + cols[None, :]
+            offsets = row_ids[:, None] * N + cols[None, :]
             ok = row_ok[:, None] & col_ok[None, :]
-            residual = tl.load(residual_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-            tl.store(out_ptr + offsets, (residual + _rounded(acc, out_ptr)).to(out_ptr.dtype.element_ty), mask=ok)
+            if ADD_RESIDUAL:
+                residual = tl.load(residual_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                out = residual + _rounded(out, out_ptr)
+            tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -255,22 +257,6 @@ def _gate_phase(x_ptr, w_ptr, alpha_ptr, gate_ptr, rows, eps, program, programs,
             b = _rounded(b * inverse_rms, gate_ptr)
             gate = _rounded(a / (1.0 + tl.exp(-a)), gate_ptr) * b
             tl.store(gate_ptr + row_ids[:, None] * HIDDEN + cols[None, :], gate.to(gate_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _logits_phase(x_ptr, w_ptr, logits_ptr, rows, program, programs,
-                  DIM: tl.constexpr, CARD: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
-    for tile in range(program, tl.cdiv(CARD, BLOCK_N), programs):
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < CARD
-        for row0 in range(0, rows, BLOCK_B):
-            row_ids = row0 + tl.arange(0, BLOCK_B)
-            row_ok = row_ids < rows
-            acc, _ = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, w_ptr, DIM, False, PRODUCT_TYPE,
-                              BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
-            tl.store(logits_ptr + row_ids[:, None] * CARD + cols[None, :], acc.to(logits_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -317,28 +303,28 @@ def _depformer_step(
         if phase <= OUT:
             stream_ptr = x_ptr
         if layer == LAYERS:
-            _logits_phase(residual_ptr, head_ptr, logits_ptr, rows, program, programs, DIM, CARD, PRODUCT_TYPE,
-                          BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            _product_phase(residual_ptr, head_ptr, logits_ptr, logits_ptr, rows, program, programs, DIM, CARD, False,
+                           PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
         elif part == QKV:
             _qkv_phase(stream_ptr, _layer_weight(table_ptr, layer, IN_PROJ, WEIGHT_TYPE),
                        _layer_weight(table_ptr, layer, NORM1, ALPHA_TYPE), q_ptr, keys_ptr, values_ptr, layer, rows,
-                       step, eps, program, programs, DIM, HEADS, HEAD_DIM, SLOTS, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
-                       ON_TENSOR_CORES)
+                       step, eps, program, programs, DIM, HEADS, HEAD_DIM, SLOTS, PRODUCT_TYPE, BLOCK_B, BLOCK_N,
+                       BLOCK_K, ON_TENSOR_CORES)
         elif part == ATTEND:
             _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scale, program, programs,
                           DIM, HEADS, HEAD_DIM, SLOTS, SLOTS_TILE, DIM_TILE)
         elif part == OUT:
-            _residual_phase(attn_ptr, _layer_weight(table_ptr, layer, OUT_PROJ, WEIGHT_TYPE), stream_ptr,
-                            residual_ptr, rows, program, programs, DIM, DIM, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
-                            ON_TENSOR_CORES)
+            _product_phase(attn_ptr, _layer_weight(table_ptr, layer, OUT_PROJ, WEIGHT_TYPE), stream_ptr,
+                           residual_ptr, rows, program, programs, DIM, DIM, True, PRODUCT_TYPE, BLOCK_B, BLOCK_N,
+                           BLOCK_K, ON_TENSOR_CORES)
         elif part == GATE:
             _gate_phase(residual_ptr, _layer_weight(table_ptr, layer, LINEAR_IN, WEIGHT_TYPE),
                         _layer_weight(table_ptr, layer, NORM2, ALPHA_TYPE), gate_ptr, rows, eps, program, programs,
                         DIM, HIDDEN, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
         else:
-            _residual_phase(gate_ptr, _layer_weight(table_ptr, layer, LINEAR_OUT, WEIGHT_TYPE), residual_ptr,
-                            residual_ptr, rows, program, programs, HIDDEN, DIM, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
-                            ON_TENSOR_CORES)
+            _product_phase(gate_ptr, _layer_weight(table_ptr, layer, LINEAR_OUT, WEIGHT_TYPE), residual_ptr,
+                           residual_ptr, rows, program, programs, HIDDEN, DIM, True, PRODUCT_TYPE, BLOCK_B, BLOCK_N,
+                           BLOCK_K, ON_TENSOR_CORES)
         if PERSISTENT:
             if phase + 1 < end_phase:
                 _grid_barrier(counter_ptr, (phase + 1 - first_phase) * programs)
