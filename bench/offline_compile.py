@@ -1,0 +1,82 @@
+"""Registers and spills of a Triton kernel compiled for sm_90a (H100 / H200) on a machine with
+no GPU: Triton's compiler and the ptxas bundled with it need no device. Install the GPU
+machine's Triton beside ours to see what it will compile (pip install --no-deps --target
+/tmp/t36 triton==3.6.0, then PYTHONPATH=/tmp/t36).
+
+    python3 bench/offline_compile.py depformer ROWS WARPS BLOCK_N WEIGHT_TILE
+    python3 bench/offline_compile.py quantized KIND BLOCK_M BLOCK_N BLOCK_K SPLIT_K WARPS STAGES
+      (KIND 0 int4, 2 fp8; BLOCK_M 1 is the GEMV kernel)
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from personaplex.model.kernels import fused_depformer, quantized_matmul  # noqa: E402
+
+COUNTED = ("I2F", "F2FP", "HMMA", "HGMMA", "BAR", "STL", "LDL", "SHFL")
+
+
+def compile_sm90(fn, types: dict[str, str], constants: dict, num_warps: int, num_stages: int = 3) -> str:
+    """ptxas's resource line and a count of telling SASS instructions."""
+    params = list(inspect.signature(fn.fn).parameters)
+    signature = {name: types.get(name, "constexpr") for name in params if name in types or name in constants}
+    source = triton.compiler.ASTSource(fn, signature, constexprs={(params.index(k),): v for k, v in constants.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
+                                                                                num_stages=num_stages))
+    tools = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as folder:
+        ptx, cubin = Path(folder) / "k.ptx", Path(folder) / "k.cubin"
+        ptx.write_text(kernel.asm["ptx"])
+        ptxas = subprocess.run([tools / "ptxas-blackwell", "-v", "--gpu-name", "sm_90a", ptx, "-o", cubin],
+                               capture_output=True, text=True).stderr
+        sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+    ops = collections.Counter(re.findall(r"\s([A-Z][A-Z0-9_]+)[.\s]", sass))
+    resources = [line.split(": ", 1)[-1].strip() for line in ptxas.splitlines() if "Used" in line or "spill" in line]
+    return f"triton {triton.__version__}: {'; '.join(resources)}; " + ", ".join(f"{op} {ops[op]}" for op in COUNTED)
+
+
+def depformer(rows: int, warps: int, block_n: int, weight_tile: int) -> str:
+    """The fused depformer step at PersonaPlex's depformer shape, bf16 weights."""
+    on_tensor_cores = not fused_depformer.on_cuda_cores(rows)
+    if on_tensor_cores:
+        block_rows = min(fused_depformer.MAX_DOT_ROWS, max(fused_depformer.DOT_MIN, triton.next_power_of_2(rows)))
+        block_k = max(fused_depformer.DOT_MIN, min(weight_tile, fused_depformer.MAX_DOT_TILE) // block_rows)
+    else:
+        block_rows, block_k = triton.next_power_of_2(rows), weight_tile // block_n
+    pointers = ["x_ptr", "head_ptr", "keys_ptr", "values_ptr", "residual_ptr", "q_ptr", "attn_ptr", "gate_ptr",
+                "logits_ptr"]
+    types = {**{name: "*bf16" for name in pointers}, "table_ptr": "*i64", "counter_ptr": "*i32", "rows": "i32",
+             "step": "i32", "first_phase": "i32", "end_phase": "i32", "eps": "fp32", "scale": "fp32"}
+    constants = dict(LAYERS=6, DIM=1024, HIDDEN=2816, CARD=2048, HEADS=16, HEAD_DIM=64, SLOTS=16, SLOTS_TILE=16,
+                     DIM_TILE=64, WEIGHT_TYPE=tl.bfloat16, ALPHA_TYPE=tl.bfloat16, PRODUCT_TYPE=tl.bfloat16,
+                     BLOCK_B=block_rows, BLOCK_N=block_n, BLOCK_K=min(block_k, 4096), ON_TENSOR_CORES=on_tensor_cores,
+                     PERSISTENT=True)
+    return compile_sm90(fused_depformer._depformer_step, types, constants, warps)
+
+
+def quantized(kind: int, block_m: int, block_n: int, block_k: int, split_k: int, warps: int, stages: int) -> str:
+    """A quantized product's kernel (int4 with groups of 64, or fp8)."""
+    weights, scales = ("*fp8e4nv", "*fp32") if kind == 2 else ("*u8", "*fp16")
+    types = {"x_ptr": "*bf16", "w_ptr": weights, "scales_ptr": scales, "biases_ptr": "*fp16", "out_ptr": "*bf16",
+             "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32"}
+    constants = dict(KIND=kind, GROUP_SIZE=64, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
+    if block_m == 1:
+        return compile_sm90(quantized_matmul._gemv_kernel, types, constants, warps, stages)
+    return compile_sm90(quantized_matmul._dot_kernel, types, {**constants, "BLOCK_M": block_m}, warps, stages)
+
+
+if __name__ == "__main__":
+    which, numbers = sys.argv[1], [int(value) for value in sys.argv[2:]]
+    print({"depformer": depformer, "quantized": quantized}[which](*numbers))
