@@ -49,20 +49,14 @@ def compile_sm90(fn, types: dict[str, str], constants: dict, num_warps: int, num
 
 def depformer(rows: int, warps: int, block_n: int, weight_tile: int) -> str:
     """The fused depformer step at PersonaPlex's depformer shape, bf16 weights."""
-    on_tensor_cores = not fused_depformer.on_cuda_cores(rows)
-    if on_tensor_cores:
-        block_rows = min(fused_depformer.MAX_DOT_ROWS, max(fused_depformer.DOT_MIN, triton.next_power_of_2(rows)))
-        block_k = max(fused_depformer.DOT_MIN, min(weight_tile, fused_depformer.MAX_DOT_TILE) // block_rows)
-    else:
-        block_rows, block_k = triton.next_power_of_2(rows), weight_tile // block_n
     pointers = ["x_ptr", "head_ptr", "keys_ptr", "values_ptr", "residual_ptr", "q_ptr", "attn_ptr", "gate_ptr",
                 "logits_ptr"]
     types = {**{name: "*bf16" for name in pointers}, "table_ptr": "*i64", "counter_ptr": "*i32", "rows": "i32",
              "step": "i32", "first_phase": "i32", "end_phase": "i32", "eps": "fp32", "scale": "fp32"}
+    shape = fused_depformer.LaunchShape(block_n, weight_tile, warps, programs_per_sm=1)
     constants = dict(LAYERS=6, DIM=1024, HIDDEN=2816, CARD=2048, HEADS=16, HEAD_DIM=64, SLOTS=16, SLOTS_TILE=16,
                      DIM_TILE=64, WEIGHT_TYPE=tl.bfloat16, ALPHA_TYPE=tl.bfloat16, PRODUCT_TYPE=tl.bfloat16,
-                     BLOCK_B=block_rows, BLOCK_N=block_n, BLOCK_K=min(block_k, 4096), ON_TENSOR_CORES=on_tensor_cores,
-                     PERSISTENT=True)
+                     PERSISTENT=True, **fused_depformer.tile_constants(rows, shape, widest=2816))
     return compile_sm90(fused_depformer._depformer_step, types, constants, warps)
 
 

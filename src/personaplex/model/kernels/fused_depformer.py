@@ -108,6 +108,21 @@ def on_cuda_cores(rows: int) -> bool:
     return rows <= 4
 
 
+def tile_constants(rows: int, shape: LaunchShape, widest: int) -> dict:
+    """The kernel's tile constants for `rows` rows launched with `shape` (widest: the largest
+    K of the step's products)."""
+    if on_cuda_cores(rows):
+        block_rows, block_n = triton.next_power_of_2(rows), shape.block_n
+        block_k = shape.weight_tile // block_n
+    else:
+        block_rows = min(MAX_DOT_ROWS, max(DOT_MIN, triton.next_power_of_2(rows)))
+        block_n = max(DOT_MIN, shape.block_n)
+        # The x tile, in registers, bounds the iteration there.
+        block_k = max(DOT_MIN, min(shape.weight_tile, MAX_DOT_TILE) // block_rows)
+    return dict(BLOCK_B=block_rows, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(widest)),
+                ON_TENSOR_CORES=not on_cuda_cores(rows))
+
+
 @triton.jit
 def _product(in_ptr, row0, rows, w_ptr, w_rows, w_ok, alpha_ptr, K: tl.constexpr, NORM: tl.constexpr,
              PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -422,24 +437,13 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     logits = torch.empty(rows, card, device=x.device, dtype=x.dtype)
     counter = torch.zeros(1, device=x.device, dtype=torch.int32)  # zeroed again by every graph replay
     phases = layers * PHASES_PER_LAYER.value + 1
-    on_tensor_cores = not on_cuda_cores(rows)
     # The interpreter (3.9) multiplies bf16 tl.dot operands wrongly: float32 products there.
     product_type = tl.float32 if x.device.type == "cpu" or weight_type == torch.float32 else _TRITON_TYPES[weight_type]
-    if on_tensor_cores:
-        block_rows = min(MAX_DOT_ROWS, max(DOT_MIN, triton.next_power_of_2(rows)))
-        block_n = max(DOT_MIN, shape.block_n)
-        # The x tile, in registers, bounds the iteration there.
-        block_k = max(DOT_MIN, min(shape.weight_tile, MAX_DOT_TILE) // block_rows)
-    else:
-        block_rows = triton.next_power_of_2(rows)
-        block_n = shape.block_n
-        block_k = shape.weight_tile // block_n
     constants = dict(
         LAYERS=layers, DIM=dim, HIDDEN=hidden, CARD=card, HEADS=heads, HEAD_DIM=head_dim, SLOTS=slots,
         SLOTS_TILE=triton.next_power_of_2(slots), DIM_TILE=triton.next_power_of_2(head_dim),
         WEIGHT_TYPE=_TRITON_TYPES[weight_type], ALPHA_TYPE=_TRITON_TYPES[alpha_type], PRODUCT_TYPE=product_type,
-        BLOCK_B=block_rows, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(max(dim, hidden))),
-        ON_TENSOR_CORES=on_tensor_cores, PERSISTENT=persistent,
+        PERSISTENT=persistent, **tile_constants(rows, shape, max(dim, hidden)),
     )
     arguments = (x, table, head, keys, values, residual, q, attn, gate, logits, counter, rows, step)
     launches = [(0, phases)] if persistent else [(phase, phase + 1) for phase in range(phases)]
