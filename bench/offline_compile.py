@@ -39,12 +39,18 @@ def compile_sm90(fn, types: dict[str, str], constants: dict, num_warps: int, num
     with tempfile.TemporaryDirectory() as folder:
         ptx, cubin = Path(folder) / "k.ptx", Path(folder) / "k.cubin"
         ptx.write_text(kernel.asm["ptx"])
-        ptxas = subprocess.run([tools / "ptxas-blackwell", "-v", "--gpu-name", "sm_90a", ptx, "-o", cubin],
-                               capture_output=True, text=True).stderr
+        # The ptxas Triton itself takes for sm_90 where it reads this PTX version, else the newer one.
+        for assembler in ("ptxas", "ptxas-blackwell"):
+            run = subprocess.run([tools / assembler, "-v", "--gpu-name", "sm_90a", ptx, "-o", cubin],
+                                 capture_output=True, text=True)
+            if run.returncode == 0:
+                break
+        ptxas = run.stderr
         sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
     ops = collections.Counter(re.findall(r"\s([A-Z][A-Z0-9_]+)[.\s]", sass))
     resources = [line.split(": ", 1)[-1].strip() for line in ptxas.splitlines() if "Used" in line or "spill" in line]
-    return f"triton {triton.__version__}: {'; '.join(resources)}; " + ", ".join(f"{op} {ops[op]}" for op in COUNTED)
+    return (f"triton {triton.__version__}, {assembler}: {'; '.join(resources)}; "
+            + ", ".join(f"{op} {ops[op]}" for op in COUNTED))
 
 
 def depformer(rows: int, warps: int, block_n: int, weight_tile: int) -> str:
