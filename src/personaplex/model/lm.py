@@ -320,14 +320,21 @@ class LMModel(nn.Module):
         token_embedding = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
         return self.depformer_in[step](hidden) + embed_with_zero(token_embedding, previous_token[:, None])
 
+    def depformer_step_linears(self, step: int, layer_index: int) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        """Step `step`'s linears in depformer layer `layer_index`: in_proj, out_proj, linear_in,
+        linear_out."""
+        layer = self.depformer.layers[layer_index]
+        ffn = layer.gating[step]
+        return layer.self_attn.in_projs[step], layer.self_attn.out_projs[step], ffn.linear_in, ffn.linear_out
+
     def depformer_step_weights(self, step: int) -> list[torch.Tensor]:
         """Step `step`'s layer weights in the order the fused kernel reads them: per layer
         norm1, in_proj, out_proj, norm2, linear_in, linear_out."""
         weights = []
-        for layer in self.depformer.layers:
-            attention, ffn = layer.self_attn, layer.gating[step]
-            weights += [layer.norm1.alpha, attention.in_projs[step].weight, attention.out_projs[step].weight,
-                        layer.norm2.alpha, ffn.linear_in.weight, ffn.linear_out.weight]
+        for index, layer in enumerate(self.depformer.layers):
+            in_proj, out_proj, linear_in, linear_out = self.depformer_step_linears(step, index)
+            weights += [layer.norm1.alpha, in_proj.weight, out_proj.weight, layer.norm2.alpha, linear_in.weight,
+                        linear_out.weight]
         return weights
 
     def depformer_step_is_plain(self, step: int, activation_dtype: torch.dtype) -> bool:
@@ -335,9 +342,8 @@ class LMModel(nn.Module):
         nn.Linear (quantized formats replace them with their own modules) in the activations'
         dtype."""
         linears = [self.linears[step]]
-        for layer in self.depformer.layers:
-            ffn = layer.gating[step]
-            linears += [layer.self_attn.in_projs[step], layer.self_attn.out_projs[step], ffn.linear_in, ffn.linear_out]
+        for index in range(len(self.depformer.layers)):
+            linears += self.depformer_step_linears(step, index)
         return all(type(linear) is nn.Linear and linear.weight.dtype == activation_dtype for linear in linears)
 
     # ---- teacher-forced path
