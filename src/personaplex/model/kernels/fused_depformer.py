@@ -26,7 +26,8 @@ barrier across all programs. Two ways to run the same phase code:
   once, looping over the phases with a grid barrier between them: a shared int32 counter
   that each program increments (release) when done with a phase, then polls (acquire) until
   every program has arrived. Data another program wrote is read with ".cg" loads (from L2,
-  never a stale L1). The counter is a zeroed workspace of the call, so a replayed CUDA graph zeroes it again.
+  never a stale L1). The counter is a zeroed workspace of the call, so a replayed CUDA graph
+  zeroes it again.
 - one launch per phase (Triton's interpreter, which runs programs one after another and
   would spin forever at a barrier; also a reference for the persistent mode on CUDA): the
   kernel boundaries are the barriers.
