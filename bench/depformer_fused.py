@@ -19,10 +19,12 @@ import dataclasses
 import itertools
 import json
 import os
-import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from graph_timing import graph_time_us  # bench/, the script's folder
 
 from personaplex.model.config import LMConfig
 from personaplex.model.kernels import register_cuda_ops
@@ -38,8 +40,8 @@ STEPS = 8
 REPLAYS = 50
 
 
-def frame_of_steps(lm: LMModel, rows: int, kernels: Kernels, compiled: bool) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of one frame's 8 depformer steps (compiled whole first if asked)."""
+def frame_of_steps(lm: LMModel, rows: int, kernels: Kernels, compiled: bool) -> Callable[[], None]:
+    """One frame's 8 depformer steps (compiled whole first if asked)."""
     hidden = torch.randn(rows, 1, lm.config.dim, device="cuda", dtype=torch.bfloat16)
     tokens = torch.randint(0, lm.config.card, (rows, STEPS), device="cuda")
     state = lm.new_depformer_state(rows)
@@ -48,11 +50,11 @@ def frame_of_steps(lm: LMModel, rows: int, kernels: Kernels, compiled: bool) -> 
         for k in range(STEPS):
             lm.depformer_step(k, hidden, tokens[:, k], state, kernels)
 
-    return captured(torch.compile(steps, fullgraph=True, dynamic=False) if compiled else steps)
+    return torch.compile(steps, fullgraph=True, dynamic=False) if compiled else steps
 
 
-def fused_steps(lm: LMModel, rows: int, shape: LaunchShape) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of the fused kernel alone for 8 steps, launched with `shape`."""
+def fused_steps(lm: LMModel, rows: int, shape: LaunchShape) -> Callable[[], None]:
+    """The fused kernel alone for 8 steps, launched with `shape`."""
     inputs = [lm.depformer_input(k, torch.randn(rows, 1, lm.config.dim, device="cuda", dtype=torch.bfloat16),
                                  torch.zeros(rows, dtype=torch.long, device="cuda"))[:, 0] for k in range(STEPS)]
     weights = [(lm.depformer_step_weights(k), lm.linears[k].weight) for k in range(STEPS)]
@@ -63,35 +65,12 @@ def fused_steps(lm: LMModel, rows: int, shape: LaunchShape) -> torch.cuda.CUDAGr
             launch_fused_depformer_step(inputs[k], *weights[k], state.keys, state.values, k, lm.config.norm_eps,
                                         persistent=True, shape=shape)
 
-    return captured(steps)
+    return steps
 
 
-def captured(steps) -> torch.cuda.CUDAGraph:
-    """`steps` in a CUDA graph, run once on a side stream first (compilation, weight tables)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        steps()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        steps()
-    return graph
-
-
-def replay_microseconds(graph: torch.cuda.CUDAGraph) -> float:
-    """Median of REPLAYS timed replays (after a few untimed ones)."""
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return statistics.median(times)
+def frame_microseconds(steps: Callable[[], None]) -> float:
+    """Median of REPLAYS timed replays of `steps` in a CUDA graph (after a few untimed ones)."""
+    return graph_time_us([steps], replays=REPLAYS, untimed_replays=5)
 
 
 def sweep_shapes(rows: int) -> list[LaunchShape]:
@@ -109,7 +88,7 @@ def sweep(lm: LMModel, rows: int) -> list[dict]:
     results = []
     for shape in sweep_shapes(rows):
         try:
-            us = replay_microseconds(fused_steps(lm, rows, shape))
+            us = frame_microseconds(fused_steps(lm, rows, shape))
         except Exception as error:  # noqa: BLE001 -- a sweep reports every shape it could not run
             print(f"  rows {rows} {shape}: {type(error).__name__}: {str(error)[:200]}", flush=True)
             continue
@@ -135,7 +114,7 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": STEPS,
               "weight_bytes": weight_bytes, "results": [], "sweep": []}
     for rows in args.rows:
-        times = {name: replay_microseconds(frame_of_steps(lm, rows, kernels, compiled))
+        times = {name: frame_microseconds(frame_of_steps(lm, rows, kernels, compiled))
                  for name, (kernels, compiled) in VARIANTS.items()}
         print(f"{rows:>5} " + " ".join(f"{times[name]:>15.1f}" for name in VARIANTS), flush=True)
         report["results"].append({"rows": rows, "us_per_frame": times, "default_shape":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+
+from graph_timing import graph_time_us  # bench/, the script's folder
 
 from personaplex.model.config import LMConfig
 from personaplex.model.kernels import quantized_matmul as qmm
@@ -56,28 +57,6 @@ def save() -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     label = RESULTS.get("label")
     (OUT_DIR / f"linear_kernels{'-' + label if label else ''}.json").write_text(json.dumps(RESULTS, indent=1))
-
-
-def graph_time_us(calls: list, replays: int = 15) -> float:
-    """Median time of one call, when `calls` (each on its own weights) run back to back in a graph."""
-    for call in calls:  # compile / pick cuBLAS algorithms before capture
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(calls))
-    return statistics.median(times)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

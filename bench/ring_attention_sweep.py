@@ -18,11 +18,12 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+
+from graph_timing import graph_time_us  # bench/, the script's folder
 
 from personaplex.model.kernels.ring_attention import DEFAULT_LAUNCH, RingLaunch, choose_split, launch_ring_attention
 
@@ -60,24 +61,7 @@ def time_case(case: tuple, launch: RingLaunch) -> float:
                     for _ in range(2))
     last = torch.full((rows,), newest, device="cuda")
     call = lambda: launch_ring_attention(q, new_keys, new_values, keys, values, last, launch)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()  # compiles the kernel, warms the allocator
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            call()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / CALLS_PER_GRAPH)
-    return statistics.median(times)
+    return graph_time_us([call] * CALLS_PER_GRAPH, replays=7, untimed_replays=0)
 
 
 def ring_bytes(case: tuple) -> int:
