@@ -1,7 +1,8 @@
 """GPU benchmark of a frame's 8 depformer steps: readable, compiled (as the frame runner
 compiles them), fused; then the fused kernel's launch shapes swept.
 
-The depformer is full size (PersonaPlex's, random bf16 weights) behind a one-layer temporal
+The depformer is full size (PersonaPlex's, random bf16 weights, or with --weights fp8 its
+linears in fp8 as `--weights fp8` serves them) behind a one-layer temporal
 transformer that is never run. Each variant's 8 steps (with the depformer_in product and the
 token embeddings, as `LMModel.depformer_step` runs them) are captured in one CUDA graph,
 so launch overhead counts as in the graphed frame; the table gives the median microseconds of
@@ -9,7 +10,7 @@ a replay (a frame's depformer) at B = 1, 8, 32, 64. The sweep times the fused st
 (`launch_fused_depformer_step` with each `LaunchShape`, 8 steps in a graph). Rows go to
 $OUT/depformer-fused.json (default bench/results-local).
 
-    PYTHONPATH=src python3 bench/depformer_fused.py [--no-sweep]
+    PYTHONPATH=src python3 bench/depformer_fused.py [--no-sweep] [--rows 1 8] [--weights fp8]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from personaplex.model.kernels import register_cuda_ops
 from personaplex.model.kernels.fused_depformer import LaunchShape, launch_fused_depformer_step, on_cuda_cores
 from personaplex.model.layers import Kernels
 from personaplex.model.lm import LMModel
+from personaplex.model.quantize import quantize_model
 from personaplex.model.random_init import build_random_lm
 
 ROWS = (1, 8, 32, 64)
@@ -58,12 +60,13 @@ def fused_steps(lm: LMModel, rows: int, shape: LaunchShape) -> Callable[[], None
     inputs = [lm.depformer_input(k, torch.randn(rows, 1, lm.config.dim, device="cuda", dtype=torch.bfloat16),
                                  torch.zeros(rows, dtype=torch.long, device="cuda"))[:, 0] for k in range(STEPS)]
     weights = [(lm.depformer_step_weights(k), lm.linears[k].weight) for k in range(STEPS)]
+    scales = [lm.depformer_step_scales(k) for k in range(STEPS)]
     state = lm.new_depformer_state(rows)
 
     def steps() -> None:
         for k in range(STEPS):
             launch_fused_depformer_step(inputs[k], *weights[k], state.keys, state.values, k, lm.config.norm_eps,
-                                        persistent=True, shape=shape)
+                                        persistent=True, shape=shape, layer_scales=scales[k])
 
     return steps
 
@@ -101,18 +104,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-sweep", action="store_true", help="the variants' table only")
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+    parser.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
+                        help="the depformer's weights (fp8: codes and row scales, logits heads in bf16)")
     args = parser.parse_args()
     register_cuda_ops()
     config = dataclasses.replace(LMConfig(dep_q=STEPS), num_layers=1)
     lm = build_random_lm(config, "cuda")
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in lm.named_parameters()
+    if args.weights == "fp8":
+        quantize_model(lm, "fp8")
+    weight_bytes = sum(t.numel() * t.element_size() for name, t in [*lm.named_parameters(), *lm.named_buffers()]
                        if name.startswith(("depformer.", "depformer_in.", "linears.")))
     print(f"{torch.cuda.get_device_name()}: depformer weights {weight_bytes / 1e9:.2f} GB for {STEPS} steps")
     print(f"{'rows':>5} " + " ".join(f"{name:>15}" for name in VARIANTS) + "   (us per frame: 8 steps)")
     out = Path(os.environ.get("OUT", "bench/results-local"))
     out.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": STEPS,
-              "weight_bytes": weight_bytes, "results": [], "sweep": []}
+              "weights": args.weights, "weight_bytes": weight_bytes, "results": [], "sweep": []}
     for rows in args.rows:
         times = {name: frame_microseconds(frame_of_steps(lm, rows, kernels, compiled))
                  for name, (kernels, compiled) in VARIANTS.items()}

@@ -3,7 +3,8 @@ no GPU: Triton's compiler and the ptxas bundled with it need no device. Install 
 machine's Triton beside ours to see what it will compile (pip install --no-deps --target
 /tmp/t36 triton==3.6.0, then PYTHONPATH=/tmp/t36).
 
-    python3 bench/offline_compile.py depformer ROWS WARPS BLOCK_N WEIGHT_TILE
+    python3 bench/offline_compile.py depformer ROWS WARPS BLOCK_N WEIGHT_TILE [FP8]
+      (FP8 1: the layers' weights in fp8 with row scales)
     python3 bench/offline_compile.py quantized KIND BLOCK_M BLOCK_N BLOCK_K SPLIT_K WARPS STAGES
       (KIND 0 int4, 2 fp8; BLOCK_M 1 is the GEMV kernel)
 """
@@ -53,15 +54,17 @@ def compile_sm90(fn, types: dict[str, str], constants: dict, num_warps: int, num
             + ", ".join(f"{op} {ops[op]}" for op in COUNTED))
 
 
-def depformer(rows: int, warps: int, block_n: int, weight_tile: int) -> str:
-    """The fused depformer step at PersonaPlex's depformer shape, bf16 weights."""
+def depformer(rows: int, warps: int, block_n: int, weight_tile: int, fp8: int = 0) -> str:
+    """The fused depformer step at PersonaPlex's depformer shape, bf16 weights (or fp8 ones)."""
     pointers = ["x_ptr", "head_ptr", "keys_ptr", "values_ptr", "residual_ptr", "q_ptr", "attn_ptr", "gate_ptr",
                 "logits_ptr"]
-    types = {**{name: "*bf16" for name in pointers}, "table_ptr": "*i64", "counter_ptr": "*i32", "rows": "i32",
+    types = {**{name: "*bf16" for name in pointers}, "table_ptr": "*i64", "scales_table_ptr": "*i64",
+             "counter_ptr": "*i32", "rows": "i32",
              "step": "i32", "first_phase": "i32", "end_phase": "i32", "eps": "fp32", "scale": "fp32"}
     shape = fused_depformer.LaunchShape(block_n, weight_tile, warps, programs_per_sm=1)
     constants = dict(LAYERS=6, DIM=1024, HIDDEN=2816, CARD=2048, HEADS=16, HEAD_DIM=64, SLOTS=16, SLOTS_TILE=16,
-                     DIM_TILE=64, WEIGHT_TYPE=tl.bfloat16, ALPHA_TYPE=tl.bfloat16, PRODUCT_TYPE=tl.bfloat16,
+                     DIM_TILE=64, WEIGHT_TYPE=tl.float8e4nv if fp8 else tl.bfloat16, ALPHA_TYPE=tl.bfloat16,
+                     SCALED=bool(fp8), PRODUCT_TYPE=tl.bfloat16,
                      PERSISTENT=True, **fused_depformer.tile_constants(rows, shape, widest=2816))
     return compile_sm90(fused_depformer._depformer_step, types, constants, warps)
 

@@ -1,5 +1,5 @@
 """The fused depformer step (`kernels/fused_depformer.py`) on CUDA at PersonaPlex's depformer
-shape (random bf16 weights): the persistent kernel (one launch, grid barriers) against the
+shape (random bf16 weights, and fp8 ones): the persistent kernel (one launch, grid barriers) against the
 same phases launched one by one and against the readable `depformer_step`, over the 8 agent
 steps of a frame; then inside a CUDA graph replayed twice (the barrier's counter must start
 from zero on every replay) and inside torch.compile. The CPU side runs in
@@ -16,6 +16,7 @@ from personaplex.model.config import LMConfig
 from personaplex.model.kernels import register_cuda_ops
 from personaplex.model.layers import READABLE_KERNELS, Kernels
 from personaplex.model.lm import LMModel
+from personaplex.model.quantize import quantize_model
 from personaplex.model.random_init import build_random_lm
 from tests.gpu.common import GPU_ONLY
 
@@ -28,6 +29,18 @@ STEPS = 8
 def lm() -> LMModel:
     """The full depformer behind a one-layer temporal transformer (never run here)."""
     return build_random_lm(dataclasses.replace(LMConfig(dep_q=STEPS), num_layers=1), "cuda", kind="trained-like")
+
+
+@pytest.fixture(scope="module")
+def fp8_lm() -> LMModel:
+    """The same with fp8 weights (codes and row scales; the logits heads stay bf16)."""
+    model = build_random_lm(dataclasses.replace(LMConfig(dep_q=STEPS), num_layers=1), "cuda", kind="trained-like")
+    return quantize_model(model, "fp8")
+
+
+@pytest.fixture(params=["bf16", "fp8"])
+def any_lm(request, lm, fp8_lm) -> LMModel:
+    return lm if request.param == "bf16" else fp8_lm
 
 
 def frame_inputs(lm: LMModel, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,8 +60,10 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("rows", [1, 8, 64])
-def test_persistent_kernel_matches_per_phase_launches_and_readable_steps(lm, rows):
+def test_persistent_kernel_matches_per_phase_launches_and_readable_steps(any_lm, rows):
     from personaplex.model.kernels.fused_depformer import launch_fused_depformer_step
+
+    lm = any_lm
 
     hidden, tokens = frame_inputs(lm, rows, seed=rows)
     readable_state = lm.new_depformer_state(rows)
@@ -66,16 +81,18 @@ def test_persistent_kernel_matches_per_phase_launches_and_readable_steps(lm, row
     for step in range(STEPS):
         x = lm.depformer_input(step, hidden, tokens[:, step])[:, 0]
         args = (x, lm.depformer_step_weights(step), lm.linears[step].weight)
+        scales = lm.depformer_step_scales(step)
         persistent = launch_fused_depformer_step(*args, fused_state.keys, fused_state.values, step, lm.config.norm_eps,
-                                                 persistent=True)
+                                                 persistent=True, layer_scales=scales)
         per_phase = launch_fused_depformer_step(*args, per_phase_state.keys, per_phase_state.values, step,
-                                                lm.config.norm_eps, persistent=False)
+                                                lm.config.norm_eps, persistent=False, layer_scales=scales)
         assert relative_error(persistent, per_phase) < 1e-3
     assert relative_error(fused_state.keys, per_phase_state.keys) < 1e-3
 
 
 @pytest.mark.parametrize("rows", [1, 64])
-def test_fused_steps_replay_in_a_cuda_graph(lm, rows):
+def test_fused_steps_replay_in_a_cuda_graph(any_lm, rows):
+    lm = any_lm
     hidden, tokens = frame_inputs(lm, rows, seed=100 + rows)
     state = lm.new_depformer_state(rows)
     static_hidden, static_tokens = hidden.clone(), tokens.clone()

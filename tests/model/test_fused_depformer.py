@@ -93,10 +93,47 @@ def test_frames_with_more_rows_than_the_limit_take_the_readable_step(lm):
     assert not torch.equal(within, expected) and torch.allclose(within, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_quantized_depformer_steps_take_the_readable_path():
-    """The kernel reads plain linear weights only: a quantized step falls back, whatever the kernels."""
+@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_fused_steps_read_fp8_weights_as_the_readable_steps_do(rows, dtype):
+    """fp8 codes with one scale per output row: the kernel scales each product's sums once,
+    the readable path multiplies the weights out first; the logits head stays in the
+    activations' dtype."""
+    interpreter_or_skip("cpu")
+    model = quantize_model(random_lm(tiny_lm_config(card=80)).to(dtype), "fp8")
+    assert model.depformer_step_fusable(0, dtype) and len(model.depformer_step_scales(0)) == 4 * 2
+    gen = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, 1, model.config.dim, generator=gen).to(dtype)
+    tokens = torch.randint(0, model.config.card, (rows, STEPS), generator=gen)
+    readable_state, fused_state = model.new_depformer_state(rows), model.new_depformer_state(rows)
+    expected = steps_of(model, READABLE_KERNELS, hidden, tokens, readable_state)
+    fused = steps_of(model, FUSED, hidden, tokens, fused_state)
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in ((fused, expected), (fused_state.keys, readable_state.keys)):
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < bound
+
+
+def test_steps_the_kernel_cannot_read_take_the_readable_path():
+    """Plain weights in the activations' dtype or fp8 ones: anything else (int4's groups,
+    weights in another dtype) falls back, whatever the kernels."""
     model = random_lm(tiny_lm_config(card=80)).to(torch.bfloat16)
-    assert model.depformer_step_is_plain(0, torch.bfloat16)
-    assert not model.depformer_step_is_plain(0, torch.float32)  # weights in another dtype than the activations
-    quantize_model(model, "fp8")
-    assert not model.depformer_step_is_plain(0, torch.bfloat16)
+    assert model.depformer_step_fusable(0, torch.bfloat16) and model.depformer_step_scales(0) == []
+    assert not model.depformer_step_fusable(0, torch.float32)  # weights in another dtype than the activations
+    # int4's attention projections (the tiny FFN widths are not a multiple of its groups)
+    quantize_model(model, "int4", group_size=32, include=lambda name: ".in_projs." in name)
+    assert not model.depformer_step_fusable(0, torch.bfloat16)
+
+
+def test_fp8_weights_without_their_scales_are_refused(lm):
+    interpreter_or_skip("cpu")
+    from personaplex.model.kernels.fused_depformer import launch_fused_depformer_step
+
+    model = quantize_model(random_lm(tiny_lm_config(card=80)), "fp8")
+    state = model.new_depformer_state(1)
+    x = torch.randn(1, model.config.depformer_dim)
+    arguments = (x, model.depformer_step_weights(0), model.linears[0].weight, state.keys, state.values, 0, 1e-5)
+    with pytest.raises(ValueError, match="row scales"):
+        launch_fused_depformer_step(*arguments, persistent=False, layer_scales=model.depformer_step_scales(0)[:-1])
+    with pytest.raises(ValueError, match="row scales"):
+        launch_fused_depformer_step(*arguments[:1], lm.float().depformer_step_weights(0), *arguments[2:],
+                                    persistent=False, layer_scales=model.depformer_step_scales(0))

@@ -25,6 +25,7 @@ from .config import LMConfig
 from .kernels import cuda_op, kernels_can_run
 from .kv_cache import TemporalState, ring_capacity, sliding_window_mask
 from .layers import READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, merge_heads, rope, rope_angles, split_heads
+from .quantize import Fp8Linear
 
 UNGENERATED_TOKEN = -2  # "not generated yet": must never reach the model
 
@@ -306,11 +307,11 @@ class LMModel(nn.Module):
         text token for step 0, else the audio token chosen at step - 1.
         """
         x = self.depformer_input(step, hidden, previous_token)
-        fused = x.shape[0] <= kernels.fused_depformer_max_rows and self.depformer_step_is_plain(step, x.dtype)
+        fused = x.shape[0] <= kernels.fused_depformer_max_rows and self.depformer_step_fusable(step, x.dtype)
         if fused and kernels_can_run(x):
             return cuda_op("fused_depformer_step")(x[:, 0], self.depformer_step_weights(step),
                                                    self.linears[step].weight, state.keys, state.values, step,
-                                                   self.config.norm_eps)
+                                                   self.config.norm_eps, self.depformer_step_scales(step))
         for index, layer in enumerate(self.depformer.layers):
             x = layer.forward_step(x, step, state, index, kernels)
         return self.linears[step](x[:, 0])
@@ -327,24 +328,41 @@ class LMModel(nn.Module):
         ffn = layer.gating[step]
         return layer.self_attn.in_projs[step], layer.self_attn.out_projs[step], ffn.linear_in, ffn.linear_out
 
+    def depformer_step_layer_linears(self, step: int) -> list[nn.Module]:
+        """`depformer_step_linears` of every layer, first layer first."""
+        return [linear for index in range(len(self.depformer.layers))
+                for linear in self.depformer_step_linears(step, index)]
+
     def depformer_step_weights(self, step: int) -> list[torch.Tensor]:
         """Step `step`'s layer weights in the order the fused kernel reads them: per layer
         norm1, in_proj, out_proj, norm2, linear_in, linear_out."""
+        def matrix(linear: nn.Module) -> torch.Tensor:
+            return linear.weight_fp8 if isinstance(linear, Fp8Linear) else linear.weight
+
         weights = []
         for index, layer in enumerate(self.depformer.layers):
             in_proj, out_proj, linear_in, linear_out = self.depformer_step_linears(step, index)
-            weights += [layer.norm1.alpha, in_proj.weight, out_proj.weight, layer.norm2.alpha, linear_in.weight,
-                        linear_out.weight]
+            weights += [layer.norm1.alpha, matrix(in_proj), matrix(out_proj), layer.norm2.alpha, matrix(linear_in),
+                        matrix(linear_out)]
         return weights
 
-    def depformer_step_is_plain(self, step: int, activation_dtype: torch.dtype) -> bool:
-        """Whether the fused kernel can read step `step`'s weights: every linear a plain
-        nn.Linear (quantized formats replace them with their own modules) in the activations'
-        dtype."""
-        linears = [self.linears[step]]
-        for index in range(len(self.depformer.layers)):
-            linears += self.depformer_step_linears(step, index)
-        return all(type(linear) is nn.Linear and linear.weight.dtype == activation_dtype for linear in linears)
+    def depformer_step_scales(self, step: int) -> list[torch.Tensor]:
+        """With fp8 weights, the row scales of step `step`'s linears in the order the fused kernel
+        reads them (per layer in_proj, out_proj, linear_in, linear_out); else none."""
+        linears = self.depformer_step_layer_linears(step)
+        return [linear.scales for linear in linears if isinstance(linear, Fp8Linear)]
+
+    def depformer_step_fusable(self, step: int, activation_dtype: torch.dtype) -> bool:
+        """Whether the fused kernel can read step `step`'s weights: the logits head a plain
+        nn.Linear in the activations' dtype, the layers' linears all plain in that dtype or all
+        fp8 (the other quantized formats' modules it cannot read)."""
+        head = self.linears[step]
+        linears = self.depformer_step_layer_linears(step)
+
+        def plain(linear: nn.Module) -> bool:
+            return type(linear) is nn.Linear and linear.weight.dtype == activation_dtype
+
+        return plain(head) and (all(map(plain, linears)) or all(type(linear) is Fp8Linear for linear in linears))
 
     # ---- teacher-forced path
 

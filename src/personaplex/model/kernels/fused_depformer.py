@@ -32,6 +32,10 @@ barrier across all programs. Two ways to run the same phase code:
   would spin forever at a barrier; also a reference for the persistent mode on CUDA): the
   kernel boundaries are the barriers.
 
+The layers' weights are in the activations' dtype, or fp8 (e4m3 codes with one float32 scale
+per output row, `--weights fp8`): a product then converts the codes as it loads them and
+scales each output's sum over K once. The logits heads stay in the activations' dtype.
+
 Numbers follow the readable `depformer_step`: float32 arithmetic, and every intermediate the
 readable path materialises (q/k/v, attention, gate, residual stream) rounded to the
 activation dtype where it does. Keys and values go to slot `step` of each layer's cache as
@@ -45,7 +49,8 @@ whole graphed frame, 7.80 ms against 8.35. From two rows on the compiled steps w
 takes this kernel for one-row frames only. A step still takes ~147 us where its weights
 alone would read in ~40: ~4.7 us for each of its 31 phases, each a few dependent trips to
 memory and a grid barrier (fewer phases, e.g. attention recomputed inside the out phase,
-is what would close more of that).
+is what would close more of that). With fp8 weights at one row (run J): 1.14 ms against
+1.07 for the compiled steps in that benchmark; the whole graphed fp8 frame 6.28 ms.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ import triton.language as tl
 # The kernel reads these module constants, which Triton takes only as tl.constexpr.
 PHASES_PER_LAYER = tl.constexpr(5)
 QKV, ATTEND, OUT, GATE = (tl.constexpr(part) for part in range(4))  # the 5th, FFN, is the else
-# Pointers per layer in the weight table, in this order (`LMModel.depformer_step_weights`).
+# Pointers per layer in the weight table, in this order (`LMModel.depformer_step_weights`); the
+# scale table of fp8 weights has the same layout (its norm entries are never read).
 NORM1, IN_PROJ, OUT_PROJ, NORM2, LINEAR_IN, LINEAR_OUT = (tl.constexpr(which) for which in range(6))
 WEIGHTS_PER_LAYER = tl.constexpr(6)
 # tl.dot takes tiles of at least 16 along every side: on the tensor cores, the rows of x are
@@ -71,7 +77,8 @@ MAX_DOT_ROWS = 64  # rows per product tile; more rows loop over tiles of 64
 MAX_DOT_TILE = 8192  # elements of x (rows x inputs) per iteration on the tensor cores
 INTERPRETER_PROGRAMS = 3  # on the CPU: several programs, so the tests see columns shared out
 
-_TRITON_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TRITON_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+                 torch.float8_e4m3fn: tl.float8e4nv}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +132,14 @@ def tile_constants(rows: int, shape: LaunchShape, widest: int) -> dict:
 
 
 @triton.jit
-def _product(in_ptr, row0, rows, w_ptr, w_rows, w_ok, alpha_ptr, K: tl.constexpr, NORM: tl.constexpr,
-             PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             ON_TENSOR_CORES: tl.constexpr):
+def _product(in_ptr, row0, rows, w_ptr, w_rows, w_ok, scale_ptr, alpha_ptr, K: tl.constexpr, NORM: tl.constexpr,
+             SCALED: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
     """in[row0 : row0 + BLOCK_B, :K] @ w[w_rows, :K]^T as [BLOCK_B, BLOCK_N] float32. With NORM,
     the input is RMSNorm(in) * alpha: the products take in * alpha, and the result is scaled by
-    each row's 1 / rms, gathered in the same pass. `in` was written by other programs: read
-    from L2."""
+    each row's 1 / rms, gathered in the same pass. With SCALED, w holds fp8 codes and row j of
+    the weight is w[j] * scale[j]: the sums over K are scaled once at the end. `in` was written
+    by other programs: read from L2."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     squares = tl.zeros((BLOCK_B,), dtype=tl.float32)
     tile_rows = tl.arange(0, BLOCK_B)
@@ -160,6 +168,8 @@ def _product(in_ptr, row0, rows, w_ptr, w_rows, w_ok, alpha_ptr, K: tl.constexpr
                     squares += tl.where(tile_rows == r, tl.sum(x * x, axis=0), 0.0)
                     x = x * alpha
                 acc += tl.where(tile_rows[:, None] == r, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
+    if SCALED:
+        acc *= tl.load(scale_ptr + w_rows, mask=w_ok, other=0.0)[None, :]
     return acc, squares
 
 
@@ -175,10 +185,10 @@ def _rounded(x, ptr):
 
 
 @triton.jit
-def _qkv_phase(x_ptr, w_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, layer, rows, step, eps, program, programs,
-               DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
-               PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               ON_TENSOR_CORES: tl.constexpr):
+def _qkv_phase(x_ptr, w_ptr, scale_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, layer, rows, step, eps, program,
+               programs, DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
+               SCALED: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
     """RMSNorm(x) @ in_proj^T: q to its workspace [B, DIM], k and v into slot `step` of the
     layer's cache [layers, B, HEADS, SLOTS, HEAD_DIM]."""
     for tile in range(program, tl.cdiv(3 * DIM, BLOCK_N), programs):
@@ -191,7 +201,7 @@ def _qkv_phase(x_ptr, w_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, layer, rows
         for row0 in range(0, rows, BLOCK_B):
             row_ids = row0 + tl.arange(0, BLOCK_B)
             row_ok = row_ids < rows
-            acc, squares = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, alpha_ptr, DIM, True,
+            acc, squares = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, scale_ptr, alpha_ptr, DIM, True, SCALED,
                                     PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
             qkv = acc * _inverse_rms(squares, DIM, eps)[:, None]
             ok = row_ok[:, None] & col_ok[None, :]
@@ -231,8 +241,9 @@ def _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scal
 
 
 @triton.jit
-def _product_phase(in_ptr, w_ptr, residual_ptr, out_ptr, rows, program, programs,
-                   K: tl.constexpr, N: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PRODUCT_TYPE: tl.constexpr,
+def _product_phase(in_ptr, w_ptr, scale_ptr, residual_ptr, out_ptr, rows, program, programs,
+                   K: tl.constexpr, N: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
+                   PRODUCT_TYPE: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
     """out = in @ w^T, [B, N], or with ADD_RESIDUAL residual + in @ w^T (out may be residual:
     a column is read and written only by its owner)."""
@@ -242,8 +253,8 @@ def _product_phase(in_ptr, w_ptr, residual_ptr, out_ptr, rows, program, programs
         for row0 in range(0, rows, BLOCK_B):
             row_ids = row0 + tl.arange(0, BLOCK_B)
             row_ok = row_ids < rows
-            out, _ = _product(in_ptr, row0, rows, w_ptr, cols, col_ok, w_ptr, K, False, PRODUCT_TYPE,
-                              BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            out, _ = _product(in_ptr, row0, rows, w_ptr, cols, col_ok, scale_ptr, w_ptr, K, False, SCALED,
+                              PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
             offsets = row_ids[:, None] * N + cols[None, :]
             ok = row_ok[:, None] & col_ok[None, :]
             if ADD_RESIDUAL:
@@ -253,9 +264,9 @@ def _product_phase(in_ptr, w_ptr, residual_ptr, out_ptr, rows, program, programs
 
 
 @triton.jit
-def _gate_phase(x_ptr, w_ptr, alpha_ptr, gate_ptr, rows, eps, program, programs,
-                DIM: tl.constexpr, HIDDEN: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
+def _gate_phase(x_ptr, w_ptr, scale_ptr, alpha_ptr, gate_ptr, rows, eps, program, programs,
+                DIM: tl.constexpr, HIDDEN: tl.constexpr, SCALED: tl.constexpr, PRODUCT_TYPE: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
     """silu(a) * b of the two halves of RMSNorm(x) @ linear_in^T (a: its first HIDDEN
     outputs), [B, HIDDEN]: a program computes column j of both halves."""
     for tile in range(program, tl.cdiv(HIDDEN, BLOCK_N), programs):
@@ -264,9 +275,9 @@ def _gate_phase(x_ptr, w_ptr, alpha_ptr, gate_ptr, rows, eps, program, programs,
         for row0 in range(0, rows, BLOCK_B):
             row_ids = row0 + tl.arange(0, BLOCK_B)
             row_ok = row_ids < rows
-            a, squares = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, alpha_ptr, DIM, True,
+            a, squares = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, scale_ptr, alpha_ptr, DIM, True, SCALED,
                                   PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
-            b, _ = _product(x_ptr, row0, rows, w_ptr, HIDDEN + cols, col_ok, alpha_ptr, DIM, True,
+            b, _ = _product(x_ptr, row0, rows, w_ptr, HIDDEN + cols, col_ok, scale_ptr, alpha_ptr, DIM, True, SCALED,
                             PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
             inverse_rms = _inverse_rms(squares, DIM, eps)[:, None]
             a = _rounded(a * inverse_rms, gate_ptr)
@@ -296,19 +307,30 @@ def _layer_weight(table_ptr, layer, which: tl.constexpr, TYPE: tl.constexpr):
     return tl.multiple_of(tl.load(table_ptr + layer * WEIGHTS_PER_LAYER + which).to(tl.pointer_type(TYPE)), 16)
 
 
+@triton.jit
+def _layer_scale(scales_table_ptr, layer, which: tl.constexpr, SCALED: tl.constexpr):
+    """The float32 row scales of an fp8 weight from the scale table (without SCALED, the table
+    holds no scales: the address of the table itself, never read)."""
+    if SCALED:
+        return tl.load(scales_table_ptr + layer * WEIGHTS_PER_LAYER + which).to(tl.pointer_type(tl.float32))
+    return scales_table_ptr.to(tl.pointer_type(tl.float32))
+
+
 # Triton compiles a variant per integer argument equal to 1 or divisible by 16: without this,
 # the row counts, steps and phase bounds would compile a dozen variants of this large kernel.
 @triton.jit(do_not_specialize=["rows", "step", "first_phase", "end_phase"])
 def _depformer_step(
-    x_ptr, table_ptr, head_ptr, keys_ptr, values_ptr, residual_ptr, q_ptr, attn_ptr, gate_ptr, logits_ptr,
-    counter_ptr, rows, step, first_phase, end_phase, eps, scale,
+    x_ptr, table_ptr, scales_table_ptr, head_ptr, keys_ptr, values_ptr, residual_ptr, q_ptr, attn_ptr, gate_ptr,
+    logits_ptr, counter_ptr, rows, step, first_phase, end_phase, eps, scale,
     LAYERS: tl.constexpr, DIM: tl.constexpr, HIDDEN: tl.constexpr, CARD: tl.constexpr, HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, SLOTS_TILE: tl.constexpr, DIM_TILE: tl.constexpr,
-    WEIGHT_TYPE: tl.constexpr, ALPHA_TYPE: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+    WEIGHT_TYPE: tl.constexpr, ALPHA_TYPE: tl.constexpr, SCALED: tl.constexpr, PRODUCT_TYPE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Phases first_phase .. end_phase - 1 of a step (see the module doc); with PERSISTENT, a
-    grid barrier after each but the last."""
+    grid barrier after each but the last. With SCALED, the layers' weights are fp8 codes with
+    one float32 scale per output row (scales_table: their addresses); the head is not."""
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     for phase in range(first_phase, end_phase):
@@ -319,38 +341,42 @@ def _depformer_step(
         if phase <= OUT:
             stream_ptr = x_ptr
         if layer == LAYERS:
-            _product_phase(residual_ptr, head_ptr, logits_ptr, logits_ptr, rows, program, programs, DIM, CARD, False,
-                           PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            _product_phase(residual_ptr, head_ptr, head_ptr, logits_ptr, logits_ptr, rows, program, programs, DIM, CARD,
+                           False, False, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
         elif part == QKV:
             _qkv_phase(stream_ptr, _layer_weight(table_ptr, layer, IN_PROJ, WEIGHT_TYPE),
+                       _layer_scale(scales_table_ptr, layer, IN_PROJ, SCALED),
                        _layer_weight(table_ptr, layer, NORM1, ALPHA_TYPE), q_ptr, keys_ptr, values_ptr, layer, rows,
-                       step, eps, program, programs, DIM, HEADS, HEAD_DIM, SLOTS, PRODUCT_TYPE, BLOCK_B, BLOCK_N,
-                       BLOCK_K, ON_TENSOR_CORES)
+                       step, eps, program, programs, DIM, HEADS, HEAD_DIM, SLOTS, SCALED, PRODUCT_TYPE, BLOCK_B,
+                       BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
         elif part == ATTEND:
             _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scale, program, programs,
                           DIM, HEADS, HEAD_DIM, SLOTS, SLOTS_TILE, DIM_TILE)
         elif part == OUT:
-            _product_phase(attn_ptr, _layer_weight(table_ptr, layer, OUT_PROJ, WEIGHT_TYPE), stream_ptr,
-                           residual_ptr, rows, program, programs, DIM, DIM, True, PRODUCT_TYPE, BLOCK_B, BLOCK_N,
-                           BLOCK_K, ON_TENSOR_CORES)
+            _product_phase(attn_ptr, _layer_weight(table_ptr, layer, OUT_PROJ, WEIGHT_TYPE),
+                           _layer_scale(scales_table_ptr, layer, OUT_PROJ, SCALED), stream_ptr, residual_ptr, rows,
+                           program, programs, DIM, DIM, True, SCALED, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
+                           ON_TENSOR_CORES)
         elif part == GATE:
             _gate_phase(residual_ptr, _layer_weight(table_ptr, layer, LINEAR_IN, WEIGHT_TYPE),
+                        _layer_scale(scales_table_ptr, layer, LINEAR_IN, SCALED),
                         _layer_weight(table_ptr, layer, NORM2, ALPHA_TYPE), gate_ptr, rows, eps, program, programs,
-                        DIM, HIDDEN, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+                        DIM, HIDDEN, SCALED, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
         else:
-            _product_phase(gate_ptr, _layer_weight(table_ptr, layer, LINEAR_OUT, WEIGHT_TYPE), residual_ptr,
-                           residual_ptr, rows, program, programs, HIDDEN, DIM, True, PRODUCT_TYPE, BLOCK_B, BLOCK_N,
-                           BLOCK_K, ON_TENSOR_CORES)
+            _product_phase(gate_ptr, _layer_weight(table_ptr, layer, LINEAR_OUT, WEIGHT_TYPE),
+                           _layer_scale(scales_table_ptr, layer, LINEAR_OUT, SCALED), residual_ptr, residual_ptr, rows,
+                           program, programs, HIDDEN, DIM, True, SCALED, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
+                           ON_TENSOR_CORES)
         if PERSISTENT:
             if phase + 1 < end_phase:
                 _grid_barrier(counter_ptr, (phase + 1 - first_phase) * programs)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=128)
 def _pointer_table(pointers: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The weights' addresses as the kernel reads them ([layers, WEIGHTS_PER_LAYER] int64),
-    made once per set of weights: it is a host-to-device copy, which a CUDA graph being
-    captured cannot hold (the frame runner runs a frame before it captures one)."""
+    """Addresses as the kernel reads them ([layers, WEIGHTS_PER_LAYER] int64: the weights', or
+    their scales'), made once per set of weights: it is a host-to-device copy, which a CUDA
+    graph being captured cannot hold (the frame runner runs a frame before it captures one)."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("fused_depformer_step: run the step once before capturing it in a CUDA graph")
     return torch.tensor(pointers, dtype=torch.int64).view(-1, WEIGHTS_PER_LAYER.value).to(device)
@@ -394,20 +420,24 @@ def _programs(kernel: triton.JITFunction, arguments: tuple, constants: dict, sha
 # A custom op, so that torch.compile keeps the launch opaque when it compiles the whole frame.
 @torch.library.custom_op("personaplex::fused_depformer_step", mutates_args=("keys", "values"))
 def fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor, keys: torch.Tensor,
-                         values: torch.Tensor, step: int, eps: float) -> torch.Tensor:
+                         values: torch.Tensor, step: int, eps: float, layer_scales: list[torch.Tensor]) -> torch.Tensor:
     """Every depformer layer of step `step`, then the logits head: x [B, dim] (depformer_in of
     the hidden state plus the token's embedding) -> logits [B, card] in x's dtype.
 
     layer_weights: per layer, in order, norm1's alpha, in_proj [3 dim, dim], out_proj
     [dim, dim], norm2's alpha, linear_in [2 hidden, dim], linear_out [dim, hidden] (the step's
-    weights, contiguous, one dtype); head [card, dim]; keys/values the depformer cache
-    [layers, B, heads, steps, head_dim], contiguous: slot `step` of each layer is written."""
-    return launch_fused_depformer_step(x, layer_weights, head, keys, values, step, eps, persistent=x.is_cuda)
+    weights, contiguous; the four matrices in x's dtype, or all fp8 e4m3 codes); head
+    [card, dim] in x's dtype; keys/values the depformer cache [layers, B, heads, steps,
+    head_dim], contiguous: slot `step` of each layer is written. layer_scales: empty, or with
+    fp8 matrices their float32 row scales, per layer in_proj, out_proj, linear_in, linear_out."""
+    return launch_fused_depformer_step(x, layer_weights, head, keys, values, step, eps, persistent=x.is_cuda,
+                                       layer_scales=layer_scales)
 
 
 def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor,
                                 keys: torch.Tensor, values: torch.Tensor, step: int, eps: float,
-                                persistent: bool, shape: LaunchShape | None = None) -> torch.Tensor:
+                                persistent: bool, shape: LaunchShape | None = None,
+                                layer_scales: list[torch.Tensor] | None = None) -> torch.Tensor:
     """`fused_depformer_step` in either mode (the op takes the persistent one on CUDA; the
     GPU test compares the two), shared out as `shape` says (default: `LaunchShape.for_rows`;
     the benchmark sweeps others)."""
@@ -428,10 +458,17 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     if len(layer_weights) != layers * WEIGHTS_PER_LAYER.value or heads * head_dim != dim:
         raise ValueError(f"fused_depformer_step: {len(layer_weights)} weights for {layers} layers, "
                          f"{heads} heads of {head_dim} for width {dim}")
-    weight_type = _uniform_type(matrices, "weight matrices")
+    weight_type = _uniform_type(matrices[:-1], "layers' weight matrices")
     alpha_type = _uniform_type(alphas, "norm scales")
+    scaled = weight_type == torch.float8_e4m3fn
+    _check_scales(layer_scales or [], matrices[:-1], scaled)
+    if head.dtype != x.dtype or not (scaled or weight_type == x.dtype):
+        raise ValueError(f"fused_depformer_step: weights in {weight_type} (head {head.dtype}) for activations in "
+                         f"{x.dtype}: the matrices must be in the activations' dtype or fp8, the head in theirs")
     x = x.contiguous()
     table = _pointer_table(tuple(w.data_ptr() for w in layer_weights), x.device)
+    # The scale table takes the weight table's layout; without scales it is the weight table, never read.
+    scales_table = _pointer_table(_scale_pointers(layer_scales), x.device) if scaled else table
     # Workspaces in the activation dtype: storing there is the readable path's rounding.
     residual, q, attn = (torch.empty(rows, dim, device=x.device, dtype=x.dtype) for _ in range(3))
     gate = torch.empty(rows, hidden, device=x.device, dtype=x.dtype)
@@ -439,14 +476,15 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     counter = torch.zeros(1, device=x.device, dtype=torch.int32)  # zeroed again by every graph replay
     phases = layers * PHASES_PER_LAYER.value + 1
     # The interpreter (3.9) multiplies bf16 tl.dot operands wrongly: float32 products there.
-    product_type = tl.float32 if x.device.type == "cpu" or weight_type == torch.float32 else _TRITON_TYPES[weight_type]
+    product_type = tl.float32 if x.device.type == "cpu" or x.dtype == torch.float32 else _TRITON_TYPES[x.dtype]
     constants = dict(
         LAYERS=layers, DIM=dim, HIDDEN=hidden, CARD=card, HEADS=heads, HEAD_DIM=head_dim, SLOTS=slots,
         SLOTS_TILE=triton.next_power_of_2(slots), DIM_TILE=triton.next_power_of_2(head_dim),
-        WEIGHT_TYPE=_TRITON_TYPES[weight_type], ALPHA_TYPE=_TRITON_TYPES[alpha_type], PRODUCT_TYPE=product_type,
+        WEIGHT_TYPE=_TRITON_TYPES[weight_type], ALPHA_TYPE=_TRITON_TYPES[alpha_type], SCALED=scaled,
+        PRODUCT_TYPE=product_type,
         PERSISTENT=persistent, **tile_constants(rows, shape, max(dim, hidden)),
     )
-    arguments = (x, table, head, keys, values, residual, q, attn, gate, logits, counter, rows, step)
+    arguments = (x, table, scales_table, head, keys, values, residual, q, attn, gate, logits, counter, rows, step)
     launches = [(0, phases)] if persistent else [(phase, phase + 1) for phase in range(phases)]
     scale = head_dim**-0.5
     if x.is_cuda:
@@ -458,7 +496,34 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     return logits
 
 
+def _check_scales(layer_scales: list[torch.Tensor], layer_matrices: list[torch.Tensor], scaled: bool) -> None:
+    """fp8 matrices come with one float32 scale per output row each; other matrices with none."""
+    if not scaled:
+        if layer_scales:
+            raise ValueError("fused_depformer_step: row scales go with fp8 weights only")
+        return
+    if len(layer_scales) != len(layer_matrices):
+        raise ValueError(f"fused_depformer_step: {len(layer_scales)} row scales for {len(layer_matrices)} fp8 matrices")
+    for scales, matrix in zip(layer_scales, layer_matrices):
+        if scales.dtype != torch.float32 or scales.shape != matrix.shape[:1] or not scales.is_contiguous():
+            raise ValueError(f"fused_depformer_step: row scales {tuple(scales.shape)} {scales.dtype} for an fp8 "
+                             f"matrix {tuple(matrix.shape)}: one contiguous float32 scale per output row")
+
+
+def _scale_pointers(layer_scales: list[torch.Tensor]) -> tuple[int, ...]:
+    """The scales' addresses in the weight table's layout: 0 where a layer's norms are."""
+    scaled_entries = (IN_PROJ.value, OUT_PROJ.value, LINEAR_IN.value, LINEAR_OUT.value)
+    pointers = []
+    for first in range(0, len(layer_scales), len(scaled_entries)):
+        row = [0] * WEIGHTS_PER_LAYER.value
+        for which, scales in zip(scaled_entries, layer_scales[first:first + len(scaled_entries)]):
+            row[which] = scales.data_ptr()
+        pointers += row
+    return tuple(pointers)
+
+
 @fused_depformer_step.register_fake
 def _fused_depformer_step_shape(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor,
-                                keys: torch.Tensor, values: torch.Tensor, step: int, eps: float) -> torch.Tensor:
+                                keys: torch.Tensor, values: torch.Tensor, step: int, eps: float,
+                                layer_scales: list[torch.Tensor]) -> torch.Tensor:
     return x.new_empty(x.shape[0], head.shape[0])
