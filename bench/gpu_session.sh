@@ -35,6 +35,10 @@ for stage in "$@"; do
                 timeout "${FORMATS_TIMEOUT:-300}" python3 -m personaplex.cli.main bench --sessions "${FORMAT_SESSIONS:-1}" \
                     --weights "${FORMATS:-fp8,int4}" --no-eager --no-upstream --frames 100 \
                     --out "$OUT/formats-${FORMAT_SESSIONS:-1}" 2>&1 | grep -v Warning | tail -12 ;;
+        depformer-ab)  # one conversation's compiled frame with the depformer's steps fused (the default) and compiled
+                timeout "${AB_TIMEOUT:-450}" python3 -m personaplex.cli.main bench --sessions 1 --weights "${AB_WEIGHTS:-fp8}" \
+                    --no-eager --no-upstream --depformer-ab --frames 100 --out "$OUT/depformer-ab" 2>&1 \
+                    | grep -v Warning | tail -8 ;;
         b64)  # 64 rows, bf16 weights, fp8 KV: early and full context
                 timeout "${B64_TIMEOUT:-320}" python3 -m personaplex.cli.main bench --sessions 64 --weights bf16 --kv fp8 \
                     --no-eager --no-upstream --frames 100 --out "$OUT/b64" 2>&1 | grep -v Warning | tail -8 ;;

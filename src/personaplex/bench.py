@@ -26,7 +26,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +54,8 @@ INIT_STD = 0.02
 PERSONA_VOICE_FRAMES = 10
 PERSONA_PROMPT_TOKENS = 20  # with 12 silence frames: a 43-frame persona, an "early" context
 QUALITY_FRAMES = 64
+# The fast frame with its depformer steps compiled rather than fused (--depformer-ab).
+COMPILED_DEPFORMER = "graph-compiled-depformer"
 
 
 @dataclass
@@ -286,14 +288,20 @@ class Bench:
         impls = ["graph"]
         if self.args.uncompiled and sessions == 1:
             impls.append("graph-uncompiled")
+        if self.args.depformer_ab and sessions <= Kernels.fast().fused_depformer_max_rows:
+            impls.append(COMPILED_DEPFORMER)
         if weights == "bf16" and not self.args.no_eager:
             impls.insert(0, "eager")
         for impl in impls:
             # The readable frame (what devices without graphs run), the fast one (the frame
-            # compiled, then graphed) or the fast one uncompiled: one runner class, options per runner.
+            # compiled, then graphed), the fast one uncompiled, or compiled with the depformer's
+            # steps compiled instead of fused: one runner class, options per runner.
             graphed = impl != "eager"
+            kernels = Kernels.fast() if graphed else READABLE_KERNELS
+            if impl == COMPILED_DEPFORMER:
+                kernels = replace(kernels, fused_depformer_max_rows=0)
             runner = FrameRunner(lm, mimi, sessions, kv_dtype=KV_CACHE_DTYPES[self.args.kv], use_graphs=graphed,
-                                 compile_frame=impl == "graph", kernels=Kernels.fast() if graphed else READABLE_KERNELS,
+                                 compile_frame=impl in ("graph", COMPILED_DEPFORMER), kernels=kernels,
                                  compile_tuning=self.args.compile_tuning)
 
             def load_eager(pcm: torch.Tensor, runner: FrameRunner = runner) -> None:
@@ -528,6 +536,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-eager", action="store_true", help="time only the fast (graphed) path")
     parser.add_argument("--uncompiled", action="store_true",
                         help="also time the graphed frame without torch.compile (one conversation)")
+    parser.add_argument("--depformer-ab", action="store_true",
+                        help="where the fast frame fuses the depformer's steps (one conversation), also time it "
+                             "with those steps compiled instead: the whole-frame A/B behind that default")
     parser.add_argument("--compile-tuning", choices=list(COMPILE_TUNINGS), default="default",
                         help="how hard the compiler tunes the fast frame (runtime/runner.py: COMPILE_TUNINGS)")
     parser.add_argument("--api", action="store_true",
