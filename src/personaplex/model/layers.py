@@ -92,8 +92,9 @@ class Kernels:
 
     `fused_depformer_max_rows` runs each depformer step (every layer, then the logits head)
     as one Triton launch (`kernels/fused_depformer.py`) for frames of up to that many rows
-    (0: never), where the step's weights are plain bf16 or float32 linears. `fast()` takes it
-    for one row only: with more, the compiled step's cuBLAS products are faster.
+    (0: never), where the step's linears are plain ones in the activations' dtype or fp8 ones
+    (`LMModel.depformer_step_fusable`). `fast()` takes it for one row only: with more, the
+    compiled step's products are faster.
     """
 
     ring_attention: bool = False
