@@ -71,8 +71,9 @@ def silu_gate(hidden: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * value
 
 
-# The fused depformer step against the compiled one, 8 steps in a CUDA graph on an H200
-# (bench/depformer_fused.py): 1.18 ms against 1.50 at one row, 1.64 against 1.43 at two.
+# The fused depformer step against the compiled one on an H200: the whole one-row graphed
+# frame 7.80 ms against 8.35 (run I, docs/PERFORMANCE.md); the depformer's 8 steps alone
+# (bench/depformer_fused.py) 1.64 against 1.43 ms at two rows.
 FUSED_DEPFORMER_PAYS_UP_TO = 1
 
 

@@ -43,10 +43,12 @@ the readable path writes them, so both paths can share one `DepformerState`.
 
 Measured on an H200 (bench/depformer_fused.py; bench/results/h200-depformer-fused.json), a
 frame's 8 steps in one CUDA graph, random bf16 weights: at one row 1.18 ms against 1.50 for
-the steps compiled whole by torch.compile (the frame runner's path) and 2.73 eager; in the
-whole graphed frame, 7.80 ms against 8.35. From two rows on the compiled steps win (two:
-1.64 against 1.43 ms; 64 rows on the tensor cores: 3.0 against 1.6), so `Kernels.fast()`
-takes this kernel for one-row frames only. A step still takes ~147 us where its weights
+the steps compiled whole by torch.compile (the frame runner's path) and 2.73 eager in one
+process, 1.32 against 1.25 in another (the compiled steps vary between processes); in the
+whole graphed frame, measured one after the other in one session, 7.80 ms against 8.35,
+which is what decides. From two rows on the compiled steps win (two: 1.64 against 1.43 ms;
+64 rows on the tensor cores: 3.0 against 1.6), so `Kernels.fast()` takes this kernel for
+one-row frames only. A step still takes ~147 us where its weights
 alone would read in ~40: ~4.7 us for each of its 31 phases, each a few dependent trips to
 memory and a grid barrier (fewer phases, e.g. attention recomputed inside the out phase,
 is what would close more of that). With fp8 weights at one row (run J): 1.14 ms against
@@ -243,8 +245,8 @@ def _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scal
 @triton.jit
 def _product_phase(in_ptr, w_ptr, scale_ptr, residual_ptr, out_ptr, rows, program, programs,
                    K: tl.constexpr, N: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
-                   PRODUCT_TYPE: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
+                   PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ON_TENSOR_CORES: tl.constexpr):
     """out = in @ w^T, [B, N], or with ADD_RESIDUAL residual + in @ w^T (out may be residual:
     a column is read and written only by its owner)."""
     for tile in range(program, tl.cdiv(N, BLOCK_N), programs):
@@ -449,19 +451,19 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     hidden = layer_weights[LINEAR_OUT.value].shape[1]
     card = head.shape[0]
     is_norm = [i % WEIGHTS_PER_LAYER.value in (NORM1.value, NORM2.value) for i in range(len(layer_weights))]
-    matrices = [w for w, norm in zip(layer_weights, is_norm) if not norm] + [head]
+    layer_matrices = [w for w, norm in zip(layer_weights, is_norm) if not norm]
     alphas = [w for w, norm in zip(layer_weights, is_norm) if norm]
-    if not all(t.is_contiguous() for t in [keys, values, *matrices, *alphas]):
+    if not all(t.is_contiguous() for t in [keys, values, head, *layer_matrices, *alphas]):
         raise ValueError("fused_depformer_step needs contiguous weights and caches")
     if any(w.data_ptr() % 16 for w in layer_weights):
         raise ValueError("fused_depformer_step needs weights aligned to 16 bytes")
     if len(layer_weights) != layers * WEIGHTS_PER_LAYER.value or heads * head_dim != dim:
         raise ValueError(f"fused_depformer_step: {len(layer_weights)} weights for {layers} layers, "
                          f"{heads} heads of {head_dim} for width {dim}")
-    weight_type = _uniform_type(matrices[:-1], "layers' weight matrices")
+    weight_type = _uniform_type(layer_matrices, "layers' weight matrices")
     alpha_type = _uniform_type(alphas, "norm scales")
     scaled = weight_type == torch.float8_e4m3fn
-    _check_scales(layer_scales or [], matrices[:-1], scaled)
+    _check_scales(layer_scales or [], layer_matrices, scaled)
     if head.dtype != x.dtype or not (scaled or weight_type == x.dtype):
         raise ValueError(f"fused_depformer_step: weights in {weight_type} (head {head.dtype}) for activations in "
                          f"{x.dtype}: the matrices must be in the activations' dtype or fp8, the head in theirs")
