@@ -47,7 +47,7 @@ for stage in "$@"; do
                     | grep -v Warning | tail -12 ;;
         ring)  # the ring-attention kernel's launch shapes at the frame's calls (RING_ARGS="--launches quick": four)
                 timeout "${RING_TIMEOUT:-400}" python3 bench/ring_attention_sweep.py ${RING_ARGS:-} 2>&1 | grep -v Warning | tail -12 ;;
-        profile) timeout "${PROFILE_TIMEOUT:-400}" python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" \
+        profile) timeout "${PROFILE_TIMEOUT:-400}" python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" --weights "${PROFILE_WEIGHTS:-bf16}" \
                      --cases "${CASES:-readable,as-written,compiled}" 2>&1 | grep -v Warning | cut -c1-2000 | tail -8 ;;
         *) echo "unknown stage $stage" ;;
     esac

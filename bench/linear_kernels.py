@@ -11,6 +11,9 @@ timed inside a CUDA graph over enough weight copies that they do not fit in L2 (
 weights are read once per frame in the model too), median of several replays. Reported:
 microseconds, GB/s of weight bytes, relative error against float32 math on the same x.
 
+`--gemv` instead sweeps the one-row kernel alone (fp8 and int4 at every quantized shape a frame
+runs, loads pipelined or not), then times the frame's products with the fastest shapes found.
+
 Part 2, the full 7B LM with random weights: weights in GPU memory per format (and the peak
 while quantizing in place), text/audio logit error and greedy-token agreement against bf16,
 and the time of only the linear layers of one frame (temporal + text head + 8 depformer
@@ -324,6 +327,72 @@ def frame_linears_only(label: str) -> None:
     save()
 
 
+GEMV_SHAPES = TEMPORAL_SHAPES + [(1024, 4096)]  # the 32 temporal layers' and the depformer input's
+
+
+def gemv_configs() -> list[KernelConfig]:
+    """One-row launch shapes: rows per program, K per iteration, K split, and the loads pipelined
+    (num_stages 3 or 4: asynchronous copies that many tiles ahead, less one) or not (1)."""
+    return [KernelConfig(1, bn, bk, sk, warps, stages) for stages in (1, 3, 4, 6) for warps in (4, 8)
+            for bn in (4, 8, 16, 32) for bk in (256, 512, 1024, 2048) for sk in (1, 2) if 2048 <= bn * bk <= 16384]
+
+
+def gemv_weights(kind: WeightKind, n: int, k: int) -> tuple[list[tuple], int, int]:
+    """Enough copies of one random layer in `kind` to outrun L2: [(weight, scales, biases)], group size, bytes."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+    if kind == WeightKind.FP8:
+        scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 448.0
+        layer, group, nbytes = ((w.float() / scale[:, None]).to(torch.float8_e4m3fn), scale, None), 1, n * k + n * 4
+    else:
+        packed, scales, biases = quantize_affine(w, 4, GROUP_SIZE)
+        layer, group, nbytes = (packed, scales, biases), GROUP_SIZE, packed.numel() + scales.numel() * 4
+    return [tuple(t if t is None else t.clone() for t in layer) for _ in range(copies_for(nbytes))], group, nbytes
+
+
+def gemv_sweep() -> None:
+    """--gemv: each one-row product over `gemv_configs`, fp8 and int4; then the frame's
+    products at one row with the default shapes and with the fastest ones."""
+    rows = []
+    for kind in (WeightKind.FP8, WeightKind.INT4):
+        for n, k in GEMV_SHAPES:
+            copies, group, nbytes = gemv_weights(kind, n, k)
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            reference = quantized_linear(x, *copies[0], kind, group, KernelConfig(1, 16, 256, 1, 4, 1)).float()
+            trials = []
+            for config in [None] + gemv_configs():
+                fitted = qmm.fit_config(config or qmm.default_config(kind, 1, n, k), kind, k, group)
+                err = rel_err(quantized_linear(x, *copies[0], kind, group, fitted), reference)
+                us = graph_time_us([lambda c=c: quantized_linear(x, *c, kind, group, fitted) for c in copies], 9)
+                trials.append({"config": asdict(fitted), "default": config is None, "us": round(us, 2),
+                               "TBps": round(nbytes / us / 1e6, 2), "err": err})
+            best = min((t for t in trials if t["err"] < 1e-3), key=lambda t: t["us"])
+            TUNED[(int(kind), 1, n, k)] = KernelConfig(**best["config"])
+            row = {"kind": kind.name, "n": n, "k": k, "default": trials[0], "best": best,
+                   "best_unpipelined": min((t for t in trials[1:] if t["config"]["num_stages"] == 1), key=lambda t: t["us"]),
+                   "trials": trials}
+            rows.append(row)
+            print(f"{kind.name} {n}x{k}: default {trials[0]['us']} us ({trials[0]['TBps']} TB/s), best {best['us']} "
+                  f"({best['TBps']}) {best['config']}, best unpipelined {row['best_unpipelined']['us']} [{elapsed():.0f}s]",
+                  flush=True)
+            RESULTS["gemv"] = rows
+            save()
+            del copies
+    RESULTS["label"] = "gemv"
+    for fmt in ("fp8", "int4"):
+        model = random_lm()
+        quantize_model(model, fmt, group_size=GROUP_SIZE)
+        qmm.default_config = DEFAULT_CONFIG
+        default_ms = time_frame_linears(model, 1)
+        qmm.default_config = tuned_config
+        RESULTS.setdefault("frame_linears_ms_1_row", {})[fmt] = {"default": round(default_ms, 3),
+                                                                 "tuned": round(time_frame_linears(model, 1), 3)}
+        qmm.default_config = DEFAULT_CONFIG
+        print(fmt, RESULTS["frame_linears_ms_1_row"][fmt], flush=True)
+        del model
+        torch.cuda.empty_cache()
+    save()
+
+
 def main() -> None:
     props = torch.cuda.get_device_properties(0)
     RESULTS["device"] = {"name": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
@@ -331,6 +400,9 @@ def main() -> None:
     print(RESULTS["device"], flush=True)
     if "--frame-linears" in sys.argv:  # [--frame-linears LABEL]: only the frame's products
         frame_linears_only(sys.argv[sys.argv.index("--frame-linears") + 1])
+        return
+    if "--gemv" in sys.argv:
+        gemv_sweep()
         return
     qmm.default_config = tuned_config  # the model part runs with the fastest launch shapes found
     RESULTS["odd_shape_errors"] = odd_shape_errors()

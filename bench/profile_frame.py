@@ -26,11 +26,14 @@ from personaplex.model.layers import READABLE_KERNELS, Kernels
 from personaplex.runtime.runner import FrameRunner
 
 FAMILIES = [  # first match wins
+    ("depformer step (fused, Triton)", r"_depformer_step"),
     ("attention (ring, Triton)", r"_ring_attention_split|_merge_splits|_partial_attention"),
-    ("attention (SDPA)", r"flash|fmha|attention|softmax"),
-    ("matmul", r"gemm|gemv|cutlass|sm90_|nvjet|matmul|_quantized|dequant"),
-    ("convolution", r"conv|implicit|winograd"),
+    # Inductor names its kernels after the ops they fuse ("..._softmax_...", "..._ring_attention_..."):
+    # they are taken as compiled element-wise work before any name-based family.
     ("compiled element-wise (Triton)", r"^triton_"),
+    ("attention (SDPA)", r"flash|fmha|attention|softmax"),
+    ("convolution", r"conv|implicit|winograd|nchwToNhwc|nhwcToNchw"),
+    ("matmul", r"gemm|gemv|cutlass|sm90_|nvjet|matmul|_quantized|dequant"),
     ("top-k / sort", r"sort|topk|radix|bitonic|gather_topk"),
     ("reductions", r"reduce"),
     ("copies / fills", r"copy|memcpy|memset|fill|cat|index|scatter|gather"),
@@ -117,9 +120,10 @@ def main() -> None:
     parser.add_argument("--rows", default="1,32")
     parser.add_argument("--cases", default="readable,as-written,compiled",
                         help="which frames to profile: readable (B=1 only), as-written, compiled")
+    parser.add_argument("--weights", default="bf16", help="the LM's weight format: bf16, fp8, int4 or int8")
     args = parser.parse_args()
     cases = set(args.cases.split(","))
-    lm, _ = build_lm("bf16", torch.device("cuda"))
+    lm, _ = build_lm(args.weights, torch.device("cuda"))
     mimi = build_mimi(torch.device("cuda"))
     persona, _ = make_persona(lm)
     out = Path(args.out)
@@ -127,9 +131,10 @@ def main() -> None:
     results: list[dict] = []
 
     def add(result: dict) -> None:  # written case by case: a run cut short keeps what it measured
+        result["weights"] = args.weights
         results.append(result)
         print(json.dumps(result), flush=True)
-        (out / f"profile-{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(json.dumps(results, indent=1))
+        (out / f"profile-{args.weights}-{torch.cuda.get_device_name().replace(' ', '_')}.json").write_text(json.dumps(results, indent=1))
 
     if "readable" in cases:
         add(profile_case(lm, mimi, persona, 1, READABLE_KERNELS, "eager, readable kernels"))

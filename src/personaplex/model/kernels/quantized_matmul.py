@@ -8,8 +8,8 @@ One pair of kernels serves three weight formats (`WeightKind`):
 
 The weights are dequantized in registers and never written back: at 1 to 64 sessions a
 linear layer is bound by reading its weights, so reading 4 or 8 bits instead of 16 is the
-whole gain. `_gemv_kernel` (one row of x) keeps a [BLOCK_N, BLOCK_K] float32 accumulator and
-reduces it at the end; `_dot_kernel` (several rows) feeds the dequantized tile to the tensor
+whole gain. `_gemv_kernel` (one row of x) streams its weight tiles in through asynchronous
+copies a few tiles ahead, keeps a [BLOCK_N, BLOCK_K] float32 accumulator and reduces it at the end; `_dot_kernel` (several rows) feeds the dequantized tile to the tensor
 cores. Both can split K over several programs (`split_k`) so that narrow layers still occupy
 every SM; the partial sums then meet in a float32 buffer through atomic adds.
 Measurements and the reasons for this design: docs/QUANTIZATION.md.
@@ -67,14 +67,17 @@ def _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K,
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K,
                  KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr):
+                 SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_slice = K // SPLIT_K
-    for step in range(0, k_slice, BLOCK_K):
+    # Triton pipelines a loop's loads (asynchronous copies NUM_STAGES - 1 tiles ahead) on its
+    # own only where they feed tl.dot; here it must be asked, or every iteration waits a full
+    # trip to memory.
+    for step in tl.range(0, k_slice, BLOCK_K, num_stages=NUM_STAGES):
         k0 = pid_k * k_slice + step
         w = _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
         x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
@@ -160,17 +163,39 @@ _TUNED_H100: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
 }
 
 
+# One row (the GEMV kernel), per weight format: the fastest launch shape per (N, K) of the
+# sweep of `bench/linear_kernels.py --gemv` on an H200, twice (bench/results/h200-gemv-sweep.json;
+# values: block_n, block_k, split_k, num_warps, num_stages). Narrow tiles over long stretches of
+# K, pipelined, keep more weight bytes in flight per SM than the H100 table's shapes did.
+_TUNED_ONE_ROW_H200: dict[tuple[WeightKind, int, int], tuple[int, int, int, int, int]] = {
+    (WeightKind.FP8, 12288, 4096): (16, 256, 1, 4, 4),
+    (WeightKind.FP8, 4096, 4096): (8, 512, 1, 4, 4),
+    (WeightKind.FP8, 22528, 4096): (16, 512, 1, 4, 4),
+    (WeightKind.FP8, 4096, 11264): (8, 1024, 1, 4, 3),
+    (WeightKind.FP8, 1024, 4096): (4, 2048, 1, 4, 3),
+    (WeightKind.INT4, 12288, 4096): (8, 512, 1, 4, 3),
+    (WeightKind.INT4, 4096, 4096): (8, 512, 1, 4, 3),
+    (WeightKind.INT4, 22528, 4096): (8, 512, 1, 4, 3),
+    (WeightKind.INT4, 4096, 11264): (8, 512, 1, 4, 4),
+    (WeightKind.INT4, 1024, 4096): (4, 2048, 1, 8, 1),
+}
+
+
 def _rows_bucket(m: int) -> int:
     return 1 if m == 1 else next(b for b in (8, 32, 64, 1 << 30) if m <= b)
 
 
 def default_config(kind: WeightKind, m: int, n: int, k: int) -> KernelConfig:
-    """The launch shape measured fastest on an H100 for this product (docs/QUANTIZATION.md).
+    """The launch shape measured fastest for this product: on an H200 for one row of fp8 or
+    int4, else on an H100 (docs/QUANTIZATION.md).
 
     Shapes outside the table (tiny test models, another model) get the rule the table
     mostly follows: 16 rows per GEMV program, 32 per tensor-core program, and K split over
     2 or 4 programs when the layer is much deeper than wide.
     """
+    one_row = _TUNED_ONE_ROW_H200.get((kind, n, k)) if m == 1 else None
+    if one_row is not None:
+        return KernelConfig(1, *one_row)
     bucket = _rows_bucket(m)
     tuned = _TUNED_H100.get((bucket, n, k))
     if tuned is not None:
@@ -223,7 +248,7 @@ def quantized_linear(
         _gemv_kernel[grid](
             x, weight, scales, biases, out, n, k,
             KIND=int(kind), GROUP_SIZE=group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
+            SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
         )
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
