@@ -79,31 +79,35 @@ FUSED_DEPFORMER_PAYS_UP_TO = 1
 
 @dataclass(frozen=True)
 class Kernels:
-    """Which attention the streaming steps use: what a runner chooses and passes down the
-    forward (nothing here is switched process-wide).
+    """Which Triton kernels a frame takes in place of the readable code: what a runner
+    chooses and passes down the forward (nothing here is switched process-wide).
 
-    Three streaming attentions write a few new keys into a ring and attend over it: a live LM
-    frame over its KV ring, Mimi's transformer steps, the depformer's codebook steps. The
-    readable choice writes with a scatter and runs SDPA with a mask over every slot. The fast
-    one is one Triton kernel for all three (`kernels/ring_attention.py`) that writes and
-    attends in one launch and reads only the filled slots (fp8 caches as they are): on CUDA,
-    or under Triton's interpreter on the CPU. Everything else has one implementation: the
-    fast frame gets its fused norms, RoPE and gates by compiling the whole frame
-    (`FrameRunner`), not from a second copy of those functions.
+    `ring_attention`: three streaming attentions write a few new keys into a ring and attend
+    over it: a live LM frame over its KV ring, Mimi's transformer steps, the depformer's
+    codebook steps. The readable choice writes with a scatter and runs SDPA with a mask over
+    every slot. The fast one is one Triton kernel for all three (`kernels/ring_attention.py`)
+    that writes and attends in one launch and reads only the filled slots (fp8 caches as they
+    are). Each kernel runs on CUDA, or under Triton's interpreter on the CPU. Everything else
+    has one implementation: the fast frame gets its fused norms, RoPE and gates by compiling
+    the whole frame (`FrameRunner`), not from a second copy of those functions.
 
     `fused_depformer_max_rows` runs each depformer step (every layer, then the logits head)
     as one Triton launch (`kernels/fused_depformer.py`) for frames of up to that many rows
     (0: never), where the step's linears are plain ones in the activations' dtype or fp8 ones
     (`LMModel.depformer_step_fusable`). `fast()` takes it for one row only: with more, the
     compiled step's products are faster.
+
+    `kth_largest` finds the k-th largest probability of top-k sampling with one Triton
+    kernel (`kernels/top_k.py`) instead of sorting every candidate (`runtime/sampling.py`).
     """
 
     ring_attention: bool = False
     fused_depformer_max_rows: int = 0
+    kth_largest: bool = False
 
     @staticmethod
     def fast() -> "Kernels":
-        return Kernels(ring_attention=True, fused_depformer_max_rows=FUSED_DEPFORMER_PAYS_UP_TO)
+        return Kernels(ring_attention=True, fused_depformer_max_rows=FUSED_DEPFORMER_PAYS_UP_TO, kth_largest=True)
 
 
 READABLE_KERNELS = Kernels()

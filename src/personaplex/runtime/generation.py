@@ -192,7 +192,7 @@ class FrameGenerator:
 
     def _finish_step(self, hidden: torch.Tensor, text_logits: torch.Tensor, target: torch.Tensor,
                      provided: torch.Tensor) -> torch.Tensor:
-        sampled_text = sample_tokens(text_logits, self.text_temperature, self.text_top_k, self.noise)
+        sampled_text = sample_tokens(text_logits, self.text_temperature, self.text_top_k, self.noise, self.kernels)
         text_token = torch.where(provided[:, 0], target[:, 0], sampled_text)
         sampled_audio = self._run_depformer(hidden, text_token, target[:, 1:], provided[:, 1:])
         generated = torch.cat([sampled_text[:, None], sampled_audio], dim=1)
@@ -206,7 +206,7 @@ class FrameGenerator:
             logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state, self.kernels)
             if self.observer is not None:
                 self.observer.on_audio_logits(step, logits)
-            token = sample_tokens(logits, self.audio_temperature, self.audio_top_k, self.noise)
+            token = sample_tokens(logits, self.audio_temperature, self.audio_top_k, self.noise, self.kernels)
             sampled.append(token)
             # Provided tokens (prompts, the user's audio) are forced as the next step's input.
             previous = torch.where(audio_provided[:, step], audio_target[:, step], token)

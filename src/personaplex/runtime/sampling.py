@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.kernels import cuda_op, kernels_can_run
+from ..model.layers import READABLE_KERNELS, Kernels
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -61,19 +64,30 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
-def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, noise: RowNoise) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, noise: RowNoise,
+                  kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
     """One token per row of logits [B, V]: top-k sampling at each row's temperature; argmax
-    where the temperature is 0. Every candidate is ranked and each row keeps its own first
-    `top_k[b]`: no shape depends on a row's settings, so one compiled and captured frame
-    serves any top-k a conversation asks for (a conversation joining with a larger one costs
-    nothing, where a larger static size would cost a new compilation of the frame)."""
+    where the temperature is 0. Each row keeps the tokens whose probability is at least its
+    own `top_k[b]`-th largest (ties at that value are all kept; the reference's torch.topk
+    keeps k of them, and exact ties between probabilities are all but absent). No shape
+    depends on a row's settings, so one compiled and captured frame serves any top-k a
+    conversation asks for (a conversation joining with a larger one costs nothing, where a
+    larger static size would cost a new compilation of the frame)."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
     safe_temperature = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     probs = torch.softmax(logits / safe_temperature[:, None], dim=-1)
-    top_probs, top_ids = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(top_probs.shape[-1], device=logits.device)
-    top_probs = torch.where(rank[None, :] < top_k[:, None], top_probs, torch.zeros_like(top_probs))
+    kept = probs >= kth_largest_probability(probs, top_k, kernels)[:, None]
     # Sampling proportionally to p is argmax(p / E) with E ~ Exp(1): no multinomial, no sync.
-    sampled = top_ids.gather(-1, (top_probs / noise.exponential(top_probs.shape[-1])).argmax(dim=-1, keepdim=True))[:, 0]
+    sampled = (torch.where(kept, probs, torch.zeros_like(probs)) / noise.exponential(probs.shape[-1])).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)
+
+
+def kth_largest_probability(probs: torch.Tensor, top_k: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    """Each row's top_k[b]-th largest probability [B] (top_k clamped to 1..V): by sorting the
+    row, or with `kernels.kth_largest` by one Triton kernel that finds the same value
+    without sorting (`model/kernels/top_k.py`)."""
+    if kernels.kth_largest and kernels_can_run(probs):
+        return cuda_op("kth_largest")(probs, top_k)
+    ranked = probs.sort(dim=-1, descending=True).values
+    return ranked.gather(-1, (top_k.clamp(1, probs.shape[-1]) - 1)[:, None])[:, 0]
