@@ -39,7 +39,7 @@ from personaplex.model.config import LMConfig
 from personaplex.model.kernels import quantized_matmul as qmm
 from personaplex.model.kernels.quantized_matmul import KernelConfig, WeightKind, quantized_linear
 from personaplex.model.lm import LMModel
-from personaplex.model.quantize import dequantize_affine, quantize_affine, quantize_model
+from personaplex.model.quantize import Fp8Linear, Int4Linear, dequantize_affine, quantize_affine, quantize_model
 
 TEMPORAL_SHAPES = [(12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264)]  # (N out, K in)
 DEPFORMER_SHAPES = [(1024, 4096), (3072, 1024), (1024, 1024), (5632, 1024), (1024, 2816)]
@@ -154,8 +154,8 @@ def bench_shape(n: int, k: int, m: int, do_sweep: bool) -> dict[str, object]:
     del ws
 
     # fp8: per-row weight scales, two kernels
-    w_scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 448.0
-    w_fp8 = (w.float() / w_scale[:, None]).to(torch.float8_e4m3fn)
+    fp8 = Fp8Linear.from_weight(w)
+    w_scale, w_fp8 = fp8.scales, fp8.weight_fp8
     fp8_bytes = n * k + n * 4
     copies = copies_for(fp8_bytes)
     w8s = [w_fp8.clone() for _ in range(copies)]
@@ -341,11 +341,12 @@ def gemv_weights(kind: WeightKind, n: int, k: int) -> tuple[list[tuple], int, in
     """Enough copies of one random layer in `kind` to outrun L2: [(weight, scales, biases)], group size, bytes."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
     if kind == WeightKind.FP8:
-        scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 448.0
-        layer, group, nbytes = ((w.float() / scale[:, None]).to(torch.float8_e4m3fn), scale, None), 1, n * k + n * 4
+        fp8 = Fp8Linear.from_weight(w)
+        layer, group = (fp8.weight_fp8, fp8.scales, None), 1
     else:
-        packed, scales, biases = quantize_affine(w, 4, GROUP_SIZE)
-        layer, group, nbytes = (packed, scales, biases), GROUP_SIZE, packed.numel() + scales.numel() * 4
+        int4 = Int4Linear.from_weight(w, GROUP_SIZE)
+        layer, group = (int4.qweight, int4.scales, int4.biases), GROUP_SIZE
+    nbytes = sum(t.numel() * t.element_size() for t in layer if t is not None)
     return [tuple(t if t is None else t.clone() for t in layer) for _ in range(copies_for(nbytes))], group, nbytes
 
 
