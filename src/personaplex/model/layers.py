@@ -72,8 +72,9 @@ def silu_gate(hidden: torch.Tensor) -> torch.Tensor:
 
 
 # The fused depformer step against the compiled one on an H200: the whole one-row graphed
-# frame 7.80 ms against 8.35 (run I, docs/PERFORMANCE.md); the depformer's 8 steps alone
-# (bench/depformer_fused.py) 1.64 against 1.43 ms at two rows.
+# frame 7.80 ms against 8.35 in bf16 (run I, docs/PERFORMANCE.md), 6.20 against 6.60 with fp8
+# weights (run K); the depformer's 8 steps alone (bench/depformer_fused.py) 1.64 against
+# 1.43 ms at two rows.
 FUSED_DEPFORMER_PAYS_UP_TO = 1
 
 

@@ -9,9 +9,10 @@ One pair of kernels serves three weight formats (`WeightKind`):
 The weights are dequantized in registers and never written back: at 1 to 64 sessions a
 linear layer is bound by reading its weights, so reading 4 or 8 bits instead of 16 is the
 whole gain. `_gemv_kernel` (one row of x) streams its weight tiles in through asynchronous
-copies a few tiles ahead, keeps a [BLOCK_N, BLOCK_K] float32 accumulator and reduces it at the end; `_dot_kernel` (several rows) feeds the dequantized tile to the tensor
-cores. Both can split K over several programs (`split_k`) so that narrow layers still occupy
-every SM; the partial sums then meet in a float32 buffer through atomic adds.
+copies a few tiles ahead, keeps a [BLOCK_N, BLOCK_K] float32 accumulator and reduces it at
+the end; `_dot_kernel` (several rows) feeds the dequantized tile to the tensor cores. Both
+can split K over several programs (`split_k`) so that narrow layers still occupy every SM;
+the partial sums then meet in a float32 buffer through atomic adds.
 Measurements and the reasons for this design: docs/QUANTIZATION.md.
 """
 
