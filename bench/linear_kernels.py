@@ -12,7 +12,8 @@ weights are read once per frame in the model too), median of several replays. Re
 microseconds, GB/s of weight bytes, relative error against float32 math on the same x.
 
 `--gemv` instead sweeps the one-row kernel alone (fp8 and int4 at every quantized shape a frame
-runs, loads pipelined or not), then times the frame's products with the fastest shapes found.
+runs, loads pipelined or not), then times the frame's products with the fastest shapes found;
+`--dot` the same for the several-row int4 kernel at 8, 32 and 64 rows.
 
 Part 2, the full 7B LM with random weights: weights in GPU memory per format (and the peak
 while quantizing in place), text/audio logit error and greedy-token agreement against bf16,
@@ -394,6 +395,56 @@ def gemv_sweep() -> None:
     save()
 
 
+DOT_ROWS = (8, 32, 64)
+
+
+def dot_configs(rows: int) -> list[KernelConfig]:
+    """Several-row int4 launch shapes: output columns per program, K per iteration, K split,
+    loads in flight (num_stages)."""
+    block_m = 16 if rows <= 16 else min(rows, 64)
+    return [KernelConfig(block_m, bn, bk, sk, 4, stages) for bn in (32, 64, 128) for bk in (GROUP_SIZE, 256)
+            for sk in (1, 2, 4) for stages in (3, 5)]
+
+
+def dot_sweep() -> None:
+    """--dot: each int4 product of a frame at 8, 32 and 64 rows over `dot_configs`; then the
+    frame's int4 products with the default shapes and with the fastest ones, beside bf16."""
+    rows_out = []
+    kind = WeightKind.INT4
+    for n, k in TEMPORAL_SHAPES + DEPFORMER_SHAPES:
+        copies, group, nbytes = gemv_weights(kind, n, k)
+        for rows in DOT_ROWS:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            reference = quantized_linear(x, *copies[0], kind, group).float()
+            trials = []
+            for config in [None] + dot_configs(rows):
+                fitted = qmm.fit_config(config or qmm.default_config(kind, rows, n, k), kind, k, group)
+                err = rel_err(quantized_linear(x, *copies[0], kind, group, fitted), reference)
+                us = graph_time_us([lambda c=c: quantized_linear(x, *c, kind, group, fitted) for c in copies], 7)
+                trials.append({"config": asdict(fitted), "default": config is None, "us": round(us, 2),
+                               "TBps": round(nbytes / us / 1e6, 2), "err": err})
+            best = min((t for t in trials if t["err"] < 1e-2), key=lambda t: t["us"])
+            TUNED[(int(kind), rows, n, k)] = KernelConfig(**best["config"])
+            rows_out.append({"kind": kind.name, "n": n, "k": k, "rows": rows, "default": trials[0], "best": best,
+                             "trials": trials})
+            print(f"INT4 {n}x{k} x{rows}: default {trials[0]['us']} us ({trials[0]['TBps']} TB/s), best {best['us']} "
+                  f"({best['TBps']}) {best['config']} [{elapsed():.0f}s]", flush=True)
+            RESULTS["dot"] = rows_out
+            save()
+        del copies
+    RESULTS["label"] = "dot"
+    model = random_lm()
+    batches = (1, *DOT_ROWS)
+    RESULTS["frame_linears_ms"] = {"bf16": {b: round(time_frame_linears(model, b), 3) for b in batches}}
+    quantize_model(model, "int4", group_size=GROUP_SIZE)
+    RESULTS["frame_linears_ms"]["int4"] = {b: round(time_frame_linears(model, b), 3) for b in batches}
+    qmm.default_config = tuned_config
+    RESULTS["frame_linears_ms"]["int4_tuned"] = {b: round(time_frame_linears(model, b), 3) for b in batches}
+    qmm.default_config = DEFAULT_CONFIG
+    print(RESULTS["frame_linears_ms"], flush=True)
+    save()
+
+
 def main() -> None:
     props = torch.cuda.get_device_properties(0)
     RESULTS["device"] = {"name": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
@@ -404,6 +455,9 @@ def main() -> None:
         return
     if "--gemv" in sys.argv:
         gemv_sweep()
+        return
+    if "--dot" in sys.argv:
+        dot_sweep()
         return
     qmm.default_config = tuned_config  # the model part runs with the fastest launch shapes found
     RESULTS["odd_shape_errors"] = odd_shape_errors()

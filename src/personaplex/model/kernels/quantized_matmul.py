@@ -38,9 +38,20 @@ class KernelConfig:
 
 
 @triton.jit
-def _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K,
+def _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k0, K, GROUP_SIZE: tl.constexpr, GROUPS: tl.constexpr):
+    """The fp16 scales and biases [BLOCK_N, GROUPS] of rows offs_n for the GROUPS groups from input k0."""
+    group_cols = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
+    group_offsets = offs_n[:, None] * (K // GROUP_SIZE) + group_cols[None, :]
+    scale = tl.load(scales_ptr + group_offsets, mask=n_ok[:, None], other=0)
+    bias = tl.load(biases_ptr + group_offsets, mask=n_ok[:, None], other=0)
+    return scale, bias
+
+
+@triton.jit
+def _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K,
                  KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dequantized weights [BLOCK_N, BLOCK_K] (float32) of rows offs_n, inputs k0 .. k0+BLOCK_K."""
+    """Dequantized weights [BLOCK_N, BLOCK_K] (float32) of rows offs_n, inputs k0 .. k0+BLOCK_K;
+    scale and bias: the tile's groups (`_group_scales`; unused for fp8)."""
     if KIND == 0:
         byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + byte_cols[None, :], mask=n_ok[:, None], other=0)
@@ -54,13 +65,11 @@ def _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K,
         w = q  # fp8: the per-row scale is applied once to the finished sum
     else:
         GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
-        group_cols = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
-        group_offsets = offs_n[:, None] * (K // GROUP_SIZE) + group_cols[None, :]
-        scale = tl.load(scales_ptr + group_offsets, mask=n_ok[:, None], other=0).to(tl.float32)
-        bias = tl.load(biases_ptr + group_offsets, mask=n_ok[:, None], other=0).to(tl.float32)
         # One scale per group of GROUP_SIZE inputs: repeat each along its group.
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE)), (BLOCK_N, BLOCK_K))
-        bias = tl.reshape(tl.broadcast_to(bias[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE)), (BLOCK_N, BLOCK_K))
+        scale = tl.reshape(tl.broadcast_to(scale.to(tl.float32)[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE)),
+                           (BLOCK_N, BLOCK_K))
+        bias = tl.reshape(tl.broadcast_to(bias.to(tl.float32)[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE)),
+                          (BLOCK_N, BLOCK_K))
         w = q * scale + bias
     return w
 
@@ -75,12 +84,24 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K,
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_slice = K // SPLIT_K
+    k_first = pid_k * k_slice
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+    if KIND != 2:
+        next_scale, next_bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k_first, K, GROUP_SIZE, GROUPS)
     # Triton pipelines a loop's loads (asynchronous copies NUM_STAGES - 1 tiles ahead) on its
     # own only where they feed tl.dot; here it must be asked, or every iteration waits a full
     # trip to memory.
     for step in tl.range(0, k_slice, BLOCK_K, num_stages=NUM_STAGES):
-        k0 = pid_k * k_slice + step
-        w = _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        k0 = k_first + step
+        scale, bias = scales_ptr, biases_ptr  # fp8 reads no group scales
+        if KIND != 2:
+            # The pipeliner leaves the scales' 2-byte gathers alone: they are loaded one tile
+            # ahead by hand, or each iteration would wait a trip to memory for them.
+            # (The last iteration loads its own scales again rather than past the slice.)
+            scale, bias = next_scale, next_bias
+            k_next = tl.minimum(k0 + BLOCK_K, k_first + k_slice - BLOCK_K)
+            next_scale, next_bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k_next, K, GROUP_SIZE, GROUPS)
+        w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
         x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
         acc += w * x[None, :]
     out = tl.sum(acc, axis=1)
@@ -105,9 +126,13 @@ def _dot_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, M, N, K, stride_x
     m_ok = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_slice = K // SPLIT_K
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
     for step in range(0, k_slice, BLOCK_K):
         k0 = pid_k * k_slice + step
-        w = _weight_tile(w_ptr, scales_ptr, biases_ptr, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        scale, bias = scales_ptr, biases_ptr  # fp8 reads no group scales
+        if KIND != 2:
+            scale, bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k0, K, GROUP_SIZE, GROUPS)
+        w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
