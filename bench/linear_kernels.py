@@ -341,7 +341,9 @@ def gemv_configs() -> list[KernelConfig]:
 def gemv_weights(kind: WeightKind, n: int, k: int) -> tuple[list[tuple], int, int]:
     """Enough copies of one random layer in `kind` to outrun L2: [(weight, scales, biases)], group size, bytes."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
-    if kind == WeightKind.FP8:
+    if kind == WeightKind.PLAIN:
+        layer, group = (w, None, None), 1
+    elif kind == WeightKind.FP8:
         fp8 = Fp8Linear.from_weight(w)
         layer, group = (fp8.weight_fp8, fp8.scales, None), 1
     else:
@@ -355,32 +357,45 @@ def gemv_sweep() -> None:
     """--gemv: each one-row product over `gemv_configs`, fp8 and int4; then the frame's
     products at one row with the default shapes and with the fastest ones."""
     rows = []
-    for kind in (WeightKind.FP8, WeightKind.INT4):
+    kinds = [WeightKind[name] for name in os.environ.get("GEMV_KINDS", "FP8,INT4").split(",")]
+    for kind in kinds:
         for n, k in GEMV_SHAPES:
             copies, group, nbytes = gemv_weights(kind, n, k)
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             reference = quantized_linear(x, *copies[0], kind, group, KernelConfig(1, 16, 256, 1, 4, 1)).float()
             trials = []
+            if kind == WeightKind.PLAIN:  # cuBLAS beside it, as the model runs bf16 weights today
+                us = graph_time_us([lambda c=c: F.linear(x, c[0]) for c in copies], 9)
+                trials.append({"config": "cuBLAS", "default": False, "us": round(us, 2),
+                               "TBps": round(nbytes / us / 1e6, 2), "err": rel_err(F.linear(x, copies[0][0]), reference)})
             for config in [None] + gemv_configs():
                 fitted = qmm.fit_config(config or qmm.default_config(kind, 1, n, k), kind, k, group)
                 err = rel_err(quantized_linear(x, *copies[0], kind, group, fitted), reference)
                 us = graph_time_us([lambda c=c: quantized_linear(x, *c, kind, group, fitted) for c in copies], 9)
                 trials.append({"config": asdict(fitted), "default": config is None, "us": round(us, 2),
                                "TBps": round(nbytes / us / 1e6, 2), "err": err})
-            best = min((t for t in trials if t["err"] < 1e-3), key=lambda t: t["us"])
+            ours = [t for t in trials if t["config"] != "cuBLAS"]
+            best = min((t for t in ours if t["err"] < 1e-3), key=lambda t: t["us"])
             TUNED[(int(kind), 1, n, k)] = KernelConfig(**best["config"])
-            row = {"kind": kind.name, "n": n, "k": k, "default": trials[0], "best": best,
-                   "best_unpipelined": min((t for t in trials[1:] if t["config"]["num_stages"] == 1), key=lambda t: t["us"]),
+            row = {"kind": kind.name, "n": n, "k": k, "default": ours[0], "best": best,
+                   "best_unpipelined": min((t for t in ours[1:] if t["config"]["num_stages"] == 1), key=lambda t: t["us"]),
                    "trials": trials}
+            if kind == WeightKind.PLAIN:
+                row["cublas"] = trials[0]
             rows.append(row)
-            print(f"{kind.name} {n}x{k}: default {trials[0]['us']} us ({trials[0]['TBps']} TB/s), best {best['us']} "
-                  f"({best['TBps']}) {best['config']}, best unpipelined {row['best_unpipelined']['us']} [{elapsed():.0f}s]",
-                  flush=True)
+            print(f"{kind.name} {n}x{k}: {trials[0]['config'] if kind == WeightKind.PLAIN else 'default'} "
+                  f"{trials[0]['us']} us ({trials[0]['TBps']} TB/s), best {best['us']} ({best['TBps']}) {best['config']}, "
+                  f"best unpipelined {row['best_unpipelined']['us']} [{elapsed():.0f}s]", flush=True)
             RESULTS["gemv"] = rows
             save()
             del copies
     RESULTS["label"] = "gemv"
-    for fmt in ("fp8", "int4"):
+    plain = {(row["n"], row["k"]): row for row in rows if row["kind"] == "PLAIN"}
+    if plain:  # a frame's 32 temporal layers, bf16 weights: cuBLAS against the fastest GEMV shapes
+        RESULTS["plain_temporal_ms"] = {which: round(32 * sum(plain[shape][which]["us"] for shape in TEMPORAL_SHAPES)
+                                                     / 1000, 3) for which in ("cublas", "best")}
+        print("bf16 temporal products per frame", RESULTS["plain_temporal_ms"], flush=True)
+    for fmt in [kind.name.lower() for kind in kinds if kind in (WeightKind.FP8, WeightKind.INT4)]:
         model = random_lm()
         quantize_model(model, fmt, group_size=GROUP_SIZE)
         qmm.default_config = DEFAULT_CONFIG

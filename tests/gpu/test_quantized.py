@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from personaplex.model.config import LMConfig
+from personaplex.model import layers
+from personaplex.model.layers import Kernels
 from personaplex.model.lm import LMModel
 from personaplex.model.quantize import AffineQuantizedLinear, Fp8Linear, default_filter, quantize_linear, quantize_model
 from personaplex.model.random_init import (
@@ -156,6 +158,36 @@ def test_kernel_matches_float_math_on_its_dequantized_weights(scale: str, fmt: s
             key = f"{name} {out_features}x{in_features}"
             worst[key] = max(worst.get(key, 0.0), error)
     record(f"kernel vs its dequantized weights, worst row: {fmt} g{group_size} [{scale}]", worst)
+    assert max(worst.values()) < KERNEL_BOUND, worst
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_one_row_kernel_on_plain_weights_matches_float_math(scale: str) -> None:
+    """`layers.linear` with `one_row_gemv`: one row through a plain bf16 (and float32) layer of every
+    LM linear shape takes the one-row kernel and stays within the kernels' bound of float64
+    math; several rows, and a layer with a bias, keep the layer's own product exactly."""
+    interpreter_or_skip(scale)
+    device = device_of(scale)
+    kernels = Kernels(one_row_gemv=True)
+    generator = torch.Generator(device=device).manual_seed(1)
+    worst: dict[str, float] = {}
+    for (out_features, in_features), name in linear_shapes(lm_config(scale)).items():
+        for dtype in (torch.bfloat16, torch.float32):
+            layer = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
+            layer.weight.data = random_linear(out_features, in_features, "trained-like", device, generator).weight.to(dtype)
+            x = torch.randn(2, 1, in_features, device=device, generator=generator).to(dtype)
+            expected = x[:1].double() @ layer.weight.double().t()
+            with torch.no_grad():
+                out = layers.linear(layer, x[:1], kernels)
+                assert out.shape == (1, 1, out_features) and out.dtype == dtype
+                error = ((out.double() - expected).norm() / expected.norm()).item()
+                worst[f"{name} {out_features}x{in_features} {dtype}"] = error
+                assert torch.equal(layers.linear(layer, x, kernels), layer(x))  # two rows: the layer's own product
+    with torch.no_grad():
+        biased = nn.Linear(64, 32, device=device)
+        one_row = torch.randn(1, 64, device=device)
+        assert torch.equal(layers.linear(biased, one_row, kernels), biased(one_row))
+    record(f"one-row kernel on plain weights vs float64, per layer [{scale}]", worst)
     assert max(worst.values()) < KERNEL_BOUND, worst
 
 

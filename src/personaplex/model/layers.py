@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import WeightKind, cuda_op, kernels_can_run
+
 
 def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
     """x * alpha / sqrt(mean(x^2) + eps) in float32 (one fused kernel where PyTorch has one)."""
@@ -62,8 +64,9 @@ class GatedFFN(nn.Module):
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
         self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_out(silu_gate(self.linear_in(x)))
+    def forward(self, x: torch.Tensor, kernels: "Kernels | None" = None) -> torch.Tensor:
+        kernels = kernels or READABLE_KERNELS
+        return linear(self.linear_out, silu_gate(linear(self.linear_in, x, kernels)), kernels)
 
 
 def silu_gate(hidden: torch.Tensor) -> torch.Tensor:
@@ -100,18 +103,39 @@ class Kernels:
 
     `kth_largest` finds the k-th largest probability of top-k sampling with one Triton
     kernel (`kernels/top_k.py`) instead of sorting every candidate (`runtime/sampling.py`).
+
+    `one_row_gemv` sends a single row through a plain linear layer (weights in a float
+    dtype, as `nn.Linear` holds them) to the one-row kernel the quantized formats use
+    (`kernels/quantized_matmul.py`, `WeightKind.PLAIN`) instead of cuBLAS: at one row a
+    product only streams its weights, and that kernel streams them faster (`linear`).
     """
 
     ring_attention: bool = False
     fused_depformer_max_rows: int = 0
     kth_largest: bool = False
+    one_row_gemv: bool = False
 
     @staticmethod
     def fast() -> "Kernels":
-        return Kernels(ring_attention=True, fused_depformer_max_rows=FUSED_DEPFORMER_PAYS_UP_TO, kth_largest=True)
+        return Kernels(ring_attention=True, fused_depformer_max_rows=FUSED_DEPFORMER_PAYS_UP_TO, kth_largest=True,
+                       one_row_gemv=True)
 
 
 READABLE_KERNELS = Kernels()
+
+
+def linear(layer: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    """layer(x) for a linear layer of any weight format. With `kernels.one_row_gemv`, one row
+    through a plain bias-free `nn.Linear` takes the one-row Triton kernel: on an H200 it reads
+    bf16 weights at 2.9-4.0 TB/s where cuBLAS reads them at 2.4-3.8, 3.55 against 3.98 ms for a
+    frame's 128 temporal products (bench/linear_kernels.py --gemv, docs/PERFORMANCE.md run M).
+    The quantized layers send their products to that kernel themselves."""
+    one_row = x.numel() == x.shape[-1]
+    if kernels.one_row_gemv and one_row and type(layer) is nn.Linear and layer.bias is None and kernels_can_run(x):
+        out = cuda_op("quantized_linear")(x.reshape(1, -1).contiguous(), layer.weight, None, None,
+                                          int(WeightKind.PLAIN), 1)
+        return out.reshape(*x.shape[:-1], layer.out_features)
+    return layer(x)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

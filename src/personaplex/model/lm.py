@@ -24,7 +24,8 @@ from torch import nn
 from .config import LMConfig
 from .kernels import cuda_op, kernels_can_run
 from .kv_cache import TemporalState, ring_capacity, sliding_window_mask
-from .layers import READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, merge_heads, rope, rope_angles, split_heads
+from .layers import (READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, linear, merge_heads, rope, rope_angles,
+                     split_heads)
 from .quantize import Fp8Linear
 
 UNGENERATED_TOKEN = -2  # "not generated yet": must never reach the model
@@ -42,7 +43,7 @@ class TemporalAttention(nn.Module):
         self.out_proj = nn.Linear(config.dim, config.dim, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, view: "AttentionView", layer_index: int) -> torch.Tensor:
-        q, k, v = (split_heads(t, self.num_heads) for t in self.in_proj(x).chunk(3, dim=-1))
+        q, k, v = (split_heads(t, self.num_heads) for t in linear(self.in_proj, x, view.kernels).chunk(3, dim=-1))
         q = rope(q, *view.rope)
         k = rope(k, *view.rope)
         state = view.state
@@ -58,7 +59,7 @@ class TemporalAttention(nn.Module):
             all_v = torch.cat([cached_v, v], dim=2)
             state.write(layer_index, k, v, positions)
             out = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=view.mask)
-        return self.out_proj(merge_heads(out))
+        return linear(self.out_proj, merge_heads(out), view.kernels)
 
 
 @dataclass
@@ -107,7 +108,7 @@ class TemporalLayer(nn.Module):
 
     def forward(self, x, positions, view, layer_index):
         x = x + self.self_attn(self.norm1(x), positions, view, layer_index)
-        return x + self.gating(self.norm2(x))
+        return x + self.gating(self.norm2(x), view.kernels)
 
 
 class TemporalTransformer(nn.Module):
@@ -210,7 +211,7 @@ class DepformerLayer(nn.Module):
     def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int,
                      kernels: Kernels) -> torch.Tensor:
         x = x + self.self_attn.forward_step(self.norm1(x), step, state, layer_index, kernels)
-        return x + self.gating[step](self.norm2(x))
+        return x + self.gating[step](self.norm2(x), kernels)
 
 
 class Depformer(nn.Module):
@@ -295,7 +296,7 @@ class LMModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [B, T, dim] -> (normed hidden [B, T, dim], text logits [B, T, text_card])."""
         hidden = self.out_norm(self.transformer(embeddings, state, kernels))
-        return hidden, self.text_linear(hidden)
+        return hidden, linear(self.text_linear, hidden, kernels)
 
     def depformer_step(
         self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor, state: DepformerState,
@@ -306,7 +307,7 @@ class LMModel(nn.Module):
         hidden [B, 1, dim] is the frame's normed temporal output; previous_token [B] is the
         text token for step 0, else the audio token chosen at step - 1.
         """
-        x = self.depformer_input(step, hidden, previous_token)
+        x = self.depformer_input(step, hidden, previous_token, kernels)
         fused = x.shape[0] <= kernels.fused_depformer_max_rows and self.depformer_step_fusable(step, x.dtype)
         if fused and kernels_can_run(x):
             return cuda_op("fused_depformer_step")(x[:, 0], self.depformer_step_weights(step),
@@ -316,10 +317,11 @@ class LMModel(nn.Module):
             x = layer.forward_step(x, step, state, index, kernels)
         return self.linears[step](x[:, 0])
 
-    def depformer_input(self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor) -> torch.Tensor:
+    def depformer_input(self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor,
+                        kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """What enters step `step`'s first layer [B, 1, depformer_dim] (arguments as `depformer_step`'s)."""
         token_embedding = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
-        return self.depformer_in[step](hidden) + embed_with_zero(token_embedding, previous_token[:, None])
+        return linear(self.depformer_in[step], hidden, kernels) + embed_with_zero(token_embedding, previous_token[:, None])
 
     def depformer_step_linears(self, step: int, layer_index: int) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
         """Step `step`'s linears in depformer layer `layer_index`: in_proj, out_proj, linear_in,

@@ -14,6 +14,7 @@ class WeightKind(enum.IntEnum):
     INT4 = 0
     INT8 = 1
     FP8 = 2
+    PLAIN = 3  # not quantized: weights in a float dtype, read as they are
 
 
 def register_cuda_ops() -> None:

@@ -4,7 +4,9 @@ One pair of kernels serves three weight formats (`WeightKind`):
 - affine 4-bit: bytes [N, K/2], value 2j in the low nibble of byte j (MLX's order), one fp16
   scale and bias per group of `group_size` inputs: w = q * scale + bias;
 - affine 8-bit: bytes [N, K], same scales and biases;
-- fp8 e4m3: [N, K] with one float32 scale per output row, applied to the finished sum.
+- fp8 e4m3: [N, K] with one float32 scale per output row, applied to the finished sum;
+and plain weights as they are (bf16, float32: `PLAIN`), which the model sends here at one row
+only (`layers.linear`), where this GEMV streams them faster than cuBLAS.
 
 The weights are dequantized in registers and never written back: at 1 to 64 sessions a
 linear layer is bound by reading its weights, so reading 4 or 8 bits instead of 16 is the
@@ -61,8 +63,8 @@ def _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K,
         cols = k0 + tl.arange(0, BLOCK_K)
         # Rows past N are never stored, so their (unloaded) values do not matter.
         q = tl.load(w_ptr + offs_n[:, None] * K + cols[None, :], mask=n_ok[:, None]).to(tl.float32)
-    if KIND == 2:
-        w = q  # fp8: the per-row scale is applied once to the finished sum
+    if KIND >= 2:
+        w = q  # fp8: the per-row scale is applied once to the finished sum; plain weights are as stored
     else:
         GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
         # One scale per group of GROUP_SIZE inputs: repeat each along its group.
@@ -86,15 +88,15 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K,
     k_slice = K // SPLIT_K
     k_first = pid_k * k_slice
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
-    if KIND != 2:
+    if KIND < 2:
         next_scale, next_bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k_first, K, GROUP_SIZE, GROUPS)
     # Triton pipelines a loop's loads (asynchronous copies NUM_STAGES - 1 tiles ahead) on its
     # own only where they feed tl.dot; here it must be asked, or every iteration waits a full
     # trip to memory.
     for step in tl.range(0, k_slice, BLOCK_K, num_stages=NUM_STAGES):
         k0 = k_first + step
-        scale, bias = scales_ptr, biases_ptr  # fp8 reads no group scales
-        if KIND != 2:
+        scale, bias = scales_ptr, biases_ptr  # only the affine formats have group scales
+        if KIND < 2:
             # The pipeliner leaves the scales' 2-byte gathers alone: they are loaded one tile
             # ahead by hand, or each iteration would wait a trip to memory for them.
             # (The last iteration loads its own scales again rather than past the slice.)
@@ -129,8 +131,8 @@ def _dot_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, M, N, K, stride_x
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
     for step in range(0, k_slice, BLOCK_K):
         k0 = pid_k * k_slice + step
-        scale, bias = scales_ptr, biases_ptr  # fp8 reads no group scales
-        if KIND != 2:
+        scale, bias = scales_ptr, biases_ptr  # only the affine formats have group scales
+        if KIND < 2:
             scale, bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k0, K, GROUP_SIZE, GROUPS)
         w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -190,7 +192,8 @@ _TUNED_H100: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
 
 
 # One row (the GEMV kernel), per weight format: the fastest launch shape per (N, K) of the
-# sweep of `bench/linear_kernels.py --gemv` on an H200, twice (bench/results/h200-gemv-sweep.json;
+# sweep of `bench/linear_kernels.py --gemv` on an H200 (fp8 and int4 twice, plain bf16 once;
+# bench/results/h200-gemv-sweep.json;
 # values: block_n, block_k, split_k, num_warps, num_stages). Narrow tiles over long stretches of
 # K, pipelined, keep more weight bytes in flight per SM than the H100 table's shapes did.
 _TUNED_ONE_ROW_H200: dict[tuple[WeightKind, int, int], tuple[int, int, int, int, int]] = {
@@ -204,6 +207,11 @@ _TUNED_ONE_ROW_H200: dict[tuple[WeightKind, int, int], tuple[int, int, int, int,
     (WeightKind.INT4, 22528, 4096): (8, 512, 1, 4, 3),
     (WeightKind.INT4, 4096, 11264): (8, 512, 1, 4, 4),
     (WeightKind.INT4, 1024, 4096): (4, 2048, 1, 8, 1),
+    (WeightKind.PLAIN, 12288, 4096): (16, 256, 1, 4, 3),
+    (WeightKind.PLAIN, 4096, 4096): (32, 512, 1, 4, 3),
+    (WeightKind.PLAIN, 22528, 4096): (4, 1024, 1, 4, 6),
+    (WeightKind.PLAIN, 4096, 11264): (8, 256, 1, 4, 4),
+    (WeightKind.PLAIN, 1024, 4096): (4, 512, 1, 4, 6),
 }
 
 
@@ -248,7 +256,7 @@ def fit_config(config: KernelConfig, kind: WeightKind, k: int, group_size: int) 
 def quantized_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    scales: torch.Tensor,
+    scales: torch.Tensor | None,
     biases: torch.Tensor | None,
     kind: WeightKind,
     group_size: int,
@@ -256,13 +264,16 @@ def quantized_linear(
 ) -> torch.Tensor:
     """x [M, K] (bf16/fp16, rows contiguous) @ dequant(weight).T -> [M, N] in x's dtype.
 
-    weight: uint8 [N, K/2] (INT4) or [N, K] (INT8), float8_e4m3fn [N, K] (FP8);
-    scales/biases: [N, K/group_size] (affine) or scales float32 [N] and biases None (FP8).
+    weight: uint8 [N, K/2] (INT4) or [N, K] (INT8), float8_e4m3fn [N, K] (FP8), a float dtype
+    [N, K] (PLAIN); scales/biases: [N, K/group_size] (affine), scales float32 [N] and biases
+    None (FP8), both None (PLAIN).
     """
     m, k = x.shape
     n = weight.shape[0]
     config = fit_config(config or default_config(kind, m, n, k), kind, k, group_size)
-    biases = scales if biases is None else biases  # FP8 reads no biases; any pointer will do
+    # Pointers the kernel never reads for this kind: any tensor will do.
+    scales = weight if scales is None else scales
+    biases = scales if biases is None else biases
     if config.split_k == 1:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     else:
@@ -289,13 +300,13 @@ def quantized_linear(
 # The entry point the quantized layers call: a custom op, so that torch.compile keeps each
 # product as one opaque call with a known output shape when it compiles the whole frame.
 @torch.library.custom_op("personaplex::quantized_linear", mutates_args=())
-def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None,
-                        kind: int, group_size: int) -> torch.Tensor:
+def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
+                        biases: torch.Tensor | None, kind: int, group_size: int) -> torch.Tensor:
     """`quantized_linear` with the default tiling; `kind` is a `WeightKind` value."""
     return quantized_linear(x, weight, scales, biases, WeightKind(kind), group_size)
 
 
 @quantized_linear_op.register_fake
-def _quantized_linear_shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None,
-                            kind: int, group_size: int) -> torch.Tensor:
+def _quantized_linear_shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
+                            biases: torch.Tensor | None, kind: int, group_size: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
