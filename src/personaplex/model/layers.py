@@ -56,24 +56,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).to(x.dtype)
 
 
-class GatedFFN(nn.Module):
-    """SiLU-gated feed-forward: `linear_in` yields two halves a, b; out = linear_out(silu(a) * b)."""
-
-    def __init__(self, dim: int, hidden: int, device=None, dtype=None):
-        super().__init__()
-        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
-        self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor, kernels: "Kernels | None" = None) -> torch.Tensor:
-        kernels = kernels or READABLE_KERNELS
-        return linear(self.linear_out, silu_gate(linear(self.linear_in, x, kernels)), kernels)
-
-
-def silu_gate(hidden: torch.Tensor) -> torch.Tensor:
-    gate, value = hidden.chunk(2, dim=-1)
-    return F.silu(gate) * value
-
-
 # The fused depformer step against the compiled one on an H200: the whole one-row graphed
 # frame 7.80 ms against 8.35 in bf16 (run I, docs/PERFORMANCE.md), 6.20 against 6.60 with fp8
 # weights (run K); the depformer's 8 steps alone (bench/depformer_fused.py) 1.64 against
@@ -136,6 +118,23 @@ def linear(layer: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
                                           int(WeightKind.PLAIN), 1)
         return out.reshape(*x.shape[:-1], layer.out_features)
     return layer(x)
+
+
+class GatedFFN(nn.Module):
+    """SiLU-gated feed-forward: `linear_in` yields two halves a, b; out = linear_out(silu(a) * b)."""
+
+    def __init__(self, dim: int, hidden: int, device=None, dtype=None):
+        super().__init__()
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
+        self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
+        return linear(self.linear_out, silu_gate(linear(self.linear_in, x, kernels)), kernels)
+
+
+def silu_gate(hidden: torch.Tensor) -> torch.Tensor:
+    gate, value = hidden.chunk(2, dim=-1)
+    return F.silu(gate) * value
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -53,7 +53,7 @@ def _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k0, K, GROUP_SIZE: tl.co
 def _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K,
                  KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Dequantized weights [BLOCK_N, BLOCK_K] (float32) of rows offs_n, inputs k0 .. k0+BLOCK_K;
-    scale and bias: the tile's groups (`_group_scales`; unused for fp8)."""
+    scale and bias: the tile's groups (`_group_scales`; unused for fp8 and plain weights)."""
     if KIND == 0:
         byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + byte_cols[None, :], mask=n_ok[:, None], other=0)
