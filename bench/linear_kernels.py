@@ -12,7 +12,8 @@ weights are read once per frame in the model too), median of several replays. Re
 microseconds, GB/s of weight bytes, relative error against float32 math on the same x.
 
 `--gemv` instead sweeps the one-row kernel alone (fp8 and int4 at every quantized shape a frame
-runs, loads pipelined or not), then times the frame's products with the fastest shapes found;
+runs, loads pipelined or not; GEMV_KINDS=PLAIN: bf16 weights beside cuBLAS), then times the
+frame's products with the fastest shapes found;
 `--dot` the same for the several-row int4 kernel at 8, 32 and 64 rows.
 
 Part 2, the full 7B LM with random weights: weights in GPU memory per format (and the peak
@@ -353,9 +354,25 @@ def gemv_weights(kind: WeightKind, n: int, k: int) -> tuple[list[tuple], int, in
     return [tuple(t if t is None else t.clone() for t in layer) for _ in range(copies_for(nbytes))], group, nbytes
 
 
+def time_launch_shapes(kind: WeightKind, x: torch.Tensor, copies: list[tuple], group: int, nbytes: int,
+                       configs: list[KernelConfig | None], reference: torch.Tensor, replays: int) -> list[dict]:
+    """Each launch shape (None: the default one) fitted to the layer: its error against
+    `reference` and its time over the layer's copies, [{config, default, us, TBps, err}]."""
+    n, k = copies[0][0].shape[0], x.shape[1]
+    trials = []
+    for config in configs:
+        fitted = qmm.fit_config(config or qmm.default_config(kind, x.shape[0], n, k), kind, k, group)
+        err = rel_err(quantized_linear(x, *copies[0], kind, group, fitted), reference)
+        us = graph_time_us([lambda c=c: quantized_linear(x, *c, kind, group, fitted) for c in copies], replays)
+        trials.append({"config": asdict(fitted), "default": config is None, "us": round(us, 2),
+                       "TBps": round(nbytes / us / 1e6, 2), "err": err})
+    return trials
+
+
 def gemv_sweep() -> None:
-    """--gemv: each one-row product over `gemv_configs`, fp8 and int4; then the frame's
-    products at one row with the default shapes and with the fastest ones."""
+    """--gemv: each one-row product over `gemv_configs`, per kind of $GEMV_KINDS (default FP8,INT4;
+    PLAIN: bf16 weights, with cuBLAS beside them); then, for fp8 and int4, the frame's products
+    at one row with the default shapes and with the fastest ones."""
     rows = []
     kinds = [WeightKind[name] for name in os.environ.get("GEMV_KINDS", "FP8,INT4").split(",")]
     for kind in kinds:
@@ -368,12 +385,7 @@ def gemv_sweep() -> None:
                 us = graph_time_us([lambda c=c: F.linear(x, c[0]) for c in copies], 9)
                 trials.append({"config": "cuBLAS", "default": False, "us": round(us, 2),
                                "TBps": round(nbytes / us / 1e6, 2), "err": rel_err(F.linear(x, copies[0][0]), reference)})
-            for config in [None] + gemv_configs():
-                fitted = qmm.fit_config(config or qmm.default_config(kind, 1, n, k), kind, k, group)
-                err = rel_err(quantized_linear(x, *copies[0], kind, group, fitted), reference)
-                us = graph_time_us([lambda c=c: quantized_linear(x, *c, kind, group, fitted) for c in copies], 9)
-                trials.append({"config": asdict(fitted), "default": config is None, "us": round(us, 2),
-                               "TBps": round(nbytes / us / 1e6, 2), "err": err})
+            trials += time_launch_shapes(kind, x, copies, group, nbytes, [None] + gemv_configs(), reference, 9)
             ours = [t for t in trials if t["config"] != "cuBLAS"]
             best = min((t for t in ours if t["err"] < 1e-3), key=lambda t: t["us"])
             TUNED[(int(kind), 1, n, k)] = KernelConfig(**best["config"])
@@ -431,13 +443,7 @@ def dot_sweep() -> None:
         for rows in DOT_ROWS:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             reference = quantized_linear(x, *copies[0], kind, group).float()
-            trials = []
-            for config in [None] + dot_configs(rows):
-                fitted = qmm.fit_config(config or qmm.default_config(kind, rows, n, k), kind, k, group)
-                err = rel_err(quantized_linear(x, *copies[0], kind, group, fitted), reference)
-                us = graph_time_us([lambda c=c: quantized_linear(x, *c, kind, group, fitted) for c in copies], 7)
-                trials.append({"config": asdict(fitted), "default": config is None, "us": round(us, 2),
-                               "TBps": round(nbytes / us / 1e6, 2), "err": err})
+            trials = time_launch_shapes(kind, x, copies, group, nbytes, [None] + dot_configs(rows), reference, 7)
             best = min((t for t in trials if t["err"] < 1e-2), key=lambda t: t["us"])
             TUNED[(int(kind), rows, n, k)] = KernelConfig(**best["config"])
             rows_out.append({"kind": kind.name, "n": n, "k": k, "rows": rows, "default": trials[0], "best": best,

@@ -220,8 +220,8 @@ def _rows_bucket(m: int) -> int:
 
 
 def default_config(kind: WeightKind, m: int, n: int, k: int) -> KernelConfig:
-    """The launch shape measured fastest for this product: on an H200 for one row of fp8 or
-    int4, else on an H100 (docs/QUANTIZATION.md).
+    """The launch shape measured fastest for this product: on an H200 for one row of fp8, int4
+    or plain bf16 weights, else on an H100 (docs/QUANTIZATION.md).
 
     Shapes outside the table (tiny test models, another model) get the rule the table
     mostly follows: 16 rows per GEMV program, 32 per tensor-core program, and K split over
