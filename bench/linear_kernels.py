@@ -14,6 +14,7 @@ microseconds, GB/s of weight bytes, relative error against float32 math on the s
 `--gemv` instead sweeps the one-row kernel alone (fp8 and int4 at every quantized shape a frame
 runs, loads pipelined or not; GEMV_KINDS=PLAIN: bf16 weights beside cuBLAS), then times the
 frame's products with the fastest shapes found;
+`--gemv-mimi` the same for Mimi's transformer products (float32, two rows);
 `--dot` the same for the several-row int4 kernel at 8, 32 and 64 rows.
 
 Part 2, the full 7B LM with random weights: weights in GPU memory per format (and the peak
@@ -72,7 +73,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def copies_for(weight_bytes: int) -> int:
-    return max(2, min(32, -(-L2_FLUSH_BYTES // weight_bytes)))
+    return max(2, min(256, -(-L2_FLUSH_BYTES // weight_bytes)))
 
 
 # --------------------------------------------------------------------------- format wrappers
@@ -330,20 +331,26 @@ def frame_linears_only(label: str) -> None:
 
 
 GEMV_SHAPES = TEMPORAL_SHAPES + [(1024, 4096)]  # the 32 temporal layers' and the depformer input's
+MIMI_SHAPES = [(1536, 512), (512, 512), (2048, 512), (512, 2048)]  # Mimi's transformer: in_proj, out_proj, FFN
 
 
-def gemv_configs() -> list[KernelConfig]:
-    """One-row launch shapes: rows per program, K per iteration, K split, and the loads pipelined
-    (num_stages 3 or 4: asynchronous copies that many tiles ahead, less one) or not (1)."""
+def gemv_configs(mimi: bool = False) -> list[KernelConfig]:
+    """GEMV launch shapes: rows per program, K per iteration, K split, and the loads pipelined
+    (num_stages 3 or 4: asynchronous copies that many tiles ahead, less one) or not (1).
+    `mimi`: for Mimi's small float32 layers (K 512 or 2048), narrower tiles and deeper splits."""
+    if mimi:
+        return [KernelConfig(1, bn, bk, sk, warps, stages) for stages in (1, 3) for warps in (2, 4)
+                for bn in (2, 4, 8, 16) for bk in (128, 256, 512) for sk in (1, 2, 4) if 512 <= bn * bk <= 4096]
     return [KernelConfig(1, bn, bk, sk, warps, stages) for stages in (1, 3, 4, 6) for warps in (4, 8)
             for bn in (4, 8, 16, 32) for bk in (256, 512, 1024, 2048) for sk in (1, 2) if 2048 <= bn * bk <= 16384]
 
 
-def gemv_weights(kind: WeightKind, n: int, k: int) -> tuple[list[tuple], int, int]:
-    """Enough copies of one random layer in `kind` to outrun L2: [(weight, scales, biases)], group size, bytes."""
+def gemv_weights(kind: WeightKind, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> tuple[list[tuple], int, int]:
+    """Enough copies of one random layer in `kind` (PLAIN: in `dtype`) to outrun L2:
+    [(weight, scales, biases)], group size, bytes."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
     if kind == WeightKind.PLAIN:
-        layer, group = (w, None, None), 1
+        layer, group = (w.to(dtype), None, None), 1
     elif kind == WeightKind.FP8:
         fp8 = Fp8Linear.from_weight(w)
         layer, group = (fp8.weight_fp8, fp8.scales, None), 1
@@ -369,27 +376,29 @@ def time_launch_shapes(kind: WeightKind, x: torch.Tensor, copies: list[tuple], g
     return trials
 
 
-def gemv_sweep() -> None:
+def gemv_sweep(mimi: bool) -> None:
     """--gemv: each one-row product over `gemv_configs`, per kind of $GEMV_KINDS (default FP8,INT4;
     PLAIN: bf16 weights, with cuBLAS beside them); then, for fp8 and int4, the frame's products
-    at one row with the default shapes and with the fastest ones."""
+    at one row with the default shapes and with the fastest ones. `mimi` (--gemv-mimi): Mimi's
+    transformer products instead, float32 weights and two rows, as one conversation runs them."""
     rows = []
-    kinds = [WeightKind[name] for name in os.environ.get("GEMV_KINDS", "FP8,INT4").split(",")]
+    kinds = [WeightKind.PLAIN] if mimi else [WeightKind[name] for name in os.environ.get("GEMV_KINDS", "FP8,INT4").split(",")]
+    m, dtype = (2, torch.float32) if mimi else (1, torch.bfloat16)
     for kind in kinds:
-        for n, k in GEMV_SHAPES:
-            copies, group, nbytes = gemv_weights(kind, n, k)
-            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for n, k in MIMI_SHAPES if mimi else GEMV_SHAPES:
+            copies, group, nbytes = gemv_weights(kind, n, k, dtype)
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
             reference = quantized_linear(x, *copies[0], kind, group, KernelConfig(1, 16, 256, 1, 4, 1)).float()
             trials = []
             if kind == WeightKind.PLAIN:  # cuBLAS beside it, as the model runs bf16 weights today
                 us = graph_time_us([lambda c=c: F.linear(x, c[0]) for c in copies], 9)
                 trials.append({"config": "cuBLAS", "default": False, "us": round(us, 2),
                                "TBps": round(nbytes / us / 1e6, 2), "err": rel_err(F.linear(x, copies[0][0]), reference)})
-            trials += time_launch_shapes(kind, x, copies, group, nbytes, [None] + gemv_configs(), reference, 9)
+            trials += time_launch_shapes(kind, x, copies, group, nbytes, [None] + gemv_configs(mimi), reference, 9)
             ours = [t for t in trials if t["config"] != "cuBLAS"]
             best = min((t for t in ours if t["err"] < 1e-3), key=lambda t: t["us"])
-            TUNED[(int(kind), 1, n, k)] = KernelConfig(**best["config"])
-            row = {"kind": kind.name, "n": n, "k": k, "default": ours[0], "best": best,
+            TUNED[(int(kind), m, n, k)] = KernelConfig(**best["config"])
+            row = {"kind": kind.name, "n": n, "k": k, "rows": m, "dtype": str(dtype), "default": ours[0], "best": best,
                    "best_unpipelined": min((t for t in ours[1:] if t["config"]["num_stages"] == 1), key=lambda t: t["us"]),
                    "trials": trials}
             if kind == WeightKind.PLAIN:
@@ -401,7 +410,13 @@ def gemv_sweep() -> None:
             RESULTS["gemv"] = rows
             save()
             del copies
-    RESULTS["label"] = "gemv"
+    RESULTS["label"] = "gemv-mimi" if mimi else "gemv"
+    if mimi:  # a frame's 16 layers (8 encoder, 8 decoder) of the four shapes
+        RESULTS["mimi_products_ms"] = {which: round(16 * sum(row[which]["us"] for row in rows) / 1000, 3)
+                                       for which in ("cublas", "default", "best")}
+        print("Mimi transformer products per frame", RESULTS["mimi_products_ms"], flush=True)
+        save()
+        return
     plain = {(row["n"], row["k"]): row for row in rows if row["kind"] == "PLAIN"}
     if plain:  # a frame's 32 temporal layers, bf16 weights: cuBLAS against the fastest GEMV shapes
         RESULTS["plain_temporal_ms"] = {which: round(32 * sum(plain[shape][which]["us"] for shape in TEMPORAL_SHAPES)
@@ -474,8 +489,8 @@ def main() -> None:
     if "--frame-linears" in sys.argv:  # [--frame-linears LABEL]: only the frame's products
         frame_linears_only(sys.argv[sys.argv.index("--frame-linears") + 1])
         return
-    if "--gemv" in sys.argv:
-        gemv_sweep()
+    if "--gemv" in sys.argv or "--gemv-mimi" in sys.argv:
+        gemv_sweep(mimi="--gemv-mimi" in sys.argv)
         return
     if "--dot" in sys.argv:
         dot_sweep()

@@ -5,8 +5,8 @@ machine's Triton beside ours to see what it will compile (pip install --no-deps 
 
     python3 bench/offline_compile.py depformer ROWS WARPS BLOCK_N WEIGHT_TILE [FP8]
       (FP8 1: the layers' weights in fp8 with row scales)
-    python3 bench/offline_compile.py quantized KIND BLOCK_M BLOCK_N BLOCK_K SPLIT_K WARPS STAGES
-      (KIND 0 int4, 2 fp8; BLOCK_M 1 is the GEMV kernel)
+    python3 bench/offline_compile.py quantized KIND BLOCK_M BLOCK_N BLOCK_K SPLIT_K WARPS STAGES [ROWS]
+      (KIND 0 int4, 2 fp8, 3 plain bf16; BLOCK_M 1 is the GEMV kernel, for ROWS rows of x: 1 or 2)
 """
 
 from __future__ import annotations
@@ -26,14 +26,19 @@ from triton.backends.compiler import GPUTarget
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from personaplex.model.kernels import fused_depformer, quantized_matmul  # noqa: E402
 
-COUNTED = ("I2F", "F2FP", "HMMA", "HGMMA", "BAR", "STL", "LDL", "SHFL")
+DIVISIBLE = ("N", "K", "stride_xm", "stride_om")  # integer arguments the model passes as multiples of 16
+COUNTED = ("LDGSTS", "LDG", "FFMA", "I2F", "F2FP", "HMMA", "HGMMA", "BAR", "STL", "LDL", "SHFL")
 
 
 def compile_sm90(fn, types: dict[str, str], constants: dict, num_warps: int, num_stages: int = 3) -> str:
     """ptxas's resource line and a count of telling SASS instructions."""
     params = list(inspect.signature(fn.fn).parameters)
     signature = {name: types.get(name, "constexpr") for name in params if name in types or name in constants}
-    source = triton.compiler.ASTSource(fn, signature, constexprs={(params.index(k),): v for k, v in constants.items()})
+    # Triton specializes, at run time, pointers and integers divisible by 16 (the model's always
+    # are): mark them so, or the offline code lacks the vector and asynchronous loads the GPU gets.
+    aligned = [name for name in signature if name in types and (types[name].startswith("*") or name in DIVISIBLE)]
+    source = triton.compiler.ASTSource(fn, signature, constexprs={(params.index(k),): v for k, v in constants.items()},
+                                       attrs={(params.index(name),): [["tt.divisibility", 16]] for name in aligned})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
                                                                                 num_stages=num_stages))
     tools = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin"
@@ -69,13 +74,16 @@ def depformer(rows: int, warps: int, block_n: int, weight_tile: int, fp8: int = 
     return compile_sm90(fused_depformer._depformer_step, types, constants, warps)
 
 
-def quantized(kind: int, block_m: int, block_n: int, block_k: int, split_k: int, warps: int, stages: int) -> str:
-    """A quantized product's kernel (int4 with groups of 64, or fp8)."""
-    weights, scales = ("*fp8e4nv", "*fp32") if kind == 2 else ("*u8", "*fp16")
+def quantized(kind: int, block_m: int, block_n: int, block_k: int, split_k: int, warps: int, stages: int,
+              rows: int = 1) -> str:
+    """A product's kernel: int4 with groups of 64, fp8, or plain bf16 weights; for the GEMV
+    (block_m 1), at `rows` rows of x (1 or 2)."""
+    weights, scales = {2: ("*fp8e4nv", "*fp32"), 3: ("*bf16", "*bf16")}.get(kind, ("*u8", "*fp16"))
     types = {"x_ptr": "*bf16", "w_ptr": weights, "scales_ptr": scales, "biases_ptr": "*fp16", "out_ptr": "*bf16",
              "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32"}
     constants = dict(KIND=kind, GROUP_SIZE=64, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
     if block_m == 1:
+        constants |= dict(NUM_STAGES=stages, TWO_ROWS=rows == 2)
         return compile_sm90(quantized_matmul._gemv_kernel, types, constants, warps, stages)
     return compile_sm90(quantized_matmul._dot_kernel, types, {**constants, "BLOCK_M": block_m}, warps, stages)
 

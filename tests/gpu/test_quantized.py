@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from personaplex.model.config import LMConfig
+from personaplex.model.config import LMConfig, MimiTransformerConfig
 from personaplex.model import layers
 from personaplex.model.layers import Kernels
 from personaplex.model.lm import LMModel
@@ -161,33 +161,46 @@ def test_kernel_matches_float_math_on_its_dequantized_weights(scale: str, fmt: s
     assert max(worst.values()) < KERNEL_BOUND, worst
 
 
+def mimi_linear_shapes() -> dict[tuple[int, int], str]:
+    """(out, in) of the linears of Mimi's transformer (float32, two rows a frame)."""
+    config = MimiTransformerConfig()
+    dim, hidden = config.d_model, config.dim_feedforward
+    return {(3 * dim, dim): "mimi in_proj", (dim, dim): "mimi out_proj", (hidden, dim): "mimi linear1",
+            (dim, hidden): "mimi linear2"}
+
+
 @pytest.mark.parametrize("scale", SCALES)
-def test_one_row_kernel_on_plain_weights_matches_float_math(scale: str) -> None:
-    """`layers.linear` with `one_row_gemv`: one row through a plain bf16 (and float32) layer of every
-    LM linear shape takes the one-row kernel and stays within the kernels' bound of float64
-    math; several rows, and a layer with a bias, keep the layer's own product exactly."""
+def test_gemv_on_plain_weights_matches_float_math(scale: str) -> None:
+    """`layers.linear` with `gemv`: one and two rows through a plain layer of every LM linear
+    shape (bf16 and float32) and of Mimi's transformer (float32, as a bare weight too) take the
+    GEMV kernel and stay within the kernels' bound of float64 math; three rows, and a layer
+    with a bias, keep the layer's own product exactly."""
     interpreter_or_skip(scale)
     device = device_of(scale)
-    kernels = Kernels(one_row_gemv=True)
+    kernels = Kernels(gemv=True)
     generator = torch.Generator(device=device).manual_seed(1)
+    shapes = {shape: (name, (torch.bfloat16, torch.float32)) for shape, name in linear_shapes(lm_config(scale)).items()}
+    shapes |= {shape: (name, (torch.float32,)) for shape, name in mimi_linear_shapes().items()}
     worst: dict[str, float] = {}
-    for (out_features, in_features), name in linear_shapes(lm_config(scale)).items():
-        for dtype in (torch.bfloat16, torch.float32):
+    for (out_features, in_features), (name, dtypes) in shapes.items():
+        for dtype in dtypes:
             layer = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
             layer.weight.data = random_linear(out_features, in_features, "trained-like", device, generator).weight.to(dtype)
-            x = torch.randn(2, 1, in_features, device=device, generator=generator).to(dtype)
-            expected = x[:1].double() @ layer.weight.double().t()
+            x = torch.randn(3, 1, in_features, device=device, generator=generator).to(dtype)
+            expected = x.double() @ layer.weight.double().t()
             with torch.no_grad():
-                out = layers.linear(layer, x[:1], kernels)
-                assert out.shape == (1, 1, out_features) and out.dtype == dtype
-                error = ((out.double() - expected).norm() / expected.norm()).item()
-                worst[f"{name} {out_features}x{in_features} {dtype}"] = error
-                assert torch.equal(layers.linear(layer, x, kernels), layer(x))  # two rows: the layer's own product
+                for rows in (1, 2):
+                    for weights in (layer, layer.weight):
+                        out = layers.linear(weights, x[:rows], kernels)
+                        assert out.shape == (rows, 1, out_features) and out.dtype == dtype
+                        error = ((out.double() - expected[:rows]).norm(dim=-1) / expected[:rows].norm(dim=-1)).max().item()
+                        worst[f"{name} {out_features}x{in_features} {dtype} rows {rows}"] = error
+                assert torch.equal(layers.linear(layer, x, kernels), layer(x))  # three rows: the layer's own product
     with torch.no_grad():
         biased = nn.Linear(64, 32, device=device)
         one_row = torch.randn(1, 64, device=device)
         assert torch.equal(layers.linear(biased, one_row, kernels), biased(one_row))
-    record(f"one-row kernel on plain weights vs float64, per layer [{scale}]", worst)
+    record(f"GEMV on plain weights vs float64, per layer [{scale}]", worst)
     assert max(worst.values()) < KERNEL_BOUND, worst
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import WeightKind, cuda_op, kernels_can_run
+from .kernels import GEMV_MAX_ROWS, WeightKind, cuda_op, kernels_can_run
 
 
 def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
@@ -86,38 +86,50 @@ class Kernels:
     `kth_largest` finds the k-th largest probability of top-k sampling with one Triton
     kernel (`kernels/top_k.py`) instead of sorting every candidate (`runtime/sampling.py`).
 
-    `one_row_gemv` sends a single row through a plain linear layer (weights in a float
-    dtype, as `nn.Linear` holds them) to the one-row kernel the quantized formats use
-    (`kernels/quantized_matmul.py`, `WeightKind.PLAIN`) instead of cuBLAS: at one row a
-    product only streams its weights, and that kernel streams them faster (`linear`).
+    `gemv` sends products of up to GEMV_MAX_ROWS rows through a plain linear layer (weights in
+    a float dtype, as `nn.Linear` or a bare weight holds them) to the GEMV kernel the quantized
+    formats use (`kernels/quantized_matmul.py`, `WeightKind.PLAIN`) instead of cuBLAS: at a row
+    or two a product only streams its weights, and that kernel streams them faster (`linear`).
     """
 
     ring_attention: bool = False
     fused_depformer_max_rows: int = 0
     kth_largest: bool = False
-    one_row_gemv: bool = False
+    gemv: bool = False
 
     @staticmethod
     def fast() -> "Kernels":
         return Kernels(ring_attention=True, fused_depformer_max_rows=FUSED_DEPFORMER_PAYS_UP_TO, kth_largest=True,
-                       one_row_gemv=True)
+                       gemv=True)
 
 
 READABLE_KERNELS = Kernels()
 
+LinearWeights = nn.Module | torch.Tensor  # a linear layer of any weight format, or a bare weight [N, K]
 
-def linear(layer: nn.Module, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-    """layer(x) for a linear layer of any weight format. With `kernels.one_row_gemv`, one row
-    through a plain bias-free `nn.Linear` takes the one-row Triton kernel: on an H200 it reads
+
+def plain_weight(layer: LinearWeights) -> torch.Tensor | None:
+    """The float weight [N, K] the GEMV reads for a bare weight or a bias-free `nn.Linear`;
+    None for anything else (the quantized layers route their own products)."""
+    if isinstance(layer, torch.Tensor):
+        return layer
+    return layer.weight if type(layer) is nn.Linear and layer.bias is None else None
+
+
+def linear(layer: LinearWeights, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    """layer(x) for a linear layer of any weight format, or x @ layer.T for a bare weight.
+
+    With `kernels.gemv`, up to GEMV_MAX_ROWS rows take the GEMV kernel. On an H200 it reads
     bf16 weights at 2.9-4.0 TB/s where cuBLAS reads them at 2.4-3.8, 3.55 against 3.98 ms for a
-    frame's 128 temporal products (bench/linear_kernels.py --gemv, docs/PERFORMANCE.md run M).
-    The quantized layers send their products to that kernel themselves."""
-    one_row = x.numel() == x.shape[-1]
-    if kernels.one_row_gemv and one_row and type(layer) is nn.Linear and layer.bias is None and kernels_can_run(x):
-        out = cuda_op("quantized_linear")(x.reshape(1, -1).contiguous(), layer.weight, None, None,
-                                          int(WeightKind.PLAIN), 1)
-        return out.reshape(*x.shape[:-1], layer.out_features)
-    return layer(x)
+    frame's 128 temporal products (bench/linear_kernels.py --gemv, docs/PERFORMANCE.md run M),
+    and Mimi's float32 transformer products at two rows in 2.4-4.1 us against cuBLAS's 4.3-10.2
+    (--gemv-mimi, run N). The quantized layers send their products to that kernel themselves."""
+    rows = x.numel() // x.shape[-1]
+    weight = plain_weight(layer) if kernels.gemv and rows <= GEMV_MAX_ROWS else None
+    if weight is not None and kernels_can_run(x):
+        out = cuda_op("quantized_linear")(x.reshape(rows, -1).contiguous(), weight, None, None, int(WeightKind.PLAIN), 1)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, layer) if isinstance(layer, torch.Tensor) else layer(x)
 
 
 class GatedFFN(nn.Module):

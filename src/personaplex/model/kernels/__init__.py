@@ -17,6 +17,13 @@ class WeightKind(enum.IntEnum):
     PLAIN = 3  # not quantized: weights in a float dtype, read as they are
 
 
+# Products of up to this many rows take the GEMV kernel (each weight tile read once for all
+# rows, in registers; it holds one accumulator per row, so two is its limit), more take the
+# tensor cores. Two covers one conversation's Mimi transformer (two 25 Hz steps a frame) and
+# two conversations' LM frames.
+GEMV_MAX_ROWS = 2
+
+
 def register_cuda_ops() -> None:
     """Import the kernels' modules, which register them as torch custom ops (CUDA machines
     only: they import Triton)."""

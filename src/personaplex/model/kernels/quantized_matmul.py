@@ -5,14 +5,15 @@ One pair of kernels serves three weight formats (`WeightKind`):
   scale and bias per group of `group_size` inputs: w = q * scale + bias;
 - affine 8-bit: bytes [N, K], same scales and biases;
 - fp8 e4m3: [N, K] with one float32 scale per output row, applied to the finished sum;
-and plain weights as they are (bf16, float32: `PLAIN`), which the model sends here at one row
-only (`layers.linear`), where this GEMV streams them faster than cuBLAS.
+and plain weights as they are (bf16, float32: `PLAIN`), which the model sends here at one or
+two rows only (`layers.linear`), where this GEMV streams them faster than cuBLAS.
 
 The weights are dequantized in registers and never written back: at 1 to 64 sessions a
 linear layer is bound by reading its weights, so reading 4 or 8 bits instead of 16 is the
-whole gain. `_gemv_kernel` (one row of x) streams its weight tiles in through asynchronous
-copies a few tiles ahead, keeps a [BLOCK_N, BLOCK_K] float32 accumulator and reduces it at
-the end; `_dot_kernel` (several rows) feeds the dequantized tile to the tensor cores. Both
+whole gain. `_gemv_kernel` (one or two rows of x) streams its weight tiles in through
+asynchronous copies a few tiles ahead, keeps a [BLOCK_N, BLOCK_K] float32 accumulator per
+row and reduces it at the end; `_dot_kernel` (more rows) feeds the dequantized tile to the
+tensor cores. Both
 can split K over several programs (`split_k`) so that narrow layers still occupy every SM;
 the partial sums then meet in a float32 buffer through atomic adds.
 Measurements and the reasons for this design: docs/QUANTIZATION.md.
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import WeightKind
+from . import GEMV_MAX_ROWS, WeightKind
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,31 @@ def _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K,
+def _store_row(acc, row, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Reduce one row's [BLOCK_N, BLOCK_K] accumulator, scale it (fp8 row scales) and store it."""
+    out = tl.sum(acc, axis=1)
+    if KIND == 2:
+        out *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + row * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(out_ptr + row * stride_om + offs_n, out, mask=n_ok, sem="relaxed")
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K, stride_xm, stride_om,
                  KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+                 SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, TWO_ROWS: tl.constexpr):
+    """out = x @ dequant(W).T for one row of x, or two (TWO_ROWS), each weight tile read once
+    for both. Each row keeps an accumulator of the weight tile's own shape: a [rows, N, K] one
+    would change the tile's register layout, and the tile would then come out of shared memory
+    a byte at a time (seen in the SASS)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_second = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # the second row's (TWO_ROWS)
     k_slice = K // SPLIT_K
     k_first = pid_k * k_slice
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
@@ -104,15 +122,13 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K,
             k_next = tl.minimum(k0 + BLOCK_K, k_first + k_slice - BLOCK_K)
             next_scale, next_bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k_next, K, GROUP_SIZE, GROUPS)
         w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
-        x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
-        acc += w * x[None, :]
-    out = tl.sum(acc, axis=1)
-    if KIND == 2:
-        out *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(out_ptr + offs_n, out, mask=n_ok, sem="relaxed")
+        cols = k0 + tl.arange(0, BLOCK_K)
+        acc += w * tl.load(x_ptr + cols).to(tl.float32)[None, :]
+        if TWO_ROWS:
+            acc_second += w * tl.load(x_ptr + stride_xm + cols).to(tl.float32)[None, :]
+    _store_row(acc, 0, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND, SPLIT_K)
+    if TWO_ROWS:
+        _store_row(acc_second, 1, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND, SPLIT_K)
 
 
 @triton.jit
@@ -191,12 +207,13 @@ _TUNED_H100: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
 }
 
 
-# One row (the GEMV kernel), per weight format: the fastest launch shape per (N, K) of the
-# sweep of `bench/linear_kernels.py --gemv` on an H200 (fp8 and int4 twice, plain bf16 once;
-# bench/results/h200-gemv-sweep.json;
-# values: block_n, block_k, split_k, num_warps, num_stages). Narrow tiles over long stretches of
-# K, pipelined, keep more weight bytes in flight per SM than the H100 table's shapes did.
-_TUNED_ONE_ROW_H200: dict[tuple[WeightKind, int, int], tuple[int, int, int, int, int]] = {
+# The GEMV kernel (one or two rows), per weight format: the fastest launch shape per (N, K) of
+# the sweep of `bench/linear_kernels.py --gemv` on an H200 (the LM's shapes at one row: fp8 and
+# int4 twice, plain bf16 once; Mimi's float32 transformer at two rows, the rows of a frame;
+# bench/results/h200-gemv-sweep.json; values: block_n, block_k, split_k, num_warps,
+# num_stages). Narrow tiles over long stretches of K, pipelined, keep more weight bytes in
+# flight per SM than the H100 table's shapes did.
+_TUNED_GEMV_H200: dict[tuple[WeightKind, int, int], tuple[int, int, int, int, int]] = {
     (WeightKind.FP8, 12288, 4096): (16, 256, 1, 4, 4),
     (WeightKind.FP8, 4096, 4096): (8, 512, 1, 4, 4),
     (WeightKind.FP8, 22528, 4096): (16, 512, 1, 4, 4),
@@ -212,31 +229,35 @@ _TUNED_ONE_ROW_H200: dict[tuple[WeightKind, int, int], tuple[int, int, int, int,
     (WeightKind.PLAIN, 22528, 4096): (4, 1024, 1, 4, 6),
     (WeightKind.PLAIN, 4096, 11264): (8, 256, 1, 4, 4),
     (WeightKind.PLAIN, 1024, 4096): (4, 512, 1, 4, 6),
+    (WeightKind.PLAIN, 1536, 512): (4, 512, 1, 2, 1),  # Mimi's transformer (float32, two rows)
+    (WeightKind.PLAIN, 512, 512): (2, 512, 1, 4, 1),
+    (WeightKind.PLAIN, 2048, 512): (4, 512, 1, 2, 1),
+    (WeightKind.PLAIN, 512, 2048): (2, 512, 1, 2, 3),
 }
 
 
 def _rows_bucket(m: int) -> int:
-    return 1 if m == 1 else next(b for b in (8, 32, 64, 1 << 30) if m <= b)
+    return next(b for b in (8, 32, 64, 1 << 30) if m <= b)
 
 
 def default_config(kind: WeightKind, m: int, n: int, k: int) -> KernelConfig:
-    """The launch shape measured fastest for this product: on an H200 for one row of fp8, int4
-    or plain bf16 weights, else on an H100 (docs/QUANTIZATION.md).
+    """The launch shape measured fastest for this product: on an H200 for the GEMV (up to
+    GEMV_MAX_ROWS rows) of fp8, int4 or plain weights, else on an H100 (docs/QUANTIZATION.md).
 
-    Shapes outside the table (tiny test models, another model) get the rule the table
-    mostly follows: 16 rows per GEMV program, 32 per tensor-core program, and K split over
+    Shapes outside the tables (tiny test models, another model) get the rule the tables
+    mostly follow: 16 rows per GEMV program, 32 per tensor-core program, and K split over
     2 or 4 programs when the layer is much deeper than wide.
     """
-    one_row = _TUNED_ONE_ROW_H200.get((kind, n, k)) if m == 1 else None
-    if one_row is not None:
-        return KernelConfig(1, *one_row)
+    split_k = min(4, 1 << max(0, (k // n).bit_length() - 1)) if k >= 4096 else 1
+    if m <= GEMV_MAX_ROWS:
+        tuned_gemv = _TUNED_GEMV_H200.get((kind, n, k))
+        if tuned_gemv is not None:
+            return KernelConfig(1, *tuned_gemv)
+        return KernelConfig(block_m=1, block_n=16, block_k=256, split_k=split_k)
     bucket = _rows_bucket(m)
     tuned = _TUNED_H100.get((bucket, n, k))
     if tuned is not None:
         return KernelConfig(*tuned)
-    split_k = min(4, 1 << max(0, (k // n).bit_length() - 1)) if k >= 4096 else 1
-    if m == 1:
-        return KernelConfig(block_m=1, block_n=16, block_k=256, split_k=split_k)
     return KernelConfig(block_m=min(bucket, 64) if bucket > 8 else 16, block_n=32, block_k=128, split_k=split_k)
 
 
@@ -262,7 +283,7 @@ def quantized_linear(
     group_size: int,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (bf16/fp16, rows contiguous) @ dequant(weight).T -> [M, N] in x's dtype.
+    """x [M, K] (rows contiguous) @ dequant(weight).T -> [M, N] in x's dtype.
 
     weight: uint8 [N, K/2] (INT4) or [N, K] (INT8), float8_e4m3fn [N, K] (FP8), a float dtype
     [N, K] (PLAIN); scales/biases: [N, K/group_size] (affine), scales float32 [N] and biases
@@ -279,13 +300,13 @@ def quantized_linear(
     else:
         out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     if config.block_m == 1:
-        if m != 1:
-            raise ValueError("the GEMV kernel takes one row of x")
+        if m > GEMV_MAX_ROWS:
+            raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_ROWS} rows of x, got {m}")
         grid = (triton.cdiv(n, config.block_n), config.split_k)
         _gemv_kernel[grid](
-            x, weight, scales, biases, out, n, k,
+            x, weight, scales, biases, out, n, k, x.stride(0), out.stride(0),
             KIND=int(kind), GROUP_SIZE=group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
+            SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, TWO_ROWS=m == 2, num_warps=config.num_warps,
         )
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)

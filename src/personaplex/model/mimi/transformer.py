@@ -21,7 +21,7 @@ from torch import nn
 from personaplex.model.config import MimiTransformerConfig
 from personaplex.model.kernels import cuda_op, kernels_can_run
 from personaplex.model.kv_cache import ring_capacity
-from personaplex.model.layers import READABLE_KERNELS, Kernels, rope, rope_angles
+from personaplex.model.layers import READABLE_KERNELS, Kernels, linear, rope, rope_angles
 
 
 @dataclass
@@ -59,23 +59,25 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim, device=device, dtype=dtype))
         self.out_proj = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
 
-    def _qkv(self, x: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor, offset: torch.Tensor,
+             kernels: Kernels = READABLE_KERNELS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, steps, _ = x.shape
-        qkv = F.linear(x, self.in_proj_weight).view(batch, steps, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = linear(self.in_proj_weight, x, kernels).view(batch, steps, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         positions = offset[:, None] + torch.arange(q.shape[2], device=q.device)
         cos, sin = rope_angles(positions, q.shape[-1], self.max_period)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         return q, k, v
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """visible [B or 1, T, S]: which keys each query sees."""
-        return self._project_out(F.scaled_dot_product_attention(q, k, v, visible[:, None]))
+        return self._project_out(F.scaled_dot_product_attention(q, k, v, visible[:, None]), kernels)
 
-    def _project_out(self, out: torch.Tensor) -> torch.Tensor:
+    def _project_out(self, out: torch.Tensor, kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """Attention output [B, H, T, D] -> [B, T, C] through out_proj."""
         batch, heads, steps, head_dim = out.shape
-        return self.out_proj(out.permute(0, 2, 1, 3).reshape(batch, steps, heads * head_dim))
+        return linear(self.out_proj, out.permute(0, 2, 1, 3).reshape(batch, steps, heads * head_dim), kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whole clip x [B, T, C], positions 0..T-1."""
@@ -97,9 +99,9 @@ class Attention(nn.Module):
         the whole-clip mask allows once the ring has wrapped. The fast kernel (the LM's ring
         attention) writes and attends in one launch, reading only the filled slots."""
         batch, steps, _ = x.shape
-        q, k, v = self._qkv(x, offset)
+        q, k, v = self._qkv(x, offset, kernels)
         if kernels.ring_attention and kernels_can_run(q):
-            return self._project_out(cuda_op("ring_attention")(q, k, v, keys, values, offset + (steps - 1)))
+            return self._project_out(cuda_op("ring_attention")(q, k, v, keys, values, offset + (steps - 1)), kernels)
         capacity = keys.shape[2]
         new_pos = offset.view(-1, 1) + torch.arange(steps, device=x.device)  # [B, T]
         slots = (new_pos % capacity).view(batch, 1, steps, 1).expand(-1, k.shape[1], -1, k.shape[3])
@@ -109,7 +111,7 @@ class Attention(nn.Module):
         last = new_pos[:, -1:]
         key_pos = last - (last - torch.arange(capacity, device=x.device)) % capacity  # [B, slots]
         visible = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= new_pos[:, :, None])
-        return self._attend(q, keys, values, visible)
+        return self._attend(q, keys, values, visible, kernels)
 
 
 class TransformerLayer(nn.Module):
@@ -124,8 +126,9 @@ class TransformerLayer(nn.Module):
         self.linear2 = nn.Linear(config.dim_feedforward, dim, bias=False, **factory)
         self.layer_scale_2 = LayerScale(dim, **factory)
 
-    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.layer_scale_2(self.linear2(F.gelu(self.linear1(self.norm2(x)))))
+    def _feed_forward(self, x: torch.Tensor, kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
+        hidden = F.gelu(linear(self.linear1, self.norm2(x), kernels))
+        return x + self.layer_scale_2(linear(self.linear2, hidden, kernels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.layer_scale_1(self.self_attn(self.norm1(x)))
@@ -134,7 +137,7 @@ class TransformerLayer(nn.Module):
     def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor,
              kernels: Kernels) -> torch.Tensor:
         x = x + self.layer_scale_1(self.self_attn.step(self.norm1(x), keys, values, offset, kernels))
-        return self._feed_forward(x)
+        return self._feed_forward(x, kernels)
 
 
 class MimiTransformer(nn.Module):
