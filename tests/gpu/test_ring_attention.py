@@ -126,8 +126,8 @@ def test_ring_kernel_reaches_rows_past_2_to_the_31_bytes():
 # ---------------------------------------------------------------------------- inside the LM
 
 
-# The readable forward with the ring attentions (temporal and depformer) swapped for the
-# Triton kernel: the comparison isolates the attention.
+# The readable forward with the fast frame's Triton kernels (`Kernels.fast()`): the ring
+# attentions (temporal and depformer), and at these two rows the GEMV for the plain linears.
 RING_KERNEL = Kernels.fast()
 
 

@@ -206,7 +206,8 @@ def brute_force_stream(transformer: MimiTransformer, x: torch.Tensor, chunk: int
 @pytest.mark.parametrize("chunk", [2, 1, 3])
 def test_streaming_transformer_follows_the_reference_rule_past_the_wrap(mimi, chunk, kernels):
     """Two steps per call as the codec runs it (and 1, 3), 30 steps through a ring of 7; the
-    readable attention and the Triton ring kernel (on the CPU, in Triton's interpreter)."""
+    readable code and the fast frame's Triton kernels (on the CPU, in Triton's interpreter): the
+    ring attention, and at two rows (one step of two rows) the GEMV for the linears."""
     if kernels.ring_attention:
         interpreter_or_skip("cpu")
     transformer = mimi.encoder_transformer

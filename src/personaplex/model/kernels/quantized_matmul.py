@@ -13,9 +13,8 @@ linear layer is bound by reading its weights, so reading 4 or 8 bits instead of 
 whole gain. `_gemv_kernel` (one or two rows of x) streams its weight tiles in through
 asynchronous copies a few tiles ahead, keeps a [BLOCK_N, BLOCK_K] float32 accumulator per
 row and reduces it at the end; `_dot_kernel` (more rows) feeds the dequantized tile to the
-tensor cores. Both
-can split K over several programs (`split_k`) so that narrow layers still occupy every SM;
-the partial sums then meet in a float32 buffer through atomic adds.
+tensor cores. Both can split K over several programs (`split_k`) so that narrow layers still
+occupy every SM; the partial sums then meet in a float32 buffer through atomic adds.
 Measurements and the reasons for this design: docs/QUANTIZATION.md.
 """
 
@@ -210,8 +209,8 @@ _TUNED_H100: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
 # The GEMV kernel (one or two rows), per weight format: the fastest launch shape per (N, K) of
 # the sweep of `bench/linear_kernels.py --gemv` on an H200 (the LM's shapes at one row: fp8 and
 # int4 twice, plain bf16 once; Mimi's float32 transformer at two rows, the rows of a frame;
-# bench/results/h200-gemv-sweep.json; values: block_n, block_k, split_k, num_warps,
-# num_stages). Narrow tiles over long stretches of K, pipelined, keep more weight bytes in
+# bench/results/h200-gemv-sweep.json and h200-gemv-mimi.json; values: block_n, block_k,
+# split_k, num_warps, num_stages). Narrow tiles over long stretches of K, pipelined, keep more weight bytes in
 # flight per SM than the H100 table's shapes did.
 _TUNED_GEMV_H200: dict[tuple[WeightKind, int, int], tuple[int, int, int, int, int]] = {
     (WeightKind.FP8, 12288, 4096): (16, 256, 1, 4, 4),

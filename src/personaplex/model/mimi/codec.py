@@ -146,7 +146,7 @@ class Mimi(nn.Module):
     @torch.no_grad()
     def encode_step(self, pcm: torch.Tensor, state: MimiStreamState, kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """One frame: pcm [B, 1, 1920] -> codes [B, num_codebooks, 1]. Updates state.encoder.
-        `kernels`: which attention its transformer's steps use."""
+        `kernels`: which attention and linear kernels its transformer's steps use."""
         self._check_pcm(pcm)
         self._check_step_shape("pcm", pcm, (state.batch_size, 1, self.frame_samples))
         side = state.encoder

@@ -161,7 +161,7 @@ class MimiTransformer(nn.Module):
     def forward(self, x: torch.Tensor, state: TransformerState | None = None,
                 kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """A whole clip if `state` is None, else the next x.shape[-1] positions of a stream
-        (`kernels`: which attention the streaming steps use)."""
+        (`kernels`: which attention and linear kernels the streaming steps use)."""
         x = x.transpose(1, 2)
         if state is None:
             for layer in self.layers:
