@@ -61,8 +61,9 @@ class FrameRunner:
         `use_graphs` defaults to what the device does best: a CUDA graph on CUDA, the readable
         eager frame elsewhere. `compile_frame` (default: with graphs) compiles the frame before
         it is captured; the first frame then takes a minute or two of compilation (cached on
-        disk by PyTorch for later processes). `kernels` default to the Triton ring attention
-        with graphs and the readable attention without. `compile_tuning` is a key of
+        disk by PyTorch for later processes). `kernels` default to `Kernels.fast()` with graphs
+        (the Triton ring attention, fused depformer step, top-k and GEMV) and to the readable
+        kernels without. `compile_tuning` is a key of
         `COMPILE_TUNINGS`."""
         if compile_tuning not in COMPILE_TUNINGS:
             raise ValueError(f"unknown compile tuning {compile_tuning!r}: one of {', '.join(COMPILE_TUNINGS)}")
