@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from personaplex.model.config import LMConfig
 
@@ -67,3 +68,16 @@ def _triton_version() -> tuple[int, ...]:
     from importlib.metadata import version
 
     return tuple(int(part) for part in version("triton").split(".")[:2])
+
+
+class GemvRows(TorchDispatchMode):
+    """Records how many rows of x each call of the GEMV's op (`personaplex::quantized_linear`) takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name == "personaplex::quantized_linear":
+            self.rows.append(args[0].shape[0])
+        return func(*args, **(kwargs or {}))

@@ -7,13 +7,15 @@ The persistent (one-launch) mode runs on CUDA: tests/gpu/test_fused_depformer.py
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from personaplex.model.layers import READABLE_KERNELS, Kernels
 from personaplex.model.quantize import quantize_model
 from tests.fixtures.tiny_lm import random_lm, tiny_lm_config
-from tests.gpu.common import interpreter_or_skip
+from tests.gpu.common import GemvRows, interpreter_or_skip
 
 FUSED = Kernels(fused_depformer_max_rows=1 << 30)
 STEPS = 4
@@ -45,6 +47,27 @@ def test_fused_steps_match_the_readable_steps(lm, rows, dtype):
     for got, want in ((fused, expected), (fused_state.keys, readable_state.keys),
                       (fused_state.values, readable_state.values)):
         assert float((got.float() - want.float()).norm() / want.float().norm()) < bound
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_unfused_steps_of_one_or_two_rows_take_the_gemv(lm, rows):
+    """With the fused step off (as frames of two rows run), a step's every product (the input
+    product, each layer's four, the logits head) goes to the GEMV kernel at one or two rows,
+    and the steps give the readable steps' logits and caches."""
+    interpreter_or_skip("cpu")
+    model = lm.float()
+    kernels = dataclasses.replace(Kernels.fast(), fused_depformer_max_rows=0)
+    gen = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, 1, model.config.dim, generator=gen)
+    tokens = torch.randint(0, model.config.card, (rows, STEPS), generator=gen)
+    readable_state, gemv_state = model.new_depformer_state(rows), model.new_depformer_state(rows)
+    expected = steps_of(model, READABLE_KERNELS, hidden, tokens, readable_state)
+    with GemvRows() as gemv:
+        got = steps_of(model, kernels, hidden, tokens, gemv_state)
+    assert gemv.rows == [rows] * STEPS * (2 + 4 * len(model.depformer.layers))
+    for got_tensor, want in ((got, expected), (gemv_state.keys, readable_state.keys),
+                             (gemv_state.values, readable_state.values)):
+        assert float((got_tensor - want).norm() / want.norm()) < 1e-5
 
 
 @pytest.mark.parametrize("shape", [(8, 256, 4, 1), (32, 4096, 8, 4)], ids=["narrow", "wide"])

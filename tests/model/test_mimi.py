@@ -21,7 +21,7 @@ from personaplex.model.mimi.codec import is_used_key, module_key, official_tenso
 from personaplex.model.mimi.quantizer import Codebook
 from personaplex.model.layers import READABLE_KERNELS, Kernels
 from personaplex.model.mimi.transformer import MimiTransformer
-from tests.gpu.common import interpreter_or_skip
+from tests.gpu.common import GemvRows, interpreter_or_skip
 from tests.fixtures.tiny_mimi import moshi_mimi, random_mimi_tensors, test_audio, tiny_mimi_config, write_tiny_mimi
 
 FRAME = 1920
@@ -304,19 +304,6 @@ def test_steps_do_not_synchronise_and_update_state_in_place(mimi, pcm, codes):
     assert state.encoder.transformer.offset.tolist() == [10, 0]
 
 
-class _GemvRows(TorchDispatchMode):
-    """Records how many rows of x each call of the GEMV's op (`personaplex::quantized_linear`) takes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[int] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name == "personaplex::quantized_linear":
-            self.rows.append(args[0].shape[0])
-        return func(*args, **(kwargs or {}))
-
-
 def test_one_conversation_runs_the_transformer_products_through_the_gemv(mimi, pcm, codes):
     """With the fast frame's kernels, one conversation's encode and decode steps (two 25 Hz
     steps a frame) send every product of both transformers to the GEMV as two rows (in Triton's
@@ -325,7 +312,7 @@ def test_one_conversation_runs_the_transformer_products_through_the_gemv(mimi, p
     fast_state, readable_state = mimi.init_stream(1), mimi.init_stream(1)
     products = 4 * (len(mimi.encoder_transformer.layers) + len(mimi.decoder_transformer.layers))
     for i, frame in enumerate(frames_of(pcm[:1])[:3]):
-        with _GemvRows() as gemv:
+        with GemvRows() as gemv:
             fast_codes = mimi.encode_step(frame, fast_state, Kernels.fast())
             fast_pcm = mimi.decode_step(codes[:1, :, i : i + 1], fast_state, Kernels.fast())
         assert gemv.rows == [2] * products

@@ -181,7 +181,7 @@ class DepformerAttention(nn.Module):
     def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int,
                      kernels: Kernels) -> torch.Tensor:
         """Streaming: x [B, 1, dim] is step `step`; attends to steps 0..step of this frame."""
-        q, k, v = (split_heads(t, self.num_heads) for t in self.in_projs[step](x).chunk(3, dim=-1))
+        q, k, v = (split_heads(t, self.num_heads) for t in linear(self.in_projs[step], x, kernels).chunk(3, dim=-1))
         keys, values = state.keys[layer_index], state.values[layer_index]
         if kernels.ring_attention and kernels_can_run(q):
             out = cuda_op("ring_attention")(q, k, v, keys, values, state.step_positions[step])
@@ -189,7 +189,7 @@ class DepformerAttention(nn.Module):
             keys[:, :, step : step + 1] = k
             values[:, :, step : step + 1] = v
             out = F.scaled_dot_product_attention(q, keys[:, :, : step + 1], values[:, :, : step + 1])
-        return self.out_projs[step](merge_heads(out))
+        return linear(self.out_projs[step], merge_heads(out), kernels)
 
 
 class DepformerLayer(nn.Module):
@@ -315,7 +315,7 @@ class LMModel(nn.Module):
                                                    self.config.norm_eps, self.depformer_step_scales(step))
         for index, layer in enumerate(self.depformer.layers):
             x = layer.forward_step(x, step, state, index, kernels)
-        return self.linears[step](x[:, 0])
+        return linear(self.linears[step], x[:, 0], kernels)
 
     def depformer_input(self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor,
                         kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
