@@ -47,6 +47,8 @@ for stage in "$@"; do
                     | grep -v Warning | tail -12 ;;
         gemv-mimi)  # the GEMV's launch shapes for Mimi's transformer products (float32, two rows)
                 timeout "${LINEAR_TIMEOUT:-300}" python3 bench/linear_kernels.py --gemv-mimi 2>&1 | grep -v Warning | tail -8 ;;
+        gemv-depformer)  # the GEMV's launch shapes for the depformer's products at two rows (bf16; two conversations)
+                timeout "${LINEAR_TIMEOUT:-300}" python3 bench/linear_kernels.py --gemv-depformer 2>&1 | grep -v Warning | tail -9 ;;
         ring)  # the ring-attention kernel's launch shapes at the frame's calls (RING_ARGS="--launches quick": four)
                 timeout "${RING_TIMEOUT:-400}" python3 bench/ring_attention_sweep.py ${RING_ARGS:-} 2>&1 | grep -v Warning | tail -12 ;;
         profile) timeout "${PROFILE_TIMEOUT:-400}" python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" --weights "${PROFILE_WEIGHTS:-bf16}" \

@@ -15,6 +15,8 @@ microseconds, GB/s of weight bytes, relative error against float32 math on the s
 runs, loads pipelined or not; GEMV_KINDS=PLAIN: bf16 weights beside cuBLAS), then times the
 frame's products with the fastest shapes found;
 `--gemv-mimi` the same for Mimi's transformer products (float32, two rows);
+`--gemv-depformer` for the depformer's products as two conversations run them (bf16, two rows:
+frames of two rows compile the depformer's steps instead of fusing them);
 `--dot` the same for the several-row int4 kernel at 8, 32 and 64 rows.
 
 Part 2, the full 7B LM with random weights: weights in GPU memory per format (and the peak
@@ -29,7 +31,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -332,13 +334,35 @@ def frame_linears_only(label: str) -> None:
 
 GEMV_SHAPES = TEMPORAL_SHAPES + [(1024, 4096)]  # the 32 temporal layers' and the depformer input's
 MIMI_SHAPES = [(1536, 512), (512, 512), (2048, 512), (512, 2048)]  # Mimi's transformer: in_proj, out_proj, FFN
+DEPFORMER_HEAD = (2048, 1024)  # a depformer step's logits head
 
 
-def gemv_configs(mimi: bool = False) -> list[KernelConfig]:
+@dataclass(frozen=True)
+class GemvSet:
+    """What a GEMV sweep covers: the products' shapes and how many of each a frame runs, the
+    rows of x, the weights' dtype (plain weights), and whether the launch shapes are the narrow
+    ones of small layers (`gemv_configs`)."""
+
+    per_frame: dict[tuple[int, int], int]  # (N, K): products of that shape a frame
+    rows: int
+    dtype: torch.dtype
+    narrow: bool
+
+
+GEMV_SETS = {
+    "gemv": GemvSet({shape: 32 for shape in TEMPORAL_SHAPES} | {(1024, 4096): 8}, 1, torch.bfloat16, False),
+    "gemv-mimi": GemvSet({shape: 16 for shape in MIMI_SHAPES}, 2, torch.float32, True),  # 8 layers each side
+    "gemv-depformer": GemvSet({DEPFORMER_SHAPES[0]: 8, DEPFORMER_HEAD: 8}  # per step: input product, logits head
+                              | {shape: 48 for shape in DEPFORMER_SHAPES[1:]}, 2, torch.bfloat16, True),  # 6 layers x 8 steps
+}
+
+
+def gemv_configs(narrow: bool = False) -> list[KernelConfig]:
     """GEMV launch shapes: rows per program, K per iteration, K split, and the loads pipelined
     (num_stages 3 or 4: asynchronous copies that many tiles ahead, less one) or not (1).
-    `mimi`: for Mimi's small float32 layers (K 512 or 2048), narrower tiles and deeper splits."""
-    if mimi:
+    `narrow`: for small layers (Mimi's, K 512 or 2048; the depformer's, K 1024 or 2816),
+    narrower tiles and deeper splits."""
+    if narrow:
         return [KernelConfig(1, bn, bk, sk, warps, stages) for stages in (1, 3) for warps in (2, 4)
                 for bn in (2, 4, 8, 16) for bk in (128, 256, 512) for sk in (1, 2, 4) if 512 <= bn * bk <= 4096]
     return [KernelConfig(1, bn, bk, sk, warps, stages) for stages in (1, 3, 4, 6) for warps in (4, 8)
@@ -376,16 +400,19 @@ def time_launch_shapes(kind: WeightKind, x: torch.Tensor, copies: list[tuple], g
     return trials
 
 
-def gemv_sweep(mimi: bool) -> None:
+def gemv_sweep(which: str) -> None:
     """--gemv: each one-row product over `gemv_configs`, per kind of $GEMV_KINDS (default FP8,INT4;
     PLAIN: bf16 weights, with cuBLAS beside them); then, for fp8 and int4, the frame's products
-    at one row with the default shapes and with the fastest ones. `mimi` (--gemv-mimi): Mimi's
-    transformer products instead, float32 weights and two rows, as one conversation runs them."""
+    at one row with the default shapes and with the fastest ones. --gemv-mimi and
+    --gemv-depformer (`GEMV_SETS`): those products instead, plain weights only, at two rows,
+    then a frame's worth of them through cuBLAS, the default shapes and the fastest ones."""
     rows = []
-    kinds = [WeightKind.PLAIN] if mimi else [WeightKind[name] for name in os.environ.get("GEMV_KINDS", "FP8,INT4").split(",")]
-    m, dtype = (2, torch.float32) if mimi else (1, torch.bfloat16)
+    products = GEMV_SETS[which]
+    kinds = ([WeightKind.PLAIN] if which != "gemv"
+             else [WeightKind[name] for name in os.environ.get("GEMV_KINDS", "FP8,INT4").split(",")])
+    m, dtype = products.rows, products.dtype
     for kind in kinds:
-        for n, k in MIMI_SHAPES if mimi else GEMV_SHAPES:
+        for n, k in products.per_frame:
             copies, group, nbytes = gemv_weights(kind, n, k, dtype)
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             reference = quantized_linear(x, *copies[0], kind, group, KernelConfig(1, 16, 256, 1, 4, 1)).float()
@@ -394,7 +421,8 @@ def gemv_sweep(mimi: bool) -> None:
                 us = graph_time_us([lambda c=c: F.linear(x, c[0]) for c in copies], 9)
                 trials.append({"config": "cuBLAS", "default": False, "us": round(us, 2),
                                "TBps": round(nbytes / us / 1e6, 2), "err": rel_err(F.linear(x, copies[0][0]), reference)})
-            trials += time_launch_shapes(kind, x, copies, group, nbytes, [None] + gemv_configs(mimi), reference, 9)
+            trials += time_launch_shapes(kind, x, copies, group, nbytes, [None] + gemv_configs(products.narrow),
+                                         reference, 9)
             ours = [t for t in trials if t["config"] != "cuBLAS"]
             best = min((t for t in ours if t["err"] < 1e-3), key=lambda t: t["us"])
             TUNED[(int(kind), m, n, k)] = KernelConfig(**best["config"])
@@ -410,11 +438,12 @@ def gemv_sweep(mimi: bool) -> None:
             RESULTS["gemv"] = rows
             save()
             del copies
-    RESULTS["label"] = "gemv-mimi" if mimi else "gemv"
-    if mimi:  # a frame's 16 layers (8 encoder, 8 decoder) of the four shapes
-        RESULTS["mimi_products_ms"] = {which: round(16 * sum(row[which]["us"] for row in rows) / 1000, 3)
-                                       for which in ("cublas", "default", "best")}
-        print("Mimi transformer products per frame", RESULTS["mimi_products_ms"], flush=True)
+    RESULTS["label"] = which
+    if which != "gemv":  # a frame's worth of these products
+        per_frame = {column: round(sum(products.per_frame[(row["n"], row["k"])] * row[column]["us"] for row in rows)
+                                   / 1000, 3) for column in ("cublas", "default", "best")}
+        RESULTS[f"{which.removeprefix('gemv-')}_products_ms"] = per_frame
+        print(which, "products per frame, ms", per_frame, flush=True)
         save()
         return
     plain = {(row["n"], row["k"]): row for row in rows if row["kind"] == "PLAIN"}
@@ -489,8 +518,9 @@ def main() -> None:
     if "--frame-linears" in sys.argv:  # [--frame-linears LABEL]: only the frame's products
         frame_linears_only(sys.argv[sys.argv.index("--frame-linears") + 1])
         return
-    if "--gemv" in sys.argv or "--gemv-mimi" in sys.argv:
-        gemv_sweep(mimi="--gemv-mimi" in sys.argv)
+    sweeps = [name for name in GEMV_SETS if f"--{name}" in sys.argv]
+    if sweeps:
+        gemv_sweep(sweeps[0])
         return
     if "--dot" in sys.argv:
         dot_sweep()
