@@ -332,7 +332,6 @@ def frame_linears_only(label: str) -> None:
     save()
 
 
-GEMV_SHAPES = TEMPORAL_SHAPES + [(1024, 4096)]  # the 32 temporal layers' and the depformer input's
 MIMI_SHAPES = [(1536, 512), (512, 512), (2048, 512), (512, 2048)]  # Mimi's transformer: in_proj, out_proj, FFN
 DEPFORMER_HEAD = (2048, 1024)  # a depformer step's logits head
 
@@ -350,7 +349,8 @@ class GemvSet:
 
 
 GEMV_SETS = {
-    "gemv": GemvSet({shape: 32 for shape in TEMPORAL_SHAPES} | {(1024, 4096): 8}, 1, torch.bfloat16, False),
+    "gemv": GemvSet({shape: 32 for shape in TEMPORAL_SHAPES} | {DEPFORMER_SHAPES[0]: 8},  # the depformer's input
+                    1, torch.bfloat16, False),
     "gemv-mimi": GemvSet({shape: 16 for shape in MIMI_SHAPES}, 2, torch.float32, True),  # 8 layers each side
     "gemv-depformer": GemvSet({DEPFORMER_SHAPES[0]: 8, DEPFORMER_HEAD: 8}  # per step: input product, logits head
                               | {shape: 48 for shape in DEPFORMER_SHAPES[1:]}, 2, torch.bfloat16, True),  # 6 layers x 8 steps
@@ -400,6 +400,11 @@ def time_launch_shapes(kind: WeightKind, x: torch.Tensor, copies: list[tuple], g
     return trials
 
 
+def frame_ms(products: GemvSet, rows: list[dict], column: str) -> float:
+    """Milliseconds of a frame's worth of the swept products in `rows`, each at its `column`'s time."""
+    return round(sum(products.per_frame[(row["n"], row["k"])] * row[column]["us"] for row in rows) / 1000, 3)
+
+
 def gemv_sweep(which: str) -> None:
     """--gemv: each one-row product over `gemv_configs`, per kind of $GEMV_KINDS (default FP8,INT4;
     PLAIN: bf16 weights, with cuBLAS beside them); then, for fp8 and int4, the frame's products
@@ -440,16 +445,14 @@ def gemv_sweep(which: str) -> None:
             del copies
     RESULTS["label"] = which
     if which != "gemv":  # a frame's worth of these products
-        per_frame = {column: round(sum(products.per_frame[(row["n"], row["k"])] * row[column]["us"] for row in rows)
-                                   / 1000, 3) for column in ("cublas", "default", "best")}
+        per_frame = {column: frame_ms(products, rows, column) for column in ("cublas", "default", "best")}
         RESULTS[f"{which.removeprefix('gemv-')}_products_ms"] = per_frame
         print(which, "products per frame, ms", per_frame, flush=True)
         save()
         return
-    plain = {(row["n"], row["k"]): row for row in rows if row["kind"] == "PLAIN"}
+    plain = [row for row in rows if row["kind"] == "PLAIN" and (row["n"], row["k"]) in TEMPORAL_SHAPES]
     if plain:  # a frame's 32 temporal layers, bf16 weights: cuBLAS against the fastest GEMV shapes
-        RESULTS["plain_temporal_ms"] = {which: round(32 * sum(plain[shape][which]["us"] for shape in TEMPORAL_SHAPES)
-                                                     / 1000, 3) for which in ("cublas", "best")}
+        RESULTS["plain_temporal_ms"] = {column: frame_ms(products, plain, column) for column in ("cublas", "best")}
         print("bf16 temporal products per frame", RESULTS["plain_temporal_ms"], flush=True)
     for fmt in [kind.name.lower() for kind in kinds if kind in (WeightKind.FP8, WeightKind.INT4)]:
         model = random_lm()
