@@ -10,7 +10,7 @@ a replay (a frame's depformer) at B = 1, 8, 32, 64. The sweep times the fused st
 (`launch_fused_depformer_step` with each `LaunchShape`, 8 steps in a graph). Rows go to
 $OUT/depformer-fused.json (default bench/results-local).
 
-    PYTHONPATH=src python3 bench/depformer_fused.py [--no-sweep] [--rows 1 8] [--weights fp8]
+    PYTHONPATH=src python3 bench/depformer_fused.py [--no-sweep] [--rows 1 8] [--weights fp8] [--variants fused]
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-sweep", action="store_true", help="the variants' table only")
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which variants to time (the compiled one takes a minute to compile)")
     parser.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
                         help="the depformer's weights (fp8: codes and row scales, logits heads in bf16)")
     args = parser.parse_args()
@@ -115,18 +117,20 @@ def main() -> None:
     weight_bytes = sum(t.numel() * t.element_size() for name, t in [*lm.named_parameters(), *lm.named_buffers()]
                        if name.startswith(("depformer.", "depformer_in.", "linears.")))
     print(f"{torch.cuda.get_device_name()}: depformer weights {weight_bytes / 1e9:.2f} GB for {STEPS} steps")
-    print(f"{'rows':>5} " + " ".join(f"{name:>15}" for name in VARIANTS) + "   (us per frame: 8 steps)")
+    variants = {name: VARIANTS[name] for name in args.variants}
+    print(f"{'rows':>5} " + " ".join(f"{name:>15}" for name in variants) + "   (us per frame: 8 steps)")
     out = Path(os.environ.get("OUT", "bench/results-local"))
     out.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": STEPS,
               "weights": args.weights, "weight_bytes": weight_bytes, "results": [], "sweep": []}
     for rows in args.rows:
         times = {name: frame_microseconds(frame_of_steps(lm, rows, kernels, compiled))
-                 for name, (kernels, compiled) in VARIANTS.items()}
-        print(f"{rows:>5} " + " ".join(f"{times[name]:>15.1f}" for name in VARIANTS), flush=True)
+                 for name, (kernels, compiled) in variants.items()}
+        print(f"{rows:>5} " + " ".join(f"{times[name]:>15.1f}" for name in variants), flush=True)
         report["results"].append({"rows": rows, "us_per_frame": times, "default_shape":
                                   dataclasses.asdict(LaunchShape.for_rows(rows)),
-                                  "fused_weight_GBps": weight_bytes / (times["fused"] * 1e-6) / 1e9})
+                                  **({"fused_weight_GBps": weight_bytes / (times["fused"] * 1e-6) / 1e9}
+                                     if "fused" in times else {})})
         (out / "depformer-fused.json").write_text(json.dumps(report, indent=1))
     for rows in [] if args.no_sweep else args.rows:
         report["sweep"] += sweep(lm, rows)

@@ -89,6 +89,42 @@ def test_every_launch_shape_computes_the_same_step(lm, shape, rows):
     assert float((fused - expected).norm() / expected.norm()) < 1e-5
 
 
+def test_tiles_on_the_cuda_cores_leave_no_program_more_than_one():
+    """PersonaPlex's depformer on an H200's 264 programs: each product's columns in the
+    narrowest tiles that still give every program at most one (the 1024-output products in
+    tiles of 4, not 64 programs of 16 columns), K whole where the weight tile allows."""
+    from personaplex.model.kernels.fused_depformer import LaunchShape, tile_constants
+
+    tiles = tile_constants(1, LaunchShape.for_rows(1), programs=264, dim=1024, hidden=2816, card=2048)
+    assert [tiles[f"{name}_N"] for name in ("QKV", "OUT", "GATE", "FFN", "HEAD")] == [16, 4, 16, 4, 8]
+    assert [tiles[f"{name}_K"] for name in ("QKV", "GATE", "FFN", "HEAD")] == [1024, 1024, 4096, 1024]
+    assert tiles["PHASES_PER_LAYER"] == 4 and not tiles["ON_TENSOR_CORES"]
+    on_tensor_cores = tile_constants(9, LaunchShape.for_rows(9), programs=132, dim=1024, hidden=2816, card=2048)
+    assert on_tensor_cores["PHASES_PER_LAYER"] == 5 and on_tensor_cores["OUT_N"] == 32
+
+
+def test_attention_over_several_chunks_of_slots(lm):
+    """Attention held two cache slots at a time: from step 2 on, its softmax runs over
+    several chunks (online), and the steps still give the readable steps' logits and caches."""
+    interpreter_or_skip("cpu")
+    from personaplex.model.kernels.fused_depformer import LaunchShape, launch_fused_depformer_step
+
+    model = lm.float()
+    hidden = torch.randn(2, 1, model.config.dim)
+    tokens = torch.randint(0, model.config.card, (2, 5))
+    readable_state, fused_state = model.new_depformer_state(2), model.new_depformer_state(2)
+    expected = steps_of(model, READABLE_KERNELS, hidden, tokens, readable_state)
+    fused = torch.stack([
+        launch_fused_depformer_step(model.depformer_input(k, hidden, tokens[:, k])[:, 0],
+                                    model.depformer_step_weights(k), model.linears[k].weight, fused_state.keys,
+                                    fused_state.values, k, model.config.norm_eps, persistent=False,
+                                    shape=LaunchShape(16, 4096, 4, 1, attention_slots=2))
+        for k in range(tokens.shape[1])], 1)
+    for got, want in ((fused, expected), (fused_state.keys, readable_state.keys),
+                      (fused_state.values, readable_state.values)):
+        assert float((got - want).norm() / want.norm()) < 1e-5
+
+
 def test_fused_and_readable_steps_share_one_state(lm):
     """A fused step attends over keys a readable step wrote, and the other way round."""
     interpreter_or_skip("cpu")

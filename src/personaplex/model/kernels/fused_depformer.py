@@ -10,24 +10,33 @@ shared out among the programs (each program reads the weight rows of its columns
 computes them for every row of x: up to 4 rows as multiply-and-sum on the CUDA cores, more
 on the tensor cores), with the element-wise work fused into the phase that needs it:
 
-  per layer  0 qkv:     RMSNorm(x) @ in_proj^T; q to a workspace, k and v into the step's
-                        cache slot (the norm's statistic comes out of the same pass over x:
-                        sum(x^2) is accumulated beside the product, which is scaled at the end)
-             1 attend:  each (row, head) over the cache slots 0..step
-             2 out:     attention @ out_proj^T, plus the residual
-             3 gate:    RMSNorm(x) @ linear_in^T; a program owns matching columns of both
-                        halves, so silu(a) * b is done there
-             4 ffn:     gate @ linear_out^T, plus the residual
-  last       logits:    x @ head^T
+  per layer  qkv:     RMSNorm(x) @ in_proj^T; q to a workspace, k and v into the step's
+                     cache slot (the norm's statistic comes out of the same pass over x:
+                     sum(x^2) is accumulated beside the product, which is scaled at the end)
+             attend:  on the tensor cores only: each row's attention over the cache slots
+                     0..step, every head, to a workspace
+             out:     attention @ out_proj^T, plus the residual; on the CUDA cores each
+                     program first recomputes the attention its columns need (every head of
+                     every row, a few thousand multiply-adds), which costs less than a phase
+                     of its own and the barrier after it
+             gate:    RMSNorm(x) @ linear_in^T; a program owns matching columns of both
+                     halves, so silu(a) * b is done there
+             ffn:     gate @ linear_out^T, plus the residual
+  last       logits:  x @ head^T
+
+On the CUDA cores (up to 4 rows) each product's columns are cut into tiles just narrow
+enough that no program gets more than one (`tile_constants`): a phase is latency-bound, so
+its weights are best spread over every program, each asking for its share at once.
 
 A phase reads what the previous one wrote in every program, so phases are separated by a
 barrier across all programs. Two ways to run the same phase code:
 - PERSISTENT (CUDA): one launch of a few programs per SM (`LaunchShape`), all resident at
   once, looping over the phases with a grid barrier between them: a shared int32 counter
   that each program increments (release) when done with a phase, then polls (acquire) until
-  every program has arrived. Data another program wrote is read with ".cg" loads (from L2,
-  never a stale L1). The counter is a zeroed workspace of the call, so a replayed CUDA graph
-  zeroes it again.
+  every program has arrived. A phase asks for its first weights before it waits (they do not
+  depend on the previous phase), so that their trip from memory overlaps the barrier. Data
+  another program wrote is read with ".cg" loads (from L2, never a stale L1). The counter is
+  a zeroed workspace of the call, so a replayed CUDA graph zeroes it again.
 - one launch per phase (Triton's interpreter, which runs programs one after another and
   would spin forever at a barrier; also a reference for the persistent mode on CUDA): the
   kernel boundaries are the barriers.
@@ -48,11 +57,11 @@ process, 1.32 against 1.25 in another (the compiled steps vary between processes
 whole graphed frame, measured one after the other in one session, 7.80 ms against 8.35,
 which is what decides. From two rows on the compiled steps win (two: 1.64 against 1.43 ms;
 64 rows on the tensor cores: 3.0 against 1.6), so `Kernels.fast()` takes this kernel for
-one-row frames only. A step still takes ~147 us where its weights
-alone would read in ~40: ~4.7 us for each of its 31 phases, each a few dependent trips to
-memory and a grid barrier (fewer phases, e.g. attention recomputed inside the out phase,
-is what would close more of that). With fp8 weights at one row (run J): 1.14 ms against
-1.07 for the compiled steps in that benchmark; the whole graphed fp8 frame 6.28 ms.
+one-row frames only. With 5 phases a layer, a step took ~147 us where its weights alone
+would read in ~40: ~4.7 us for each of its 31 phases, each a few dependent trips to memory and
+a grid barrier; hence the attention inside the out phase (25 phases a step), the narrow tiles
+and the weights asked for before each barrier. With fp8 weights at one row (run J): 1.14 ms
+against 1.07 for the compiled steps in that benchmark; the whole graphed fp8 frame 6.28 ms.
 """
 
 from __future__ import annotations
@@ -65,9 +74,10 @@ import torch
 import triton
 import triton.language as tl
 
-# The kernel reads these module constants, which Triton takes only as tl.constexpr.
-PHASES_PER_LAYER = tl.constexpr(5)
-QKV, ATTEND, OUT, GATE = (tl.constexpr(part) for part in range(4))  # the 5th, FFN, is the else
+# The parts of a layer, in order (see the module doc). The kernel reads module constants only
+# as tl.constexpr. On the CUDA cores a layer has no ATTEND phase: its OUT phase recomputes the
+# attention.
+QKV, ATTEND, OUT, GATE, FFN = (tl.constexpr(part) for part in range(5))
 # Pointers per layer in the weight table, in this order (`LMModel.depformer_step_weights`); the
 # scale table of fp8 weights has the same layout (its norm entries are never read).
 NORM1, IN_PROJ, OUT_PROJ, NORM2, LINEAR_IN, LINEAR_OUT = (tl.constexpr(which) for which in range(6))
@@ -90,18 +100,24 @@ class LaunchShape:
     grows with the weight tile a program loads per iteration and with the programs resident
     on an SM.
 
-    block_n:         output columns per program tile (a power of two; >= 16 on the tensor cores)
-    weight_tile:     weight elements a program loads per iteration (block_n x block_k)
+    block_n:         output columns per program tile (a power of two; >= 16 on the tensor
+                     cores; on the CUDA cores the widest, see `tile_constants`)
+    weight_tile:     weight elements a program loads per iteration (block_n x block_k; at most
+                     block_n x a product's inputs)
     num_warps:       warps per program
     programs_per_sm: programs per SM, all resident at once (capped at what the compiled
                      kernel's registers and shared memory allow: a grid barrier with a program
                      left waiting for an SM would never open)
+    attention_slots: cache slots whose keys and values the attention holds in registers at
+                     once (a power of two): 8, a frame's 8 agent steps in one pass, measured
+                     2 % faster a frame than 4 in two passes (H200, one row)
     """
 
     block_n: int
     weight_tile: int
     num_warps: int
     programs_per_sm: int
+    attention_slots: int = 8
 
     @staticmethod
     def for_rows(rows: int) -> "LaunchShape":
@@ -118,37 +134,59 @@ def on_cuda_cores(rows: int) -> bool:
     return rows <= 4
 
 
-def tile_constants(rows: int, shape: LaunchShape, widest: int) -> dict:
-    """The kernel's tile constants for `rows` rows launched with `shape` (widest: the largest
-    K of the step's products)."""
-    if on_cuda_cores(rows):
-        block_rows, block_n = triton.next_power_of_2(rows), shape.block_n
-        block_k = shape.weight_tile // block_n
+def tile_constants(rows: int, shape: LaunchShape, programs: int, dim: int, hidden: int, card: int) -> dict:
+    """The kernel's tile constants for `rows` rows launched as `shape` on `programs` programs,
+    for a depformer of width `dim`, feed-forward width `hidden` and `card` logits: the rows per
+    tile, the phases per layer, and per product (QKV, OUT, GATE, FFN, HEAD) the output columns
+    of a program's tile (_N) and the inputs it loads per iteration (_K)."""
+    cuda_cores = on_cuda_cores(rows)
+    if cuda_cores:
+        block_rows = triton.next_power_of_2(rows)
     else:
         block_rows = min(MAX_DOT_ROWS, max(DOT_MIN, triton.next_power_of_2(rows)))
-        block_n = max(DOT_MIN, shape.block_n)
-        # The x tile, in registers, bounds the iteration there.
-        block_k = max(DOT_MIN, min(shape.weight_tile, MAX_DOT_TILE) // block_rows)
-    return dict(BLOCK_B=block_rows, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(widest)),
-                ON_TENSOR_CORES=not on_cuda_cores(rows))
+    constants = dict(BLOCK_B=block_rows, ON_TENSOR_CORES=not cuda_cores, PHASES_PER_LAYER=4 if cuda_cores else 5)
+    products = dict(QKV=(3 * dim, dim), OUT=(dim, dim), GATE=(hidden, dim), FFN=(dim, hidden), HEAD=(card, dim))
+    for name, (outputs, inputs) in products.items():
+        if cuda_cores:
+            # The narrowest tile that leaves no program more than one (up to shape.block_n
+            # columns): every phase is a single dependent trip to memory, so its weight rows
+            # are best spread over all the programs, each loading its share at once (a
+            # 1024-output product in 4-column tiles: 256 programs, not 64 of 16 columns).
+            block_n = min(shape.block_n, triton.next_power_of_2(triton.cdiv(outputs, programs)))
+            block_k = shape.weight_tile // block_n
+        else:
+            block_n = max(DOT_MIN, shape.block_n)
+            # The x tile, in registers, bounds the iteration there.
+            block_k = max(DOT_MIN, min(shape.weight_tile, MAX_DOT_TILE) // block_rows)
+        constants[f"{name}_N"], constants[f"{name}_K"] = block_n, min(block_k, triton.next_power_of_2(inputs))
+    return constants
 
 
 @triton.jit
-def _product(in_ptr, row0, rows, w_ptr, w_rows, w_ok, scale_ptr, alpha_ptr, K: tl.constexpr, NORM: tl.constexpr,
-             SCALED: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
-    """in[row0 : row0 + BLOCK_B, :K] @ w[w_rows, :K]^T as [BLOCK_B, BLOCK_N] float32. With NORM,
-    the input is RMSNorm(in) * alpha: the products take in * alpha, and the result is scaled by
-    each row's 1 / rms, gathered in the same pass. With SCALED, w holds fp8 codes and row j of
-    the weight is w[j] * scale[j]: the sums over K are scaled once at the end. `in` was written
-    by other programs: read from L2."""
+def _weight_chunk(w_ptr, w_rows, w_ok, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Inputs k0 .. k0 + BLOCK_K of the weight rows w_rows, as stored ([BLOCK_N, BLOCK_K];
+    nothing is read past K or for rows not w_ok)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + w_rows[:, None] * K + ks[None, :], mask=w_ok[:, None] & (ks < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _product(in_ptr, row0, rows, w_first, w_ptr, w_rows, w_ok, scale_ptr, alpha_ptr, K: tl.constexpr,
+             NORM: tl.constexpr, SCALED: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
+    """in[row0 : row0 + BLOCK_B, :K] @ w[w_rows, :K]^T as [BLOCK_B, BLOCK_N] float32, where
+    w_first is the weight rows' first chunk (`_weight_chunk` at 0), loaded by the caller before
+    it waited at the grid barrier. With NORM, the input is RMSNorm(in) * alpha: the products
+    take in * alpha, and the result is scaled by each row's 1 / rms, gathered in the same pass.
+    With SCALED, w holds fp8 codes and row j of the weight is w[j] * scale[j]: the sums over K
+    are scaled once at the end. `in` was written by other programs: read from L2."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     squares = tl.zeros((BLOCK_B,), dtype=tl.float32)
     tile_rows = tl.arange(0, BLOCK_B)
+    w = w_first
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        w = tl.load(w_ptr + w_rows[:, None] * K + ks[None, :], mask=w_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM:
             alpha = tl.load(alpha_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         if ON_TENSOR_CORES:
@@ -161,7 +199,7 @@ def _product(in_ptr, row0, rows, w_ptr, w_rows, w_ok, scale_ptr, alpha_ptr, K: t
             acc += tl.dot(x.to(PRODUCT_TYPE), tl.trans(w.to(PRODUCT_TYPE)), input_precision="tf32x3")
         else:
             # Row by row: one weight tile in registers serves every row.
-            w = w.to(tl.float32)
+            weights = w.to(tl.float32)
             for r in tl.static_range(BLOCK_B):
                 row_ok = (tl.zeros_like(ks) + row0 + r) < rows  # a tensor: row0 may be a Python int
                 x = tl.load(in_ptr + (row0 + r) * K + ks, mask=k_ok & row_ok, other=0.0,
@@ -169,7 +207,8 @@ def _product(in_ptr, row0, rows, w_ptr, w_rows, w_ok, scale_ptr, alpha_ptr, K: t
                 if NORM:
                     squares += tl.where(tile_rows == r, tl.sum(x * x, axis=0), 0.0)
                     x = x * alpha
-                acc += tl.where(tile_rows[:, None] == r, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
+                acc += tl.where(tile_rows[:, None] == r, tl.sum(weights * x[None, :], axis=1)[None, :], 0.0)
+        w = _weight_chunk(w_ptr, w_rows, w_ok, k0 + BLOCK_K, K, BLOCK_K)  # past K: nothing read
     if SCALED:
         acc *= tl.load(scale_ptr + w_rows, mask=w_ok, other=0.0)[None, :]
     return acc, squares
@@ -187,14 +226,44 @@ def _rounded(x, ptr):
 
 
 @triton.jit
-def _qkv_phase(x_ptr, w_ptr, scale_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, layer, rows, step, eps, program,
-               programs, DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
-               SCALED: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
+def _tile_columns(tile, BLOCK_N: tl.constexpr):
+    return tile * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _arrive(counter_ptr):
+    """This program is done with a phase: once every thread's stores are issued, it counts
+    itself in at the grid barrier (a release: what it stored is visible to whoever sees the
+    count)."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(counter_ptr, arrivals):
+    """Wait at the grid barrier until `arrivals` programs in all have arrived (the counter only
+    grows during a launch: barrier i waits for i * programs; 0 waits for nothing). A phase calls
+    this after it has asked for its first weights, whose loads are thus in flight while it
+    waits. Waiting programs poll with atomic adds of 0: polling with `ld.acquire` loads instead
+    measured 45 % slower per step (H200, B = 1)."""
+    if arrivals > 0:
+        while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < arrivals:
+            pass
+        tl.debug_barrier()
+
+
+@triton.jit
+def _qkv_phase(x_ptr, w_ptr, scale_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, counter_ptr, arrivals, layer, rows,
+               step, eps, program, programs, DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               SLOTS: tl.constexpr, SCALED: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
     """RMSNorm(x) @ in_proj^T: q to its workspace [B, DIM], k and v into slot `step` of the
     layer's cache [layers, B, HEADS, SLOTS, HEAD_DIM]."""
+    cols = _tile_columns(program, BLOCK_N)
+    w = _weight_chunk(w_ptr, cols, cols < 3 * DIM, 0, DIM, BLOCK_K)
+    _wait(counter_ptr, arrivals)
     for tile in range(program, tl.cdiv(3 * DIM, BLOCK_N), programs):
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = _tile_columns(tile, BLOCK_N)
         col_ok = cols < 3 * DIM
         part = cols // DIM  # 0: q, 1: k, 2: v
         within = cols % DIM
@@ -203,8 +272,8 @@ def _qkv_phase(x_ptr, w_ptr, scale_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, 
         for row0 in range(0, rows, BLOCK_B):
             row_ids = row0 + tl.arange(0, BLOCK_B)
             row_ok = row_ids < rows
-            acc, squares = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, scale_ptr, alpha_ptr, DIM, True, SCALED,
-                                    PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            acc, squares = _product(x_ptr, row0, rows, w, w_ptr, cols, col_ok, scale_ptr, alpha_ptr, DIM, True,
+                                    SCALED, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
             qkv = acc * _inverse_rms(squares, DIM, eps)[:, None]
             ok = row_ok[:, None] & col_ok[None, :]
             tl.store(q_ptr + row_ids[:, None] * DIM + within[None, :], qkv.to(q_ptr.dtype.element_ty),
@@ -215,47 +284,118 @@ def _qkv_phase(x_ptr, w_ptr, scale_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, 
             slot = (ring * SLOTS + step) * HEAD_DIM + dim[None, :]
             tl.store(keys_ptr + slot, qkv.to(keys_ptr.dtype.element_ty), mask=ok & (part == 1)[None, :])
             tl.store(values_ptr + slot, qkv.to(values_ptr.dtype.element_ty), mask=ok & (part == 2)[None, :])
+        next_cols = _tile_columns(tile + programs, BLOCK_N)
+        w = _weight_chunk(w_ptr, next_cols, next_cols < 3 * DIM, 0, DIM, BLOCK_K)
 
 
 @triton.jit
-def _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scale, program, programs,
-                  DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
-                  SLOTS_TILE: tl.constexpr, DIM_TILE: tl.constexpr):
-    """softmax(q k^T * scale) v of each (row, head) over the cache slots 0..step (at most
-    SLOTS: a few products per head, on the CUDA cores)."""
-    slots = tl.arange(0, SLOTS_TILE)
+def _row_attention(q_ptr, keys_ptr, values_ptr, layer, rows, row, step, scale, DIM: tl.constexpr,
+                   HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, HEADS_TILE: tl.constexpr,
+                   DIM_TILE: tl.constexpr, SLOT_CHUNK: tl.constexpr):
+    """softmax(q k^T * scale) v of every head of one row over the cache slots 0..step, as
+    [HEADS_TILE, DIM_TILE] float32 (zero past HEADS and HEAD_DIM). The softmax runs online
+    over chunks of SLOT_CHUNK slots, so that only a chunk's keys and values are in registers."""
+    heads = tl.arange(0, HEADS_TILE)
     dims = tl.arange(0, DIM_TILE)
-    dim_ok = dims < HEAD_DIM
-    seen = slots <= step
-    for item in range(program, rows * HEADS, programs):
-        row = item // HEADS
-        head = item % HEADS
-        q = tl.load(q_ptr + row * DIM + head * HEAD_DIM + dims, mask=dim_ok, other=0.0, cache_modifier=".cg")
-        ring = ((layer * rows + row) * HEADS + head) * SLOTS * HEAD_DIM
-        offsets = ring + slots[:, None] * HEAD_DIM + dims[None, :]
-        ok = seen[:, None] & dim_ok[None, :]
+    head_dim_ok = (heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + row * DIM + heads[:, None] * HEAD_DIM + dims[None, :], mask=head_dim_ok, other=0.0,
+                cache_modifier=".cg").to(tl.float32)
+    rings = ((layer * rows + row) * HEADS + heads) * SLOTS  # each head's first slot
+    best = tl.full((HEADS_TILE,), float("-inf"), tl.float32)
+    total = tl.zeros((HEADS_TILE,), tl.float32)
+    out = tl.zeros((HEADS_TILE, DIM_TILE), tl.float32)
+    for first in range(0, step + 1, SLOT_CHUNK):
+        slots = first + tl.arange(0, SLOT_CHUNK)
+        seen = slots <= step
+        offsets = (rings[:, None, None] + slots[None, :, None]) * HEAD_DIM + dims[None, None, :]
+        ok = head_dim_ok[:, None, :] & seen[None, :, None]
         keys = tl.load(keys_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
         values = tl.load(values_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-        scores = tl.where(seen, tl.sum(q.to(tl.float32)[None, :] * keys, axis=1) * scale, float("-inf"))
-        weights = tl.exp(scores - tl.max(scores, axis=0))
-        out = tl.sum(weights[:, None] * values, axis=0) / tl.sum(weights, axis=0)
-        tl.store(attn_ptr + row * DIM + head * HEAD_DIM + dims, out.to(attn_ptr.dtype.element_ty), mask=dim_ok)
+        scores = tl.where(seen[None, :], tl.sum(q[:, None, :] * keys, axis=2) * scale, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        correction = tl.exp(best - new_best)  # 0 at the first chunk
+        weights = tl.exp(scores - new_best[:, None])
+        total = total * correction + tl.sum(weights, axis=1)
+        out = out * correction[:, None] + tl.sum(weights[:, :, None] * values, axis=1)
+        best = new_best
+    return out / total[:, None]
 
 
 @triton.jit
-def _product_phase(in_ptr, w_ptr, scale_ptr, residual_ptr, out_ptr, rows, program, programs,
+def _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, counter_ptr, arrivals, layer, rows, step, scale, program,
+                  programs, DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
+                  HEADS_TILE: tl.constexpr, DIM_TILE: tl.constexpr, SLOT_CHUNK: tl.constexpr):
+    """On the tensor cores: each row's attention, every head, to the workspace [B, DIM]."""
+    heads = tl.arange(0, HEADS_TILE)
+    dims = tl.arange(0, DIM_TILE)
+    head_dim_ok = (heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
+    _wait(counter_ptr, arrivals)
+    for row in range(program, rows, programs):
+        out = _row_attention(q_ptr, keys_ptr, values_ptr, layer, rows, row, step, scale, DIM, HEADS, HEAD_DIM,
+                             SLOTS, HEADS_TILE, DIM_TILE, SLOT_CHUNK)
+        tl.store(attn_ptr + row * DIM + heads[:, None] * HEAD_DIM + dims[None, :], out.to(attn_ptr.dtype.element_ty),
+                 mask=head_dim_ok)
+
+
+@triton.jit
+def _attention_weights(w_ptr, cols, inputs, inputs_ok, DIM: tl.constexpr):
+    """out_proj's rows `cols` as [BLOCK_N, HEADS_TILE, DIM_TILE]: laid out as the attention is."""
+    ok = (cols < DIM)[:, None, None] & inputs_ok[None, :, :]
+    return tl.load(w_ptr + cols[:, None, None] * DIM + inputs[None, :, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _attention_out_phase(q_ptr, keys_ptr, values_ptr, w_ptr, scale_ptr, residual_ptr, out_ptr, counter_ptr, arrivals,
+                         layer, rows, step, scale, program, programs, DIM: tl.constexpr, HEADS: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, HEADS_TILE: tl.constexpr,
+                         DIM_TILE: tl.constexpr, SLOT_CHUNK: tl.constexpr, SCALED: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """On the CUDA cores: out = residual + attention @ out_proj^T, where every program
+    recomputes the attention of each row (every head, from q and the caches) that its columns
+    need. The attention is a few thousand multiply-adds a row: cheaper than a phase of its own
+    and the grid barrier after it. (out may be residual: a column is read and written only by
+    its owner.)"""
+    heads = tl.arange(0, HEADS_TILE)
+    dims = tl.arange(0, DIM_TILE)
+    inputs = heads[:, None] * HEAD_DIM + dims[None, :]
+    inputs_ok = (heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
+    w = _attention_weights(w_ptr, _tile_columns(program, BLOCK_N), inputs, inputs_ok, DIM)
+    _wait(counter_ptr, arrivals)
+    for tile in range(program, tl.cdiv(DIM, BLOCK_N), programs):
+        cols = _tile_columns(tile, BLOCK_N)
+        col_ok = cols < DIM
+        weights = w.to(tl.float32)
+        for row in range(0, rows):
+            attention = _row_attention(q_ptr, keys_ptr, values_ptr, layer, rows, row, step, scale, DIM, HEADS,
+                                       HEAD_DIM, SLOTS, HEADS_TILE, DIM_TILE, SLOT_CHUNK)
+            # Rounded to the activation dtype, as the readable path's attention output is.
+            out = tl.sum(tl.sum(weights * _rounded(attention, out_ptr)[None, :, :], axis=2), axis=1)
+            if SCALED:
+                out *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+            residual = tl.load(residual_ptr + row * DIM + cols, mask=col_ok, other=0.0,
+                               cache_modifier=".cg").to(tl.float32)
+            out = residual + _rounded(out, out_ptr)
+            tl.store(out_ptr + row * DIM + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+        w = _attention_weights(w_ptr, _tile_columns(tile + programs, BLOCK_N), inputs, inputs_ok, DIM)
+
+
+@triton.jit
+def _product_phase(in_ptr, w_ptr, scale_ptr, residual_ptr, out_ptr, counter_ptr, arrivals, rows, program, programs,
                    K: tl.constexpr, N: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
                    PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    ON_TENSOR_CORES: tl.constexpr):
     """out = in @ w^T, [B, N], or with ADD_RESIDUAL residual + in @ w^T (out may be residual:
     a column is read and written only by its owner)."""
+    cols = _tile_columns(program, BLOCK_N)
+    w = _weight_chunk(w_ptr, cols, cols < N, 0, K, BLOCK_K)
+    _wait(counter_ptr, arrivals)
     for tile in range(program, tl.cdiv(N, BLOCK_N), programs):
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = _tile_columns(tile, BLOCK_N)
         col_ok = cols < N
         for row0 in range(0, rows, BLOCK_B):
             row_ids = row0 + tl.arange(0, BLOCK_B)
             row_ok = row_ids < rows
-            out, _ = _product(in_ptr, row0, rows, w_ptr, cols, col_ok, scale_ptr, w_ptr, K, False, SCALED,
+            out, _ = _product(in_ptr, row0, rows, w, w_ptr, cols, col_ok, scale_ptr, w_ptr, K, False, SCALED,
                               PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
             offsets = row_ids[:, None] * N + cols[None, :]
             ok = row_ok[:, None] & col_ok[None, :]
@@ -263,43 +403,39 @@ def _product_phase(in_ptr, w_ptr, scale_ptr, residual_ptr, out_ptr, rows, progra
                 residual = tl.load(residual_ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                 out = residual + _rounded(out, out_ptr)
             tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=ok)
+        next_cols = _tile_columns(tile + programs, BLOCK_N)
+        w = _weight_chunk(w_ptr, next_cols, next_cols < N, 0, K, BLOCK_K)
 
 
 @triton.jit
-def _gate_phase(x_ptr, w_ptr, scale_ptr, alpha_ptr, gate_ptr, rows, eps, program, programs,
+def _gate_phase(x_ptr, w_ptr, scale_ptr, alpha_ptr, gate_ptr, counter_ptr, arrivals, rows, eps, program, programs,
                 DIM: tl.constexpr, HIDDEN: tl.constexpr, SCALED: tl.constexpr, PRODUCT_TYPE: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
     """silu(a) * b of the two halves of RMSNorm(x) @ linear_in^T (a: its first HIDDEN
-    outputs), [B, HIDDEN]: a program computes column j of both halves."""
+    outputs), [B, HIDDEN]: a program computes column j of both halves. Unlike the other
+    phases, this one asks for no weights before its grid barrier: holding them there takes the
+    kernel from 128 registers a thread to ~200, and so from two programs an SM to one (sm_90,
+    bench/offline_compile.py). It reads the most weights, so it is the phase least bound by
+    its first trip to memory.)"""
+    _wait(counter_ptr, arrivals)
     for tile in range(program, tl.cdiv(HIDDEN, BLOCK_N), programs):
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = _tile_columns(tile, BLOCK_N)
         col_ok = cols < HIDDEN
         for row0 in range(0, rows, BLOCK_B):
             row_ids = row0 + tl.arange(0, BLOCK_B)
             row_ok = row_ids < rows
-            a, squares = _product(x_ptr, row0, rows, w_ptr, cols, col_ok, scale_ptr, alpha_ptr, DIM, True, SCALED,
-                                  PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
-            b, _ = _product(x_ptr, row0, rows, w_ptr, HIDDEN + cols, col_ok, scale_ptr, alpha_ptr, DIM, True, SCALED,
-                            PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            a_w = _weight_chunk(w_ptr, cols, col_ok, 0, DIM, BLOCK_K)
+            a, squares = _product(x_ptr, row0, rows, a_w, w_ptr, cols, col_ok, scale_ptr, alpha_ptr, DIM, True,
+                                  SCALED, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            b_w = _weight_chunk(w_ptr, HIDDEN + cols, col_ok, 0, DIM, BLOCK_K)
+            b, _ = _product(x_ptr, row0, rows, b_w, w_ptr, HIDDEN + cols, col_ok, scale_ptr, alpha_ptr, DIM, True,
+                            SCALED, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
             inverse_rms = _inverse_rms(squares, DIM, eps)[:, None]
             a = _rounded(a * inverse_rms, gate_ptr)
             b = _rounded(b * inverse_rms, gate_ptr)
             gate = _rounded(a / (1.0 + tl.exp(-a)), gate_ptr) * b
             tl.store(gate_ptr + row_ids[:, None] * HIDDEN + cols[None, :], gate.to(gate_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _grid_barrier(counter_ptr, arrivals):
-    """Wait until `arrivals` programs in all have arrived at a barrier of this launch (the
-    counter only grows during a launch: barrier i waits for i * programs). Waiting programs
-    poll with atomic adds of 0: polling with `ld.acquire` loads instead measured 45 % slower
-    per step (H200, B = 1)."""
-    tl.debug_barrier()  # every thread of this program has issued its stores
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < arrivals:
-        pass
-    tl.debug_barrier()
 
 
 @triton.jit
@@ -325,53 +461,70 @@ def _depformer_step(
     x_ptr, table_ptr, scales_table_ptr, head_ptr, keys_ptr, values_ptr, residual_ptr, q_ptr, attn_ptr, gate_ptr,
     logits_ptr, counter_ptr, rows, step, first_phase, end_phase, eps, scale,
     LAYERS: tl.constexpr, DIM: tl.constexpr, HIDDEN: tl.constexpr, CARD: tl.constexpr, HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, SLOTS_TILE: tl.constexpr, DIM_TILE: tl.constexpr,
-    WEIGHT_TYPE: tl.constexpr, ALPHA_TYPE: tl.constexpr, SCALED: tl.constexpr, PRODUCT_TYPE: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr, PERSISTENT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, HEADS_TILE: tl.constexpr, DIM_TILE: tl.constexpr,
+    SLOT_CHUNK: tl.constexpr, WEIGHT_TYPE: tl.constexpr, ALPHA_TYPE: tl.constexpr, SCALED: tl.constexpr,
+    PRODUCT_TYPE: tl.constexpr, PHASES_PER_LAYER: tl.constexpr, BLOCK_B: tl.constexpr,
+    QKV_N: tl.constexpr, QKV_K: tl.constexpr, OUT_N: tl.constexpr, OUT_K: tl.constexpr, GATE_N: tl.constexpr,
+    GATE_K: tl.constexpr, FFN_N: tl.constexpr, FFN_K: tl.constexpr, HEAD_N: tl.constexpr, HEAD_K: tl.constexpr,
+    ON_TENSOR_CORES: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """Phases first_phase .. end_phase - 1 of a step (see the module doc); with PERSISTENT, a
-    grid barrier after each but the last. With SCALED, the layers' weights are fp8 codes with
+    grid barrier between each and the next. With SCALED, the layers' weights are fp8 codes with
     one float32 scale per output row (scales_table: their addresses); the head is not."""
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     for phase in range(first_phase, end_phase):
         layer = phase // PHASES_PER_LAYER
         part = phase - layer * PHASES_PER_LAYER  # not %: the interpreter's constexpr has no __rmod__
+        if PHASES_PER_LAYER < 5:  # no ATTEND phase: the parts after it come one earlier
+            part = tl.where(part >= ATTEND, part + 1, part)
         # The residual stream is the input x until layer 0's attention has been added to it.
         stream_ptr = residual_ptr
-        if phase <= OUT:
-            stream_ptr = x_ptr
+        if phase < PHASES_PER_LAYER:
+            if part <= OUT:
+                stream_ptr = x_ptr
+        arrivals = 0  # the grid barrier before this phase: how many arrivals it waits for
+        if PERSISTENT:
+            arrivals = (phase - first_phase) * programs
         if layer == LAYERS:
-            _product_phase(residual_ptr, head_ptr, head_ptr, logits_ptr, logits_ptr, rows, program, programs, DIM, CARD,
-                           False, False, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+            _product_phase(residual_ptr, head_ptr, head_ptr, logits_ptr, logits_ptr, counter_ptr, arrivals, rows,
+                           program, programs, DIM, CARD, False, False, PRODUCT_TYPE, BLOCK_B, HEAD_N, HEAD_K,
+                           ON_TENSOR_CORES)
         elif part == QKV:
             _qkv_phase(stream_ptr, _layer_weight(table_ptr, layer, IN_PROJ, WEIGHT_TYPE),
                        _layer_scale(scales_table_ptr, layer, IN_PROJ, SCALED),
-                       _layer_weight(table_ptr, layer, NORM1, ALPHA_TYPE), q_ptr, keys_ptr, values_ptr, layer, rows,
-                       step, eps, program, programs, DIM, HEADS, HEAD_DIM, SLOTS, SCALED, PRODUCT_TYPE, BLOCK_B,
-                       BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+                       _layer_weight(table_ptr, layer, NORM1, ALPHA_TYPE), q_ptr, keys_ptr, values_ptr, counter_ptr,
+                       arrivals, layer, rows, step, eps, program, programs, DIM, HEADS, HEAD_DIM, SLOTS, SCALED,
+                       PRODUCT_TYPE, BLOCK_B, QKV_N, QKV_K, ON_TENSOR_CORES)
         elif part == ATTEND:
-            _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, layer, rows, step, scale, program, programs,
-                          DIM, HEADS, HEAD_DIM, SLOTS, SLOTS_TILE, DIM_TILE)
+            if ON_TENSOR_CORES:
+                _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, counter_ptr, arrivals, layer, rows, step, scale,
+                              program, programs, DIM, HEADS, HEAD_DIM, SLOTS, HEADS_TILE, DIM_TILE, SLOT_CHUNK)
         elif part == OUT:
-            _product_phase(attn_ptr, _layer_weight(table_ptr, layer, OUT_PROJ, WEIGHT_TYPE),
-                           _layer_scale(scales_table_ptr, layer, OUT_PROJ, SCALED), stream_ptr, residual_ptr, rows,
-                           program, programs, DIM, DIM, True, SCALED, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
-                           ON_TENSOR_CORES)
+            out_proj = _layer_weight(table_ptr, layer, OUT_PROJ, WEIGHT_TYPE)
+            out_scales = _layer_scale(scales_table_ptr, layer, OUT_PROJ, SCALED)
+            if ON_TENSOR_CORES:
+                _product_phase(attn_ptr, out_proj, out_scales, stream_ptr, residual_ptr, counter_ptr, arrivals, rows,
+                               program, programs, DIM, DIM, True, SCALED, PRODUCT_TYPE, BLOCK_B, OUT_N, OUT_K,
+                               ON_TENSOR_CORES)
+            else:
+                _attention_out_phase(q_ptr, keys_ptr, values_ptr, out_proj, out_scales, stream_ptr, residual_ptr,
+                                     counter_ptr, arrivals, layer, rows, step, scale, program, programs, DIM, HEADS,
+                                     HEAD_DIM, SLOTS, HEADS_TILE, DIM_TILE, SLOT_CHUNK, SCALED, OUT_N)
         elif part == GATE:
             _gate_phase(residual_ptr, _layer_weight(table_ptr, layer, LINEAR_IN, WEIGHT_TYPE),
                         _layer_scale(scales_table_ptr, layer, LINEAR_IN, SCALED),
-                        _layer_weight(table_ptr, layer, NORM2, ALPHA_TYPE), gate_ptr, rows, eps, program, programs,
-                        DIM, HIDDEN, SCALED, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K, ON_TENSOR_CORES)
+                        _layer_weight(table_ptr, layer, NORM2, ALPHA_TYPE), gate_ptr, counter_ptr, arrivals, rows, eps,
+                        program, programs, DIM, HIDDEN, SCALED, PRODUCT_TYPE, BLOCK_B, GATE_N, GATE_K,
+                        ON_TENSOR_CORES)
         else:
             _product_phase(gate_ptr, _layer_weight(table_ptr, layer, LINEAR_OUT, WEIGHT_TYPE),
-                           _layer_scale(scales_table_ptr, layer, LINEAR_OUT, SCALED), residual_ptr, residual_ptr, rows,
-                           program, programs, HIDDEN, DIM, True, SCALED, PRODUCT_TYPE, BLOCK_B, BLOCK_N, BLOCK_K,
-                           ON_TENSOR_CORES)
+                           _layer_scale(scales_table_ptr, layer, LINEAR_OUT, SCALED), residual_ptr, residual_ptr,
+                           counter_ptr, arrivals, rows, program, programs, HIDDEN, DIM, True, SCALED, PRODUCT_TYPE,
+                           BLOCK_B, FFN_N, FFN_K, ON_TENSOR_CORES)
         if PERSISTENT:
             if phase + 1 < end_phase:
-                _grid_barrier(counter_ptr, (phase + 1 - first_phase) * programs)
+                _arrive(counter_ptr)
 
 
 @functools.lru_cache(maxsize=128)
@@ -409,11 +562,27 @@ def _resident_programs_per_sm(device_index: int, registers_per_thread: int, shar
     return max(1, min(by_registers, by_threads, by_shared))
 
 
-def _programs(kernel: triton.JITFunction, arguments: tuple, constants: dict, shape: LaunchShape,
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _register_cap(device_index: int, shape: LaunchShape) -> int:
+    """The most registers a thread may take for shape.programs_per_sm programs to fit on an SM
+    together (given in multiples of 8, at most 255). Left to itself, the compiler keeps every
+    phase's first weights in registers across the grid barrier and takes ~230 a thread at one
+    row, which fits one program of 8 warps an SM, not two; capped at 128 it spills ~136 bytes
+    a thread instead (sm_90, bench/offline_compile.py)."""
+    properties = torch.cuda.get_device_properties(device_index)
+    register_file = getattr(properties, "regs_per_multiprocessor", 65536)
+    return min(255, register_file // (shape.num_warps * 32 * shape.programs_per_sm) // 8 * 8)
+
+
+def _programs(kernel: triton.JITFunction, arguments: tuple, constants: dict, options: dict, shape: LaunchShape,
               device: torch.device) -> int:
     """One program per SM times shape.programs_per_sm, at most what stays resident."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    compiled = kernel.warmup(*arguments, grid=(1,), num_warps=shape.num_warps, **constants)
+    index = _device_index(device)
+    compiled = kernel.warmup(*arguments, grid=(1,), **options, **constants)
     compiled._init_handles()  # loads the binary: its register count is known from here
     resident = _resident_programs_per_sm(index, compiled.n_regs, compiled.metadata.shared, shape.num_warps)
     return _multiprocessors(index) * min(shape.programs_per_sm, resident)
@@ -476,25 +645,33 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     gate = torch.empty(rows, hidden, device=x.device, dtype=x.dtype)
     logits = torch.empty(rows, card, device=x.device, dtype=x.dtype)
     counter = torch.zeros(1, device=x.device, dtype=torch.int32)  # zeroed again by every graph replay
-    phases = layers * PHASES_PER_LAYER.value + 1
     # The interpreter (3.9) multiplies bf16 tl.dot operands wrongly: float32 products there.
     product_type = tl.float32 if x.device.type == "cpu" or x.dtype == torch.float32 else _TRITON_TYPES[x.dtype]
+    # The tiles are sized for the programs the shape asks for; should fewer fit on an SM (see
+    # `_programs`), some programs loop over a second tile.
+    intended_programs = _multiprocessors(_device_index(x.device)) * shape.programs_per_sm if x.is_cuda \
+        else INTERPRETER_PROGRAMS
+    tiles = tile_constants(rows, shape, intended_programs, dim, hidden, card)
     constants = dict(
         LAYERS=layers, DIM=dim, HIDDEN=hidden, CARD=card, HEADS=heads, HEAD_DIM=head_dim, SLOTS=slots,
-        SLOTS_TILE=triton.next_power_of_2(slots), DIM_TILE=triton.next_power_of_2(head_dim),
-        WEIGHT_TYPE=_TRITON_TYPES[weight_type], ALPHA_TYPE=_TRITON_TYPES[alpha_type], SCALED=scaled,
-        PRODUCT_TYPE=product_type,
-        PERSISTENT=persistent, **tile_constants(rows, shape, max(dim, hidden)),
+        HEADS_TILE=triton.next_power_of_2(heads), DIM_TILE=triton.next_power_of_2(head_dim),
+        SLOT_CHUNK=min(shape.attention_slots, triton.next_power_of_2(slots)), WEIGHT_TYPE=_TRITON_TYPES[weight_type],
+        ALPHA_TYPE=_TRITON_TYPES[alpha_type], SCALED=scaled, PRODUCT_TYPE=product_type, PERSISTENT=persistent,
+        **tiles,
     )
+    phases = layers * tiles["PHASES_PER_LAYER"] + 1
     arguments = (x, table, scales_table, head, keys, values, residual, q, attn, gate, logits, counter, rows, step)
     launches = [(0, phases)] if persistent else [(phase, phase + 1) for phase in range(phases)]
     scale = head_dim**-0.5
+    options = dict(num_warps=shape.num_warps)
     if x.is_cuda:
-        programs = _programs(_depformer_step, (*arguments, *launches[0], eps, scale), constants, shape, x.device)
+        options["maxnreg"] = _register_cap(_device_index(x.device), shape)
+        programs = _programs(_depformer_step, (*arguments, *launches[0], eps, scale), constants, options, shape,
+                             x.device)
     else:
         programs = INTERPRETER_PROGRAMS
     for first, end in launches:
-        _depformer_step[(programs,)](*arguments, first, end, eps, scale, num_warps=shape.num_warps, **constants)
+        _depformer_step[(programs,)](*arguments, first, end, eps, scale, **options, **constants)
     return logits
 
 
