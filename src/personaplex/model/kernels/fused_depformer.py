@@ -59,9 +59,13 @@ which is what decides. From two rows on the compiled steps win (two: 1.64 agains
 64 rows on the tensor cores: 3.0 against 1.6), so `Kernels.fast()` takes this kernel for
 one-row frames only. With 5 phases a layer, a step took ~147 us where its weights alone
 would read in ~40: ~4.7 us for each of its 31 phases, each a few dependent trips to memory and
-a grid barrier; hence the attention inside the out phase (25 phases a step), the narrow tiles
-and the weights asked for before each barrier. With fp8 weights at one row (run J): 1.14 ms
-against 1.07 for the compiled steps in that benchmark; the whole graphed fp8 frame 6.28 ms.
+a grid barrier. Run P (h200-depformer-fused.json) reworked it as above: the narrow tiles, the
+weights asked for before each barrier and the register cap each measured worth 10-19 % of the
+8 steps, and the frame's 8 steps went 1.30 -> 1.19-1.21 ms at one row, bf16 (fp8: 1.13 ->
+1.15 ms, slots of 4). Merging the attention into the out phase saved less than its barrier:
+timed per phase, the merged phase takes 8.0 us against 3.8 + 4.4 for the two it replaces,
+since every program now reads the whole cache from L2. In the graphed frame: bf16 6.88 ->
+6.83 ms, fp8 5.33 -> 5.38 ms (run P, each pair in one call).
 """
 
 from __future__ import annotations
