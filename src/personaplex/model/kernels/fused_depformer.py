@@ -17,8 +17,8 @@ on the tensor cores), with the element-wise work fused into the phase that needs
                      0..step, every head, to a workspace
              out:     attention @ out_proj^T, plus the residual; on the CUDA cores each
                      program first recomputes the attention its columns need (every head of
-                     every row, a few thousand multiply-adds), which costs less than a phase
-                     of its own and the barrier after it
+                     every row, a few thousand multiply-adds), in place of a phase of its
+                     own and the barrier after it (about as long, measured: see below)
              gate:    RMSNorm(x) @ linear_in^T; a program owns matching columns of both
                      halves, so silu(a) * b is done there
              ffn:     gate @ linear_out^T, plus the residual
@@ -81,7 +81,7 @@ import triton.language as tl
 # The parts of a layer, in order (see the module doc). The kernel reads module constants only
 # as tl.constexpr. On the CUDA cores a layer has no ATTEND phase: its OUT phase recomputes the
 # attention.
-QKV, ATTEND, OUT, GATE, FFN = (tl.constexpr(part) for part in range(5))
+QKV, ATTEND, OUT, GATE = (tl.constexpr(part) for part in range(4))  # the 5th, FFN, is the else
 # Pointers per layer in the weight table, in this order (`LMModel.depformer_step_weights`); the
 # scale table of fp8 weights has the same layout (its norm entries are never read).
 NORM1, IN_PROJ, OUT_PROJ, NORM2, LINEAR_IN, LINEAR_OUT = (tl.constexpr(which) for which in range(6))
@@ -356,9 +356,10 @@ def _attention_out_phase(q_ptr, keys_ptr, values_ptr, w_ptr, scale_ptr, residual
                          BLOCK_N: tl.constexpr):
     """On the CUDA cores: out = residual + attention @ out_proj^T, where every program
     recomputes the attention of each row (every head, from q and the caches) that its columns
-    need. The attention is a few thousand multiply-adds a row: cheaper than a phase of its own
-    and the grid barrier after it. (out may be residual: a column is read and written only by
-    its owner.)"""
+    need. The attention is a few thousand multiply-adds a row, but every program reads the
+    whole cache from L2 for it: measured, this phase takes about as long as the attention's own
+    phase, its barrier and the out phase did (run P). (out may be residual: a column is read and
+    written only by its owner.)"""
     heads = tl.arange(0, HEADS_TILE)
     dims = tl.arange(0, DIM_TILE)
     inputs = heads[:, None] * HEAD_DIM + dims[None, :]
@@ -417,10 +418,9 @@ def _gate_phase(x_ptr, w_ptr, scale_ptr, alpha_ptr, gate_ptr, counter_ptr, arriv
                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
     """silu(a) * b of the two halves of RMSNorm(x) @ linear_in^T (a: its first HIDDEN
     outputs), [B, HIDDEN]: a program computes column j of both halves. Unlike the other
-    phases, this one asks for no weights before its grid barrier: holding them there takes the
-    kernel from 128 registers a thread to ~200, and so from two programs an SM to one (sm_90,
-    bench/offline_compile.py). It reads the most weights, so it is the phase least bound by
-    its first trip to memory.)"""
+    phases, this one asks for no weights before its grid barrier: both halves' tiles held
+    there spill under the register cap (the 8 steps measured 1.9x slower, run P). It reads the
+    most weights, so it is the phase least bound by its first trip to memory."""
     _wait(counter_ptr, arrivals)
     for tile in range(program, tl.cdiv(HIDDEN, BLOCK_N), programs):
         cols = _tile_columns(tile, BLOCK_N)
