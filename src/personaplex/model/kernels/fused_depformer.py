@@ -178,22 +178,26 @@ def _weight_chunk(w_ptr, w_rows, w_ok, k0, K: tl.constexpr, BLOCK_K: tl.constexp
 def _product(in_ptr, row0, rows, w_first, w_ptr, w_rows, w_ok, scale_ptr, alpha_ptr, K: tl.constexpr,
              NORM: tl.constexpr, SCALED: tl.constexpr, PRODUCT_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ON_TENSOR_CORES: tl.constexpr):
-    """in[row0 : row0 + BLOCK_B, :K] @ w[w_rows, :K]^T as [BLOCK_B, BLOCK_N] float32, where
-    w_first is the weight rows' first chunk (`_weight_chunk` at 0), loaded by the caller before
-    it waited at the grid barrier. With NORM, the input is RMSNorm(in) * alpha: the products
-    take in * alpha, and the result is scaled by each row's 1 / rms, gathered in the same pass.
-    With SCALED, w holds fp8 codes and row j of the weight is w[j] * scale[j]: the sums over K
-    are scaled once at the end. `in` was written by other programs: read from L2."""
+    """in[row0 : row0 + BLOCK_B, :K] @ w[w_rows, :K]^T as [BLOCK_B, BLOCK_N] float32. On the CUDA
+    cores, w_first is the weight rows' first chunk (`_weight_chunk` at 0), loaded by the caller
+    before it waited at the grid barrier. On the tensor cores it goes unused (and so unloaded):
+    there every chunk is loaded inside the loop, where Triton stages the chunks through shared
+    memory ahead of the tensor cores; carried in from outside, the compiled kernel lost that
+    staging and spilled (the 8 steps at 8 rows measured 2.2x slower, run P). With NORM, the
+    input is RMSNorm(in) * alpha: the products take in * alpha, and the result is scaled by each
+    row's 1 / rms, gathered in the same pass. With SCALED, w holds fp8 codes and row j of the
+    weight is w[j] * scale[j]: the sums over K are scaled once at the end. `in` was written by
+    other programs: read from L2."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     squares = tl.zeros((BLOCK_B,), dtype=tl.float32)
     tile_rows = tl.arange(0, BLOCK_B)
-    w = w_first
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        if NORM:
-            alpha = tl.load(alpha_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        if ON_TENSOR_CORES:
+    if ON_TENSOR_CORES:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            w = _weight_chunk(w_ptr, w_rows, w_ok, k0, K, BLOCK_K)
+            if NORM:
+                alpha = tl.load(alpha_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             row_ids = row0 + tile_rows
             x = tl.load(in_ptr + row_ids[:, None] * K + ks[None, :], mask=(row_ids < rows)[:, None] & k_ok[None, :],
                         other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -201,7 +205,13 @@ def _product(in_ptr, row0, rows, w_first, w_ptr, w_rows, w_ok, scale_ptr, alpha_
                 squares += tl.sum(x * x, axis=1)
                 x = x * alpha[None, :]
             acc += tl.dot(x.to(PRODUCT_TYPE), tl.trans(w.to(PRODUCT_TYPE)), input_precision="tf32x3")
-        else:
+    else:
+        w = w_first
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            if NORM:
+                alpha = tl.load(alpha_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             # Row by row: one weight tile in registers serves every row.
             weights = w.to(tl.float32)
             for r in tl.static_range(BLOCK_B):
@@ -212,7 +222,7 @@ def _product(in_ptr, row0, rows, w_first, w_ptr, w_rows, w_ok, scale_ptr, alpha_
                     squares += tl.where(tile_rows == r, tl.sum(x * x, axis=0), 0.0)
                     x = x * alpha
                 acc += tl.where(tile_rows[:, None] == r, tl.sum(weights * x[None, :], axis=1)[None, :], 0.0)
-        w = _weight_chunk(w_ptr, w_rows, w_ok, k0 + BLOCK_K, K, BLOCK_K)  # past K: nothing read
+            w = _weight_chunk(w_ptr, w_rows, w_ok, k0 + BLOCK_K, K, BLOCK_K)  # past K: nothing read
     if SCALED:
         acc *= tl.load(scale_ptr + w_rows, mask=w_ok, other=0.0)[None, :]
     return acc, squares
@@ -293,13 +303,14 @@ def _qkv_phase(x_ptr, w_ptr, scale_ptr, alpha_ptr, q_ptr, keys_ptr, values_ptr, 
 
 
 @triton.jit
-def _row_attention(q_ptr, keys_ptr, values_ptr, layer, rows, row, step, scale, DIM: tl.constexpr,
-                   HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, HEADS_TILE: tl.constexpr,
-                   DIM_TILE: tl.constexpr, SLOT_CHUNK: tl.constexpr):
-    """softmax(q k^T * scale) v of every head of one row over the cache slots 0..step, as
-    [HEADS_TILE, DIM_TILE] float32 (zero past HEADS and HEAD_DIM). The softmax runs online
-    over chunks of SLOT_CHUNK slots, so that only a chunk's keys and values are in registers."""
-    heads = tl.arange(0, HEADS_TILE)
+def _heads_attention(q_ptr, keys_ptr, values_ptr, layer, rows, row, first_head, step, scale, DIM: tl.constexpr,
+                     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, HEADS_TILE: tl.constexpr,
+                     DIM_TILE: tl.constexpr, SLOT_CHUNK: tl.constexpr):
+    """softmax(q k^T * scale) v of heads first_head .. first_head + HEADS_TILE - 1 of one row
+    over the cache slots 0..step, as [HEADS_TILE, DIM_TILE] float32 (zero past HEADS and
+    HEAD_DIM). The softmax runs online over chunks of SLOT_CHUNK slots, so that only a chunk's
+    keys and values are in registers."""
+    heads = first_head + tl.arange(0, HEADS_TILE)
     dims = tl.arange(0, DIM_TILE)
     head_dim_ok = (heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + row * DIM + heads[:, None] * HEAD_DIM + dims[None, :], mask=head_dim_ok, other=0.0,
@@ -328,17 +339,18 @@ def _row_attention(q_ptr, keys_ptr, values_ptr, layer, rows, row, step, scale, D
 @triton.jit
 def _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, counter_ptr, arrivals, layer, rows, step, scale, program,
                   programs, DIM: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
-                  HEADS_TILE: tl.constexpr, DIM_TILE: tl.constexpr, SLOT_CHUNK: tl.constexpr):
-    """On the tensor cores: each row's attention, every head, to the workspace [B, DIM]."""
-    heads = tl.arange(0, HEADS_TILE)
+                  DIM_TILE: tl.constexpr, SLOT_CHUNK: tl.constexpr):
+    """On the tensor cores: the attention of each (row, head), shared out among the programs,
+    to the workspace [B, DIM]."""
     dims = tl.arange(0, DIM_TILE)
-    head_dim_ok = (heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
     _wait(counter_ptr, arrivals)
-    for row in range(program, rows, programs):
-        out = _row_attention(q_ptr, keys_ptr, values_ptr, layer, rows, row, step, scale, DIM, HEADS, HEAD_DIM,
-                             SLOTS, HEADS_TILE, DIM_TILE, SLOT_CHUNK)
-        tl.store(attn_ptr + row * DIM + heads[:, None] * HEAD_DIM + dims[None, :], out.to(attn_ptr.dtype.element_ty),
-                 mask=head_dim_ok)
+    for item in range(program, rows * HEADS, programs):
+        row = item // HEADS
+        head = item % HEADS
+        out = _heads_attention(q_ptr, keys_ptr, values_ptr, layer, rows, row, head, step, scale, DIM, HEADS, HEAD_DIM,
+                               SLOTS, 1, DIM_TILE, SLOT_CHUNK)
+        tl.store(attn_ptr + row * DIM + head * HEAD_DIM + dims[None, :], out.to(attn_ptr.dtype.element_ty),
+                 mask=(dims < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -371,8 +383,8 @@ def _attention_out_phase(q_ptr, keys_ptr, values_ptr, w_ptr, scale_ptr, residual
         col_ok = cols < DIM
         weights = w.to(tl.float32)
         for row in range(0, rows):
-            attention = _row_attention(q_ptr, keys_ptr, values_ptr, layer, rows, row, step, scale, DIM, HEADS,
-                                       HEAD_DIM, SLOTS, HEADS_TILE, DIM_TILE, SLOT_CHUNK)
+            attention = _heads_attention(q_ptr, keys_ptr, values_ptr, layer, rows, row, 0, step, scale, DIM, HEADS,
+                                         HEAD_DIM, SLOTS, HEADS_TILE, DIM_TILE, SLOT_CHUNK)
             # Rounded to the activation dtype, as the readable path's attention output is.
             out = tl.sum(tl.sum(weights * _rounded(attention, out_ptr)[None, :, :], axis=2), axis=1)
             if SCALED:
@@ -503,7 +515,7 @@ def _depformer_step(
         elif part == ATTEND:
             if ON_TENSOR_CORES:
                 _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, counter_ptr, arrivals, layer, rows, step, scale,
-                              program, programs, DIM, HEADS, HEAD_DIM, SLOTS, HEADS_TILE, DIM_TILE, SLOT_CHUNK)
+                              program, programs, DIM, HEADS, HEAD_DIM, SLOTS, DIM_TILE, SLOT_CHUNK)
         elif part == OUT:
             out_proj = _layer_weight(table_ptr, layer, OUT_PROJ, WEIGHT_TYPE)
             out_scales = _layer_scale(scales_table_ptr, layer, OUT_PROJ, SCALED)
