@@ -13,8 +13,8 @@ on the tensor cores), with the element-wise work fused into the phase that needs
   per layer  qkv:     RMSNorm(x) @ in_proj^T; q to a workspace, k and v into the step's
                      cache slot (the norm's statistic comes out of the same pass over x:
                      sum(x^2) is accumulated beside the product, which is scaled at the end)
-             attend:  on the tensor cores only: each row's attention over the cache slots
-                     0..step, every head, to a workspace
+             attend:  on the tensor cores only: each (row, head) over the cache slots
+                     0..step, to a workspace
              out:     attention @ out_proj^T, plus the residual; on the CUDA cores each
                      program first recomputes the attention its columns need (every head of
                      every row, a few thousand multiply-adds), in place of a phase of its
