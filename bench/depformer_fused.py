@@ -7,10 +7,14 @@ transformer that is never run. Each variant's 8 steps (with the depformer_in pro
 token embeddings, as `LMModel.depformer_step` runs them) are captured in one CUDA graph,
 so launch overhead counts as in the graphed frame; the table gives the median microseconds of
 a replay (a frame's depformer) at B = 1, 8, 32, 64. The sweep times the fused steps alone
-(`launch_fused_depformer_step` with each `LaunchShape`, 8 steps in a graph). Rows go to
+(`launch_fused_depformer_step` with each `LaunchShape`, 8 steps in a graph). With --phases,
+each phase of the fused step is timed on the GPU's clock (`phase_ends`), steps launched one by
+one outside a graph: a phase's cost is its last program's end minus the previous phase's last
+end (the grid barrier included), its spread the last end minus the first. Rows go to
 $OUT/depformer-fused.json (default bench/results-local).
 
     PYTHONPATH=src python3 bench/depformer_fused.py [--no-sweep] [--rows 1 8] [--weights fp8] [--variants fused]
+        [--phases]
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import dataclasses
 import itertools
 import json
 import os
+import statistics
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +35,8 @@ from graph_timing import graph_time_us  # bench/, the script's folder
 
 from personaplex.model.config import LMConfig
 from personaplex.model.kernels import register_cuda_ops
-from personaplex.model.kernels.fused_depformer import LaunchShape, launch_fused_depformer_step, on_cuda_cores
+from personaplex.model.kernels.fused_depformer import (LaunchShape, launch_fused_depformer_step, on_cuda_cores,
+                                                       step_phases)
 from personaplex.model.layers import Kernels
 from personaplex.model.lm import LMModel
 from personaplex.model.quantize import quantize_model
@@ -71,6 +78,37 @@ def fused_steps(lm: LMModel, rows: int, shape: LaunchShape) -> Callable[[], None
     return steps
 
 
+def phase_costs(lm: LMModel, rows: int, repeats: int = 10) -> dict[str, dict[str, float]]:
+    """Each kind of phase's cost and spread in the fused step at `rows` rows, us (medians over
+    the 8 steps of `repeats` frames, the first frame untimed). A step's first phase has no
+    previous end: it is left out."""
+    layers = lm.config.depformer_num_layers
+    phases = step_phases(rows, layers)
+    kinds = ["qkv", "out (attention inside)", "gate", "ffn"] if on_cuda_cores(rows) else ["qkv", "attend", "out", "gate",
+                                                                                           "ffn"]
+    ends = torch.empty(2 * phases, dtype=torch.int64, device="cuda")
+    hidden = torch.randn(rows, 1, lm.config.dim, device="cuda", dtype=torch.bfloat16)
+    no_token = torch.zeros(rows, dtype=torch.long, device="cuda")
+    state = lm.new_depformer_state(rows)
+    costs, spreads = defaultdict(list), defaultdict(list)
+    for frame in range(repeats + 1):
+        for k in range(STEPS):
+            launch_fused_depformer_step(lm.depformer_input(k, hidden, no_token)[:, 0], lm.depformer_step_weights(k),
+                                        lm.linears[k].weight, state.keys, state.values, k, lm.config.norm_eps,
+                                        persistent=True, layer_scales=lm.depformer_step_scales(k), phase_ends=ends)
+            earliest, latest = ends.view(-1, 2).T.tolist()
+            if frame == 0:
+                continue
+            for phase in range(1, phases):
+                kind = "logits" if phase == phases - 1 else kinds[phase % len(kinds)]
+                costs[kind].append((latest[phase] - latest[phase - 1]) / 1e3)
+                spreads[kind].append((latest[phase] - earliest[phase]) / 1e3)
+            costs["a step after its first phase"].append((latest[-1] - latest[0]) / 1e3)
+    return {kind: {"us": statistics.median(values), **({"spread_us": statistics.median(spreads[kind])}
+                                                       if kind in spreads else {})}
+            for kind, values in costs.items()}
+
+
 def frame_microseconds(steps: Callable[[], None]) -> float:
     """Median of REPLAYS timed replays of `steps` in a CUDA graph (after a few untimed ones)."""
     return graph_time_us([steps], replays=REPLAYS, untimed_replays=5)
@@ -106,6 +144,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="which variants to time (the compiled one takes a minute to compile)")
+    parser.add_argument("--phases", action="store_true", help="also time each phase of the fused step")
     parser.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
                         help="the depformer's weights (fp8: codes and row scales, logits heads in bf16)")
     args = parser.parse_args()
@@ -131,6 +170,12 @@ def main() -> None:
                                   dataclasses.asdict(LaunchShape.for_rows(rows)),
                                   **({"fused_weight_GBps": weight_bytes / (times["fused"] * 1e-6) / 1e9}
                                      if "fused" in times else {})})
+        (out / "depformer-fused.json").write_text(json.dumps(report, indent=1))
+    for rows in args.rows if args.phases else []:
+        report.setdefault("phases", {})[rows] = phase_costs(lm, rows)
+        for kind, cost in report["phases"][rows].items():
+            print(f"  rows {rows} {kind:>28}: {cost['us']:7.2f} us" + (f", spread {cost['spread_us']:.2f} us"
+                                                                    if "spread_us" in cost else ""), flush=True)
         (out / "depformer-fused.json").write_text(json.dumps(report, indent=1))
     for rows in [] if args.no_sweep else args.rows:
         report["sweep"] += sweep(lm, rows)

@@ -141,3 +141,25 @@ def test_launch_shapes_compute_the_same_steps(lm, shape, rows):
         for k in range(STEPS)], dim=1)
     assert relative_error(fused, expected) < 2e-2
     assert relative_error(fused_state.keys, readable_state.keys) < 2e-2
+
+
+def test_timed_steps_stamp_every_phase_and_compute_the_same(lm):
+    """With phase_ends, each phase's earliest and latest end are stamped in order (a phase ends
+    after the one before it, for its first program as for its last), and the logits are the
+    untimed kernel's (a separate build: equal up to the compiler's freedom in ordering)."""
+    from personaplex.model.kernels.fused_depformer import launch_fused_depformer_step, step_phases
+
+    hidden, tokens = frame_inputs(lm, 1, seed=300)
+    x = lm.depformer_input(0, hidden, tokens[:, 0])[:, 0]
+    ends = torch.empty(2 * step_phases(1, lm.config.depformer_num_layers), dtype=torch.int64, device="cuda")
+    arguments = (x, lm.depformer_step_weights(0), lm.linears[0].weight)
+    untimed_state, timed_state = lm.new_depformer_state(1), lm.new_depformer_state(1)
+    untimed = launch_fused_depformer_step(*arguments, untimed_state.keys, untimed_state.values, 0, lm.config.norm_eps,
+                                          persistent=True)
+    timed = launch_fused_depformer_step(*arguments, timed_state.keys, timed_state.values, 0, lm.config.norm_eps,
+                                        persistent=True, phase_ends=ends)
+    assert relative_error(timed, untimed) < 1e-3
+    earliest, latest = ends.view(-1, 2).T.tolist()
+    assert all(0 < first <= last for first, last in zip(earliest, latest))
+    assert all(latest[p - 1] <= earliest[p] for p in range(1, len(latest)))
+

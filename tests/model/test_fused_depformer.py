@@ -196,3 +196,18 @@ def test_fp8_weights_without_their_scales_are_refused(lm):
     with pytest.raises(ValueError, match="row scales"):
         launch_fused_depformer_step(*arguments[:1], lm.float().depformer_step_weights(0), *arguments[2:],
                                     persistent=False, layer_scales=model.depformer_step_scales(0))
+
+
+def test_phase_timing_needs_cuda(lm):
+    """The phase timer reads the GPU's clock: on the CPU, asking for it is refused in one line."""
+    interpreter_or_skip("cpu")
+    from personaplex.model.kernels.fused_depformer import launch_fused_depformer_step, step_phases
+
+    model = lm.float()
+    state = model.new_depformer_state(1)
+    x = torch.randn(1, model.config.depformer_dim)
+    ends = torch.zeros(2 * step_phases(1, model.config.depformer_num_layers), dtype=torch.int64)
+    with pytest.raises(ValueError, match="phase_ends is an int64 tensor on CUDA"):
+        launch_fused_depformer_step(x, model.depformer_step_weights(0), model.linears[0].weight, state.keys,
+                                    state.values, 0, model.config.norm_eps, persistent=False, phase_ends=ends)
+

@@ -138,6 +138,12 @@ def on_cuda_cores(rows: int) -> bool:
     return rows <= 4
 
 
+def step_phases(rows: int, layers: int) -> int:
+    """Phases of a step for `rows` rows: 4 a layer on the CUDA cores, 5 on the tensor cores
+    (the attention a phase of its own), then the logits."""
+    return layers * (4 if on_cuda_cores(rows) else 5) + 1
+
+
 def tile_constants(rows: int, shape: LaunchShape, programs: int, dim: int, hidden: int, card: int) -> dict:
     """The kernel's tile constants for `rows` rows launched as `shape` on `programs` programs,
     for a depformer of width `dim`, feed-forward width `hidden` and `card` logits: the rows per
@@ -148,7 +154,7 @@ def tile_constants(rows: int, shape: LaunchShape, programs: int, dim: int, hidde
         block_rows = triton.next_power_of_2(rows)
     else:
         block_rows = min(MAX_DOT_ROWS, max(DOT_MIN, triton.next_power_of_2(rows)))
-    constants = dict(BLOCK_B=block_rows, ON_TENSOR_CORES=not cuda_cores, PHASES_PER_LAYER=4 if cuda_cores else 5)
+    constants = dict(BLOCK_B=block_rows, ON_TENSOR_CORES=not cuda_cores, PHASES_PER_LAYER=step_phases(rows, 1) - 1)
     products = dict(QKV=(3 * dim, dim), OUT=(dim, dim), GATE=(hidden, dim), FFN=(dim, hidden), HEAD=(card, dim))
     for name, (outputs, inputs) in products.items():
         if cuda_cores:
@@ -455,6 +461,16 @@ def _gate_phase(x_ptr, w_ptr, scale_ptr, alpha_ptr, gate_ptr, counter_ptr, arriv
 
 
 @triton.jit
+def _stamp_phase_end(phase_ends_ptr, phase):
+    """For the benchmark's phase timer: the GPU's clock (ns) when this program finished `phase`,
+    kept as the earliest and the latest over the programs (entries 2 phase and 2 phase + 1)."""
+    tl.debug_barrier()
+    now = tl.extra.cuda.globaltimer().to(tl.int64)
+    tl.atomic_min(phase_ends_ptr + 2 * phase, now)
+    tl.atomic_max(phase_ends_ptr + 2 * phase + 1, now)
+
+
+@triton.jit
 def _layer_weight(table_ptr, layer, which: tl.constexpr, TYPE: tl.constexpr):
     """A weight's address from the table. Triton knows nothing of a loaded address's alignment:
     the hint (checked by the host) lets it load 16 bytes at a time."""
@@ -475,18 +491,19 @@ def _layer_scale(scales_table_ptr, layer, which: tl.constexpr, SCALED: tl.conste
 @triton.jit(do_not_specialize=["rows", "step", "first_phase", "end_phase"])
 def _depformer_step(
     x_ptr, table_ptr, scales_table_ptr, head_ptr, keys_ptr, values_ptr, residual_ptr, q_ptr, attn_ptr, gate_ptr,
-    logits_ptr, counter_ptr, rows, step, first_phase, end_phase, eps, scale,
+    logits_ptr, counter_ptr, phase_ends_ptr, rows, step, first_phase, end_phase, eps, scale,
     LAYERS: tl.constexpr, DIM: tl.constexpr, HIDDEN: tl.constexpr, CARD: tl.constexpr, HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, HEADS_TILE: tl.constexpr, DIM_TILE: tl.constexpr,
     SLOT_CHUNK: tl.constexpr, WEIGHT_TYPE: tl.constexpr, ALPHA_TYPE: tl.constexpr, SCALED: tl.constexpr,
     PRODUCT_TYPE: tl.constexpr, PHASES_PER_LAYER: tl.constexpr, BLOCK_B: tl.constexpr,
     QKV_N: tl.constexpr, QKV_K: tl.constexpr, OUT_N: tl.constexpr, OUT_K: tl.constexpr, GATE_N: tl.constexpr,
     GATE_K: tl.constexpr, FFN_N: tl.constexpr, FFN_K: tl.constexpr, HEAD_N: tl.constexpr, HEAD_K: tl.constexpr,
-    ON_TENSOR_CORES: tl.constexpr, PERSISTENT: tl.constexpr,
+    ON_TENSOR_CORES: tl.constexpr, PERSISTENT: tl.constexpr, TIMED: tl.constexpr,
 ):
     """Phases first_phase .. end_phase - 1 of a step (see the module doc); with PERSISTENT, a
     grid barrier between each and the next. With SCALED, the layers' weights are fp8 codes with
-    one float32 scale per output row (scales_table: their addresses); the head is not."""
+    one float32 scale per output row (scales_table: their addresses); the head is not. With
+    TIMED, each phase's end is stamped at phase_ends (`_stamp_phase_end`)."""
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     for phase in range(first_phase, end_phase):
@@ -538,6 +555,8 @@ def _depformer_step(
                            _layer_scale(scales_table_ptr, layer, LINEAR_OUT, SCALED), residual_ptr, residual_ptr,
                            counter_ptr, arrivals, rows, program, programs, HIDDEN, DIM, True, SCALED, PRODUCT_TYPE,
                            BLOCK_B, FFN_N, FFN_K, ON_TENSOR_CORES)
+        if TIMED:
+            _stamp_phase_end(phase_ends_ptr, phase)
         if PERSISTENT:
             if phase + 1 < end_phase:
                 _arrive(counter_ptr)
@@ -624,12 +643,17 @@ def fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], hea
 def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor,
                                 keys: torch.Tensor, values: torch.Tensor, step: int, eps: float,
                                 persistent: bool, shape: LaunchShape | None = None,
-                                layer_scales: list[torch.Tensor] | None = None) -> torch.Tensor:
+                                layer_scales: list[torch.Tensor] | None = None,
+                                phase_ends: torch.Tensor | None = None) -> torch.Tensor:
     """`fused_depformer_step` in either mode (the op takes the persistent one on CUDA; the
     GPU test compares the two), shared out as `shape` says (default: `LaunchShape.for_rows`;
-    the benchmark sweeps others)."""
+    the benchmark sweeps others). With `phase_ends` (int64, two entries a phase, CUDA only),
+    the kernel writes, per phase, the earliest and the latest time (ns, the GPU's global timer)
+    at which a program finished it: `bench/depformer_fused.py --phases` times each phase so."""
     if persistent and not x.is_cuda:
         raise ValueError("the persistent depformer kernel needs CUDA: its grid barrier deadlocks in the interpreter")
+    if phase_ends is not None and not (x.is_cuda and phase_ends.dtype == torch.int64):
+        raise ValueError("fused_depformer_step: phase_ends is an int64 tensor on CUDA (the GPU's timer stamps it)")
     layers, rows, heads, slots, head_dim = keys.shape
     shape = shape or LaunchShape.for_rows(rows)
     dim = x.shape[1]
@@ -673,10 +697,17 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
         HEADS_TILE=triton.next_power_of_2(heads), DIM_TILE=triton.next_power_of_2(head_dim),
         SLOT_CHUNK=min(shape.attention_slots, triton.next_power_of_2(slots)), WEIGHT_TYPE=_TRITON_TYPES[weight_type],
         ALPHA_TYPE=_TRITON_TYPES[alpha_type], SCALED=scaled, PRODUCT_TYPE=product_type, PERSISTENT=persistent,
-        **tiles,
+        TIMED=phase_ends is not None, **tiles,
     )
-    phases = layers * tiles["PHASES_PER_LAYER"] + 1
-    arguments = (x, table, scales_table, head, keys, values, residual, q, attn, gate, logits, counter, rows, step)
+    phases = step_phases(rows, layers)
+    if phase_ends is not None:
+        if phase_ends.numel() != 2 * phases:
+            raise ValueError(f"fused_depformer_step: phase_ends holds {phase_ends.numel()} entries for {phases} phases "
+                             f"(two a phase)")
+        phase_ends[0::2] = torch.iinfo(torch.int64).max  # the earliest end: an atomic min
+        phase_ends[1::2] = 0
+    arguments = (x, table, scales_table, head, keys, values, residual, q, attn, gate, logits, counter,
+                 counter if phase_ends is None else phase_ends, rows, step)
     launches = [(0, phases)] if persistent else [(phase, phase + 1) for phase in range(phases)]
     scale = head_dim**-0.5
     options = dict(num_warps=shape.num_warps)
