@@ -62,8 +62,10 @@ def frame_of_steps(lm: LMModel, rows: int, kernels: Kernels, compiled: bool) -> 
     return torch.compile(steps, fullgraph=True, dynamic=False) if compiled else steps
 
 
-def fused_steps(lm: LMModel, rows: int, shape: LaunchShape) -> Callable[[], None]:
-    """The fused kernel alone for 8 steps, launched with `shape`."""
+def fused_steps(lm: LMModel, rows: int, shape: LaunchShape,
+                phase_ends: torch.Tensor | None = None) -> Callable[[], None]:
+    """The fused kernel alone for 8 steps, launched with `shape` (with `phase_ends`, [8, 2 x
+    phases] int64, step k's phases are timed into row k)."""
     inputs = [lm.depformer_input(k, torch.randn(rows, 1, lm.config.dim, device="cuda", dtype=torch.bfloat16),
                                  torch.zeros(rows, dtype=torch.long, device="cuda"))[:, 0] for k in range(STEPS)]
     weights = [(lm.depformer_step_weights(k), lm.linears[k].weight) for k in range(STEPS)]
@@ -73,7 +75,8 @@ def fused_steps(lm: LMModel, rows: int, shape: LaunchShape) -> Callable[[], None
     def steps() -> None:
         for k in range(STEPS):
             launch_fused_depformer_step(inputs[k], *weights[k], state.keys, state.values, k, lm.config.norm_eps,
-                                        persistent=True, shape=shape, layer_scales=scales[k])
+                                        persistent=True, shape=shape, layer_scales=scales[k],
+                                        phase_ends=None if phase_ends is None else phase_ends[k])
 
     return steps
 
@@ -86,19 +89,15 @@ def phase_costs(lm: LMModel, rows: int, repeats: int = 10) -> dict[str, dict[str
     phases = step_phases(rows, layers)
     kinds = ["qkv", "out (attention inside)", "gate", "ffn"] if on_cuda_cores(rows) else ["qkv", "attend", "out", "gate",
                                                                                            "ffn"]
-    ends = torch.empty(2 * phases, dtype=torch.int64, device="cuda")
-    hidden = torch.randn(rows, 1, lm.config.dim, device="cuda", dtype=torch.bfloat16)
-    no_token = torch.zeros(rows, dtype=torch.long, device="cuda")
-    state = lm.new_depformer_state(rows)
+    ends = torch.empty(STEPS, 2 * phases, dtype=torch.int64, device="cuda")
+    steps = fused_steps(lm, rows, LaunchShape.for_rows(rows), ends)
     costs, spreads = defaultdict(list), defaultdict(list)
     for frame in range(repeats + 1):
-        for k in range(STEPS):
-            launch_fused_depformer_step(lm.depformer_input(k, hidden, no_token)[:, 0], lm.depformer_step_weights(k),
-                                        lm.linears[k].weight, state.keys, state.values, k, lm.config.norm_eps,
-                                        persistent=True, layer_scales=lm.depformer_step_scales(k), phase_ends=ends)
-            earliest, latest = ends.view(-1, 2).T.tolist()
-            if frame == 0:
-                continue
+        steps()
+        if frame == 0:
+            continue
+        for step_ends in ends.tolist():
+            earliest, latest = step_ends[0::2], step_ends[1::2]
             for phase in range(1, phases):
                 kind = "logits" if phase == phases - 1 else kinds[phase % len(kinds)]
                 costs[kind].append((latest[phase] - latest[phase - 1]) / 1e3)

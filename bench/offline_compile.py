@@ -64,7 +64,7 @@ def depformer(rows: int, warps: int, block_n: int, weight_tile: int, fp8: int = 
     pointers = ["x_ptr", "head_ptr", "keys_ptr", "values_ptr", "residual_ptr", "q_ptr", "attn_ptr", "gate_ptr",
                 "logits_ptr"]
     types = {**{name: "*bf16" for name in pointers}, "table_ptr": "*i64", "scales_table_ptr": "*i64",
-             "counter_ptr": "*i32", "phase_ends_ptr": "*i32", "rows": "i32",
+             "counter_ptr": "*i32", "phase_ends_ptr": "*i64", "rows": "i32",
              "step": "i32", "first_phase": "i32", "end_phase": "i32", "eps": "fp32", "scale": "fp32"}
     shape = fused_depformer.LaunchShape(block_n, weight_tile, warps, programs_per_sm=2)
     constants = dict(LAYERS=6, DIM=1024, HIDDEN=2816, CARD=2048, HEADS=16, HEAD_DIM=64, SLOTS=16, HEADS_TILE=16,

@@ -33,8 +33,9 @@ barrier across all programs. Two ways to run the same phase code:
 - PERSISTENT (CUDA): one launch of a few programs per SM (`LaunchShape`), all resident at
   once, looping over the phases with a grid barrier between them: a shared int32 counter
   that each program increments (release) when done with a phase, then polls (acquire) until
-  every program has arrived. A phase asks for its first weights before it waits (they do not
-  depend on the previous phase), so that their trip from memory overlaps the barrier. Data
+  every program has arrived. On the CUDA cores a phase (all but the gate's) asks for its first
+  weights before it waits (they do not depend on the previous phase), so that their trip from
+  memory overlaps the barrier. Data
   another program wrote is read with ".cg" loads (from L2, never a stale L1). The counter is
   a zeroed workspace of the call, so a replayed CUDA graph zeroes it again.
 - one launch per phase (Triton's interpreter, which runs programs one after another and
@@ -604,19 +605,18 @@ def _device_index(device: torch.device) -> int:
 @functools.cache
 def _register_cap(device_index: int, shape: LaunchShape) -> int:
     """The most registers a thread may take for shape.programs_per_sm programs to fit on an SM
-    together (given in multiples of 8, at most 255). Left to itself, the compiler keeps every
-    phase's first weights in registers across the grid barrier and takes ~230 a thread at one
-    row, which fits one program of 8 warps an SM, not two; capped at 128 it spills ~136 bytes
-    a thread instead (sm_90, bench/offline_compile.py)."""
+    together (given in multiples of 8, at most 255). Left to itself, the compiler keeps the
+    phases' first weights in registers across the grid barrier and takes ~230-250 a thread at
+    one row, which fits one program of 8 warps an SM, not two; capped at 128 it spills ~150
+    bytes a thread instead (sm_90, bench/offline_compile.py)."""
     properties = torch.cuda.get_device_properties(device_index)
     register_file = getattr(properties, "regs_per_multiprocessor", 65536)
     return min(255, register_file // (shape.num_warps * 32 * shape.programs_per_sm) // 8 * 8)
 
 
 def _programs(kernel: triton.JITFunction, arguments: tuple, constants: dict, options: dict, shape: LaunchShape,
-              device: torch.device) -> int:
-    """One program per SM times shape.programs_per_sm, at most what stays resident."""
-    index = _device_index(device)
+              index: int) -> int:
+    """One program per SM of device `index` times shape.programs_per_sm, at most what stays resident."""
     compiled = kernel.warmup(*arguments, grid=(1,), **options, **constants)
     compiled._init_handles()  # loads the binary: its register count is known from here
     resident = _resident_programs_per_sm(index, compiled.n_regs, compiled.metadata.shared, shape.num_warps)
@@ -689,8 +689,8 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     product_type = tl.float32 if x.device.type == "cpu" or x.dtype == torch.float32 else _TRITON_TYPES[x.dtype]
     # The tiles are sized for the programs the shape asks for; should fewer fit on an SM (see
     # `_programs`), some programs loop over a second tile.
-    intended_programs = _multiprocessors(_device_index(x.device)) * shape.programs_per_sm if x.is_cuda \
-        else INTERPRETER_PROGRAMS
+    index = _device_index(x.device) if x.is_cuda else None
+    intended_programs = _multiprocessors(index) * shape.programs_per_sm if x.is_cuda else INTERPRETER_PROGRAMS
     tiles = tile_constants(rows, shape, intended_programs, dim, hidden, card)
     constants = dict(
         LAYERS=layers, DIM=dim, HIDDEN=hidden, CARD=card, HEADS=heads, HEAD_DIM=head_dim, SLOTS=slots,
@@ -712,9 +712,8 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     scale = head_dim**-0.5
     options = dict(num_warps=shape.num_warps)
     if x.is_cuda:
-        options["maxnreg"] = _register_cap(_device_index(x.device), shape)
-        programs = _programs(_depformer_step, (*arguments, *launches[0], eps, scale), constants, options, shape,
-                             x.device)
+        options["maxnreg"] = _register_cap(index, shape)
+        programs = _programs(_depformer_step, (*arguments, *launches[0], eps, scale), constants, options, shape, index)
     else:
         programs = INTERPRETER_PROGRAMS
     for first, end in launches:
