@@ -369,9 +369,10 @@ def gemv_configs(narrow: bool = False) -> list[KernelConfig]:
             for bn in (4, 8, 16, 32) for bk in (256, 512, 1024, 2048) for sk in (1, 2) if 2048 <= bn * bk <= 16384]
 
 
-def gemv_weights(kind: WeightKind, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> tuple[list[tuple], int, int]:
-    """Enough copies of one random layer in `kind` (PLAIN: in `dtype`) to outrun L2:
-    [(weight, scales, biases)], group size, bytes."""
+def gemv_weights(kind: WeightKind, n: int, k: int, dtype: torch.dtype = torch.bfloat16,
+                 copies: int | None = None) -> tuple[list[tuple], int, int]:
+    """Enough copies of one random layer in `kind` (PLAIN: in `dtype`) to outrun L2 (or
+    `copies` of them): [(weight, scales, biases)], group size, bytes."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
     if kind == WeightKind.PLAIN:
         layer, group = (w.to(dtype), None, None), 1
@@ -382,7 +383,8 @@ def gemv_weights(kind: WeightKind, n: int, k: int, dtype: torch.dtype = torch.bf
         int4 = Int4Linear.from_weight(w, GROUP_SIZE)
         layer, group = (int4.qweight, int4.scales, int4.biases), GROUP_SIZE
     nbytes = sum(t.numel() * t.element_size() for t in layer if t is not None)
-    return [tuple(t if t is None else t.clone() for t in layer) for _ in range(copies_for(nbytes))], group, nbytes
+    count = copies or copies_for(nbytes)
+    return [tuple(t if t is None else t.clone() for t in layer) for _ in range(count)], group, nbytes
 
 
 def time_launch_shapes(kind: WeightKind, x: torch.Tensor, copies: list[tuple], group: int, nbytes: int,
@@ -470,47 +472,99 @@ def gemv_sweep(which: str) -> None:
 
 
 DOT_ROWS = (8, 32, 64)
+# (output columns, K per iteration, warps, loads in flight) per program: the H100 table's narrow
+# tiles, and wider ones that re-read x less (a [rows, K] x tile is read once per BLOCK_N
+# columns; at 64 rows and 64 int4 columns that is four times the weight bytes) and keep more
+# weight bytes in flight per SM.
+DOT_TILES = ((32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3),
+             (128, 128, 8, 4), (256, 64, 8, 3), (256, 64, 8, 4), (256, 128, 8, 3))
 
 
 def dot_configs(rows: int) -> list[KernelConfig]:
-    """Several-row int4 launch shapes: output columns per program, K per iteration, K split,
-    loads in flight (num_stages)."""
-    block_m = 16 if rows <= 16 else min(rows, 64)
-    return [KernelConfig(block_m, bn, bk, sk, 4, stages) for bn in (32, 64, 128) for bk in (GROUP_SIZE, 256)
-            for sk in (1, 2, 4) for stages in (3, 5)]
+    """Several-row launch shapes: `DOT_TILES`, K split over 1-4 programs (8 for the wide
+    tiles, which are few), and from 32 rows the rows also padded to 64 (wgmma's height)."""
+    heights = [16] if rows <= 16 else sorted({min(rows, 64), 64})
+    return [KernelConfig(bm, bn, bk, sk, warps, stages) for bm in heights for bn, bk, warps, stages in DOT_TILES
+            for sk in ((1, 2, 4, 8) if bn >= 128 else (1, 2, 4))]
+
+
+def _compile_dot(task: tuple[int, int, int, dict]) -> str:
+    """Worker: build (and run once) one several-row kernel at `rows` x K, so that the sweep's
+    own process finds it in Triton's cache instead of compiling ~100 shapes one by one."""
+    kind, rows, k, config = task
+    n = 256
+    copies, group, _ = gemv_weights(WeightKind(kind), n, k, copies=1)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    try:
+        quantized_linear(x, *copies[0], WeightKind(kind), group, KernelConfig(**config))
+        torch.cuda.synchronize()
+        return ""
+    except Exception as exc:  # the sweep then skips it; say which
+        return f"{config}: {exc!r}"[:300]
+
+
+def precompile_dot(kinds: list[WeightKind], shapes: list[tuple[int, int]]) -> None:
+    """Every fitted launch shape of the sweep compiled in worker processes, side by side."""
+    import concurrent.futures
+    import multiprocessing
+
+    tasks: dict[tuple, int] = {}  # (kind, rows, fitted config) -> a K it fits: K itself is not compiled in
+    for kind in kinds:
+        group = GROUP_SIZE if kind == WeightKind.INT4 else 1
+        for _, k in shapes:
+            for rows in DOT_ROWS:
+                for config in dot_configs(rows):
+                    fitted = tuple(sorted(asdict(qmm.fit_config(config, kind, k, group)).items()))
+                    tasks.setdefault((int(kind), rows, fitted), k)
+    work = [(kind, rows, k, dict(config)) for (kind, rows, config), k in tasks.items()]
+    workers = min(14, os.cpu_count() or 2)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        failures = [message for message in pool.map(_compile_dot, work) if message]
+    print(f"compiled {len(work)} kernels in {workers} processes [{elapsed():.0f}s]; failed: {failures[:5]}", flush=True)
 
 
 def dot_sweep() -> None:
-    """--dot: each int4 product of a frame at 8, 32 and 64 rows over `dot_configs`; then the
-    frame's int4 products with the default shapes and with the fastest ones, beside bf16."""
+    """--dot: each several-row product of a frame at 8, 32 and 64 rows over `dot_configs`, per
+    kind of $DOT_KINDS (default INT4; FP8 too); then the frame's products with the default
+    shapes and with the fastest ones, beside bf16 (cuBLAS)."""
     rows_out = []
-    kind = WeightKind.INT4
-    for n, k in TEMPORAL_SHAPES + DEPFORMER_SHAPES:
-        copies, group, nbytes = gemv_weights(kind, n, k)
-        for rows in DOT_ROWS:
-            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            reference = quantized_linear(x, *copies[0], kind, group).float()
-            trials = time_launch_shapes(kind, x, copies, group, nbytes, [None] + dot_configs(rows), reference, 7)
-            best = min((t for t in trials if t["err"] < 1e-2), key=lambda t: t["us"])
-            TUNED[(int(kind), rows, n, k)] = KernelConfig(**best["config"])
-            rows_out.append({"kind": kind.name, "n": n, "k": k, "rows": rows, "default": trials[0], "best": best,
-                             "trials": trials})
-            print(f"INT4 {n}x{k} x{rows}: default {trials[0]['us']} us ({trials[0]['TBps']} TB/s), best {best['us']} "
-                  f"({best['TBps']}) {best['config']} [{elapsed():.0f}s]", flush=True)
-            RESULTS["dot"] = rows_out
-            save()
-        del copies
+    kinds = [WeightKind[name] for name in os.environ.get("DOT_KINDS", "INT4").split(",")]
+    shapes = TEMPORAL_SHAPES + DEPFORMER_SHAPES
+    precompile_dot(kinds, shapes)
+    for kind in kinds:
+        for n, k in shapes:
+            copies, group, nbytes = gemv_weights(kind, n, k)
+            for rows in DOT_ROWS:
+                x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+                reference = quantized_linear(x, *copies[0], kind, group).float()
+                trials = time_launch_shapes(kind, x, copies, group, nbytes, [None] + dot_configs(rows), reference, 7)
+                best = min((t for t in trials if t["err"] < 1e-2), key=lambda t: t["us"])
+                TUNED[(int(kind), rows, n, k)] = KernelConfig(**best["config"])
+                rows_out.append({"kind": kind.name, "n": n, "k": k, "rows": rows, "default": trials[0], "best": best,
+                                 "trials": trials})
+                print(f"{kind.name} {n}x{k} x{rows}: default {trials[0]['us']} us ({trials[0]['TBps']} TB/s), best "
+                      f"{best['us']} ({best['TBps']}) {best['config']} [{elapsed():.0f}s]", flush=True)
+                RESULTS["dot"] = rows_out
+                save()
+            del copies
     RESULTS["label"] = "dot"
-    model = random_lm()
     batches = (1, *DOT_ROWS)
+    model = random_lm()
     RESULTS["frame_linears_ms"] = {"bf16": {b: round(time_frame_linears(model, b), 3) for b in batches}}
-    quantize_model(model, "int4", group_size=GROUP_SIZE)
-    RESULTS["frame_linears_ms"]["int4"] = {b: round(time_frame_linears(model, b), 3) for b in batches}
-    qmm.default_config = tuned_config
-    RESULTS["frame_linears_ms"]["int4_tuned"] = {b: round(time_frame_linears(model, b), 3) for b in batches}
-    qmm.default_config = DEFAULT_CONFIG
-    print(RESULTS["frame_linears_ms"], flush=True)
-    save()
+    print("bf16", RESULTS["frame_linears_ms"]["bf16"], flush=True)
+    for kind in kinds:
+        fmt = kind.name.lower()
+        if kind != kinds[0]:
+            model = random_lm()
+        quantize_model(model, fmt, group_size=GROUP_SIZE)
+        RESULTS["frame_linears_ms"][fmt] = {b: round(time_frame_linears(model, b), 3) for b in batches}
+        qmm.default_config = tuned_config
+        RESULTS["frame_linears_ms"][f"{fmt}_tuned"] = {b: round(time_frame_linears(model, b), 3) for b in batches}
+        qmm.default_config = DEFAULT_CONFIG
+        print(fmt, RESULTS["frame_linears_ms"][fmt], "tuned", RESULTS["frame_linears_ms"][f"{fmt}_tuned"], flush=True)
+        save()
+        del model
+        torch.cuda.empty_cache()
 
 
 def main() -> None:

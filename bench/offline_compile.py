@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from personaplex.model.kernels import fused_depformer, quantized_matmul  # noqa: E402
 
 DIVISIBLE = ("N", "K", "stride_xm", "stride_om")  # integer arguments the model passes as multiples of 16
-COUNTED = ("LDGSTS", "LDG", "FFMA", "I2F", "F2FP", "HMMA", "HGMMA", "BAR", "STL", "LDL", "SHFL")
+COUNTED = ("LDGSTS", "LDG", "FFMA", "I2F", "F2FP", "HMMA", "HGMMA", "BAR", "STL", "LDL", "SHFL", "STS", "LDS", "LDSM", "LOP3", "PRMT", "SHF", "IMAD", "HFMA2", "F2F", "HADD2", "MOV")
 
 
 def compile_sm90(fn, types: dict[str, str], constants: dict, num_warps: int, num_stages: int = 3) -> str:
@@ -55,7 +55,7 @@ def compile_sm90(fn, types: dict[str, str], constants: dict, num_warps: int, num
         sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
     ops = collections.Counter(re.findall(r"\s([A-Z][A-Z0-9_]+)[.\s]", sass))
     resources = [line.split(": ", 1)[-1].strip() for line in ptxas.splitlines() if "Used" in line or "spill" in line]
-    return (f"triton {triton.__version__}, {assembler}: {'; '.join(resources)}; "
+    return (f"triton {triton.__version__}, {assembler}: {'; '.join(resources)}; {sum(ops.values())} instructions; "
             + ", ".join(f"{op} {ops[op]}" for op in COUNTED))
 
 

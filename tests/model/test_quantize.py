@@ -173,3 +173,21 @@ def test_cuda_kernel_matches_dequantized_weights(fmt: str, rows: int) -> None:
     expected = x.float() @ layer.dequantized_weight().t()
     out = layer(x).float()
     assert ((out - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_tuned_launch_shapes_tile_their_layers_and_h200_shapes_come_first() -> None:
+    """Every measured launch shape tiles its layer as it stands (fit_config changes nothing, so
+    what was timed is what runs), and the several-row H200 entries win over the H100 table."""
+    from personaplex.model.kernels import WeightKind
+    from personaplex.model.kernels import quantized_matmul as qmm
+
+    for (kind, bucket, n, k), shape in qmm._TUNED_DOT_H200.items():
+        config = qmm.KernelConfig(*shape)
+        group = 64 if kind == WeightKind.INT4 else 1
+        assert qmm.fit_config(config, kind, k, group) == config
+        assert qmm.default_config(kind, bucket, n, k) == config
+        assert config.block_m >= min(bucket, 16)
+    for (kind, n, k), shape in qmm._TUNED_GEMV_H200.items():
+        config = qmm.KernelConfig(1, *shape)
+        assert qmm.fit_config(config, kind, k, 64 if kind == WeightKind.INT4 else 1) == config
+    assert qmm.default_config(WeightKind.INT8, 64, 4096, 11264) == qmm.KernelConfig(*qmm._TUNED_H100[(64, 4096, 11264)])

@@ -50,29 +50,91 @@ def _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k0, K, GROUP_SIZE: tl.co
 
 
 @triton.jit
-def _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K,
-                 KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _per_column(group_values, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, COLUMNS: tl.constexpr):
+    """[BLOCK_N, GROUPS] values repeated along their groups into [BLOCK_N, COLUMNS]."""
+    return tl.reshape(tl.broadcast_to(group_values[:, :, None], (BLOCK_N, GROUPS, COLUMNS // GROUPS)),
+                      (BLOCK_N, COLUMNS))
+
+
+@triton.jit
+def _int4_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """Dequantized int4 weights [BLOCK_N, BLOCK_K] (float32) for the GEMV, with no conversion
+    instruction.
+
+    The Hopper SM converts integers to floats at 16 a clock, an eighth of its float FMA rate.
+    Here each 32-bit word of 8 codes is read as 8 floats by bit operations instead: a code
+    moved into bits 16-19 under the bits of 128.0 (0x43000000) is the float 128 + q, exactly.
+    Then (128 + q) * scale + (bias - 128 * scale) = q * scale + bias in one FMA with one
+    rounding: the same float32 as `_int4_tile_by_bytes` (bias - 128 * scale is exact for any
+    group whose bias is within 2^13 of 128 scale steps: every real one). A frame's one-row
+    int4 products: 3.99 -> 3.78 ms on the H200 (docs/PERFORMANCE.md, run Q). The tensor-core
+    kernel does not take it: its nested joins cost a trip through shared memory there.
+    """
+    WORDS: tl.constexpr = BLOCK_K // 8
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+    # Rows are K/2 bytes, a multiple of 16 (K is a multiple of the group size, 32 or more).
+    row_words = tl.multiple_of(K // 8, 4)
+    word_cols = k0 // 8 + tl.arange(0, WORDS)
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * row_words + word_cols[None, :],
+                    mask=n_ok[:, None], other=0)
+    scale = scale.to(tl.float32)
+    shifted_bias = _per_column(bias.to(tl.float32) - 128.0 * scale, BLOCK_N, GROUPS, WORDS)
+    scale = _per_column(scale, BLOCK_N, GROUPS, WORDS)
+    # Code i of a word (input 8j + i, low nibble first) sits in bits 4i .. 4i+3.
+    w0 = _nibble_weight(words << 16, scale, shifted_bias)
+    w1 = _nibble_weight(words << 12, scale, shifted_bias)
+    w2 = _nibble_weight(words << 8, scale, shifted_bias)
+    w3 = _nibble_weight(words << 4, scale, shifted_bias)
+    w4 = _nibble_weight(words, scale, shifted_bias)
+    w5 = _nibble_weight(words >> 4, scale, shifted_bias)
+    w6 = _nibble_weight(words >> 8, scale, shifted_bias)
+    w7 = _nibble_weight(words >> 12, scale, shifted_bias)
+    # Each join adds a last axis of 2; nested this way, the flattened [.., 2, 2, 2] axis runs
+    # w0 .. w7: the inputs' order.
+    eight = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
+    return tl.reshape(eight, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _nibble_weight(bits, scale, shifted_bias):
+    """The weight whose code is in bits 16-19 of `bits` (int32): (128 + q) * scale + shifted_bias."""
+    return ((bits & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True) * scale + shifted_bias
+
+
+@triton.jit
+def _int4_tile_by_bytes(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """Dequantized int4 weights [BLOCK_N, BLOCK_K] (float32) for the tensor cores: each byte's
+    two codes interleaved (input order, low nibble first) and converted to floats. Faster there
+    than `_int4_tile` (frame products at 8 / 32 rows 5.63 / 6.95 ms against 7.76 / 10.80, run Q)."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+    byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + byte_cols[None, :], mask=n_ok[:, None], other=0)
+    q = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)
+    return q * _per_column(scale.to(tl.float32), BLOCK_N, GROUPS, BLOCK_K) + _per_column(
+        bias.to(tl.float32), BLOCK_N, GROUPS, BLOCK_K)
+
+
+@triton.jit
+def _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr):
     """Dequantized weights [BLOCK_N, BLOCK_K] (float32) of rows offs_n, inputs k0 .. k0+BLOCK_K;
-    scale and bias: the tile's groups (`_group_scales`; unused for fp8 and plain weights)."""
-    if KIND == 0:
-        byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + byte_cols[None, :], mask=n_ok[:, None], other=0)
-        # interleave puts each byte's two values side by side: input order, low nibble first.
-        q = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)
+    scale and bias: the tile's groups (`_group_scales`; unused for fp8 and plain weights);
+    TENSOR_CORES: for `_dot_kernel` (int4 codes are unpacked the way each kernel runs faster)."""
+    if KIND == 0 and TENSOR_CORES:
+        w = _int4_tile_by_bytes(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE, BLOCK_N, BLOCK_K)
+    elif KIND == 0:
+        w = _int4_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE, BLOCK_N, BLOCK_K)
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
         # Rows past N are never stored, so their (unloaded) values do not matter.
-        q = tl.load(w_ptr + offs_n[:, None] * K + cols[None, :], mask=n_ok[:, None]).to(tl.float32)
-    if KIND >= 2:
-        w = q  # fp8: the per-row scale is applied once to the finished sum; plain weights are as stored
-    else:
-        GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
-        # One scale per group of GROUP_SIZE inputs: repeat each along its group.
-        scale = tl.reshape(tl.broadcast_to(scale.to(tl.float32)[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE)),
-                           (BLOCK_N, BLOCK_K))
-        bias = tl.reshape(tl.broadcast_to(bias.to(tl.float32)[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE)),
-                          (BLOCK_N, BLOCK_K))
-        w = q * scale + bias
+        w = tl.load(w_ptr + offs_n[:, None] * K + cols[None, :], mask=n_ok[:, None]).to(tl.float32)
+        # fp8's per-row scale is applied once to the finished sum; plain weights are as stored.
+        if KIND == 1:  # int8: one scale and bias per group of GROUP_SIZE inputs, repeated along the group
+            GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+            w = w * _per_column(scale.to(tl.float32), BLOCK_N, GROUPS, BLOCK_K) + _per_column(
+                bias.to(tl.float32), BLOCK_N, GROUPS, BLOCK_K)
     return w
 
 
@@ -120,7 +182,7 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K, stride_xm,
             scale, bias = next_scale, next_bias
             k_next = tl.minimum(k0 + BLOCK_K, k_first + k_slice - BLOCK_K)
             next_scale, next_bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k_next, K, GROUP_SIZE, GROUPS)
-        w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K, False)
         cols = k0 + tl.arange(0, BLOCK_K)
         acc += w * tl.load(x_ptr + cols).to(tl.float32)[None, :]
         if TWO_ROWS:
@@ -149,7 +211,7 @@ def _dot_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, M, N, K, stride_x
         scale, bias = scales_ptr, biases_ptr  # only the affine formats have group scales
         if KIND < 2:
             scale, bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k0, K, GROUP_SIZE, GROUPS)
-        w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K, True)
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
@@ -235,13 +297,51 @@ _TUNED_GEMV_H200: dict[tuple[WeightKind, int, int], tuple[int, int, int, int, in
 }
 
 
+# The several-row kernel's launch shapes that beat the H100 table's by 2 % or more on an H200
+# (the sweep of `bench/linear_kernels.py --dot`, int4 and fp8 at 8, 32 and 64 rows over tiles up
+# to 256 columns and 8 warps, bench/results/h200-dot-sweep.json; key: kind, rows bucket, N, K;
+# values: block_m, block_n, block_k, split_k, num_warps, num_stages). Elsewhere the H100 shape
+# was also the H200's fastest, or within 2 %; int8 was not swept.
+_TUNED_DOT_H200: dict[tuple[WeightKind, int, int, int], tuple[int, int, int, int, int, int]] = {
+    (WeightKind.INT4, 8, 4096, 4096): (16, 32, 256, 2, 4, 3),  # 15.84 -> 14.68 us
+    (WeightKind.INT4, 32, 4096, 4096): (32, 64, 256, 4, 4, 3),  # 20.33 -> 18.31 us
+    (WeightKind.INT4, 8, 22528, 4096): (16, 32, 256, 1, 4, 3),  # 49.79 -> 48.17 us
+    (WeightKind.INT4, 8, 4096, 11264): (16, 32, 256, 2, 4, 3),  # 35.18 -> 31.85 us
+    (WeightKind.INT4, 64, 4096, 11264): (64, 128, 64, 8, 4, 4),  # 54.27 -> 48.45 us
+    (WeightKind.INT4, 8, 3072, 1024): (16, 32, 256, 1, 4, 3),  # 6.09 -> 5.56 us
+    (WeightKind.INT4, 8, 1024, 1024): (16, 32, 256, 1, 4, 3),  # 5.9 -> 5.39 us
+    (WeightKind.INT4, 32, 1024, 1024): (32, 32, 256, 4, 4, 3),  # 7.06 -> 6.46 us
+    (WeightKind.INT4, 64, 1024, 1024): (64, 32, 256, 4, 4, 3),  # 7.24 -> 6.9 us
+    (WeightKind.INT4, 8, 5632, 1024): (16, 32, 256, 1, 4, 3),  # 6.95 -> 6.63 us
+    (WeightKind.INT4, 32, 5632, 1024): (32, 64, 256, 1, 4, 3),  # 9.71 -> 8.77 us
+    (WeightKind.FP8, 64, 12288, 4096): (64, 128, 128, 2, 4, 3),  # 38.62 -> 35.05 us
+    (WeightKind.FP8, 8, 4096, 4096): (16, 32, 256, 1, 4, 3),  # 13.54 -> 11.23 us
+    (WeightKind.FP8, 32, 4096, 4096): (32, 64, 256, 2, 4, 3),  # 14.64 -> 13.38 us
+    (WeightKind.FP8, 64, 4096, 4096): (64, 64, 256, 2, 4, 3),  # 17.18 -> 16.01 us
+    (WeightKind.FP8, 32, 22528, 4096): (32, 64, 256, 1, 4, 3),  # 41.17 -> 37.87 us
+    (WeightKind.FP8, 64, 22528, 4096): (64, 128, 64, 1, 4, 4),  # 77.89 -> 53.71 us
+    (WeightKind.FP8, 8, 4096, 11264): (16, 64, 256, 2, 4, 3),  # 28.1 -> 22.86 us
+    (WeightKind.FP8, 32, 4096, 11264): (32, 64, 256, 2, 4, 3),  # 34.21 -> 26.96 us
+    (WeightKind.FP8, 64, 4096, 11264): (64, 64, 256, 2, 4, 3),  # 38.02 -> 34.67 us
+    (WeightKind.FP8, 8, 3072, 1024): (16, 32, 256, 1, 4, 3),  # 5.35 -> 4.53 us
+    (WeightKind.FP8, 8, 1024, 1024): (16, 32, 256, 1, 4, 3),  # 5.01 -> 4.16 us
+    (WeightKind.FP8, 64, 1024, 1024): (64, 32, 256, 1, 4, 3),  # 6.69 -> 5.8 us
+    (WeightKind.FP8, 8, 5632, 1024): (16, 32, 256, 1, 4, 3),  # 5.9 -> 5.42 us
+    (WeightKind.FP8, 32, 5632, 1024): (32, 64, 256, 1, 4, 3),  # 7.5 -> 6.84 us
+    (WeightKind.FP8, 64, 5632, 1024): (64, 64, 256, 1, 4, 3),  # 8.47 -> 8.3 us
+    (WeightKind.FP8, 8, 1024, 2816): (16, 32, 256, 1, 4, 3),  # 9.09 -> 7.6 us
+    (WeightKind.FP8, 32, 1024, 2816): (32, 32, 256, 1, 4, 3),  # 10.08 -> 9.7 us
+}
+
+
 def _rows_bucket(m: int) -> int:
     return next(b for b in (8, 32, 64, 1 << 30) if m <= b)
 
 
 def default_config(kind: WeightKind, m: int, n: int, k: int) -> KernelConfig:
     """The launch shape measured fastest for this product: on an H200 for the GEMV (up to
-    GEMV_MAX_ROWS rows) of fp8, int4 or plain weights, else on an H100 (docs/QUANTIZATION.md).
+    GEMV_MAX_ROWS rows) of fp8, int4 or plain weights and for the several-row kernel where its
+    sweep found better than the H100's, else on an H100 (docs/QUANTIZATION.md).
 
     Shapes outside the tables (tiny test models, another model) get the rule the tables
     mostly follow: 16 rows per GEMV program, 32 per tensor-core program, and K split over
@@ -254,6 +354,9 @@ def default_config(kind: WeightKind, m: int, n: int, k: int) -> KernelConfig:
             return KernelConfig(1, *tuned_gemv)
         return KernelConfig(block_m=1, block_n=16, block_k=256, split_k=split_k)
     bucket = _rows_bucket(m)
+    tuned_h200 = _TUNED_DOT_H200.get((kind, bucket, n, k))
+    if tuned_h200 is not None:
+        return KernelConfig(*tuned_h200)
     tuned = _TUNED_H100.get((bucket, n, k))
     if tuned is not None:
         return KernelConfig(*tuned)
