@@ -17,7 +17,8 @@ frame's products with the fastest shapes found;
 `--gemv-mimi` the same for Mimi's transformer products (float32, two rows);
 `--gemv-depformer` for the depformer's products as two conversations run them (bf16, two rows:
 frames of two rows compile the depformer's steps instead of fusing them);
-`--dot` the same for the several-row int4 kernel at 8, 32 and 64 rows.
+`--dot` the same for the several-row kernel at 8, 32 and 64 rows (int4; DOT_KINDS=INT4,FP8 adds fp8),
+its ~130 kernels compiled first in worker processes.
 
 Part 2, the full 7B LM with random weights: weights in GPU memory per format (and the peak
 while quantizing in place), text/audio logit error and greedy-token agreement against bf16,
