@@ -161,6 +161,31 @@ def test_kernel_matches_float_math_on_its_dequantized_weights(scale: str, fmt: s
     assert max(worst.values()) < KERNEL_BOUND, worst
 
 
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("rows", [1, 9])
+def test_every_code_reads_exactly(scale: str, rows: int) -> None:
+    """Each kernel (the GEMV at one row, the tensor cores at nine) reads every fp8 code,
+    subnormal ones included, and every int4 code exactly: one code per output row, the same at
+    every input, and x all ones, so that each output is 64 times that weight, exact in bf16 (in
+    fp16 in the interpreter, whose bf16 tensor-core product is wrong)."""
+    from personaplex.model.kernels.quantized_matmul import WeightKind, quantized_linear
+
+    interpreter_or_skip(scale)
+    device = device_of(scale)
+    x = torch.ones(rows, 64, device=device, dtype=torch.bfloat16 if scale == "cuda" else torch.float16)
+    finite = [code for code in range(256) if code & 0x7F != 0x7F]  # e4m3fn's two NaN codes left out
+    codes = torch.tensor(finite, dtype=torch.uint8, device=device)[:, None].expand(-1, 64).contiguous()
+    weight = codes.view(torch.float8_e4m3fn)
+    out = quantized_linear(x, weight, torch.ones(len(finite), device=device), None, WeightKind.FP8, 1)
+    assert torch.equal(out.float(), (64 * weight[:, 0].float())[None, :].expand(rows, -1))
+    nibbles = torch.arange(16, dtype=torch.uint8, device=device).repeat(2)[:, None].expand(-1, 64)
+    packed = (nibbles[:, 0::2] | nibbles[:, 1::2] << 4).contiguous()
+    scales = torch.full((32, 1), 0.5, dtype=torch.float16, device=device)
+    biases = torch.full((32, 1), -4.0, dtype=torch.float16, device=device)
+    out = quantized_linear(x, packed, scales, biases, WeightKind.INT4, 64)
+    assert torch.equal(out.float(), (64 * (nibbles[:, 0].float() / 2 - 4))[None, :].expand(rows, -1))
+
+
 def mimi_linear_shapes() -> dict[tuple[int, int], str]:
     """(out, in) of the linears of Mimi's transformer (float32, two rows a frame)."""
     config = MimiTransformerConfig()
