@@ -349,9 +349,12 @@ class GemvSet:
     narrow: bool
 
 
+NARROW_WEIGHTS = 2**23  # layers of at most this many weights take `gemv_configs(narrow=True)`
 GEMV_SETS = {
-    "gemv": GemvSet({shape: 32 for shape in TEMPORAL_SHAPES} | {DEPFORMER_SHAPES[0]: 8},  # the depformer's input
-                    1, torch.bfloat16, False),
+    # One row: the temporal layers, and the depformer's (the int4 and int8 steps run them through
+    # the GEMV; bf16 and fp8 ones are fused at one row).
+    "gemv": GemvSet({shape: 32 for shape in TEMPORAL_SHAPES} | {DEPFORMER_SHAPES[0]: 8}
+                    | {shape: 48 for shape in DEPFORMER_SHAPES[1:]}, 1, torch.bfloat16, False),
     "gemv-mimi": GemvSet({shape: 16 for shape in MIMI_SHAPES}, 2, torch.float32, True),  # 8 layers each side
     "gemv-depformer": GemvSet({DEPFORMER_SHAPES[0]: 8, DEPFORMER_HEAD: 8}  # per step: input product, logits head
                               | {shape: 48 for shape in DEPFORMER_SHAPES[1:]}, 2, torch.bfloat16, True),  # 6 layers x 8 steps
@@ -419,6 +422,8 @@ def gemv_sweep(which: str) -> None:
     kinds = ([WeightKind.PLAIN] if which != "gemv"
              else [WeightKind[name] for name in os.environ.get("GEMV_KINDS", "FP8,INT4").split(",")])
     m, dtype = products.rows, products.dtype
+    precompile([(kind, m, k, config) for kind in kinds for n, k in products.per_frame
+                for config in gemv_configs(products.narrow or n * k <= NARROW_WEIGHTS)], dtype)
     for kind in kinds:
         for n, k in products.per_frame:
             copies, group, nbytes = gemv_weights(kind, n, k, dtype)
@@ -429,8 +434,8 @@ def gemv_sweep(which: str) -> None:
                 us = graph_time_us([lambda c=c: F.linear(x, c[0]) for c in copies], 9)
                 trials.append({"config": "cuBLAS", "default": False, "us": round(us, 2),
                                "TBps": round(nbytes / us / 1e6, 2), "err": rel_err(F.linear(x, copies[0][0]), reference)})
-            trials += time_launch_shapes(kind, x, copies, group, nbytes, [None] + gemv_configs(products.narrow),
-                                         reference, 9)
+            narrow = products.narrow or n * k <= NARROW_WEIGHTS
+            trials += time_launch_shapes(kind, x, copies, group, nbytes, [None] + gemv_configs(narrow), reference, 9)
             ours = [t for t in trials if t["config"] != "cuBLAS"]
             best = min((t for t in ours if t["err"] < 1e-3), key=lambda t: t["us"])
             TUNED[(int(kind), m, n, k)] = KernelConfig(**best["config"])
@@ -489,13 +494,13 @@ def dot_configs(rows: int) -> list[KernelConfig]:
             for sk in ((1, 2, 4, 8) if bn >= 128 else (1, 2, 4))]
 
 
-def _compile_dot(task: tuple[int, int, int, dict]) -> str:
-    """Worker: build (and run once) one several-row kernel at `rows` x K, so that the sweep's
-    own process finds it in Triton's cache instead of compiling ~100 shapes one by one."""
-    kind, rows, k, config = task
-    n = 256
-    copies, group, _ = gemv_weights(WeightKind(kind), n, k, copies=1)
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+def _compile_product(task: tuple[int, int, int, str, dict]) -> str:
+    """Worker: build (and run once) one kernel at `rows` x K, so that a sweep's own process finds
+    it in Triton's cache instead of compiling ~100 launch shapes one by one."""
+    kind, rows, k, dtype_name, config = task
+    dtype = getattr(torch, dtype_name)
+    copies, group, _ = gemv_weights(WeightKind(kind), 256, k, dtype, copies=1)
+    x = torch.randn(rows, k, device="cuda", dtype=dtype)
     try:
         quantized_linear(x, *copies[0], WeightKind(kind), group, KernelConfig(**config))
         torch.cuda.synchronize()
@@ -504,23 +509,20 @@ def _compile_dot(task: tuple[int, int, int, dict]) -> str:
         return f"{config}: {exc!r}"[:300]
 
 
-def precompile_dot(kinds: list[WeightKind], shapes: list[tuple[int, int]]) -> None:
-    """Every fitted launch shape of the sweep compiled in worker processes, side by side."""
+def precompile(candidates: list[tuple[WeightKind, int, int, KernelConfig]], dtype: torch.dtype = torch.bfloat16) -> None:
+    """Every (kind, rows, K, launch shape) a sweep will time, fitted to its K, compiled in worker
+    processes side by side (K itself is not compiled in: one K per fitted shape is enough)."""
     import concurrent.futures
     import multiprocessing
 
-    tasks: dict[tuple, int] = {}  # (kind, rows, fitted config) -> a K it fits: K itself is not compiled in
-    for kind in kinds:
-        group = GROUP_SIZE if kind == WeightKind.INT4 else 1
-        for _, k in shapes:
-            for rows in DOT_ROWS:
-                for config in dot_configs(rows):
-                    fitted = tuple(sorted(asdict(qmm.fit_config(config, kind, k, group)).items()))
-                    tasks.setdefault((int(kind), rows, fitted), k)
-    work = [(kind, rows, k, dict(config)) for (kind, rows, config), k in tasks.items()]
+    tasks: dict[tuple, int] = {}
+    for kind, rows, k, config in candidates:
+        fitted = tuple(sorted(asdict(qmm.fit_config(config, kind, k, GROUP_SIZE if kind == WeightKind.INT4 else 1)).items()))
+        tasks.setdefault((int(kind), rows, fitted), k)
+    work = [(kind, rows, k, str(dtype).removeprefix("torch."), dict(config)) for (kind, rows, config), k in tasks.items()]
     workers = min(14, os.cpu_count() or 2)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        failures = [message for message in pool.map(_compile_dot, work) if message]
+        failures = [message for message in pool.map(_compile_product, work) if message]
     print(f"compiled {len(work)} kernels in {workers} processes [{elapsed():.0f}s]; failed: {failures[:5]}", flush=True)
 
 
@@ -531,7 +533,8 @@ def dot_sweep() -> None:
     rows_out = []
     kinds = [WeightKind[name] for name in os.environ.get("DOT_KINDS", "INT4").split(",")]
     shapes = TEMPORAL_SHAPES + DEPFORMER_SHAPES
-    precompile_dot(kinds, shapes)
+    precompile([(kind, rows, k, config) for kind in kinds for _, k in shapes for rows in DOT_ROWS
+                for config in dot_configs(rows)])
     for kind in kinds:
         for n, k in shapes:
             copies, group, nbytes = gemv_weights(kind, n, k)
