@@ -191,3 +191,16 @@ def test_tuned_launch_shapes_tile_their_layers_and_h200_shapes_come_first() -> N
         config = qmm.KernelConfig(1, *shape)
         assert qmm.fit_config(config, kind, k, 64 if kind == WeightKind.INT4 else 1) == config
     assert qmm.default_config(WeightKind.INT8, 64, 4096, 11264) == qmm.KernelConfig(*qmm._TUNED_H100[(64, 4096, 11264)])
+
+
+def test_int4_weights_off_a_word_boundary_are_refused() -> None:
+    """The GEMV reads int4 codes as 32-bit words: a byte-offset view gets one clear line, not a
+    misaligned read on the GPU (checked before any launch, so on the CPU too)."""
+    from personaplex.model.kernels import WeightKind
+    from personaplex.model.kernels.quantized_matmul import quantized_linear
+
+    storage = torch.zeros(32 * 32 + 1, dtype=torch.uint8)
+    shifted = storage[1:].view(32, 32)
+    scales = torch.ones(32, 1, dtype=torch.float16)
+    with pytest.raises(ValueError, match="4-byte boundary"):
+        quantized_linear(torch.ones(1, 64), shifted, scales, scales, WeightKind.INT4, 64)

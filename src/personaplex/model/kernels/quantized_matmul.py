@@ -68,8 +68,9 @@ def _int4_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE: tl.constexpr
     Then (128 + q) * scale + (bias - 128 * scale) = q * scale + bias in one FMA with one
     rounding: the same float32 as `_int4_tile_by_bytes` (bias - 128 * scale is exact for any
     group whose bias is within 2^13 of 128 scale steps: every real one). A frame's one-row
-    int4 products: 3.99 -> 3.78 ms on the H200 (docs/PERFORMANCE.md, run Q). The tensor-core
-    kernel does not take it: its nested joins cost a trip through shared memory there.
+    int4 products on the H200: 3.99 -> 3.78 ms, 3.08 with launch shapes swept for it
+    (docs/PERFORMANCE.md, run Q). The tensor-core kernel does not take it: its nested joins
+    cost a trip through shared memory there.
     """
     WORDS: tl.constexpr = BLOCK_K // 8
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
@@ -399,6 +400,9 @@ def quantized_linear(
     """
     m, k = x.shape
     n = weight.shape[0]
+    if kind == WeightKind.INT4 and weight.data_ptr() % 4:
+        # The GEMV reads the codes as 32-bit words (`_int4_tile`).
+        raise ValueError("int4 weights must start on a 4-byte boundary: pass a tensor of its own, not a byte-offset view")
     config = fit_config(config or default_config(kind, m, n, k), kind, k, group_size)
     # Pointers the kernel never reads for this kind: any tensor will do.
     scales = weight if scales is None else scales
