@@ -45,6 +45,12 @@ for stage in "$@"; do
         linear)  # the linear layers' products in every weight format, with the launch-shape sweep
                 BENCH_BUDGET_S="${LINEAR_BUDGET:-270}" timeout "${LINEAR_TIMEOUT:-400}" python3 bench/linear_kernels.py 2>&1 \
                     | grep -v Warning | tail -12 ;;
+        gemv)  # the one-row GEMV's launch shapes per weight format (GEMV_KINDS, default FP8,INT4), then a frame's products
+                GEMV_KINDS="${GEMV_KINDS:-FP8,INT4}" timeout "${LINEAR_TIMEOUT:-400}" python3 bench/linear_kernels.py --gemv 2>&1 \
+                    | grep -v Warning | tail -14 ;;
+        dot)  # the several-row kernel's launch shapes at 8, 32 and 64 rows (DOT_KINDS, default INT4,FP8), then a frame's products
+                DOT_KINDS="${DOT_KINDS:-INT4,FP8}" timeout "${LINEAR_TIMEOUT:-400}" python3 bench/linear_kernels.py --dot 2>&1 \
+                    | grep -v Warning | tail -8 ;;
         gemv-mimi)  # the GEMV's launch shapes for Mimi's transformer products (float32, two rows)
                 timeout "${LINEAR_TIMEOUT:-300}" python3 bench/linear_kernels.py --gemv-mimi 2>&1 | grep -v Warning | tail -8 ;;
         gemv-depformer)  # the GEMV's launch shapes for the depformer's products at two rows (bf16; two conversations)
