@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import os
 
 import torch
@@ -22,6 +23,17 @@ class WeightKind(enum.IntEnum):
 # tensor cores. Two covers one conversation's Mimi transformer (two 25 Hz steps a frame) and
 # two conversations' LM frames.
 GEMV_MAX_ROWS = 2
+
+
+def device_index(device: torch.device) -> int:
+    """The index of a CUDA device (the current one for a bare "cuda")."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def multiprocessors(index: int) -> int:
+    """How many SMs CUDA device `index` has: the kernels size their grids by it."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def register_cuda_ops() -> None:

@@ -79,6 +79,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import device_index, multiprocessors
+
+
 # The parts of a layer, in order (see the module doc). The kernel reads module constants only
 # as tl.constexpr. On the CUDA cores a layer has no ATTEND phase: its OUT phase recomputes the
 # attention.
@@ -581,15 +584,10 @@ def _uniform_type(tensors: list[torch.Tensor], what: str) -> torch.dtype:
 
 
 @functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
-def _resident_programs_per_sm(device_index: int, registers_per_thread: int, shared_bytes: int, num_warps: int) -> int:
+def _resident_programs_per_sm(index: int, registers_per_thread: int, shared_bytes: int, num_warps: int) -> int:
     """How many programs of a compiled kernel fit on one SM at once (CUDA's occupancy rule:
     registers are given per warp in units of 256, shared memory per block, threads per SM)."""
-    properties = torch.cuda.get_device_properties(device_index)
+    properties = torch.cuda.get_device_properties(index)
     registers_per_warp = math.ceil(registers_per_thread * 32 / 256) * 256
     by_registers = getattr(properties, "regs_per_multiprocessor", 65536) // (registers_per_warp * num_warps)
     by_threads = getattr(properties, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
@@ -598,18 +596,14 @@ def _resident_programs_per_sm(device_index: int, registers_per_thread: int, shar
     return max(1, min(by_registers, by_threads, by_shared))
 
 
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 @functools.cache
-def _register_cap(device_index: int, shape: LaunchShape) -> int:
+def _register_cap(index: int, shape: LaunchShape) -> int:
     """The most registers a thread may take for shape.programs_per_sm programs to fit on an SM
     together (given in multiples of 8, at most 255). Left to itself, the compiler keeps the
     phases' first weights in registers across the grid barrier and takes ~230-250 a thread at
     one row, which fits one program of 8 warps an SM, not two; capped at 128 it spills ~150
     bytes a thread instead (sm_90, bench/offline_compile.py)."""
-    properties = torch.cuda.get_device_properties(device_index)
+    properties = torch.cuda.get_device_properties(index)
     register_file = getattr(properties, "regs_per_multiprocessor", 65536)
     return min(255, register_file // (shape.num_warps * 32 * shape.programs_per_sm) // 8 * 8)
 
@@ -620,7 +614,7 @@ def _programs(kernel: triton.JITFunction, arguments: tuple, constants: dict, opt
     compiled = kernel.warmup(*arguments, grid=(1,), **options, **constants)
     compiled._init_handles()  # loads the binary: its register count is known from here
     resident = _resident_programs_per_sm(index, compiled.n_regs, compiled.metadata.shared, shape.num_warps)
-    return _multiprocessors(index) * min(shape.programs_per_sm, resident)
+    return multiprocessors(index) * min(shape.programs_per_sm, resident)
 
 
 # A custom op, so that torch.compile keeps the launch opaque when it compiles the whole frame.
@@ -689,8 +683,8 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     product_type = tl.float32 if x.device.type == "cpu" or x.dtype == torch.float32 else _TRITON_TYPES[x.dtype]
     # The tiles are sized for the programs the shape asks for; should fewer fit on an SM (see
     # `_programs`), some programs loop over a second tile.
-    index = _device_index(x.device) if x.is_cuda else None
-    intended_programs = _multiprocessors(index) * shape.programs_per_sm if x.is_cuda else INTERPRETER_PROGRAMS
+    index = device_index(x.device) if x.is_cuda else None
+    intended_programs = multiprocessors(index) * shape.programs_per_sm if x.is_cuda else INTERPRETER_PROGRAMS
     tiles = tile_constants(rows, shape, intended_programs, dim, hidden, card)
     constants = dict(
         LAYERS=layers, DIM=dim, HIDDEN=hidden, CARD=card, HEADS=heads, HEAD_DIM=head_dim, SLOTS=slots,

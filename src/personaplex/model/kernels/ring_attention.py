@@ -31,12 +31,13 @@ Shapes are static and nothing synchronises with the host, so it is CUDA-graph sa
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from . import device_index, multiprocessors
 
 @dataclass(frozen=True)
 class RingLaunch:
@@ -65,16 +66,11 @@ def choose_split(rows: int, heads: int, capacity: int, device: torch.device) -> 
     16.6 us at 256, 22 at 512, 77 at 4096). Run H's sweep, `h200-ring-attention.json`.
     On the CPU (Triton's interpreter) the smallest, so that the tests run the merge."""
     if device.type == "cuda":
-        wanted = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+        wanted = 2 * multiprocessors(device_index(device))
         for split in SPLITS:
             if rows * heads * triton.cdiv(capacity, split) >= wanted:
                 return split
     return SPLITS[-1]
-
-
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @triton.jit
