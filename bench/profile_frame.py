@@ -12,6 +12,7 @@ time is measured by replay for comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import time
@@ -61,7 +62,8 @@ def warmed_runner(lm, mimi, persona, batch: int, use_graphs: bool, kernels=None,
     return runner, pcm, speaking
 
 
-def profile_case(lm, mimi, persona, batch: int, kernels, label: str, compile_frame: bool = False, frames: int = 5) -> dict:
+def profile_case(lm, mimi, persona, batch: int, kernels, label: str, compile_frame: bool = False, frames: int = 5,
+                 trace: Path | None = None) -> dict:
     runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, False, kernels, compile_frame)
     with torch.no_grad():
         torch.cuda.synchronize()
@@ -74,6 +76,11 @@ def profile_case(lm, mimi, persona, batch: int, kernels, label: str, compile_fra
             for _ in range(frames):
                 runner.run(pcm, speaking)
             torch.cuda.synchronize()
+    if trace is not None:  # every kernel of one frame in launch order, to place each in the frame
+        with profile(activities=[ProfilerActivity.CUDA]) as one_frame:
+            runner.run(pcm, speaking)
+            torch.cuda.synchronize()
+        write_kernel_sequence(one_frame, trace)
     gpu_us: dict[str, float] = defaultdict(float)
     kernel_us: dict[str, tuple[float, float]] = {}  # kernel name: (GPU us, launches) per frame
     kernels_per_frame = 0
@@ -96,14 +103,22 @@ def profile_case(lm, mimi, persona, batch: int, kernels, label: str, compile_fra
                         in sorted(kernel_us.items(), key=lambda kv: -kv[1][0])[:25]},
     }
     if kernels is not READABLE_KERNELS:
-        result["graphed_ms_per_frame"] = graphed_time(lm, mimi, persona, batch, compile_frame)
+        result["graphed_ms_per_frame"] = graphed_time(lm, mimi, persona, batch, compile_frame, kernels)
     del runner
     torch.cuda.empty_cache()
     return result
 
 
-def graphed_time(lm, mimi, persona, batch: int, compile_frame: bool, frames: int = 50) -> float:
-    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, True, compile_frame=compile_frame)
+def write_kernel_sequence(prof, path: Path) -> None:
+    """One line per kernel in the order it ran: start (us from the first), duration (us), name."""
+    kernels = sorted((event.time_range.start, event.time_range.elapsed_us(), event.name)
+                     for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+    first = kernels[0][0] if kernels else 0
+    path.write_text("".join(f"{start - first:.1f}\t{us:.1f}\t{name[:160]}\n" for start, us, name in kernels))
+
+
+def graphed_time(lm, mimi, persona, batch: int, compile_frame: bool, kernels: Kernels, frames: int = 50) -> float:
+    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, True, kernels, compile_frame)
     with torch.no_grad():
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -114,6 +129,14 @@ def graphed_time(lm, mimi, persona, batch: int, compile_frame: bool, frames: int
     return round(start.elapsed_time(end) / frames, 2)
 
 
+def variant_kernels(variant: str) -> Kernels:
+    """"fast": Kernels.fast(); "no-FIELD": the same with FIELD off."""
+    if variant == "fast":
+        return Kernels.fast()
+    field = variant.removeprefix("no-")
+    return dataclasses.replace(Kernels.fast(), **{field: type(getattr(Kernels.fast(), field))()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench_out")
@@ -121,6 +144,11 @@ def main() -> None:
     parser.add_argument("--cases", default="readable,as-written,compiled",
                         help="which frames to profile: readable (B=1 only), as-written, compiled")
     parser.add_argument("--weights", default="bf16", help="the LM's weight format: bf16, fp8, int4 or int8")
+    parser.add_argument("--variants", default="fast",
+                        help="the compiled cases' kernels: fast (Kernels.fast()) and/or no-FIELD, Kernels.fast() "
+                             "with that field off (e.g. no-conv_products), comma-separated, one case each")
+    parser.add_argument("--sequence", action="store_true",
+                        help="also write each compiled case's kernels in launch order (kernels-ROWS-WEIGHTS.tsv)")
     args = parser.parse_args()
     cases = set(args.cases.split(","))
     lm, _ = build_lm(args.weights, torch.device("cuda"))
@@ -141,8 +169,13 @@ def main() -> None:
     for rows in (int(r) for r in args.rows.split(",")):
         if "as-written" in cases:
             add(profile_case(lm, mimi, persona, rows, Kernels.fast(), "as written, Triton ring attention"))
-        if "compiled" in cases:
-            add(profile_case(lm, mimi, persona, rows, Kernels.fast(), "compiled frame", compile_frame=True))
+        if "compiled" not in cases:
+            continue
+        for variant in args.variants.split(","):
+            suffix = "" if variant == "fast" else f"-{variant}"
+            sequence = out / f"kernels-{rows}-{args.weights}{suffix}.tsv" if args.sequence else None
+            add(profile_case(lm, mimi, persona, rows, variant_kernels(variant), f"compiled frame{suffix}",
+                             compile_frame=True, trace=sequence))
 
 
 if __name__ == "__main__":

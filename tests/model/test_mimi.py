@@ -304,18 +304,23 @@ def test_steps_do_not_synchronise_and_update_state_in_place(mimi, pcm, codes):
     assert state.encoder.transformer.offset.tolist() == [10, 0]
 
 
-def test_one_conversation_runs_the_transformer_products_through_the_gemv(mimi, pcm, codes):
-    """With the fast frame's kernels, one conversation's encode and decode steps (two 25 Hz
-    steps a frame) send every product of both transformers to the GEMV as two rows (in Triton's
-    interpreter here), and give what the readable steps give."""
+def test_one_conversation_runs_its_one_and_two_row_products_through_the_gemv(mimi, pcm, codes):
+    """With the fast frame's kernels, one conversation's encode and decode steps send every
+    product of both transformers (two 25 Hz steps a frame) to the GEMV as two rows (in Triton's
+    interpreter here), and so do the convolutions run as products that have one or two output
+    samples a frame, and give what the readable steps give."""
     interpreter_or_skip("cpu")
     fast_state, readable_state = mimi.init_stream(1), mimi.init_stream(1)
-    products = 4 * (len(mimi.encoder_transformer.layers) + len(mimi.decoder_transformer.layers))
+    encoder_products = [2] * 4 * len(mimi.encoder_transformer.layers)
+    decoder_products = [2] * 4 * len(mimi.decoder_transformer.layers)
+    # The encoder's last two convolutions (two 25 Hz samples), then its transformer and the
+    # 12.5 Hz conv (one sample); the decoder's transformer, then its first convolution.
+    expected = [2, 2] + encoder_products + [1] + decoder_products + [2]
     for i, frame in enumerate(frames_of(pcm[:1])[:3]):
         with GemvRows() as gemv:
             fast_codes = mimi.encode_step(frame, fast_state, Kernels.fast())
             fast_pcm = mimi.decode_step(codes[:1, :, i : i + 1], fast_state, Kernels.fast())
-        assert gemv.rows == [2] * products
+        assert gemv.rows == expected
         assert torch.equal(fast_codes, mimi.encode_step(frame, readable_state))
         assert rel_error(fast_pcm, mimi.decode_step(codes[:1, :, i : i + 1], readable_state)) < 1e-5
 

@@ -90,17 +90,22 @@ class Kernels:
     a float dtype, as `nn.Linear` or a bare weight holds them) to the GEMV kernel the quantized
     formats use (`kernels/quantized_matmul.py`, `WeightKind.PLAIN`) instead of cuBLAS: at a row
     or two a product only streams its weights, and that kernel streams them faster (`linear`).
+
+    `conv_products` runs Mimi's small convolutions (all of one conversation's frame) as matrix
+    products of their unfolded input, through `linear` (so the GEMV at one or two rows), instead
+    of cuDNN's convolutions (`mimi/conv.py`).
     """
 
     ring_attention: bool = False
     fused_depformer_max_rows: int = 0
     kth_largest: bool = False
     gemv: bool = False
+    conv_products: bool = False
 
     @staticmethod
     def fast() -> "Kernels":
         return Kernels(ring_attention=True, fused_depformer_max_rows=FUSED_DEPFORMER_PAYS_UP_TO, kth_largest=True,
-                       gemv=True)
+                       gemv=True, conv_products=True)
 
 
 READABLE_KERNELS = Kernels()

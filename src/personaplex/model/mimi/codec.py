@@ -146,16 +146,17 @@ class Mimi(nn.Module):
     @torch.no_grad()
     def encode_step(self, pcm: torch.Tensor, state: MimiStreamState, kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """One frame: pcm [B, 1, 1920] -> codes [B, num_codebooks, 1]. Updates state.encoder.
-        `kernels`: which attention and linear kernels its transformer's steps use."""
+        `kernels`: which attention and linear kernels its transformer's steps use, and whether
+        its convolutions run as products."""
         self._check_pcm(pcm)
         self._check_step_shape("pcm", pcm, (state.batch_size, 1, self.frame_samples))
         side = state.encoder
         # A row that has not been fed since its reset starts the downsampling conv by
         # repeating its first sample (upstream's "replicate" padding).
         fresh = side.transformer.offset == 0
-        x = self.encoder(pcm.to(self.dtype), side.seanet)
+        x = self.encoder(pcm.to(self.dtype), side.seanet, kernels)
         x = self.encoder_transformer(x, side.transformer, kernels)
-        x = self.downsample(x, side.resample, fresh)
+        x = self.downsample(x, side.resample, fresh, kernels)
         return self.quantizer.encode(x)
 
     @torch.no_grad()
@@ -166,9 +167,9 @@ class Mimi(nn.Module):
         self._check_step_shape("codes", codes, (state.batch_size, codes.shape[1], 1))
         side = state.decoder
         x = self.quantizer.decode(codes).to(self.dtype)
-        x = self.upsample(x, side.resample)
+        x = self.upsample(x, side.resample, kernels)
         x = self.decoder_transformer(x, side.transformer, kernels)
-        x = self.decoder(x, side.seanet)
+        x = self.decoder(x, side.seanet, kernels)
         return x.float()
 
     # ----- input checks (shapes and dtypes only: no device synchronisation) -------------

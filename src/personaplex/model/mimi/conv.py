@@ -8,13 +8,33 @@ state, so both modes share one code path, exactly as upstream moshi does.
 
 The state tensors are owned by the caller (see `state.py`) and updated in place, so a step
 has static shapes and no host synchronisation (it can be captured in a CUDA graph).
+
+With `Kernels.conv_products` a small convolution runs as one matrix product instead of
+cuDNN's: its input unfolded into columns (one row per output sample, `in_channels x kernel`
+wide) times the weight seen as [out_channels, in_channels x kernel], through `layers.linear`
+(the GEMV at one or two rows, cuBLAS beyond); a transposed one as the product of its input
+with the weight seen as [in_channels, out_channels x kernel], whose taps are then added where
+they overlap. A streaming step of one conversation convolves at most 1920 samples of up to
+1024 channels: cuDNN's implicit GEMMs want channels-last tensors and convert both the input
+and the weight on every call, which on an H200 took as long as the convolutions themselves,
+and its transposed convolutions read their weights far below the memory's speed.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from personaplex.model.layers import READABLE_KERNELS, Kernels, linear
+
+# Up to this many multiply-adds x 2 a convolution runs as a product when `Kernels.conv_products`
+# asks for it: the products run in float32 on the CUDA cores, where cuDNN's run in TF32 on the
+# tensor cores, so the large convolutions of many conversations stay with cuDNN. Every
+# convolution of one conversation's frame is below it (the largest, 63 MFLOP).
+CONV_PRODUCT_MAX_FLOPS = 1 << 27
 
 
 class StreamingConv1d(nn.Module):
@@ -52,25 +72,40 @@ class StreamingConv1d(nn.Module):
         """The carried input tail, [B, in_channels, context], zero = start of a stream."""
         return torch.zeros(batch_size, self.in_channels, self.context, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, previous: torch.Tensor, fresh: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, previous: torch.Tensor, fresh: torch.Tensor | None = None,
+                kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """x [B, C, T] with T a multiple of the stride -> [B, C_out, T / stride].
 
         `previous` is updated in place. `fresh` ([B] bool, rows that have seen no input yet) is
         needed only with `replicate_pad`.
         """
         if self.context == 0:
-            return self._conv(x)
+            return self._conv(x, kernels)
         if self.replicate_pad:
             if fresh is None:
                 raise ValueError("a replicate-padded conv needs the `fresh` row flags")
             previous.copy_(torch.where(fresh.view(-1, 1, 1), x[..., :1], previous))
         x = torch.cat([previous, x], dim=-1)
-        y = self._conv(x)
+        y = self._conv(x, kernels)
         previous.copy_(x[..., -self.context :])
         return y
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+    def _conv(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        out_channels, _, kernel_size = self.weight.shape
+        batch, _, length = x.shape
+        steps = (length - (kernel_size - 1) * self.dilation - 1) // self.stride + 1
+        flops = 2 * batch * steps * self.weight.numel()
+        if not (kernels.conv_products and self.groups == 1 and flops <= CONV_PRODUCT_MAX_FLOPS):
+            return F.conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        # Output sample t reads inputs t * stride + j * dilation, j < kernel_size: one row of
+        # columns, ordered (channel, j) as the weight's [out, in, kernel] layout is.
+        span = (kernel_size - 1) * self.dilation + 1
+        windows = x.unfold(-1, span, self.stride)[..., :: self.dilation]  # [B, C_in, steps, kernel]
+        columns = windows.transpose(1, 2).reshape(batch * steps, -1)
+        y = linear(self.weight.flatten(1), columns, kernels)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(batch, steps, out_channels).transpose(1, 2)
 
 
 class StreamingConvTranspose1d(nn.Module):
@@ -105,9 +140,9 @@ class StreamingConvTranspose1d(nn.Module):
         """The pending overlap, [B, out_channels, kernel - stride], zero = start of a stream."""
         return torch.zeros(batch_size, self.out_channels, self.overlap, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, partial: torch.Tensor, kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """x [B, C, T] -> [B, C_out, T * stride]; `partial` is updated in place."""
-        y = F.conv_transpose1d(x, self.weight, self.bias, self.stride, groups=self.groups)
+        y = self._conv_transpose(x, kernels)
         y[..., : self.overlap] += partial
         tail = y[..., -self.overlap :]
         if self.bias is not None:
@@ -115,6 +150,28 @@ class StreamingConvTranspose1d(nn.Module):
             tail = tail - self.bias[:, None]
         partial.copy_(tail)
         return y[..., : -self.overlap]
+
+    def _conv_transpose(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        """[B, C, T] -> [B, C_out, (T - 1) * stride + kernel], bias included."""
+        in_channels, out_per_group, kernel_size = self.weight.shape
+        batch, _, steps = x.shape
+        depthwise = self.groups == in_channels == out_per_group * self.groups
+        flops = 2 * batch * steps * self.weight.numel()
+        if not (kernels.conv_products and (self.groups == 1 or depthwise) and flops <= CONV_PRODUCT_MAX_FLOPS):
+            return F.conv_transpose1d(x, self.weight, self.bias, self.stride, groups=self.groups)
+        # Input sample t adds its taps [C_out, kernel] at outputs t * stride .. t * stride + kernel - 1.
+        inputs = x.transpose(1, 2)  # [B, T, C_in]
+        if depthwise:
+            taps = inputs[..., None] * self.weight[:, 0, :]
+        else:
+            taps = (inputs.reshape(batch * steps, in_channels) @ self.weight.flatten(1)).view(batch, steps, -1, kernel_size)
+        # Cut each input's taps into `spans` runs of `stride` outputs; run j of input t lands on
+        # output block t + j, so output block u sums run j of input u - j.
+        spans = math.ceil(kernel_size / self.stride)
+        runs = F.pad(taps, (0, spans * self.stride - kernel_size)).unflatten(-1, (spans, self.stride))
+        blocks = sum(F.pad(runs[..., j, :], (0, 0, 0, 0, j, spans - 1 - j)) for j in range(spans))
+        y = blocks.permute(0, 2, 1, 3).flatten(2)[..., : (steps - 1) * self.stride + kernel_size]
+        return y if self.bias is None else y + self.bias[:, None]
 
 
 StreamingConv = StreamingConv1d | StreamingConvTranspose1d

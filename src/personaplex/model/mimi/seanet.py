@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from personaplex.model.config import ConfigError, SEANetConfig
-from personaplex.model.mimi.conv import StreamingConv, StreamingConv1d, StreamingConvTranspose1d, streaming_convs
+from personaplex.model.layers import READABLE_KERNELS, Kernels
+from personaplex.model.mimi.conv import StreamingConv1d, StreamingConvTranspose1d, streaming_convs
 
 
 class ResnetBlock(nn.Module):
@@ -30,17 +31,19 @@ class ResnetBlock(nn.Module):
             ]
         )
 
-    def forward(self, x: torch.Tensor, buffers: list[torch.Tensor]) -> torch.Tensor:
-        return x + _run(self.block, x, buffers)
+    def forward(self, x: torch.Tensor, buffers: list[torch.Tensor], kernels: Kernels) -> torch.Tensor:
+        return x + _run(self.block, x, buffers, kernels)
 
 
-def _run(layers: nn.ModuleList, x: torch.Tensor, buffers: list[torch.Tensor]) -> torch.Tensor:
+def _run(layers: nn.ModuleList, x: torch.Tensor, buffers: list[torch.Tensor], kernels: Kernels) -> torch.Tensor:
     """Apply a stack of activations, streaming convs and residual blocks in order."""
     for layer in layers:
-        if isinstance(layer, StreamingConv):
-            x = layer(x, buffers[layer.state_slot])
+        if isinstance(layer, StreamingConv1d):
+            x = layer(x, buffers[layer.state_slot], kernels=kernels)
+        elif isinstance(layer, StreamingConvTranspose1d):
+            x = layer(x, buffers[layer.state_slot], kernels)
         elif isinstance(layer, ResnetBlock):
-            x = layer(x, buffers)
+            x = layer(x, buffers, kernels)
         else:
             x = layer(x)
     return x
@@ -65,8 +68,9 @@ class _SEANetStack(nn.Module):
         """One carried buffer per conv, indexed by the conv's `state_slot`."""
         return [conv.new_state(batch_size, device, dtype) for conv in self.convs]
 
-    def forward(self, x: torch.Tensor, buffers: list[torch.Tensor]) -> torch.Tensor:
-        return _run(self.model, x, buffers)
+    def forward(self, x: torch.Tensor, buffers: list[torch.Tensor], kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
+        """`kernels.conv_products`: the small convolutions as matrix products (`conv.py`)."""
+        return _run(self.model, x, buffers, kernels)
 
 
 class SEANetEncoder(_SEANetStack):
