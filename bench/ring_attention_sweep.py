@@ -59,8 +59,8 @@ def time_case(case: tuple, launch: RingLaunch) -> float:
     q, new_keys, new_values = (torch.randn(rows, heads, steps, head_dim, device="cuda", dtype=dtype) for _ in range(3))
     keys, values = (torch.randn(rows, heads, slots, head_dim, device="cuda", dtype=torch.bfloat16).to(ring_dtype)
                     for _ in range(2))
-    last = torch.full((rows,), newest, device="cuda")
-    call = lambda: launch_ring_attention(q, new_keys, new_values, keys, values, last, launch)  # noqa: E731
+    first = torch.full((rows,), newest - (steps - 1), device="cuda")
+    call = lambda: launch_ring_attention(q, new_keys, new_values, keys, values, first, launch)  # noqa: E731
     return graph_time_us([call] * CALLS_PER_GRAPH, replays=7, untimed_replays=0)
 
 

@@ -74,7 +74,7 @@ def test_ring_kernel_writes_then_attends_like_the_readable_code(scale, use, cach
     expected_keys, expected_values = keys.clone(), values.clone()
     expected = readable_ring_attention(q, new_keys, new_values, expected_keys, expected_values, last)
 
-    out = ring_attention(q, new_keys, new_values, keys, values, last)
+    out = ring_attention(q, new_keys, new_values, keys, values, last - (steps - 1))  # the call's first positions
     assert out.dtype == q.dtype and out.shape == q.shape
     # The rings hold exactly the same bytes; the outputs differ by summation order only.
     assert torch.equal(keys.view(torch.uint8), expected_keys.view(torch.uint8))
@@ -96,9 +96,51 @@ def test_ring_kernel_takes_strided_steps(scale):
     last = torch.tensor([1, 20], device=device)
     expected_keys, expected_values = keys.clone(), values.clone()
     expected = readable_ring_attention(*qkv, expected_keys, expected_values, last)
-    out = ring_attention(*qkv, keys, values, last)
+    out = ring_attention(*qkv, keys, values, last - 1)
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     assert float((out - expected).norm() / expected.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("use", ["lm frame", "mimi call"])
+def test_ring_kernel_rotates_queries_and_keys_like_rope(scale, use):
+    """Given the call's RoPE tables, the kernel takes q and k before RoPE, as views of the fused
+    projection, and does what `layers.rope` then the kernel do."""
+    interpreter_or_skip(scale)
+    from personaplex.model.kernels.ring_attention import ring_attention
+    from personaplex.model.layers import rope, rope_angles
+
+    batch, heads, steps, capacity, head_dim = SHAPES[scale][use]
+    device = device_of(scale)
+    activations = torch.bfloat16 if scale == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(1)
+    projected = torch.randn(batch, steps, 3, heads, head_dim, device=device, generator=gen).to(activations)
+    q, new_keys, new_values = projected.permute(2, 0, 3, 1, 4)  # [B, H, T, D] views, as the models split them
+    keys, values = (torch.randn(batch, heads, capacity, head_dim, device=device, generator=gen).to(activations)
+                    for _ in range(2))
+    last = torch.tensor(newest_positions(steps, capacity)[:batch], device=device)
+    positions = last[:, None] - (steps - 1) + torch.arange(steps, device=device)
+    cos, sin = rope_angles(positions, head_dim, 10_000)  # [B, T, D/2]
+    expected_keys, expected_values = keys.clone(), values.clone()
+    expected = ring_attention(rope(q, cos, sin), rope(new_keys, cos, sin), new_values, expected_keys, expected_values,
+                              positions[:, 0])
+    out = ring_attention(q, new_keys, new_values, keys, values, positions[:, 0], cos, sin)
+    assert torch.equal(values, expected_values)
+    if scale == "cpu":  # the same float32 operations: the same bytes
+        assert torch.equal(keys, expected_keys) and torch.equal(out, expected)
+    else:  # on the GPU the rotation may fuse a multiply-add: the keys round alike but for the odd last bit
+        assert float((keys.float() - expected_keys.float()).abs().max()) <= 2 ** -7 * float(expected_keys.abs().max())
+        assert float((out.float() - expected.float()).norm() / expected.float().norm()) < 1e-2
+
+
+def test_ring_kernel_refuses_rope_tables_of_the_wrong_shape():
+    from personaplex.model.kernels.ring_attention import launch_ring_attention, DEFAULT_LAUNCH
+
+    q = torch.zeros(1, 2, 1, 8)
+    rings = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"RoPE tables must both be \[1, 1, 4\]"):
+        launch_ring_attention(q, q, q, rings, rings.clone(), torch.zeros(1, dtype=torch.long), DEFAULT_LAUNCH,
+                              torch.zeros(1, 1, 3), torch.zeros(1, 1, 3))
 
 
 @pytest.mark.gpu
@@ -118,7 +160,7 @@ def test_ring_kernel_reaches_rows_past_2_to_the_31_bytes():
     rows = slice(batch - 2, batch)
     expected_keys, expected_values = keys[rows].clone(), values[rows].clone()
     expected = readable_ring_attention(q[rows], new_keys[rows], new_values[rows], expected_keys, expected_values, last[rows])
-    out = ring_attention(q, new_keys, new_values, keys, values, last)
+    out = ring_attention(q, new_keys, new_values, keys, values, last)  # one step: first = last
     assert torch.equal(keys[rows].view(torch.uint8), expected_keys.view(torch.uint8))
     assert float((out[rows].float() - expected).norm() / expected.norm()) < 1e-2
 

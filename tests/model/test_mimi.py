@@ -19,7 +19,7 @@ from personaplex.hub import MIMI_FILENAME
 from personaplex.model.mimi import Mimi, MimiStreamState, load_mimi
 from personaplex.model.mimi.codec import is_used_key, module_key, official_tensor_shapes
 from personaplex.model.mimi.quantizer import Codebook
-from personaplex.model.layers import READABLE_KERNELS, Kernels
+from personaplex.model.layers import READABLE_KERNELS, Kernels, rope, rope_angles
 from personaplex.model.mimi.transformer import MimiTransformer
 from tests.gpu.common import GemvRows, interpreter_or_skip
 from tests.fixtures.tiny_mimi import moshi_mimi, random_mimi_tensors, test_audio, tiny_mimi_config, write_tiny_mimi
@@ -190,7 +190,10 @@ def brute_force_stream(transformer: MimiTransformer, x: torch.Tensor, chunk: int
         batch, steps, dim = h.shape
         positions = torch.arange(begin, begin + steps)
         for layer, (keys, values) in zip(transformer.layers, history):
-            q, k, v = layer.self_attn._qkv(layer.norm1(h), torch.full((batch,), begin))
+            q, k, v = layer.self_attn._qkv(layer.norm1(h))
+            cos, sin = rope_angles(positions[None].expand(batch, -1), dim // layer.self_attn.num_heads,
+                                   transformer.config.max_period)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
             keys.append(k)
             values.append(v)
             key_positions = torch.arange(begin + steps)

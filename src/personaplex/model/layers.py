@@ -35,21 +35,39 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, 1, T, D/2] of the RoPE angles for `positions` [B, T]: computed once
-    per forward and shared by every layer (and by q and k).
+    """cos and sin [B, T, D/2] of the RoPE angles for `positions` [B, T]: computed once per
+    forward and shared by every layer (and by q and k). The ring-attention kernel takes them
+    as they are: one pair of tables a forward, not one per layer.
 
     Angles are computed in float32 so that positions in the thousands keep their precision
     in bf16 runs.
     """
     pair_index = torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
     inv_freq = torch.exp(pair_index * (-math.log(max_period) * 2 / head_dim))
-    angles = positions.float()[:, None, :, None] * inv_freq
+    angles = positions.float()[:, :, None] * inv_freq
     return torch.cos(angles), torch.sin(angles)
+
+
+# The tables as one opaque op, for the forwards that share them between layers: compiled, a
+# plain pointwise result is not stored once but recomputed into a copy for each consumer that
+# needs fixed strides, as the ring-attention kernel does (two small kernels per layer, 64 in a
+# frame's LM alone); an op's output is a buffer that every layer reads.
+@torch.library.custom_op("personaplex::rope_angles", mutates_args=())
+def shared_rope_angles(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_angles`, computed once per forward under torch.compile."""
+    return rope_angles(positions, head_dim, max_period)
+
+
+@shared_rope_angles.register_fake
+def _rope_angles_shape(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (*positions.shape, head_dim // 2)
+    return positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved (even, odd) channel pairs of `x` [B, H, T, D] by the angles whose
     cos and sin `rope_angles` gave, in float32; the result has the input dtype."""
+    cos, sin = cos[:, None], sin[:, None]  # the same angles for every head
     pairs = x.float().unflatten(-1, (x.shape[-1] // 2, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)

@@ -24,8 +24,8 @@ from torch import nn
 from .config import LMConfig
 from .kernels import cuda_op, kernels_can_run
 from .kv_cache import TemporalState, ring_capacity, sliding_window_mask
-from .layers import (READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, linear, merge_heads, rope, rope_angles,
-                     split_heads)
+from .layers import (READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, linear, merge_heads, rope,
+                     shared_rope_angles, split_heads)
 from .quantize import Fp8Linear
 
 UNGENERATED_TOKEN = -2  # "not generated yet": must never reach the model
@@ -44,13 +44,14 @@ class TemporalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, view: "AttentionView", layer_index: int) -> torch.Tensor:
         q, k, v = (split_heads(t, self.num_heads) for t in linear(self.in_proj, x, view.kernels).chunk(3, dim=-1))
+        state = view.state
+        if state is not None and x.shape[1] == 1:
+            return linear(self.out_proj, merge_heads(attend_ring(q, k, v, positions, state, layer_index, view)),
+                          view.kernels)
         q = rope(q, *view.rope)
         k = rope(k, *view.rope)
-        state = view.state
         if state is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=view.mask)
-        elif x.shape[1] == 1:
-            out = attend_ring(q, k, v, positions, state, layer_index, view)
         else:
             # A chunk of prompt frames: attend over (cache before the chunk) + (the chunk), then
             # store it; writing first could overwrite keys earlier frames of the chunk still need.
@@ -87,12 +88,18 @@ class AttentionView:
 
 def attend_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 state: TemporalState, layer_index: int, view: AttentionView) -> torch.Tensor:
-    """One live frame: its keys/values go to its slot (which held the frame that just left the
-    window), then its query attends over the ring in place (no copy of the cache). The fast
-    kernel does both in one launch and reads only the filled slots (fp8 caches as they are);
-    the readable path writes, then runs SDPA with a mask over every slot."""
+    """One live frame (q and k before RoPE): its keys/values go to its slot (which held the
+    frame that just left the window), then its query attends over the ring in place (no copy of
+    the cache). The fast kernel does both in one launch, RoPE included, and reads only the
+    filled slots (fp8 caches as they are); the readable path rotates, writes, then runs SDPA
+    with a mask over every slot."""
+    cos, sin = view.rope
     if view.kernels.ring_attention and kernels_can_run(q):
-        return cuda_op("ring_attention")(q, k, v, state.keys[layer_index], state.values[layer_index], positions[:, -1])
+        # The frame's position is the state's next_position (positions[:, 0]), passed as the
+        # state buffer itself (see the op).
+        return cuda_op("ring_attention")(q, k, v, state.keys[layer_index], state.values[layer_index],
+                                         state.next_position, cos, sin)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
     state.write(layer_index, k, v, positions)
     keys, values = state.layer_kv(layer_index, q.dtype)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=view.ring_mask(positions))
@@ -135,7 +142,7 @@ class TemporalTransformer(nn.Module):
             positions = state.chunk_positions(frames)
             key_positions = torch.cat([state.slot_positions, positions], dim=1)
             view = AttentionView(state, sliding_window_mask(positions, key_positions, state.capacity), kernels)
-        view.rope = rope_angles(positions, self.config.head_dim, self.config.max_period)
+        view.rope = shared_rope_angles(positions, self.config.head_dim, self.config.max_period)
         for index, layer in enumerate(self.layers):
             x = layer(x, positions, view, index)
         if state is not None:

@@ -23,7 +23,11 @@ This kernel does it in one launch (two when the ring is split: the LM's, for a f
   inputs (by the program whose split holds their slot), never from the cache, so no program
   waits for another. Every other filled slot holds an older position, which all of the
   call's queries see: no per-slot position arithmetic;
-- with several splits, a second small kernel merges the partial softmaxes.
+- with several splits, a second small kernel merges the partial softmaxes;
+- given the call's RoPE tables (cos and sin of each step's angles), it rotates the queries and
+  the new keys itself as it loads them, so that q, k and v come straight from the projection's
+  output (views, no copy): the rotation kernels the compiled frame ran before every attention
+  (three small launches a layer) are gone.
 Keys and values may be stored in float8 (e4m3): they are read as they are, and the new ones
 are rounded to the cache's type before they are used, as the readable path reads them back.
 Shapes are static and nothing synchronises with the host, so it is CUDA-graph safe.
@@ -93,13 +97,29 @@ def _absorb(scores, values, running_max, running_sum, acc):
 
 
 @triton.jit
+def _rotated(ptr, offsets, partners, mask, cos_ptr, sin_ptr, angle_offsets, dims, ROPE: tl.constexpr):
+    """The tile at ptr + offsets as float32, rotated by RoPE if asked and rounded back to the
+    tensor's dtype, as the readable `layers.rope` leaves it. RoPE turns each (even, odd) pair of
+    dims by the step's angle: even' = even cos - odd sin, odd' = odd cos + even sin, i.e. each dim
+    d takes its partner d ^ 1 (at `partners`) times -sin (even d) or +sin (odd d)."""
+    x = tl.load(ptr + offsets, mask=mask, other=0.0)
+    if ROPE:
+        partner = tl.load(ptr + partners, mask=mask, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + angle_offsets, mask=mask, other=0.0)
+        sin = tl.load(sin_ptr + angle_offsets, mask=mask, other=0.0)
+        signed_sin = tl.where((dims % 2) == 0, -sin, sin)
+        x = (x.to(tl.float32) * cos + partner * signed_sin).to(ptr.dtype.element_ty)
+    return x
+
+
+@triton.jit
 def _ring_attention_split(
-    q_ptr, new_k_ptr, new_v_ptr, k_ptr, v_ptr, last_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
+    q_ptr, new_k_ptr, new_v_ptr, k_ptr, v_ptr, first_ptr, cos_ptr, sin_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    heads, capacity, splits, scale,
+    stride_rb, stride_rt, heads, capacity, splits, scale,
     STEPS: tl.constexpr, QUERIES: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_TILE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK: tl.constexpr,
-    ONE_SPLIT: tl.constexpr, PRODUCT_TYPE: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, ROPE: tl.constexpr, PRODUCT_TYPE: tl.constexpr,
 ):
     """One program: a call's STEPS queries of one (row, head) over one split of the ring, as the
     first columns of a [D, QUERIES = 16] tile (the smallest the tensor cores take; the other
@@ -107,12 +127,15 @@ def _ring_attention_split(
     tiles are their first operand, converted in registers as they are loaded: scores^T =
     keys @ q^T and out^T = values^T @ weights^T, in PRODUCT_TYPE (`_product_type`); float32
     products run as three TF32 ones ("tf32x3"), as exact as float32 to ~1e-6.
+    With ROPE the queries and new keys are rotated as they load (`_rotated`; cos and sin
+    [B, STEPS, HEAD_DIM / 2], rows and steps strided by stride_rb, stride_rt).
     A split the ring has not reached yet has nothing to do: the merge skips it."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
     # Positions fit in 32 bits (2^31 frames = 5 years), so the slot arithmetic stays 32-bit.
-    last = tl.load(last_ptr + row).to(tl.int32)  # position of the call's newest step
+    first_position = tl.load(first_ptr + row).to(tl.int32)  # position of the call's first step
+    last = first_position + (STEPS - 1)  # and of its newest
     start = split * SPLIT
     end = tl.minimum(start + SPLIT, tl.minimum(last + 1, capacity))
     if start >= end:  # never split 0: it holds the newest step at least
@@ -126,17 +149,22 @@ def _ring_attention_split(
     cache_type = k_ptr.dtype.element_ty
     # 64-bit: from 175 rows (x 32 heads x 2999 slots x 128) a ring's offset passes 2^31.
     ring = (row * heads + head).to(tl.int64) * capacity * HEAD_DIM
-    first_slot = (last - (STEPS - 1)) % capacity  # the new steps' slots follow, wrapping at capacity
+    first_slot = first_position % capacity  # the new steps' slots follow, wrapping at capacity
     new_slots = _wrapped(first_slot + steps, capacity)
-    new_keys = tl.load(new_k_ptr + row * stride_kb + head * stride_kh + steps[:, None] * stride_kt + dims[None, :],
-                       mask=step_ok, other=0.0).to(cache_type)
+    # Each (step, dim)'s RoPE angle, as [steps, dims] and [dims, steps] offsets into cos and sin.
+    angles = row * stride_rb + steps[:, None] * stride_rt + (dims // 2)[None, :]
+    angles_t = row * stride_rb + steps[None, :] * stride_rt + (dims // 2)[:, None]
+    key_rows = row * stride_kb + head * stride_kh + steps[:, None] * stride_kt
+    new_keys = _rotated(new_k_ptr, key_rows + dims[None, :], key_rows + (dims ^ 1)[None, :], step_ok, cos_ptr, sin_ptr,
+                        angles, dims[None, :], ROPE).to(cache_type)
     new_values = tl.load(new_v_ptr + row * stride_vb + head * stride_vh + steps[None, :] * stride_vt + dims[:, None],
                          mask=column_ok, other=0.0).to(cache_type)  # [dims, steps]
     if split == 0:  # the new steps go into the ring, rounded as the cache stores them
         tl.store(k_ptr + ring + new_slots[:, None] * HEAD_DIM + dims[None, :], new_keys, mask=step_ok)
         tl.store(v_ptr + ring + new_slots[None, :] * HEAD_DIM + dims[:, None], new_values, mask=column_ok)
-    q = tl.load(q_ptr + row * stride_qb + head * stride_qh + steps[None, :] * stride_qt + dims[:, None],
-                mask=column_ok, other=0.0).to(PRODUCT_TYPE)  # q^T [dims, steps]
+    query_columns = row * stride_qb + head * stride_qh + steps[None, :] * stride_qt
+    q = _rotated(q_ptr, query_columns + dims[:, None], query_columns + (dims ^ 1)[:, None], column_ok, cos_ptr,
+                 sin_ptr, angles_t, dims[:, None], ROPE).to(PRODUCT_TYPE)  # q^T [dims, steps]
 
     running_max = tl.full([QUERIES], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([QUERIES], dtype=tl.float32)
@@ -162,10 +190,10 @@ def _ring_attention_split(
         running_max, running_sum, acc = _absorb(tl.where(visible[:, None], scores, float("-inf")), values,
                                                 running_max, running_sum, acc)
 
-    queries = (row * heads + head) * STEPS + steps
     if ONE_SPLIT:  # every query sees at least its own key: the sum is > 0
         out = acc / running_sum[None, :]
-        tl.store(out_ptr + queries[None, :] * HEAD_DIM + dims[:, None], out.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + _output_rows(row, head, steps, heads, STEPS)[None, :] * HEAD_DIM + dims[:, None],
+                 out.to(out_ptr.dtype.element_ty),
                  mask=column_ok)
     else:
         partials = ((row * heads + head) * splits + split) * STEPS + steps
@@ -175,14 +203,21 @@ def _ring_attention_split(
 
 
 @triton.jit
-def _merge_splits(acc_ptr, max_ptr, sum_ptr, last_ptr, out_ptr, heads, capacity, splits,
+def _output_rows(row, head, step, heads, STEPS: tl.constexpr):
+    """Where (row, head, step)'s output starts, in HEAD_DIM units: the output is stored as
+    [B, T, H, D] (`output_like`)."""
+    return (row * STEPS + step) * heads + head
+
+
+@triton.jit
+def _merge_splits(acc_ptr, max_ptr, sum_ptr, first_ptr, out_ptr, heads, capacity, splits,
                   STEPS: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
                   DIM_TILE: tl.constexpr):
     """out[row, head, step] from the partial softmaxes of the splits the ring has reached (the
     others' programs returned early and wrote nothing)."""
     row_head = tl.program_id(0)
     step = tl.program_id(1)
-    last = tl.load(last_ptr + row_head // heads).to(tl.int32)
+    last = tl.load(first_ptr + row_head // heads).to(tl.int32) + (STEPS - 1)
     reached = tl.cdiv(tl.minimum(last + 1, capacity), SPLIT)
     split = tl.arange(0, SPLITS_PAD)
     split_ok = split < reached
@@ -195,7 +230,8 @@ def _merge_splits(acc_ptr, max_ptr, sum_ptr, last_ptr, out_ptr, heads, capacity,
                   other=0.0)
     weights = tl.exp(maxes - tl.max(maxes, axis=0))
     out = tl.sum(acc * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
-    tl.store(out_ptr + (row_head * STEPS + step) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+    output_row = _output_rows(row_head // heads, row_head % heads, step, heads, STEPS)
+    tl.store(out_ptr + output_row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
 def _product_type(q: torch.Tensor, keys: torch.Tensor) -> tl.dtype:
@@ -212,49 +248,70 @@ def _product_type(q: torch.Tensor, keys: torch.Tensor) -> tl.dtype:
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype]
 
 
+def output_like(q: torch.Tensor) -> torch.Tensor:
+    """The op's output [B, H, T, D], stored as [B, T, H, D]: what the output projection reads
+    (heads side by side per step), so that merging the heads is a view, not a copy."""
+    batch, heads, steps, head_dim = q.shape
+    return torch.empty(batch, steps, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
+
+
 # A custom op, so that torch.compile treats the kernel as one opaque call with a known output
 # shape when it compiles the whole frame (`FrameRunner`), instead of tracing its launch.
 @torch.library.custom_op("personaplex::ring_attention", mutates_args=("keys", "values"))
 def ring_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
-                   keys: torch.Tensor, values: torch.Tensor, last_position: torch.Tensor) -> torch.Tensor:
-    """q, new_keys, new_values [B, H, T, D] of the steps at positions last_position[b] - T + 1
-    .. last_position[b] (int64 [B], >= T - 1); keys/values [B, H, slots, D] contiguous rings.
+                   keys: torch.Tensor, values: torch.Tensor, first_position: torch.Tensor,
+                   cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    """q, new_keys, new_values [B, H, T, D] of the steps at positions first_position[b] ..
+    first_position[b] + T - 1 (int64 [B], >= 0: the callers pass their state's own position
+    buffer, which the compiler hands over as it is, where a position computed in the frame would
+    be copied for each layer); keys/values [B, H, slots, D] contiguous rings.
+    With cos and sin ([B, T, D/2] float32, `layers.rope_angles` of those positions), q and the
+    new keys are given before RoPE and rotated here, exactly as `layers.rope` rotates them.
 
     Stores the new keys/values at slot position % slots, then returns [B, H, T, D] in q's
     dtype: softmax(q k^T / sqrt(D)) v over the slots whose newest position is at most the
     query's (slot s holds position last - ((last - s) mod slots); negative: never written)."""
-    return launch_ring_attention(q, new_keys, new_values, keys, values, last_position, DEFAULT_LAUNCH)
+    return launch_ring_attention(q, new_keys, new_values, keys, values, first_position, DEFAULT_LAUNCH, cos, sin)
 
 
 def launch_ring_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, keys: torch.Tensor,
-                          values: torch.Tensor, last_position: torch.Tensor, launch: RingLaunch) -> torch.Tensor:
+                          values: torch.Tensor, first_position: torch.Tensor, launch: RingLaunch,
+                          cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
     """`ring_attention` with a given launch shape (the op always takes the default)."""
     batch, heads, steps, head_dim = q.shape
     capacity = keys.shape[2]
     if not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("ring_attention needs contiguous key and value rings")
+    if (cos is None) != (sin is None) or (cos is not None and (cos.shape != sin.shape or
+                                                                tuple(cos.shape) != (batch, steps, head_dim // 2))):
+        raise ValueError(f"ring_attention's RoPE tables must both be [{batch}, {steps}, {head_dim // 2}]")
     q, new_keys, new_values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, new_keys, new_values))
+    rope = cos is not None
+    if rope:
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    else:  # pointers the kernel never reads
+        cos = sin = first_position
     split = launch.split or choose_split(batch, heads, capacity, q.device)
     splits = triton.cdiv(capacity, split)
     dim_tile = max(QUERY_TILE, triton.next_power_of_2(head_dim))
-    out = torch.empty(batch, heads, steps, head_dim, device=q.device, dtype=q.dtype)
+    out = output_like(q)
     partials = (batch, heads, splits, steps)
     acc = torch.empty(*partials, head_dim, device=q.device, dtype=torch.float32) if splits > 1 else out
     maxes = torch.empty(partials, device=q.device, dtype=torch.float32) if splits > 1 else out
     sums = torch.empty_like(maxes) if splits > 1 else out
-    last_position = last_position.contiguous()
+    first_position = first_position.contiguous()
     _ring_attention_split[(batch, heads, splits)](
-        q, new_keys, new_values, keys, values, last_position, out, acc, maxes, sums,
+        q, new_keys, new_values, keys, values, first_position, cos, sin, out, acc, maxes, sums,
         *q.stride()[:3], *new_keys.stride()[:3], *new_values.stride()[:3],
-        heads, capacity, splits, head_dim**-0.5,
+        cos.stride(0) if rope else 0, cos.stride(1) if rope else 0, heads, capacity, splits, head_dim**-0.5,
         STEPS=steps, QUERIES=QUERY_TILE, HEAD_DIM=head_dim, DIM_TILE=dim_tile, SPLIT=split,
         BLOCK=max(QUERY_TILE, min(launch.block, triton.next_power_of_2(capacity))), ONE_SPLIT=splits == 1,
-        PRODUCT_TYPE=_product_type(q, keys),
+        ROPE=rope, PRODUCT_TYPE=_product_type(q, keys),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if splits > 1:
         _merge_splits[(batch * heads, steps)](
-            acc, maxes, sums, last_position, out, heads, capacity, splits,
+            acc, maxes, sums, first_position, out, heads, capacity, splits,
             STEPS=steps, SPLITS_PAD=triton.next_power_of_2(splits), SPLIT=split, HEAD_DIM=head_dim, DIM_TILE=dim_tile,
         )
     return out
@@ -262,5 +319,6 @@ def launch_ring_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: t
 
 @ring_attention.register_fake
 def _ring_attention_shape(q: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
-                          keys: torch.Tensor, values: torch.Tensor, last_position: torch.Tensor) -> torch.Tensor:
-    return torch.empty(q.shape, device=q.device, dtype=q.dtype)
+                          keys: torch.Tensor, values: torch.Tensor, first_position: torch.Tensor,
+                          cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    return output_like(q)

@@ -21,7 +21,7 @@ from torch import nn
 from personaplex.model.config import MimiTransformerConfig
 from personaplex.model.kernels import cuda_op, kernels_can_run
 from personaplex.model.kv_cache import ring_capacity
-from personaplex.model.layers import READABLE_KERNELS, Kernels, linear, rope, rope_angles
+from personaplex.model.layers import READABLE_KERNELS, Kernels, linear, rope, shared_rope_angles
 
 
 @dataclass
@@ -55,19 +55,14 @@ class Attention(nn.Module):
         dim = config.d_model
         self.num_heads = config.num_heads
         self.context = config.context
-        self.max_period = config.max_period
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim, device=device, dtype=dtype))
         self.out_proj = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
 
-    def _qkv(self, x: torch.Tensor, offset: torch.Tensor,
-             kernels: Kernels = READABLE_KERNELS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor, kernels: Kernels = READABLE_KERNELS) -> tuple[torch.Tensor, ...]:
+        """q, k (before RoPE), v [B, H, T, D] of x [B, T, C]."""
         batch, steps, _ = x.shape
         qkv = linear(self.in_proj_weight, x, kernels).view(batch, steps, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        positions = offset[:, None] + torch.arange(q.shape[2], device=q.device)
-        cos, sin = rope_angles(positions, q.shape[-1], self.max_period)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
-        return q, k, v
+        return qkv[0], qkv[1], qkv[2]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
                 kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
@@ -79,19 +74,19 @@ class Attention(nn.Module):
         batch, heads, steps, head_dim = out.shape
         return linear(self.out_proj, out.permute(0, 2, 1, 3).reshape(batch, steps, heads * head_dim), kernels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Whole clip x [B, T, C], positions 0..T-1."""
-        batch, steps, _ = x.shape
-        offset = torch.zeros(batch, device=x.device, dtype=torch.long)
-        q, k, v = self._qkv(x, offset)
+    def forward(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Whole clip x [B, T, C], positions 0..T-1 (`angles`: their RoPE cos and sin)."""
+        steps = x.shape[1]
+        q, k, v = self._qkv(x)
+        q, k = rope(q, *angles), rope(k, *angles)
         positions = torch.arange(steps, device=x.device)
         delta = positions.view(-1, 1) - positions.view(1, -1)
         return self._attend(q, k, v, ((delta >= 0) & (delta < self.context))[None])
 
     def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor,
-             kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
-        """x [B, T, C] at positions offset[b] + t (T < ring slots); writes its keys/values
-        into the ring, then attends.
+             angles: tuple[torch.Tensor, torch.Tensor], kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
+        """x [B, T, C] at positions offset[b] + t (T < ring slots; `angles`: their RoPE cos
+        and sin); writes its keys/values into the ring, then attends.
 
         As in the reference, the T new keys are written first, so the ring then holds the
         last context - 1 positions up to the call's last one, P: a query at q sees the keys at
@@ -99,9 +94,10 @@ class Attention(nn.Module):
         the whole-clip mask allows once the ring has wrapped. The fast kernel (the LM's ring
         attention) writes and attends in one launch, reading only the filled slots."""
         batch, steps, _ = x.shape
-        q, k, v = self._qkv(x, offset, kernels)
-        if kernels.ring_attention and kernels_can_run(q):
-            return self._project_out(cuda_op("ring_attention")(q, k, v, keys, values, offset + (steps - 1)), kernels)
+        q, k, v = self._qkv(x, kernels)
+        if kernels.ring_attention and kernels_can_run(q):  # RoPE in the kernel
+            return self._project_out(cuda_op("ring_attention")(q, k, v, keys, values, offset, *angles), kernels)
+        q, k = rope(q, *angles), rope(k, *angles)
         capacity = keys.shape[2]
         new_pos = offset.view(-1, 1) + torch.arange(steps, device=x.device)  # [B, T]
         slots = (new_pos % capacity).view(batch, 1, steps, 1).expand(-1, k.shape[1], -1, k.shape[3])
@@ -130,13 +126,13 @@ class TransformerLayer(nn.Module):
         hidden = F.gelu(linear(self.linear1, self.norm2(x), kernels))
         return x + self.layer_scale_2(linear(self.linear2, hidden, kernels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.layer_scale_1(self.self_attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), angles))
         return self._feed_forward(x)
 
     def step(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor,
-             kernels: Kernels) -> torch.Tensor:
-        x = x + self.layer_scale_1(self.self_attn.step(self.norm1(x), keys, values, offset, kernels))
+             angles: tuple[torch.Tensor, torch.Tensor], kernels: Kernels) -> torch.Tensor:
+        x = x + self.layer_scale_1(self.self_attn.step(self.norm1(x), keys, values, offset, angles, kernels))
         return self._feed_forward(x, kernels)
 
 
@@ -163,11 +159,16 @@ class MimiTransformer(nn.Module):
         """A whole clip if `state` is None, else the next x.shape[-1] positions of a stream
         (`kernels`: which attention and linear kernels the streaming steps use)."""
         x = x.transpose(1, 2)
+        batch, steps, _ = x.shape
+        offset = torch.zeros(batch, device=x.device, dtype=torch.long) if state is None else state.offset
+        # The RoPE angles of the call's positions, once for every layer.
+        angles = shared_rope_angles(offset[:, None] + torch.arange(steps, device=x.device),
+                             self.config.d_model // self.config.num_heads, self.config.max_period)
         if state is None:
             for layer in self.layers:
-                x = layer(x)
+                x = layer(x, angles)
         else:
             for layer, keys, values in zip(self.layers, state.keys, state.values):
-                x = layer.step(x, keys, values, state.offset, kernels)
-            state.offset.add_(x.shape[1])
+                x = layer.step(x, keys, values, state.offset, angles, kernels)
+            state.offset.add_(steps)
         return x.transpose(1, 2)
