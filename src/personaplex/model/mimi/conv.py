@@ -37,6 +37,12 @@ from personaplex.model.layers import READABLE_KERNELS, Kernels, linear
 CONV_PRODUCT_MAX_FLOPS = 1 << 27
 
 
+def _as_product(kernels: Kernels, product_shape: bool, flops: int) -> bool:
+    """Whether a convolution of `flops` runs as a product: asked for, of a shape the products
+    take (`product_shape`), and no larger than CONV_PRODUCT_MAX_FLOPS."""
+    return kernels.conv_products and product_shape and flops <= CONV_PRODUCT_MAX_FLOPS
+
+
 class StreamingConv1d(nn.Module):
     """Causal Conv1d. `replicate_pad` starts a stream by repeating its first sample instead of
     zeros (Mimi's downsampling conv does this)."""
@@ -94,8 +100,7 @@ class StreamingConv1d(nn.Module):
         out_channels, _, kernel_size = self.weight.shape
         batch, _, length = x.shape
         steps = (length - (kernel_size - 1) * self.dilation - 1) // self.stride + 1
-        flops = 2 * batch * steps * self.weight.numel()
-        if not (kernels.conv_products and self.groups == 1 and flops <= CONV_PRODUCT_MAX_FLOPS):
+        if not _as_product(kernels, self.groups == 1, 2 * batch * steps * self.weight.numel()):
             return F.conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         # Output sample t reads inputs t * stride + j * dilation, j < kernel_size: one row of
         # columns, ordered (channel, j) as the weight's [out, in, kernel] layout is.
@@ -156,8 +161,7 @@ class StreamingConvTranspose1d(nn.Module):
         in_channels, out_per_group, kernel_size = self.weight.shape
         batch, _, steps = x.shape
         depthwise = self.groups == in_channels == out_per_group * self.groups
-        flops = 2 * batch * steps * self.weight.numel()
-        if not (kernels.conv_products and (self.groups == 1 or depthwise) and flops <= CONV_PRODUCT_MAX_FLOPS):
+        if not _as_product(kernels, self.groups == 1 or depthwise, 2 * batch * steps * self.weight.numel()):
             return F.conv_transpose1d(x, self.weight, self.bias, self.stride, groups=self.groups)
         # Input sample t adds its taps [C_out, kernel] at outputs t * stride .. t * stride + kernel - 1.
         inputs = x.transpose(1, 2)  # [B, T, C_in]

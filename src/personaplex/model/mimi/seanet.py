@@ -13,7 +13,7 @@ from torch import nn
 
 from personaplex.model.config import ConfigError, SEANetConfig
 from personaplex.model.layers import READABLE_KERNELS, Kernels
-from personaplex.model.mimi.conv import StreamingConv1d, StreamingConvTranspose1d, streaming_convs
+from personaplex.model.mimi.conv import StreamingConv, StreamingConv1d, StreamingConvTranspose1d, streaming_convs
 
 
 class ResnetBlock(nn.Module):
@@ -38,10 +38,8 @@ class ResnetBlock(nn.Module):
 def _run(layers: nn.ModuleList, x: torch.Tensor, buffers: list[torch.Tensor], kernels: Kernels) -> torch.Tensor:
     """Apply a stack of activations, streaming convs and residual blocks in order."""
     for layer in layers:
-        if isinstance(layer, StreamingConv1d):
+        if isinstance(layer, StreamingConv):
             x = layer(x, buffers[layer.state_slot], kernels=kernels)
-        elif isinstance(layer, StreamingConvTranspose1d):
-            x = layer(x, buffers[layer.state_slot], kernels)
         elif isinstance(layer, ResnetBlock):
             x = layer(x, buffers, kernels)
         else:
