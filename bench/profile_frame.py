@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import re
 import time
@@ -49,9 +50,11 @@ def family(name: str) -> str:
     return "other"
 
 
-def warmed_runner(lm, mimi, persona, batch: int, use_graphs: bool, kernels=None, compile_frame: bool = False):
+def warmed_runner(lm, mimi, persona, batch: int, use_graphs: bool, kernels=None, compile_frame: bool = False,
+                  tuning: str = "default"):
     """A runner with every row joined, warmed up: (runner, user pcm, listening mask)."""
-    runner = FrameRunner(lm, mimi, batch, use_graphs=use_graphs, kernels=kernels, compile_frame=compile_frame)
+    runner = FrameRunner(lm, mimi, batch, use_graphs=use_graphs, kernels=kernels, compile_frame=compile_frame,
+                         compile_tuning=tuning)
     for row in range(batch):
         runner.join(row, persona)
     pcm = 0.1 * torch.randn(batch, 1920, device="cuda")
@@ -63,8 +66,8 @@ def warmed_runner(lm, mimi, persona, batch: int, use_graphs: bool, kernels=None,
 
 
 def profile_case(lm, mimi, persona, batch: int, kernels, label: str, compile_frame: bool = False, frames: int = 5,
-                 trace: Path | None = None) -> dict:
-    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, False, kernels, compile_frame)
+                 trace: Path | None = None, tuning: str = "default") -> dict:
+    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, False, kernels, compile_frame, tuning)
     with torch.no_grad():
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -103,7 +106,7 @@ def profile_case(lm, mimi, persona, batch: int, kernels, label: str, compile_fra
                         in sorted(kernel_us.items(), key=lambda kv: -kv[1][0])[:25]},
     }
     if kernels is not READABLE_KERNELS:
-        result["graphed_ms_per_frame"] = graphed_time(lm, mimi, persona, batch, compile_frame, kernels)
+        result["graphed_ms_per_frame"] = graphed_time(lm, mimi, persona, batch, compile_frame, kernels, tuning=tuning)
     del runner
     torch.cuda.empty_cache()
     return result
@@ -117,8 +120,9 @@ def write_kernel_sequence(prof, path: Path) -> None:
     path.write_text("".join(f"{start - first:.1f}\t{us:.1f}\t{name[:160]}\n" for start, us, name in kernels))
 
 
-def graphed_time(lm, mimi, persona, batch: int, compile_frame: bool, kernels: Kernels, frames: int = 50) -> float:
-    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, True, kernels, compile_frame)
+def graphed_time(lm, mimi, persona, batch: int, compile_frame: bool, kernels: Kernels, frames: int = 50,
+                 tuning: str = "default") -> float:
+    runner, pcm, speaking = warmed_runner(lm, mimi, persona, batch, True, kernels, compile_frame, tuning)
     with torch.no_grad():
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -147,6 +151,9 @@ def main() -> None:
     parser.add_argument("--variants", default="fast",
                         help="the compiled cases' kernels: fast (Kernels.fast()) and/or no-FIELD, Kernels.fast() "
                              "with that field off (e.g. no-conv_products), comma-separated, one case each")
+    parser.add_argument("--tunings", default="default",
+                        help="the compiled cases' compile tunings (runtime/runner.py: COMPILE_TUNINGS), comma-separated, "
+                             "one case each per variant")
     parser.add_argument("--sequence", action="store_true",
                         help="also write each compiled case's kernels in launch order (kernels-ROWS-WEIGHTS.tsv)")
     args = parser.parse_args()
@@ -171,11 +178,11 @@ def main() -> None:
             add(profile_case(lm, mimi, persona, rows, Kernels.fast(), "as written, Triton ring attention"))
         if "compiled" not in cases:
             continue
-        for variant in args.variants.split(","):
-            suffix = "" if variant == "fast" else f"-{variant}"
+        for variant, tuning in itertools.product(args.variants.split(","), args.tunings.split(",")):
+            suffix = ("" if variant == "fast" else f"-{variant}") + ("" if tuning == "default" else f"-{tuning}")
             sequence = out / f"kernels-{rows}-{args.weights}{suffix}.tsv" if args.sequence else None
             add(profile_case(lm, mimi, persona, rows, variant_kernels(variant), f"compiled frame{suffix}",
-                             compile_frame=True, trace=sequence))
+                             compile_frame=True, trace=sequence, tuning=tuning))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from personaplex.model.lm_checkpoint import load_lm
 from personaplex.runtime.generation import FrameGenerator, StepInputs
-from personaplex.runtime.sampling import RowNoise, SamplingConfig, sample_tokens
+from personaplex.runtime.sampling import RowNoise, SamplingConfig, gumbel_noise, sample_tokens
 from tests.fixtures.tiny_lm import tiny_lm_config, write_tiny_lm
 
 
@@ -108,7 +110,20 @@ def test_each_row_samples_from_its_own_seed():
         assert together[0] == together[2] == single[0]
 
 
-def test_row_noise_is_uniform_enough():
+def test_row_noise_is_gumbel():
     noise = noise_with([1, 2, 3, 4])
-    samples = torch.cat([noise.exponential(256).flatten() for _ in range(50)])
-    assert abs(float(samples.mean()) - 1.0) < 0.02 and abs(float(samples.std()) - 1.0) < 0.03
+    samples = torch.cat([gumbel_noise(noise.next_keys(), 256).flatten() for _ in range(50)])
+    euler_gamma, std = 0.5772, math.pi / math.sqrt(6)
+    assert abs(float(samples.mean()) - euler_gamma) < 0.03 and abs(float(samples.std()) - std) < 0.04
+
+
+def test_draws_follow_the_softmax_of_the_kept_logits():
+    """The Gumbel-max draw samples softmax(logits / T) over the top k, as the reference's multinomial."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    temperature, top_k = torch.tensor([0.8]), torch.tensor([4])
+    noise = noise_with([11])
+    draws = torch.cat([sample_tokens(logits, temperature, top_k, noise) for _ in range(4000)])
+    frequencies = torch.bincount(draws, minlength=6).float() / len(draws)
+    expected = torch.softmax(logits[0, :4] / 0.8, dim=0)
+    assert torch.all(frequencies[4:] == 0)
+    assert torch.allclose(frequencies[:4], expected, atol=0.025), (frequencies, expected)

@@ -101,8 +101,9 @@ class Kernels:
     (`LMModel.depformer_step_fusable`). `fast()` takes it for one row only: with more, the
     compiled step's products are faster.
 
-    `kth_largest` finds the k-th largest probability of top-k sampling with one Triton
-    kernel (`kernels/top_k.py`) instead of sorting every candidate (`runtime/sampling.py`).
+    `sampling` draws each token of top-k sampling in one Triton launch per sampled token
+    (`kernels/sampling.py`: the k-th largest logit without sorting, the noise and the draw)
+    instead of the readable sampler's sort and element-wise steps (`runtime/sampling.py`).
 
     `gemv` sends products of up to GEMV_MAX_ROWS rows through a plain linear layer (weights in
     a float dtype, as `nn.Linear` or a bare weight holds them) to the GEMV kernel the quantized
@@ -116,13 +117,13 @@ class Kernels:
 
     ring_attention: bool = False
     fused_depformer_max_rows: int = 0
-    kth_largest: bool = False
+    sampling: bool = False
     gemv: bool = False
     conv_products: bool = False
 
     @staticmethod
     def fast() -> "Kernels":
-        return Kernels(ring_attention=True, fused_depformer_max_rows=FUSED_DEPFORMER_PAYS_UP_TO, kth_largest=True,
+        return Kernels(ring_attention=True, fused_depformer_max_rows=FUSED_DEPFORMER_PAYS_UP_TO, sampling=True,
                        gemv=True, conv_products=True)
 
 

@@ -33,16 +33,22 @@ from .sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
-# How hard Inductor tunes the compiled frame (`FrameRunner(compile_tuning=...)`), as options of
-# that one compilation, never process-wide. "default": Inductor's heuristics. "coordinate-descent":
-# each fused kernel's block sizes and warps are timed against their neighbours (gpt-fast's
-# setting for decoding). "max-autotune": that, plus Triton templates for the matrix products
-# timed against cuBLAS at each shape, with the element-wise work after a product fused into it.
-# The two tuned ones take minutes more to compile; `personaplex bench --compile-tuning` measures them.
+# How Inductor compiles the frame (`FrameRunner(compile_tuning=...)`), as options of that one
+# compilation, never process-wide. Every tuning launches independent element-wise kernels side
+# by side as one ("combo kernels"): a frame ends with ~40 small state copies, each a launch of
+# its own otherwise (one-row bf16 frame on an H200: 722 -> 664 kernels, 6.14 -> 6.07 ms graphed,
+# docs/PERFORMANCE.md run S). "inductor": Inductor's own defaults, without that.
+# "coordinate-descent": each fused kernel's block sizes and warps are timed against their
+# neighbours (gpt-fast's setting for decoding). "max-autotune": that, plus Triton templates for
+# the matrix products timed against cuBLAS at each shape, with the element-wise work after a
+# product fused into it. The two tuned ones take minutes more to compile; `personaplex bench
+# --compile-tuning` measures them.
+_COMBO = {"combo_kernels": True}
 COMPILE_TUNINGS: dict[str, dict[str, bool]] = {
-    "default": {},
-    "coordinate-descent": {"coordinate_descent_tuning": True},
-    "max-autotune": {"coordinate_descent_tuning": True, "max_autotune": True},
+    "default": _COMBO,
+    "inductor": {},
+    "coordinate-descent": {**_COMBO, "coordinate_descent_tuning": True},
+    "max-autotune": {**_COMBO, "coordinate_descent_tuning": True, "max_autotune": True},
 }
 
 

@@ -30,8 +30,9 @@ class SamplingConfig:
 class RowNoise:
     """Per-row random streams for sampling, counter-based so that they live on the device.
 
-    Each row has a seed and a draw counter; a draw hashes (seed, counter, candidate) with
-    splitmix64. A conversation's samples therefore depend on its own seed only, whichever
+    Each row has a seed and a draw counter; a draw hashes (seed, counter) with splitmix64
+    into the row's key, which `gumbel_noise` (or the sampling kernel) hashes with each
+    candidate's index. A conversation's samples therefore depend on its own seed only, whichever
     batch it runs in and whichever rows come and go beside it, and the state is two small
     tensors that a CUDA graph updates in place.
     """
@@ -46,13 +47,11 @@ class RowNoise:
         self.seeds[rows] = value
         self.draws[rows] = 0
 
-    def exponential(self, candidates: int) -> torch.Tensor:
-        """Exp(1) noise [B, candidates], then advance every row's counter."""
-        index = torch.arange(candidates, device=self.seeds.device)
-        mixed = _splitmix64(self.seeds[:, None] * 0x2545F4914F6CDD1D + self.draws[:, None] * 0x9E3779B97F4A7C15 + index)
-        uniform = ((mixed >> 11) & ((1 << 53) - 1)).double().add_(0.5).div_(2.0**53)  # in (0, 1)
+    def next_keys(self) -> torch.Tensor:
+        """This draw's noise key [B] int64 for every row, then advance every row's counter."""
+        keys = _splitmix64(self.seeds * 0x2545F4914F6CDD1D + self.draws * 0x9E3779B97F4A7C15)
         self.draws += 1
-        return (-torch.log(uniform)).float()
+        return keys
 
 
 def _splitmix64(x: torch.Tensor) -> torch.Tensor:
@@ -64,30 +63,50 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
+def gumbel_noise(row_keys: torch.Tensor, candidates: int) -> torch.Tensor:
+    """Gumbel noise [B, candidates] float32 from each row's key: the key's low half plus the
+    candidate's index, xor its high half, through murmur3's 32-bit finaliser gives u, an odd
+    multiple of 2^-24 in (0, 1); the noise is -log(-log(u)). The sampling kernel computes the
+    same numbers (in int64 here, each sum and product masked to its low 32 bits, as uint32 wraps)."""
+    index = torch.arange(candidates, device=row_keys.device)
+    low, high = row_keys & _LOW32, (row_keys >> 32) & _LOW32
+    bits = _fmix32(((low[:, None] + index) & _LOW32) ^ high[:, None])
+    uniform = ((bits >> 9).float() * 2.0 + 1.0) * 2.0**-24
+    return -torch.log(-torch.log(uniform))
+
+
+_LOW32 = (1 << 32) - 1
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on values below 2^32 held in int64."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _LOW32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _LOW32
+    return h ^ (h >> 16)
+
+
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, noise: RowNoise,
                   kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
     """One token per row of logits [B, V]: top-k sampling at each row's temperature; argmax
-    where the temperature is 0. Each row keeps the tokens whose probability is at least its
+    where the temperature is 0. Each row keeps the tokens whose scaled logit is at least its
     own `top_k[b]`-th largest (ties at that value are all kept; the reference's torch.topk
-    keeps k of them, and exact ties between probabilities are all but absent). No shape
+    keeps k of them, and exact ties are all but absent) and draws among them by the
+    Gumbel-max trick: argmax of scaled logit + Gumbel noise, which samples the softmax of the
+    kept logits as the reference's multinomial does, with no host synchronisation. No shape
     depends on a row's settings, so one compiled and captured frame serves any top-k a
-    conversation asks for (a conversation joining with a larger one costs nothing, where a
-    larger static size would cost a new compilation of the frame)."""
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1)
-    safe_temperature = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    probs = torch.softmax(logits / safe_temperature[:, None], dim=-1)
-    kept = probs >= kth_largest_probability(probs, top_k, kernels)[:, None]
-    # Sampling proportionally to p is argmax(p / E) with E ~ Exp(1): no multinomial, no sync.
-    sampled = (torch.where(kept, probs, torch.zeros_like(probs)) / noise.exponential(probs.shape[-1])).argmax(dim=-1)
-    return torch.where(temperature > 0, sampled, greedy)
+    conversation asks for (a larger static size would cost a new compilation of the frame).
 
-
-def kth_largest_probability(probs: torch.Tensor, top_k: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-    """Each row's top_k[b]-th largest probability [B] (top_k clamped to 1..V): by sorting the
-    row, or with `kernels.kth_largest` by one Triton kernel that finds the same value
-    without sorting (`model/kernels/top_k.py`)."""
-    if kernels.kth_largest and kernels_can_run(probs):
-        return cuda_op("kth_largest")(probs, top_k)
-    ranked = probs.sort(dim=-1, descending=True).values
-    return ranked.gather(-1, (top_k.clamp(1, probs.shape[-1]) - 1)[:, None])[:, 0]
+    With `kernels.sampling` one Triton kernel does it all (`model/kernels/sampling.py`);
+    the code below is what it computes."""
+    row_keys = noise.next_keys()
+    if kernels.sampling and kernels_can_run(logits):
+        return cuda_op("sample_top_k")(logits, temperature, top_k, row_keys)
+    values = logits.float()
+    greedy = values.argmax(dim=-1)
+    scaled = values / torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None]
+    ranked = scaled.sort(dim=-1, descending=True).values
+    threshold = ranked.gather(-1, (top_k.clamp(1, scaled.shape[-1]) - 1)[:, None])
+    scores = torch.where(scaled >= threshold, scaled + gumbel_noise(row_keys, scaled.shape[-1]), float("-inf"))
+    return torch.where(temperature > 0, scores.argmax(dim=-1), greedy)

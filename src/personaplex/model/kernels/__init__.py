@@ -39,7 +39,7 @@ def multiprocessors(index: int) -> int:
 def register_cuda_ops() -> None:
     """Import the kernels' modules, which register them as torch custom ops (CUDA machines
     only: they import Triton)."""
-    from . import fused_depformer, quantized_matmul, ring_attention, top_k  # noqa: F401
+    from . import fused_depformer, quantized_matmul, ring_attention, sampling  # noqa: F401
 
 
 def kernels_can_run(tensor: torch.Tensor) -> bool:
