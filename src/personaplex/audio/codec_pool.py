@@ -16,10 +16,12 @@ or the Ogg pages); a reply is (request id, ok) + payload (Ogg bytes, int16 PCM, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-import multiprocessing
 import socket
 import struct
+import subprocess
+import sys
 
 import numpy as np
 
@@ -31,6 +33,7 @@ _REQUEST = struct.Struct("<BII")  # op, stream id, request id
 _REPLY = struct.Struct("<I?")  # request id, ok
 _ENCODE, _DECODE, _FORGET, _PING = range(4)
 _PCM_SCALE = 32767.0
+STOP_TIMEOUT_S = 5.0  # a worker that has not exited this long after its socket closed is killed
 
 
 def _to_int16(pcm: np.ndarray) -> bytes:
@@ -76,10 +79,14 @@ class _Worker:
     """One codec process and the event loop's side of its socket: requests are written to the
     stream's buffer (never blocking the loop), a reader task hands replies to their futures."""
 
-    def __init__(self, context, sample_rate: int):
+    def __init__(self, sample_rate: int):
         self._socket, child = socket.socketpair()
-        self.process = context.Process(target=_serve, args=(child, sample_rate), daemon=True, name="personaplex-opus")
-        self.process.start()
+        # A fresh interpreter running this module: not a fork (the server process holds CUDA and
+        # threads, which a fork must not copy), nor multiprocessing's spawn, which re-imports the
+        # parent's main module (the CLI's imports torch: seconds of start-up and hundreds of MB
+        # in every worker). Should the server die, the worker reads the end of its socket and exits.
+        self.process = subprocess.Popen([sys.executable, "-m", __name__, str(child.fileno()), str(sample_rate)],
+                                        pass_fds=[child.fileno()])
         child.close()
         self.pending: dict[int, asyncio.Future] = {}
         self._writer: asyncio.StreamWriter | None = None
@@ -125,15 +132,23 @@ class _Worker:
                     future.set_exception(RuntimeError("the audio codec process stopped"))
             self.pending.clear()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Close the socket (the worker then reads its end and exits) and wait for the process
+        off the event loop. The transport's close completes on the loop: under uvloop, which
+        holds a duplicate of the socket, a wait that blocked the loop kept the worker's socket
+        open for the whole wait (every server shutdown took 5 s a worker)."""
         if self._reader_task is not None:
             self._reader_task.cancel()
         if self._writer is not None:
             self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
         self._socket.close()
-        self.process.join(timeout=5)
-        if self.process.is_alive():
+        try:
+            await asyncio.to_thread(self.process.wait, STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
             self.process.kill()
+            await asyncio.to_thread(self.process.wait)
 
 
 class OpusStream:
@@ -161,9 +176,7 @@ class OpusProcessPool:
     def __init__(self, processes: int, sample_rate: int):
         if processes < 1:
             raise ValueError(f"the Opus pool needs at least one process, got {processes}")
-        # "spawn": the server process holds CUDA and threads, which a fork must not copy.
-        context = multiprocessing.get_context("spawn")
-        self._workers = [_Worker(context, sample_rate) for _ in range(processes)]
+        self._workers = [_Worker(sample_rate) for _ in range(processes)]
         self._streams = itertools.count()
         self._requests = itertools.count(1)
 
@@ -182,6 +195,13 @@ class OpusProcessPool:
         """Wait until every worker answers (their start-up imports take a second or two)."""
         await asyncio.gather(*(worker.request(_PING, 0, self.next_request(), b"") for worker in self._workers))
 
-    def shutdown(self) -> None:
-        for worker in self._workers:
-            worker.stop()
+    async def shutdown(self) -> None:
+        """Stop every worker, side by side."""
+        await asyncio.gather(*(worker.stop() for worker in self._workers))
+
+
+if __name__ == "__main__":  # a worker, as `_Worker` starts it
+    if len(sys.argv) != 3 or not all(argument.isdigit() for argument in sys.argv[1:]):
+        sys.exit("usage: python -m personaplex.audio.codec_pool SOCKET_FD SAMPLE_RATE "
+                 "(a worker of the server's Opus pool: the server starts it)")
+    _serve(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]))

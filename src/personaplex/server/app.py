@@ -178,7 +178,7 @@ def create_app(host: ModelHost, settings: ServerSettings | None = None) -> FastA
         try:
             yield
         finally:
-            codecs.shutdown()
+            await codecs.shutdown()
 
     app = FastAPI(
         title="PersonaPlex voice assistant",
