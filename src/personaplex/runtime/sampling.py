@@ -63,6 +63,9 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
+_LOW32 = (1 << 32) - 1
+
+
 def gumbel_noise(row_keys: torch.Tensor, candidates: int) -> torch.Tensor:
     """Gumbel noise [B, candidates] float32 from each row's key: the key's low half plus the
     candidate's index, xor its high half, through murmur3's 32-bit finaliser gives u, an odd
@@ -73,9 +76,6 @@ def gumbel_noise(row_keys: torch.Tensor, candidates: int) -> torch.Tensor:
     bits = _fmix32(((low[:, None] + index) & _LOW32) ^ high[:, None])
     uniform = ((bits >> 9).float() * 2.0 + 1.0) * 2.0**-24
     return -torch.log(-torch.log(uniform))
-
-
-_LOW32 = (1 << 32) - 1
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:

@@ -67,14 +67,20 @@ def _row_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS: tl.constexp
         patterns = raw.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended
     else:
         patterns = raw.to(tl.int32, bitcast=True)
-    keys = tl.where(patterns < 0, patterns ^ ((1 << (KEY_BITS - 1)) - 1), patterns)
-    return tl.where(columns < width, keys, -(1 << (KEY_BITS - 1)))
+    return tl.where(columns < width, _flip_negatives(patterns, KEY_BITS), -(1 << (KEY_BITS - 1)))
+
+
+@triton.jit
+def _flip_negatives(x, KEY_BITS: tl.constexpr):
+    """Bit pattern <-> ordered key (the same map both ways): a negative float's magnitude bits
+    are flipped, so that a larger magnitude gives a smaller integer."""
+    return tl.where(x < 0, x ^ ((1 << (KEY_BITS - 1)) - 1), x)
 
 
 @triton.jit
 def _key_value(key, TYPE: tl.constexpr, KEY_BITS: tl.constexpr):
     """The logit (float32) whose key is `key`."""
-    patterns = tl.where(key < 0, key ^ ((1 << (KEY_BITS - 1)) - 1), key)
+    patterns = _flip_negatives(key, KEY_BITS)
     if KEY_BITS == 16:
         value = patterns.to(tl.int16).to(TYPE, bitcast=True)
     else:

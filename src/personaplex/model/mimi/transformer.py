@@ -163,7 +163,7 @@ class MimiTransformer(nn.Module):
         offset = torch.zeros(batch, device=x.device, dtype=torch.long) if state is None else state.offset
         # The RoPE angles of the call's positions, once for every layer.
         angles = shared_rope_angles(offset[:, None] + torch.arange(steps, device=x.device),
-                             self.config.d_model // self.config.num_heads, self.config.max_period)
+                                    self.config.d_model // self.config.num_heads, self.config.max_period)
         if state is None:
             for layer in self.layers:
                 x = layer(x, angles)
