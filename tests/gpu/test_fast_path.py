@@ -121,3 +121,22 @@ def test_public_calls_run_the_graphed_frame_and_match_the_readable_one(gpu_engin
     assert fast_reply.text_tokens == readable_reply.text_tokens
     assert [f.agent_codes for f in fast_reply.frames] == [f.agent_codes for f in readable_reply.frames]
     np.testing.assert_allclose(fast_reply.audio, readable_reply.audio, atol=1e-4)
+
+
+def test_overlapped_frames_hand_out_what_frames_one_at_a_time_do(gpu_engine):
+    """On CUDA a due frame is launched before the one in flight is handed out, through pinned
+    host buffers used in turn: every frame's audio, text and codes are those of frames run
+    and handed out one at a time."""
+    scheduler = gpu_engine.scheduler
+    assert scheduler.overlap_frames
+    recording = audio(20, 1, seed=3)[:, 0].reshape(-1).numpy()
+    overlapped = gpu_engine.respond_duplex(recording, greedy=True), gpu_engine.respond(recording, greedy=True, max_steps=6)
+    scheduler.overlap_frames = False
+    try:
+        one_at_a_time = gpu_engine.respond_duplex(recording, greedy=True), gpu_engine.respond(recording, greedy=True, max_steps=6)
+    finally:
+        scheduler.overlap_frames = True
+    for got, expected in zip(overlapped, one_at_a_time):
+        assert got.text_tokens == expected.text_tokens
+        assert [f.agent_codes for f in got.frames] == [f.agent_codes for f in expected.frames]
+        np.testing.assert_array_equal(got.audio, expected.audio)

@@ -1,22 +1,27 @@
 """Conversations as rows of one batched frame (`FrameScheduler`), on the tiny model: an engine
-with three rows against one with a single row."""
+with three rows against one with a single row. The three-row engine runs every test twice:
+frame by frame, and with each due frame launched before the one in flight is handed out
+(what the scheduler does on CUDA)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
 
 from personaplex import PersonaPlex
+from personaplex.runtime.sampling import SamplingConfig
 
 FRAME = 1920
 
 
-@pytest.fixture(scope="module")
-def batched_engine(tiny_folder):
+@pytest.fixture(scope="module", params=[False, True], ids=["frame-by-frame", "overlapped"])
+def batched_engine(tiny_folder, request):
     engine = PersonaPlex.from_pretrained(tiny_folder, device="cpu", max_sessions=3)
     engine.scheduler.max_wait_s = 0.5  # generous: this CPU is shared with other work
+    engine.scheduler.overlap_frames = request.param
     return engine
 
 
@@ -159,3 +164,26 @@ def test_a_seed_gives_the_same_sampled_conversation_batched_or_alone(engine, bat
 
 async def collect_sampled(engine, pcm: np.ndarray, seed: int) -> list:
     return [chunk async for chunk in engine.respond_realtime(blocks(pcm, 1920), seed=seed)]
+
+
+def test_a_recording_is_handed_out_behind_the_next_frames_launch_when_overlapped(batched_engine):
+    """Unpaced frames are all due at once: overlapped, frame k is handed out once frame k + 1 is
+    launched, and the end of the conversation comes after its last frame."""
+    scheduler = batched_engine.scheduler
+    launched_at_hand_out: list = []
+    finished = threading.Event()
+
+    def deliver(item):  # called on the worker thread, as it hands each frame out
+        launched_at_hand_out.append(None if item is None else scheduler.frames_run - before)
+        if item is None:
+            finished.set()
+
+    before = scheduler.frames_run
+    row = scheduler.open(batched_engine.persona(), SamplingConfig(greedy=True), 0, deliver, paced=False)
+    with batched_engine.compute_lock:  # no frame launches before every one is queued
+        for pcm in audio(11, 5).reshape(5, FRAME):
+            row.push(pcm)
+        row.end_input()
+    assert finished.wait(timeout=60)
+    expected = [2, 3, 4, 5, 5] if scheduler.overlap_frames else [1, 2, 3, 4, 5]
+    assert launched_at_hand_out == expected + [None]

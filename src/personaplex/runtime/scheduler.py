@@ -24,6 +24,15 @@ A row joins its persona at the first frame it has input for, so nothing runs for
 its user's first frame, and leaves between frames when its input ends or its reader stops,
 without touching the other rows. Model work is serialised with everything else that uses
 the model (persona prefills, diagnostics) by the engine's compute lock.
+
+On CUDA a frame is launched without waiting for it: its inputs go up and its outputs come
+back through pinned host buffers, and an event says when they are there. When the next frame
+is already due (queued recordings, a backlog of live audio), the worker launches it before it
+waits for the one in flight, so the device goes from one frame straight to the next while
+the host hands the previous frame's results out; the copies, the graph launch and the
+synchronisation no longer sit between frames (one conversation on an H200: ~0.25 ms of a
+~6.3 ms frame). A frame that is not due yet is never waited for: the one in flight is
+delivered first, so a live reply is never held back.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ class _Row:
     input_ended: bool = False
     closed: bool = False  # the reader stopped: leave at the next frame
     frames_done: int = 0
+    in_flight: int = 0  # frames launched for this row and not delivered yet
 
     @property
     def stalled(self) -> bool:
@@ -94,11 +104,15 @@ class RowHandle:
 
 class FrameScheduler:
     def __init__(self, runner: FrameRunner, tokenizer: TextTokenizer, compute_lock: threading.Lock, *,
-                 max_wait_s: float = 0.16):
+                 max_wait_s: float = 0.16, overlap_frames: bool | None = None):
+        """`overlap_frames`: launch a frame that is due before handing out the one in flight
+        (default: on CUDA, where the device runs the one while the host hands out the other;
+        elsewhere a frame's results are there when its launch returns)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.compute_lock = compute_lock
         self.max_wait_s = max_wait_s
+        self.overlap_frames = runner.device.type == "cuda" if overlap_frames is None else overlap_frames
         self._rows: list[_Row | None] = [None] * runner.batch_size
         self._leaving: set[int] = set()  # rows to reset in the runner before the next frame
         # Joined rows whose input queue is empty: a frame waits for them (or for the clock).
@@ -110,10 +124,10 @@ class FrameScheduler:
         self.late_frames = 0
         self.frames_run = 0
         self._recent_frame_ms: deque[float] = deque(maxlen=RECENT_FRAMES)
-        # Pinned host buffers, so that the copies to the device do not wait for the host.
-        pin = runner.device.type == "cuda"
-        self._user_pcm = torch.zeros(runner.batch_size, runner.mimi.frame_samples, pin_memory=pin)
-        self._agent_listens = torch.zeros(runner.batch_size, dtype=torch.bool, pin_memory=pin)
+        # Two sets of host buffers, used in turn: a frame's are written while the previous
+        # frame's may still be on their way to or from the device.
+        self._host = [_HostBuffers(runner) for _ in range(2)]
+        self._last_done = 0.0  # perf_counter when the previous frame's results were on the host
         self._worker = threading.Thread(target=self._run, name="personaplex-frames", daemon=True)
         self._worker.start()
 
@@ -180,30 +194,43 @@ class FrameScheduler:
     # ---- the worker thread
 
     def _run(self) -> None:
+        in_flight: _Launched | None = None  # launched, its results not handed out yet
         while True:
             with self._changed:
-                while not self._work_due():
+                while in_flight is None and not self._work_due():
                     self._changed.wait(timeout=self._until_overdue())
                 ended = self._retire_rows()
-                if not self._frame_due():
-                    joins, leaves, frames = [], self._take_leaves(), {}
-                else:
-                    joins = [(i, r) for i, r in self._live() if not r.joined and r.inputs]
-                    for _, row in joins:
-                        row.joined = True
-                    leaves = self._take_leaves()
-                    frames = {i: self._next_input(r) for i, r in self._live() if r.joined}
-                    for index, row in self._live():
-                        row.silent_frames += row.joined and frames.get(index, True) is None
-                    self._starved.update(i for i, r in self._live() if r.joined and not r.inputs and not r.stalled)
+                joins, leaves, frames = self._take_work()
             for row in ended:
                 _deliver(row, None)
-            if not (joins or leaves or frames):
-                continue
-            with self.compute_lock:
-                self._apply(joins, leaves)
-                if frames:
-                    self._frame(frames)
+            launched = None
+            if joins or leaves or frames:
+                with self.compute_lock:
+                    self._apply(joins, leaves)
+                    if frames:
+                        launched = self._launch(frames)
+            if in_flight is not None:
+                self._finish(in_flight)
+            in_flight = launched
+            if in_flight is not None and not self.overlap_frames:
+                self._finish(in_flight)
+                in_flight = None
+
+    def _take_work(self) -> tuple[list[tuple[int, _Row]], list[int], dict[int, tuple[_Row, _Input | None]]]:
+        """What to do before the next frame (rows joining, rows leaving) and, when a frame is
+        due, each taking part row's input for it (None: it hears silence)."""
+        if not self._frame_due():
+            return [], self._take_leaves(), {}
+        joins = [(i, r) for i, r in self._live() if not r.joined and r.inputs]
+        for _, row in joins:
+            row.joined = True
+        leaves = self._take_leaves()
+        frames = {i: (r, self._next_input(r)) for i, r in self._live() if r.joined}
+        for _, (row, frame) in frames.items():
+            row.silent_frames += frame is None
+            row.in_flight += 1
+        self._starved.update(i for i, r in self._live() if r.joined and not r.inputs and not r.stalled)
+        return joins, leaves, frames
 
     def _until_overdue(self) -> float:
         """Seconds until the oldest waiting paced frame is overdue (at most one frame period)."""
@@ -216,15 +243,14 @@ class FrameScheduler:
         return [(i, row) for i, row in enumerate(self._rows) if row is not None]
 
     def _work_due(self) -> bool:
-        return self._frame_due() or bool(self._leaving) or any(
-            row.closed or (row.input_ended and not row.inputs) for _, row in self._live())
+        return self._frame_due() or bool(self._leaving) or any(row.closed or _answered(row) for _, row in self._live())
 
     def _retire_rows(self) -> list[_Row]:
         """Free closed rows and rows whose input ended and was all answered; returns the rows
         whose readers must still be told the conversation ended."""
         ended = []
         for index, row in self._live():
-            if row.closed or (row.input_ended and not row.inputs):
+            if row.closed or _answered(row):
                 self._rows[index] = None
                 self._starved.discard(index)
                 if row.joined:
@@ -250,7 +276,7 @@ class FrameScheduler:
         paced = [row.oldest_wait for row in waiting if row.paced]
         return bool(paced) and time.monotonic() - min(paced) >= self.max_wait_s
 
-    def _next_input(self, row: _Row) -> tuple[np.ndarray, bool] | None:
+    def _next_input(self, row: _Row) -> _Input | None:
         """The row's next frame, or None when it has none yet (a late paced client)."""
         if not row.inputs:
             return None
@@ -266,40 +292,109 @@ class FrameScheduler:
         for index, row in joins:
             self.runner.join(index, row.persona, row.sampling, row.seed)
 
-    def _frame(self, frames: dict[int, tuple[np.ndarray, bool] | None]) -> None:
-        self._user_pcm.zero_()
-        self._agent_listens.zero_()
-        for index, frame in frames.items():
-            if frame is None:  # this row's client is late or has stopped: it hears silence
-                continue
-            self._user_pcm[index] = torch.from_numpy(frame[0])
-            self._agent_listens[index] = frame[1]
+    def _launch(self, frames: dict[int, tuple[_Row, _Input | None]]) -> _Launched | None:
+        """Start a frame on the device; its results come back into one set of host buffers."""
+        host = self._host[self.frames_run % 2]
+        host.take_inputs({index: frame for index, (_, frame) in frames.items()})
+        rows = {index: row for index, (row, _) in frames.items()}
         started = time.perf_counter()
         try:
-            device = self.runner.device
-            self.runner.run(self._user_pcm.to(device, non_blocking=True), self._agent_listens.to(device, non_blocking=True))
-            agent_pcm = self.runner.agent_pcm[:, 0].cpu().numpy()  # the frame's one host synchronisation
-            tokens = self.runner.tokens.cpu().tolist()
+            done = host.run(self.runner)
         except Exception as err:  # a failed frame ends every conversation in it, never the worker
-            with self._changed:
-                rows = [(i, self._rows[i]) for i in frames if self._rows[i] is not None]
-                for index, row in rows:
-                    self._rows[index] = None
-                    self._starved.discard(index)
-                    self._leaving.add(index)
-                self._freed.notify_all()
-            for _, row in rows:
-                _deliver(row, err)
-            return
-        elapsed_ms = (time.perf_counter() - started) * 1e3
+            self._fail(rows, err)
+            return None
         self.frames_run += 1
+        return _Launched(rows, host, done, started)
+
+    def _finish(self, frame: _Launched) -> None:
+        """Wait for a launched frame's results and hand each row its chunk."""
+        try:
+            if frame.done is not None:
+                frame.done.synchronize()
+        except Exception as err:
+            self._fail(frame.rows, err)
+            return
+        now = time.perf_counter()
+        # The frame's own time: from its launch, or from the previous frame's results when it
+        # was queued behind them on the device.
+        elapsed_ms = (now - max(frame.started, self._last_done)) * 1e3
+        self._last_done = now
         self._recent_frame_ms.append(elapsed_ms)
-        for index in frames:
-            row = self._rows[index]
-            if row is None or row.closed:
-                continue
-            _deliver(row, chunk_of(self.tokenizer, agent_pcm[index].copy(), tokens[index], row.frames_done, elapsed_ms))
-            row.frames_done += 1
+        agent_pcm, tokens = frame.host.agent_pcm.numpy(), frame.host.tokens.tolist()
+        for index, row in frame.rows.items():
+            if not row.closed:
+                _deliver(row, chunk_of(self.tokenizer, agent_pcm[index].copy(), tokens[index], row.frames_done, elapsed_ms))
+                row.frames_done += 1
+        with self._changed:
+            for row in frame.rows.values():
+                row.in_flight -= 1
+            self._changed.notify()  # a row whose input ended may now be all answered
+
+    def _fail(self, rows: dict[int, _Row], err: Exception) -> None:
+        """End every conversation of a failed frame (their rows are freed) with its error."""
+        with self._changed:
+            failed = [(index, row) for index, row in rows.items() if self._rows[index] is row]
+            for index, row in failed:
+                self._rows[index] = None
+                self._starved.discard(index)
+                self._leaving.add(index)
+            self._freed.notify_all()
+        for _, row in failed:
+            _deliver(row, err)
+
+
+_Input = tuple[np.ndarray, bool]  # a microphone frame [frame_samples] float32, and whether the agent listens
+
+
+def _answered(row: _Row) -> bool:
+    """Its input ended and every frame of it has been handed back."""
+    return row.input_ended and not row.inputs and not row.in_flight
+
+
+class _HostBuffers:
+    """One frame's inputs and outputs on the host, pinned on CUDA so that the copies to and
+    from the device neither wait for the host nor make it wait."""
+
+    def __init__(self, runner: FrameRunner):
+        self.device = runner.device
+        pin = self.device.type == "cuda"
+        batch, samples = runner.batch_size, runner.mimi.frame_samples
+        self.user_pcm = torch.zeros(batch, samples, pin_memory=pin)
+        self.agent_listens = torch.zeros(batch, dtype=torch.bool, pin_memory=pin)
+        self.agent_pcm = torch.zeros(batch, samples, pin_memory=pin)
+        self.tokens = torch.zeros(runner.tokens.shape, dtype=runner.tokens.dtype, pin_memory=pin)
+
+    def take_inputs(self, frames: dict[int, _Input | None]) -> None:
+        """Rows without a frame (late, stopped, or not taking part) hear silence."""
+        self.user_pcm.zero_()
+        self.agent_listens.zero_()
+        for index, frame in frames.items():
+            if frame is not None:
+                self.user_pcm[index] = torch.from_numpy(frame[0])
+                self.agent_listens[index] = frame[1]
+
+    def run(self, runner: FrameRunner) -> torch.cuda.Event | None:
+        """Queue the frame and its results' copy back; on CUDA returns the event that marks
+        them on the host, elsewhere they are there when this returns."""
+        asynchronous = self.device.type == "cuda"
+        runner.run(self.user_pcm, self.agent_listens)
+        self.agent_pcm.copy_(runner.agent_pcm[:, 0], non_blocking=asynchronous)
+        self.tokens.copy_(runner.tokens, non_blocking=asynchronous)
+        if not asynchronous:
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
+
+
+@dataclass
+class _Launched:
+    """A frame on its way through the device."""
+
+    rows: dict[int, _Row]  # the rows it was launched for (a row index may be reused by then)
+    host: _HostBuffers  # where its results land
+    done: torch.cuda.Event | None  # recorded after the copy of its results (CUDA only)
+    started: float  # perf_counter at its launch
 
 
 def _deliver(row: _Row, item: AudioChunk | BaseException | None) -> None:
