@@ -6,6 +6,7 @@ explicitly by the caller, so one set of weights can serve many conversations.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -42,10 +43,16 @@ def rope_angles(positions: torch.Tensor, head_dim: int, max_period: float) -> tu
     Angles are computed in float32 so that positions in the thousands keep their precision
     in bf16 runs.
     """
-    pair_index = torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
-    inv_freq = torch.exp(pair_index * (-math.log(max_period) * 2 / head_dim))
-    angles = positions.float()[:, :, None] * inv_freq
+    angles = positions[:, :, None] * _inverse_frequencies(head_dim, max_period, positions.device)
     return torch.cos(angles), torch.sin(angles)
+
+
+@functools.lru_cache(maxsize=16)
+def _inverse_frequencies(head_dim: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """RoPE's per-pair frequencies [D/2] float32, made once per device: the three small
+    kernels that make them would otherwise run in every forward (a frame has three)."""
+    pair_index = torch.arange(head_dim // 2, device=device, dtype=torch.float32)
+    return torch.exp(pair_index * (-math.log(max_period) * 2 / head_dim))
 
 
 # The tables as one opaque op, for the forwards that share them between layers: compiled, a
