@@ -39,7 +39,7 @@ def readable_ring_attention(q, new_keys, new_values, keys, values, last_position
 
 
 # (batch, heads, new steps, slots, head dim): the model's shapes on CUDA, smaller ones on the CPU
-# (with a ring of several splits, so that the merge kernel runs too, and head dims that the
+# (with a ring of several splits, so that the merge runs too, and head dims that the
 # kernel pads to the tensor cores' 16: 8, and 12, not a power of 2).
 SHAPES = {
     "cuda": {"lm frame": (4, 32, 1, 2999, 128), "mimi call": (4, 8, 2, 249, 64), "depformer step": (4, 16, 1, 8, 64)},
@@ -81,6 +81,8 @@ def test_ring_kernel_writes_then_attends_like_the_readable_code(scale, use, cach
     assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
     bound = 1e-5 if activations == torch.float32 else 1e-2
     assert float((out.float() - expected).norm() / expected.norm()) < bound
+    # The same call again: the same output, so the splits' merge counters were left at zero.
+    assert torch.equal(ring_attention(q, new_keys, new_values, keys, values, last - (steps - 1)), out)
 
 
 @pytest.mark.parametrize("scale", SCALES)

@@ -8,7 +8,7 @@ sees the slots whose newest position p satisfies 0 <= p <= q. The readable code 
 with a scatter per cache, a mask over every slot and SDPA: several launches per layer, and
 reads of the whole ring even when a conversation is 10 s old.
 
-This kernel does it in one launch (two when the ring is split: the LM's, for a few rows):
+This kernel does it in one launch:
 - slots fill from 0 until the ring wraps, so only the first min(last + 1, slots) are read,
   split over several programs per head so that one conversation still fills the GPU (a split
   the ring has not reached returns at once);
@@ -23,7 +23,8 @@ This kernel does it in one launch (two when the ring is split: the LM's, for a f
   inputs (by the program whose split holds their slot), never from the cache, so no program
   waits for another. Every other filled slot holds an older position, which all of the
   call's queries see: no per-slot position arithmetic;
-- with several splits, a second small kernel merges the partial softmaxes;
+- with several splits, the last of a (row, head)'s splits to store its partial softmax merges
+  them all (a counter per (row, head), which that program resets), where a second kernel did;
 - given the call's RoPE tables (cos and sin of each step's angles), it rotates the queries and
   the new keys itself as it loads them, so that q, k and v come straight from the projection's
   output (views, no copy): the rotation kernels the compiled frame ran before every attention
@@ -35,6 +36,7 @@ Shapes are static and nothing synchronises with the host, so it is CUDA-graph sa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,7 @@ SPLITS = (4096, 2048, 1024, 512, 256, 128)  # the splits `choose_split` picks fr
 # The tensor cores take tiles of at least 16 along every side: a call's queries (1 or 2) are
 # padded to 16 rows, a block holds at least 16 slots and a head's dims are padded to 16.
 QUERY_TILE = 16
+TICKETS = 1 << 16  # (row, head) pairs a call may have: the size of the merge counters
 
 
 def choose_split(rows: int, heads: int, capacity: int, device: torch.device) -> int:
@@ -115,10 +118,10 @@ def _rotated(ptr, offsets, partners, mask, cos_ptr, sin_ptr, angle_offsets, dims
 @triton.jit
 def _ring_attention_split(
     q_ptr, new_k_ptr, new_v_ptr, k_ptr, v_ptr, first_ptr, cos_ptr, sin_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    tickets_ptr, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_rb, stride_rt, heads, capacity, splits, scale,
     STEPS: tl.constexpr, QUERIES: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_TILE: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, BLOCK: tl.constexpr,
     ONE_SPLIT: tl.constexpr, ROPE: tl.constexpr, PRODUCT_TYPE: tl.constexpr,
 ):
     """One program: a call's STEPS queries of one (row, head) over one split of the ring, as the
@@ -129,7 +132,9 @@ def _ring_attention_split(
     products run as three TF32 ones ("tf32x3"), as exact as float32 to ~1e-6.
     With ROPE the queries and new keys are rotated as they load (`_rotated`; cos and sin
     [B, STEPS, HEAD_DIM / 2], rows and steps strided by stride_rb, stride_rt).
-    A split the ring has not reached yet has nothing to do: the merge skips it."""
+    A split the ring has not reached yet has nothing to do: the merge skips it. With several
+    splits, each stores its partial softmax and counts itself in at tickets[row, head]; the one
+    that counts last merges the partials into the output and sets the count back to 0."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -200,6 +205,17 @@ def _ring_attention_split(
         tl.store(acc_ptr + partials[None, :] * HEAD_DIM + dims[:, None], acc, mask=column_ok)
         tl.store(max_ptr + partials, running_max, mask=is_step)
         tl.store(sum_ptr + partials, running_sum, mask=is_step)
+        # Every thread's stores issued, one count for the program: a release, so whoever counts
+        # last sees all of them (an acquire), and reads them from L2.
+        tl.debug_barrier()
+        ticket_ptr = tickets_ptr + row * heads + head
+        counted = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        reached = tl.cdiv(tl.minimum(last + 1, capacity), SPLIT)
+        if counted == reached - 1:
+            for step in tl.static_range(STEPS):
+                _merge_step(acc_ptr, max_ptr, sum_ptr, out_ptr, row, head, step, heads, splits, reached, STEPS,
+                            SPLITS_PAD, HEAD_DIM, DIM_TILE)
+            tl.store(ticket_ptr, 0)  # as the next call expects it
 
 
 @triton.jit
@@ -210,28 +226,32 @@ def _output_rows(row, head, step, heads, STEPS: tl.constexpr):
 
 
 @triton.jit
-def _merge_splits(acc_ptr, max_ptr, sum_ptr, first_ptr, out_ptr, heads, capacity, splits,
-                  STEPS: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  DIM_TILE: tl.constexpr):
-    """out[row, head, step] from the partial softmaxes of the splits the ring has reached (the
-    others' programs returned early and wrote nothing)."""
-    row_head = tl.program_id(0)
-    step = tl.program_id(1)
-    last = tl.load(first_ptr + row_head // heads).to(tl.int32) + (STEPS - 1)
-    reached = tl.cdiv(tl.minimum(last + 1, capacity), SPLIT)
+def _merge_step(acc_ptr, max_ptr, sum_ptr, out_ptr, row, head, step, heads, splits, reached,
+                STEPS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_TILE: tl.constexpr):
+    """out[row, head, step] from the partial softmaxes of the `reached` splits (the others'
+    programs returned early and wrote nothing), read from L2: other programs wrote them."""
     split = tl.arange(0, SPLITS_PAD)
     split_ok = split < reached
     dims = tl.arange(0, DIM_TILE)
     dim_ok = dims < HEAD_DIM
-    partial = (row_head * splits + split) * STEPS + step
-    maxes = tl.load(max_ptr + partial, mask=split_ok, other=float("-inf"))
-    sums = tl.load(sum_ptr + partial, mask=split_ok, other=0.0)
+    partial = ((row * heads + head) * splits + split) * STEPS + step
+    maxes = tl.load(max_ptr + partial, mask=split_ok, other=float("-inf"), cache_modifier=".cg")
+    sums = tl.load(sum_ptr + partial, mask=split_ok, other=0.0, cache_modifier=".cg")
     acc = tl.load(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None] & dim_ok[None, :],
-                  other=0.0)
+                  other=0.0, cache_modifier=".cg")
     weights = tl.exp(maxes - tl.max(maxes, axis=0))
     out = tl.sum(acc * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
-    output_row = _output_rows(row_head // heads, row_head % heads, step, heads, STEPS)
+    output_row = _output_rows(row, head, step, heads, STEPS)
     tl.store(out_ptr + output_row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_tickets(device: torch.device) -> torch.Tensor:
+    """Per (row, head), how many of its splits have stored their partial softmax: int32, zero
+    between calls (the program that merges sets it back). One set per device, made at its first
+    split call (the frame runner runs a frame before it captures one): the calls on a device
+    run one after another in stream order, and each leaves the counts at zero."""
+    return torch.zeros(TICKETS, dtype=torch.int32, device=device)
 
 
 def _product_type(q: torch.Tensor, keys: torch.Tensor) -> tl.dtype:
@@ -299,21 +319,20 @@ def launch_ring_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: t
     acc = torch.empty(*partials, head_dim, device=q.device, dtype=torch.float32) if splits > 1 else out
     maxes = torch.empty(partials, device=q.device, dtype=torch.float32) if splits > 1 else out
     sums = torch.empty_like(maxes) if splits > 1 else out
+    if splits > 1 and batch * heads > TICKETS:
+        raise ValueError(f"ring_attention: {batch} rows x {heads} heads is more than the {TICKETS} merge counters")
+    tickets = _merge_tickets(q.device) if splits > 1 else first_position  # never read with one split
     first_position = first_position.contiguous()
     _ring_attention_split[(batch, heads, splits)](
-        q, new_keys, new_values, keys, values, first_position, cos, sin, out, acc, maxes, sums,
+        q, new_keys, new_values, keys, values, first_position, cos, sin, out, acc, maxes, sums, tickets,
         *q.stride()[:3], *new_keys.stride()[:3], *new_values.stride()[:3],
         cos.stride(0) if rope else 0, cos.stride(1) if rope else 0, heads, capacity, splits, head_dim**-0.5,
         STEPS=steps, QUERIES=QUERY_TILE, HEAD_DIM=head_dim, DIM_TILE=dim_tile, SPLIT=split,
+        SPLITS_PAD=triton.next_power_of_2(splits),
         BLOCK=max(QUERY_TILE, min(launch.block, triton.next_power_of_2(capacity))), ONE_SPLIT=splits == 1,
         ROPE=rope, PRODUCT_TYPE=_product_type(q, keys),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
-    if splits > 1:
-        _merge_splits[(batch * heads, steps)](
-            acc, maxes, sums, first_position, out, heads, capacity, splits,
-            STEPS=steps, SPLITS_PAD=triton.next_power_of_2(splits), SPLIT=split, HEAD_DIM=head_dim, DIM_TILE=dim_tile,
-        )
     return out
 
 
