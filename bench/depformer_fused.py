@@ -10,11 +10,13 @@ a replay (a frame's depformer) at B = 1, 8, 32, 64. The sweep times the fused st
 (`launch_fused_depformer_step` with each `LaunchShape`, 8 steps in a graph). With --phases,
 each phase of the fused step is timed on the GPU's clock (`phase_ends`), steps launched one by
 one outside a graph: a phase's cost is its last program's end minus the previous phase's last
-end (the grid barrier included), its spread the last end minus the first. Rows go to
+end (the grid barrier included), its spread the last end minus the first. With --shape-ab
+FIELD=VALUE, the fused steps alone with the default shape and with that field of it changed,
+alternated three times (and with --phases, both timed per phase). Rows go to
 $OUT/depformer-fused.json (default bench/results-local).
 
     PYTHONPATH=src python3 bench/depformer_fused.py [--no-sweep] [--rows 1 8] [--weights fp8] [--variants fused]
-        [--phases]
+        [--phases] [--shape-ab FIELD=VALUE]
 """
 
 from __future__ import annotations
@@ -81,16 +83,16 @@ def fused_steps(lm: LMModel, rows: int, shape: LaunchShape,
     return steps
 
 
-def phase_costs(lm: LMModel, rows: int, repeats: int = 10) -> dict[str, dict[str, float]]:
-    """Each kind of phase's cost and spread in the fused step at `rows` rows, us (medians over
-    the 8 steps of `repeats` frames, the first frame untimed). A step's first phase has no
-    previous end: it is left out."""
+def phase_costs(lm: LMModel, rows: int, shape: LaunchShape, repeats: int = 10) -> dict[str, dict[str, float]]:
+    """Each kind of phase's cost and spread in the fused step at `rows` rows launched as
+    `shape`, us (medians over the 8 steps of `repeats` frames, the first frame untimed). A
+    step's first phase has no previous end: it is left out."""
     layers = lm.config.depformer_num_layers
     phases = step_phases(rows, layers)
     kinds = ["qkv", "out (attention inside)", "gate", "ffn"] if on_cuda_cores(rows) else ["qkv", "attend", "out", "gate",
                                                                                            "ffn"]
     ends = torch.empty(STEPS, 2 * phases, dtype=torch.int64, device="cuda")
-    steps = fused_steps(lm, rows, LaunchShape.for_rows(rows), ends)
+    steps = fused_steps(lm, rows, shape, ends)
     costs, spreads = defaultdict(list), defaultdict(list)
     for frame in range(repeats + 1):
         steps()
@@ -137,6 +139,13 @@ def sweep(lm: LMModel, rows: int) -> list[dict]:
     return results
 
 
+def shapes_to_compare(rows: int, change: str) -> dict[str, LaunchShape]:
+    """The default shape at `rows` ("") and it with FIELD=VALUE applied (named by the change)."""
+    field, value = change.split("=")
+    parsed = {"True": True, "False": False}.get(value) if value in ("True", "False") else int(value)
+    return {"": LaunchShape.for_rows(rows), change: dataclasses.replace(LaunchShape.for_rows(rows), **{field: parsed})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-sweep", action="store_true", help="the variants' table only")
@@ -144,6 +153,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="which variants to time (the compiled one takes a minute to compile)")
     parser.add_argument("--phases", action="store_true", help="also time each phase of the fused step")
+    parser.add_argument("--shape-ab", metavar="FIELD=VALUE",
+                        help="the default launch shape against it with one field changed (an int or True/False), alternated")
     parser.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
                         help="the depformer's weights (fp8: codes and row scales, logits heads in bf16)")
     args = parser.parse_args()
@@ -170,11 +181,21 @@ def main() -> None:
                                   **({"fused_weight_GBps": weight_bytes / (times["fused"] * 1e-6) / 1e9}
                                      if "fused" in times else {})})
         (out / "depformer-fused.json").write_text(json.dumps(report, indent=1))
+    for rows in args.rows if args.shape_ab else []:
+        times = defaultdict(list)
+        for _ in range(3):
+            for name, shape in shapes_to_compare(rows, args.shape_ab).items():
+                times[name].append(round(frame_microseconds(fused_steps(lm, rows, shape)), 1))
+        print(f"  rows {rows} fused steps alone, us per frame: {dict(times)}", flush=True)
+        report.setdefault("shape_ab", {})[rows] = dict(times)
+        (out / "depformer-fused.json").write_text(json.dumps(report, indent=1))
     for rows in args.rows if args.phases else []:
-        report.setdefault("phases", {})[rows] = phase_costs(lm, rows)
-        for kind, cost in report["phases"][rows].items():
-            print(f"  rows {rows} {kind:>28}: {cost['us']:7.2f} us" + (f", spread {cost['spread_us']:.2f} us"
-                                                                    if "spread_us" in cost else ""), flush=True)
+        shapes = shapes_to_compare(rows, args.shape_ab) if args.shape_ab else {"": LaunchShape.for_rows(rows)}
+        for name, shape in shapes.items():
+            report.setdefault("phases" + (f" ({name})" if name else ""), {})[rows] = costs = phase_costs(lm, rows, shape)
+            for kind, cost in costs.items():
+                print(f"  rows {rows} {name} {kind:>28}: {cost['us']:7.2f} us" +
+                      (f", spread {cost['spread_us']:.2f} us" if "spread_us" in cost else ""), flush=True)
         (out / "depformer-fused.json").write_text(json.dumps(report, indent=1))
     for rows in [] if args.no_sweep else args.rows:
         report["sweep"] += sweep(lm, rows)

@@ -4,7 +4,8 @@ machine's Triton beside ours to see what it will compile (pip install --no-deps 
 /tmp/t36 triton==3.6.0, then PYTHONPATH=/tmp/t36).
 
     python3 bench/offline_compile.py depformer ROWS WARPS BLOCK_N WEIGHT_TILE [FP8]
-      (FP8 1: the layers' weights in fp8 with row scales)
+      (FP8 1: the layers' weights in fp8 with row scales; registers capped as the launch caps
+      them for two programs an SM)
     python3 bench/offline_compile.py quantized KIND BLOCK_M BLOCK_N BLOCK_K SPLIT_K WARPS STAGES [ROWS]
       (KIND 0 int4, 2 fp8, 3 plain bf16; BLOCK_M 1 is the GEMV kernel, for ROWS rows of x: 1 or 2)
 """
@@ -30,7 +31,8 @@ DIVISIBLE = ("N", "K", "stride_xm", "stride_om")  # integer arguments the model 
 COUNTED = ("LDGSTS", "LDG", "FFMA", "I2F", "F2FP", "HMMA", "HGMMA", "BAR", "STL", "LDL", "SHFL", "STS", "LDS", "LDSM", "LOP3", "PRMT", "SHF", "IMAD", "HFMA2", "F2F", "HADD2", "MOV")
 
 
-def compile_sm90(fn, types: dict[str, str], constants: dict, num_warps: int, num_stages: int = 3) -> str:
+def compile_sm90(fn, types: dict[str, str], constants: dict, num_warps: int, num_stages: int = 3,
+                 maxnreg: int | None = None) -> str:
     """ptxas's resource line and a count of telling SASS instructions."""
     params = list(inspect.signature(fn.fn).parameters)
     signature = {name: types.get(name, "constexpr") for name in params if name in types or name in constants}
@@ -39,8 +41,8 @@ def compile_sm90(fn, types: dict[str, str], constants: dict, num_warps: int, num
     aligned = [name for name in signature if name in types and (types[name].startswith("*") or name in DIVISIBLE)]
     source = triton.compiler.ASTSource(fn, signature, constexprs={(params.index(k),): v for k, v in constants.items()},
                                        attrs={(params.index(name),): [["tt.divisibility", 16]] for name in aligned})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
-                                                                                num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages) | ({"maxnreg": maxnreg} if maxnreg else {})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     tools = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as folder:
         ptx, cubin = Path(folder) / "k.ptx", Path(folder) / "k.cubin"
@@ -73,7 +75,7 @@ def depformer(rows: int, warps: int, block_n: int, weight_tile: int, fp8: int = 
                      SCALED=bool(fp8), PRODUCT_TYPE=tl.bfloat16, PERSISTENT=True, TIMED=False,
                      **fused_depformer.tile_constants(rows, shape, programs=132 * 2, dim=1024, hidden=2816,
                                                       card=2048))
-    return compile_sm90(fused_depformer._depformer_step, types, constants, warps)
+    return compile_sm90(fused_depformer._depformer_step, types, constants, warps, maxnreg=65536 // (warps * 32 * 2) // 8 * 8)
 
 
 def quantized(kind: int, block_m: int, block_n: int, block_k: int, split_k: int, warps: int, stages: int,
