@@ -311,14 +311,17 @@ def test_one_conversation_runs_its_one_and_two_row_products_through_the_gemv(mim
     """With the fast frame's kernels, one conversation's encode and decode steps send every
     product of both transformers (two 25 Hz steps a frame) to the GEMV as two rows (in Triton's
     interpreter here), and so do the convolutions run as products that have one or two output
-    samples a frame, and give what the readable steps give."""
+    samples a frame (the transposed ones with their weights kept for the product, as the frame
+    runner keeps them), and give what the readable steps give."""
     interpreter_or_skip("cpu")
+    mimi.keep_product_weights()
     fast_state, readable_state = mimi.init_stream(1), mimi.init_stream(1)
     encoder_products = [2] * 4 * len(mimi.encoder_transformer.layers)
     decoder_products = [2] * 4 * len(mimi.decoder_transformer.layers)
     # The encoder's last two convolutions (two 25 Hz samples), then its transformer and the
-    # 12.5 Hz conv (one sample); the decoder's transformer, then its first convolution.
-    expected = [2, 2] + encoder_products + [1] + decoder_products + [2]
+    # 12.5 Hz conv (one sample); the decoder's transformer, then its first convolution and its
+    # first transposed one.
+    expected = [2, 2] + encoder_products + [1] + decoder_products + [2, 2]
     for i, frame in enumerate(frames_of(pcm[:1])[:3]):
         with GemvRows() as gemv:
             fast_codes = mimi.encode_step(frame, fast_state, Kernels.fast())

@@ -81,6 +81,8 @@ class FrameRunner:
         self.kernels = kernels or (Kernels.fast() if self.use_graphs else READABLE_KERNELS)
         if device.type == "cuda":
             register_cuda_ops()  # before any frame is compiled: the compiler finds the ops registered
+        if self.kernels.conv_products:
+            mimi.keep_product_weights()
         self.generator = FrameGenerator(lm, batch_size, agent_only=True, kv_dtype=kv_dtype, kernels=self.kernels)
         self.codec_state = mimi.init_stream(batch_size)
         agents = lm.config.agent_codebooks

@@ -69,6 +69,14 @@ class Mimi(nn.Module):
         self.decoder_transformer = MimiTransformer(config.transformer, **factory)
         self.decoder = SEANetDecoder(config.seanet, **factory)
 
+    def keep_product_weights(self) -> None:
+        """Keep each transposed convolution's weight also as the matrix its product reads
+        (`StreamingConvTranspose1d.keep_product_weight`): the frame runner does when its kernels
+        run convolutions as products. Costs a second copy of those weights (42 MB at Mimi's size)."""
+        for conv in self.decoder.convs:
+            if isinstance(conv, StreamingConvTranspose1d):
+                conv.keep_product_weight()
+
     @property
     def frame_samples(self) -> int:
         return self.config.frame_samples

@@ -14,7 +14,8 @@ cuDNN's: its input unfolded into columns (one row per output sample, `in_channel
 wide) times the weight seen as [out_channels, in_channels x kernel], through `layers.linear`
 (the GEMV at one or two rows, cuBLAS beyond); a transposed one as the product of its input
 with the weight seen as [in_channels, out_channels x kernel], whose taps are then added where
-they overlap. A streaming step of one conversation convolves at most 1920 samples of up to
+they overlap (through `linear` too once `keep_product_weight` has kept that weight transposed,
+as the frame runner has it: the GEMV reads [outputs, inputs] rows). A streaming step of one conversation convolves at most 1920 samples of up to
 1024 channels: cuDNN's implicit GEMMs want channels-last tensors and convert both the input
 and the weight on every call, which on an H200 took as long as the convolutions themselves,
 and its transposed convolutions read their weights far below the memory's speed.
@@ -140,6 +141,18 @@ class StreamingConvTranspose1d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(in_channels, out_channels // groups, kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        # The weight as its product's [out_channels x kernel, in_channels] matrix, once kept (not
+        # in the checkpoint: it is derived from `weight`).
+        self.register_buffer("product_weight", None, persistent=False)
+
+    def keep_product_weight(self) -> None:
+        """Keep the weight transposed for the product (`_conv_transpose`), so that the product
+        can take `linear` and so the GEMV: a decoder's first transposed convolution has two input
+        samples a frame at one conversation, and cuBLAS read its 34 MB at ~1 TB/s (H200,
+        sgemm_largek, 36 us a frame, run S's kernel sequence). Call it after loading the weights.
+        Kept once: a captured CUDA graph may already read the matrix kept first."""
+        if self.groups == 1 and self.product_weight is None:
+            self.product_weight = self.weight.detach().flatten(1).t().contiguous()
 
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The pending overlap, [B, out_channels, kernel - stride], zero = start of a stream."""
@@ -165,10 +178,13 @@ class StreamingConvTranspose1d(nn.Module):
             return F.conv_transpose1d(x, self.weight, self.bias, self.stride, groups=self.groups)
         # Input sample t adds its taps [C_out, kernel] at outputs t * stride .. t * stride + kernel - 1.
         inputs = x.transpose(1, 2)  # [B, T, C_in]
+        columns = inputs.reshape(batch * steps, in_channels)
         if depthwise:
             taps = inputs[..., None] * self.weight[:, 0, :]
+        elif self.product_weight is not None:
+            taps = linear(self.product_weight, columns, kernels).view(batch, steps, -1, kernel_size)
         else:
-            taps = (inputs.reshape(batch * steps, in_channels) @ self.weight.flatten(1)).view(batch, steps, -1, kernel_size)
+            taps = (columns @ self.weight.flatten(1)).view(batch, steps, -1, kernel_size)
         # Cut each input's taps into `spans` runs of `stride` outputs; run j of input t lands on
         # output block t + j, so output block u sums run j of input u - j.
         spans = math.ceil(kernel_size / self.stride)
