@@ -30,9 +30,10 @@ back through pinned host buffers, and an event says when they are there. When th
 is already due (queued recordings, a backlog of live audio), the worker launches it before it
 waits for the one in flight, so the device goes from one frame straight to the next while
 the host hands the previous frame's results out; the copies, the graph launch and the
-synchronisation no longer sit between frames (one conversation on an H200: ~0.25 ms of a
-~6.3 ms frame). A frame that is not due yet is never waited for: the one in flight is
-delivered first, so a live reply is never held back.
+synchronisation no longer sit between frames. One conversation on an H200 (docs/PERFORMANCE.md,
+run T): `respond_duplex` 6.12 ms a frame against 6.07 for the graphed frame alone; frame by
+frame it had been ~0.25 ms above it. A frame that is not due yet is never waited for: the one
+in flight is delivered first, so a live reply is never held back.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ class FrameScheduler:
 
     def stats(self) -> dict[str, float | int]:
         """Frames run, paced frames that arrived late, rows in use, and the compute time of
-        the recent frames (median and p99, ms; host copies included)."""
+        the recent frames (median and p99, ms; host copies included; for frames queued back
+        to back, from one frame's results to the next's)."""
         with self._changed:
             recent = sorted(self._recent_frame_ms)
             live = sum(row is not None for row in self._rows)
