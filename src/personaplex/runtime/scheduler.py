@@ -324,7 +324,7 @@ class FrameScheduler:
         self._recent_frame_ms.append(elapsed_ms)
         agent_pcm, tokens = frame.host.agent_pcm.numpy(), frame.host.tokens.tolist()
         for index, row in frame.rows.items():
-            if not row.closed:
+            if not row.closed and self._rows[index] is row:  # not closed, nor ended by a failed frame since
                 _deliver(row, chunk_of(self.tokenizer, agent_pcm[index].copy(), tokens[index], row.frames_done, elapsed_ms))
                 row.frames_done += 1
         with self._changed:

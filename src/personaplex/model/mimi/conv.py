@@ -15,10 +15,11 @@ wide) times the weight seen as [out_channels, in_channels x kernel], through `la
 (the GEMV at one or two rows, cuBLAS beyond); a transposed one as the product of its input
 with the weight seen as [in_channels, out_channels x kernel], whose taps are then added where
 they overlap (through `linear` too once `keep_product_weight` has kept that weight transposed,
-as the frame runner has it: the GEMV reads [outputs, inputs] rows). A streaming step of one conversation convolves at most 1920 samples of up to
-1024 channels: cuDNN's implicit GEMMs want channels-last tensors and convert both the input
-and the weight on every call, which on an H200 took as long as the convolutions themselves,
-and its transposed convolutions read their weights far below the memory's speed.
+as the frame runner has it: the GEMV reads [outputs, inputs] rows). A streaming step of one
+conversation convolves at most 1920 samples of up to 1024 channels: cuDNN's implicit GEMMs
+want channels-last tensors and convert both the input and the weight on every call, which on
+an H200 took as long as the convolutions themselves, and its transposed convolutions read
+their weights far below the memory's speed.
 """
 
 from __future__ import annotations
@@ -178,13 +179,15 @@ class StreamingConvTranspose1d(nn.Module):
             return F.conv_transpose1d(x, self.weight, self.bias, self.stride, groups=self.groups)
         # Input sample t adds its taps [C_out, kernel] at outputs t * stride .. t * stride + kernel - 1.
         inputs = x.transpose(1, 2)  # [B, T, C_in]
-        columns = inputs.reshape(batch * steps, in_channels)
         if depthwise:
             taps = inputs[..., None] * self.weight[:, 0, :]
-        elif self.product_weight is not None:
-            taps = linear(self.product_weight, columns, kernels).view(batch, steps, -1, kernel_size)
         else:
-            taps = (columns @ self.weight.flatten(1)).view(batch, steps, -1, kernel_size)
+            columns = inputs.reshape(batch * steps, in_channels)
+            if self.product_weight is not None:
+                products = linear(self.product_weight, columns, kernels)
+            else:
+                products = columns @ self.weight.flatten(1)
+            taps = products.view(batch, steps, -1, kernel_size)
         # Cut each input's taps into `spans` runs of `stride` outputs; run j of input t lands on
         # output block t + j, so output block u sums run j of input u - j.
         spans = math.ceil(kernel_size / self.stride)
