@@ -75,7 +75,9 @@ def depformer(rows: int, warps: int, block_n: int, weight_tile: int, fp8: int = 
                      SCALED=bool(fp8), PRODUCT_TYPE=tl.bfloat16, PERSISTENT=True, TIMED=False,
                      **fused_depformer.tile_constants(rows, shape, programs=132 * 2, dim=1024, hidden=2816,
                                                       card=2048))
-    return compile_sm90(fused_depformer._depformer_step, types, constants, warps, maxnreg=65536 // (warps * 32 * 2) // 8 * 8)
+    # An sm_90 SM's register file: 65536.
+    return compile_sm90(fused_depformer._depformer_step, types, constants, warps,
+                        maxnreg=fused_depformer.register_cap(65536, shape))
 
 
 def quantized(kind: int, block_m: int, block_n: int, block_k: int, split_k: int, warps: int, stages: int,

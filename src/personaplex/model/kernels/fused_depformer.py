@@ -596,16 +596,20 @@ def _resident_programs_per_sm(index: int, registers_per_thread: int, shared_byte
     return max(1, min(by_registers, by_threads, by_shared))
 
 
+def register_cap(register_file: int, shape: LaunchShape) -> int:
+    """The most registers a thread may take for shape.programs_per_sm programs to fit on an SM
+    of `register_file` registers together (given in multiples of 8, at most 255). Left to
+    itself, the compiler keeps the phases' first weights in registers across the grid barrier
+    and takes ~230-250 a thread at one row, which fits one program of 8 warps an SM, not two;
+    capped at 128 it spills ~150 bytes a thread instead (sm_90, bench/offline_compile.py)."""
+    return min(255, register_file // (shape.num_warps * 32 * shape.programs_per_sm) // 8 * 8)
+
+
 @functools.cache
 def _register_cap(index: int, shape: LaunchShape) -> int:
-    """The most registers a thread may take for shape.programs_per_sm programs to fit on an SM
-    together (given in multiples of 8, at most 255). Left to itself, the compiler keeps the
-    phases' first weights in registers across the grid barrier and takes ~230-250 a thread at
-    one row, which fits one program of 8 warps an SM, not two; capped at 128 it spills ~150
-    bytes a thread instead (sm_90, bench/offline_compile.py)."""
+    """`register_cap` on device `index`."""
     properties = torch.cuda.get_device_properties(index)
-    register_file = getattr(properties, "regs_per_multiprocessor", 65536)
-    return min(255, register_file // (shape.num_warps * 32 * shape.programs_per_sm) // 8 * 8)
+    return register_cap(getattr(properties, "regs_per_multiprocessor", 65536), shape)
 
 
 def _programs(kernel: triton.JITFunction, arguments: tuple, constants: dict, options: dict, shape: LaunchShape,
