@@ -1,18 +1,21 @@
 """Conversations as rows of one batched frame (`FrameScheduler`), on the tiny model: an engine
 with three rows against one with a single row. The three-row engine runs every test twice:
 frame by frame, and with each due frame launched before the one in flight is handed out
-(what the scheduler does on CUDA)."""
+(what the scheduler does when its frame is a CUDA graph)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from personaplex import PersonaPlex
 from personaplex.runtime.sampling import SamplingConfig
+from personaplex.runtime.scheduler import _overlaps_by_default
 
 FRAME = 1920
 
@@ -187,3 +190,12 @@ def test_a_recording_is_handed_out_behind_the_next_frames_launch_when_overlapped
     assert finished.wait(timeout=60)
     expected = [2, 3, 4, 5, 5] if scheduler.overlap_frames else [1, 2, 3, 4, 5]
     assert launched_at_hand_out == expected + [None]
+
+
+@pytest.mark.parametrize(("device", "use_graphs", "overlapped"),
+                         [("cuda", True, True), ("cuda", False, False), ("cpu", False, False)])
+def test_frames_overlap_by_default_only_where_a_launch_is_a_graph_replay(device, use_graphs, overlapped):
+    """Without a graph the launch is the frame's host time: launching the next frame first would
+    hand every frame out a whole launch late."""
+    runner = SimpleNamespace(device=torch.device(device), use_graphs=use_graphs)
+    assert _overlaps_by_default(runner) is overlapped

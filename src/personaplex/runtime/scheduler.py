@@ -25,15 +25,15 @@ its user's first frame, and leaves between frames when its input ends or its rea
 without touching the other rows. Model work is serialised with everything else that uses
 the model (persona prefills, diagnostics) by the engine's compute lock.
 
-On CUDA a frame is launched without waiting for it: its inputs go up and its outputs come
-back through pinned host buffers, and an event says when they are there. When the next frame
-is already due (queued recordings, a backlog of live audio), the worker launches it before it
-waits for the one in flight, so the device goes from one frame straight to the next while
-the host hands the previous frame's results out; the copies, the graph launch and the
-synchronisation no longer sit between frames. One conversation on an H200 (docs/PERFORMANCE.md,
-run T): `respond_duplex` 6.12 ms a frame against 6.07 for the graphed frame alone; frame by
-frame it had been ~0.25 ms above it. A frame that is not due yet is never waited for: the one
-in flight is delivered first, so a live reply is never held back.
+On CUDA a frame is launched without waiting for it: its inputs go up and its outputs come back
+through pinned host buffers, and an event says when they are there. When the frame is a graph
+replay and the next frame is already due (queued recordings, a backlog of live audio), the
+worker launches it before it waits for the one in flight, so the device goes from one frame
+straight to the next while the host hands the previous frame's results out; the copies, the
+graph launch and the synchronisation no longer sit between frames. One conversation on an H200
+(docs/PERFORMANCE.md, run T): `respond_duplex` 6.12 ms a frame against 6.07 for the graphed
+frame alone; frame by frame it had been ~0.25 ms above it. A frame that is not due yet is
+never waited for: the one in flight is delivered first, so a live reply is never held back.
 """
 
 from __future__ import annotations
@@ -106,14 +106,18 @@ class RowHandle:
 class FrameScheduler:
     def __init__(self, runner: FrameRunner, tokenizer: TextTokenizer, compute_lock: threading.Lock, *,
                  max_wait_s: float = 0.16, overlap_frames: bool | None = None):
-        """`overlap_frames`: launch a frame that is due before handing out the one in flight
-        (default: on CUDA, where the device runs the one while the host hands out the other;
-        elsewhere a frame's results are there when its launch returns)."""
+        """`overlap_frames`: launch a frame that is due before handing out the one in flight.
+        Default: when the runner replays a CUDA graph, whose launch costs the host microseconds
+        while the device runs the frame for milliseconds. Without a graph the launch is the
+        frame's host time (every kernel queued from Python, 60-120 ms on an H200), so the one in
+        flight would be handed out a whole launch late (run T's graphs-off realtime call: a
+        reply 199 ms after its microphone frame at p50, 63 ms in run S before the overlap); off
+        the GPU a frame's results are there when its launch returns."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.compute_lock = compute_lock
         self.max_wait_s = max_wait_s
-        self.overlap_frames = runner.device.type == "cuda" if overlap_frames is None else overlap_frames
+        self.overlap_frames = _overlaps_by_default(runner) if overlap_frames is None else overlap_frames
         self._rows: list[_Row | None] = [None] * runner.batch_size
         self._leaving: set[int] = set()  # rows to reset in the runner before the next frame
         # Joined rows whose input queue is empty: a frame waits for them (or for the clock).
@@ -343,6 +347,11 @@ class FrameScheduler:
             self._freed.notify_all()
         for _, row in failed:
             _deliver(row, err)
+
+
+def _overlaps_by_default(runner: FrameRunner) -> bool:
+    """Overlap frames where a launch is a graph replay on CUDA (see `FrameScheduler`)."""
+    return runner.device.type == "cuda" and runner.use_graphs
 
 
 _Input = tuple[np.ndarray, bool]  # a microphone frame [frame_samples] float32, and whether the agent listens
