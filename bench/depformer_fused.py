@@ -142,8 +142,9 @@ def sweep(lm: LMModel, rows: int) -> list[dict]:
 def shapes_to_compare(rows: int, change: str) -> dict[str, LaunchShape]:
     """The default shape at `rows` ("") and it with FIELD=VALUE applied (named by the change)."""
     field, value = change.split("=")
-    parsed = {"True": True, "False": False}.get(value) if value in ("True", "False") else int(value)
-    return {"": LaunchShape.for_rows(rows), change: dataclasses.replace(LaunchShape.for_rows(rows), **{field: parsed})}
+    parsed = value == "True" if value in ("True", "False") else int(value)
+    default = LaunchShape.for_rows(rows)
+    return {"": default, change: dataclasses.replace(default, **{field: parsed})}
 
 
 def main() -> None:
