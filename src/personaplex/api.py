@@ -399,7 +399,7 @@ def _timed_frame(runner: FrameRunner, tokenizer: TextTokenizer, pcm: np.ndarray,
     runner.user_pcm.copy_(torch.from_numpy(pcm).view(runner.user_pcm.shape))
     runner.agent_listens.fill_(listens)
     timings = {}
-    for name, part in (("encode", runner.encode_user), ("lm", runner.step_model), ("decode", runner.decode_agent)):
+    for name, part in runner.parts().items():
         started = time.perf_counter()
         part()
         if runner.device.type == "cuda":

@@ -75,9 +75,10 @@ def test_rows_equal_the_readable_frame_of_each_conversation(engine):
 
 @pytest.mark.slow
 def test_the_compiled_frame_equals_the_frame_as_written(engine):
-    """The fast path is `_frame` compiled whole (then, on CUDA, captured in a graph). Compiled
-    here for the CPU, it must trace as one graph (fullgraph: no break, no Python left between
-    kernels) and give each row the same greedy tokens and audio as the frame as written."""
+    """The fast path is `_frame` with its three parts compiled (then, on CUDA, each captured in
+    a graph). Compiled here for the CPU, each part must trace as one graph (fullgraph: no break,
+    no Python left between kernels) and give each row the same greedy tokens and audio as the
+    frame as written."""
     listening = [[False] * FRAMES, [True, True, True, False, False, False]]
     rows = {0: (user_audio(1), listening[0]), 2: (user_audio(2), listening[1])}
     expected = run_rows(engine, 3, rows)
@@ -98,12 +99,12 @@ def test_a_frame_that_fails_to_compile_runs_as_written(engine, caplog):
         if compile_frame:
             def no_compiler() -> None:
                 raise torch._dynamo.exc.TorchDynamoException("no working compiler")
-            runner._compiled_frame = no_compiler
+            runner._compiled_parts = (no_compiler,) * 3
         runner.join(0, engine.persona(), GREEDY)
         with caplog.at_level("WARNING"):
             outputs.append([runner.run(audio[f][None], listens) or runner.tokens.clone() for f in range(3)])
     assert all(torch.equal(a, b) for a, b in zip(*outputs))
-    assert runner._compiled_frame is None
+    assert runner._compiled_parts is None
     assert "compiling the frame failed (no working compiler)" in caplog.text
 
 

@@ -29,11 +29,12 @@ On CUDA a frame is launched without waiting for it: its inputs go up and its out
 through pinned host buffers, and an event says when they are there. When the frame is a graph
 replay and the next frame is already due (queued recordings, a backlog of live audio), the
 worker launches it before it waits for the one in flight, so the device goes from one frame
-straight to the next while the host hands the previous frame's results out; the copies, the
-graph launch and the synchronisation no longer sit between frames. One conversation on an H200
-(docs/PERFORMANCE.md, run T): `respond_duplex` 6.12 ms a frame against 6.07 for the graphed
-frame alone; frame by frame it had been ~0.25 ms above it. A frame that is not due yet is
-never waited for: the one in flight is delivered first, so a live reply is never held back.
+straight to the next while the host hands the previous frame's results out, and the frames'
+parts overlap there (`FrameRunner.launch`: the next frame's Mimi encode beside this frame's LM
+step, this frame's decode beside the next step). One conversation on an H200
+(docs/PERFORMANCE.md, run V): `respond_duplex` 5.58 ms a frame against 6.21 for a frame
+launched and waited for alone. A frame that is not due yet is never waited for: the one in
+flight is delivered first, so a live reply is never held back.
 """
 
 from __future__ import annotations
@@ -387,15 +388,7 @@ class _HostBuffers:
     def run(self, runner: FrameRunner) -> torch.cuda.Event | None:
         """Queue the frame and its results' copy back; on CUDA returns the event that marks
         them on the host, elsewhere they are there when this returns."""
-        asynchronous = self.device.type == "cuda"
-        runner.run(self.user_pcm, self.agent_listens)
-        self.agent_pcm.copy_(runner.agent_pcm[:, 0], non_blocking=asynchronous)
-        self.tokens.copy_(runner.tokens, non_blocking=asynchronous)
-        if not asynchronous:
-            return None
-        done = torch.cuda.Event()
-        done.record()
-        return done
+        return runner.launch(self.user_pcm, self.agent_listens, results=(self.agent_pcm, self.tokens))
 
 
 @dataclass

@@ -62,7 +62,6 @@ SPLITS = (4096, 2048, 1024, 512, 256, 128)  # the splits `choose_split` picks fr
 # The tensor cores take tiles of at least 16 along every side: a call's queries (1 or 2) are
 # padded to 16 rows, a block holds at least 16 slots and a head's dims are padded to 16.
 QUERY_TILE = 16
-TICKETS = 1 << 16  # (row, head) pairs a call may have: the size of the merge counters
 
 
 def choose_split(rows: int, heads: int, capacity: int, device: torch.device) -> int:
@@ -246,12 +245,14 @@ def _merge_step(acc_ptr, max_ptr, sum_ptr, out_ptr, row, head, step, heads, spli
 
 
 @functools.lru_cache(maxsize=None)
-def _merge_tickets(device: torch.device) -> torch.Tensor:
+def _merge_tickets(device: torch.device, ring: int, pairs: int) -> torch.Tensor:
     """Per (row, head), how many of its splits have stored their partial softmax: int32, zero
-    between calls (the program that merges sets it back). One set per device, made at its first
-    split call (the frame runner runs a frame before it captures one): the calls on a device
-    run one after another in stream order, and each leaves the counts at zero."""
-    return torch.zeros(TICKETS, dtype=torch.int32, device=device)
+    between calls (the program that merges sets it back). One set per key ring (`ring`: its
+    storage's address), made at its first split call (the frame runner runs a frame before it
+    captures one): a ring's calls run one after another in stream order, and each leaves the
+    counts at zero. Rings of different streams never share a set, so the frame's parts may run
+    side by side (the next frame's Mimi encode beside this frame's LM step)."""
+    return torch.zeros(pairs, dtype=torch.int32, device=device)
 
 
 def _product_type(q: torch.Tensor, keys: torch.Tensor) -> tl.dtype:
@@ -319,9 +320,7 @@ def launch_ring_attention(q: torch.Tensor, new_keys: torch.Tensor, new_values: t
     acc = torch.empty(*partials, head_dim, device=q.device, dtype=torch.float32) if splits > 1 else out
     maxes = torch.empty(partials, device=q.device, dtype=torch.float32) if splits > 1 else out
     sums = torch.empty_like(maxes) if splits > 1 else out
-    if splits > 1 and batch * heads > TICKETS:
-        raise ValueError(f"ring_attention: {batch} rows x {heads} heads is more than the {TICKETS} merge counters")
-    tickets = _merge_tickets(q.device) if splits > 1 else first_position  # never read with one split
+    tickets = _merge_tickets(q.device, keys.untyped_storage().data_ptr(), batch * heads) if splits > 1 else first_position  # never read with one split
     first_position = first_position.contiguous()
     _ring_attention_split[(batch, heads, splits)](
         q, new_keys, new_values, keys, values, first_position, cos, sin, out, acc, maxes, sums, tickets,
