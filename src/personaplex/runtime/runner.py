@@ -309,6 +309,11 @@ class FrameRunner:
         graphs = self._frame_graphs
         ready = torch.cuda.Event()  # the caller's stream so far: joins, leaves, its inputs, its reads
         ready.record()
+        # Inputs on the device are read on other streams than the caller's: their memory must not
+        # go back to the caller's stream before those reads (PyTorch's allocator is told so).
+        for tensor, stream in ((user_pcm, graphs.encode_stream), (agent_listens, graphs.step_stream)):
+            if tensor.is_cuda:
+                tensor.record_stream(stream)
         with torch.cuda.stream(graphs.encode_stream):
             _wait(graphs.encode_stream, ready, graphs.codes_taken)
             self.user_pcm.copy_(user_pcm.view(self.user_pcm.shape), non_blocking=True)
