@@ -118,7 +118,7 @@ class FrameRunner:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self._compiled_parts = tuple(
                 torch.compile(part, fullgraph=True, dynamic=False, options=COMPILE_TUNINGS[compile_tuning] or None)
-                for part in (self.encode_user, self.step_model, self.decode_agent))
+                for part in self._graphed_parts())
 
     @property
     def device(self) -> torch.device:
@@ -185,10 +185,8 @@ class FrameRunner:
             self._copy_results(results)
         if self.device.type != "cuda":
             return None
-        done = torch.cuda.Event()
-        done.record()
-        self._last_done = done
-        return done
+        self._last_done = _recorded(torch.cuda.current_stream(self.device))
+        return self._last_done
 
     def _frame(self) -> None:
         """The frame in order: each part, then the hand-off of its results to the next part."""
@@ -208,12 +206,16 @@ class FrameRunner:
 
         return {"encode": self.encode_user, "lm": lm, "decode": self.decode_agent}
 
+    def _graphed_parts(self) -> tuple[Callable[[], None], ...]:
+        """The parts as written that are compiled and each captured in a graph, in order."""
+        return self.encode_user, self.step_model, self.decode_agent
+
     def _run_part(self, index: int) -> None:
         """Part `index` of the frame (encode, step, decode), compiled if asked. If compiling fails
         (no working Triton or C compiler, an operator the compiler lacks) every part runs as
         written from then on: slower, but the same results. Compilation finishes before any of
         the part's kernels runs, so no state has moved."""
-        eager = (self.encode_user, self.step_model, self.decode_agent)[index]
+        eager = self._graphed_parts()[index]
         if self._compiled_parts is None:
             eager()
             return
@@ -307,8 +309,8 @@ class FrameRunner:
             decode (t):   the caller's stream; step (t) has published
         """
         graphs = self._frame_graphs
-        ready = torch.cuda.Event()  # the caller's stream so far: joins, leaves, its inputs, its reads
-        ready.record()
+        # The caller's stream so far: joins, leaves, its inputs, its reads of earlier results.
+        ready = _recorded(torch.cuda.current_stream(self.device))
         # Inputs on the device are read on other streams than the caller's: their memory must not
         # go back to the caller's stream before those reads (PyTorch's allocator is told so).
         for tensor, stream in ((user_pcm, graphs.encode_stream), (agent_listens, graphs.step_stream)):
