@@ -92,7 +92,7 @@ class PersonaPlex:
     """A loaded model (LM + Mimi + tokenizer + voices) serving any number of conversations.
 
     Every call runs its conversation as a row of one batched frame (`FrameScheduler` over a
-    `FrameRunner`: a CUDA graph on a GPU, the readable eager frame elsewhere). `max_sessions`
+    `FrameRunner`: CUDA graphs on a GPU, the readable eager frame elsewhere). `max_sessions`
     is how many conversations run at once; more wait for a free row.
     """
 

@@ -66,7 +66,7 @@ def register(subparsers: Any) -> None:
         "--max-sessions",
         type=positive_count,
         default=4,
-        help="conversations at once, each a row of one batched frame (one CUDA graph on a GPU); "
+        help="conversations at once, each a row of one batched frame (replayed from CUDA graphs on a GPU); "
         "more are answered 'busy' (default 4)",
     )
     parser.add_argument(

@@ -69,7 +69,7 @@ class FrameRunner:
                  use_graphs: bool | None = None, compile_frame: bool | None = None, kernels: Kernels | None = None,
                  compile_tuning: str = "default"):
         """`kv_dtype` torch.float8_e4m3fn halves the KV cache (default: the activation dtype).
-        `use_graphs` defaults to what the device does best: a CUDA graph on CUDA, the readable
+        `use_graphs` defaults to what the device does best: CUDA graphs on CUDA, the readable
         eager frame elsewhere. `compile_frame` (default: with graphs) compiles the frame before
         it is captured; the first frame then takes a minute or two of compilation (cached on
         disk by PyTorch for later processes). `kernels` default to `Kernels.fast()` with graphs

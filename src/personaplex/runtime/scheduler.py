@@ -108,7 +108,7 @@ class FrameScheduler:
     def __init__(self, runner: FrameRunner, tokenizer: TextTokenizer, compute_lock: threading.Lock, *,
                  max_wait_s: float = 0.16, overlap_frames: bool | None = None):
         """`overlap_frames`: launch a frame that is due before handing out the one in flight.
-        Default: when the runner replays a CUDA graph, whose launch costs the host microseconds
+        Default: when the runner replays CUDA graphs, whose launch costs the host microseconds
         while the device runs the frame for milliseconds. Without a graph the launch is the
         frame's host time (every kernel queued from Python, 60-120 ms on an H200), so the one in
         flight would be handed out a whole launch late (run T's graphs-off realtime call: a
