@@ -363,14 +363,18 @@ GEMV_SETS = {
 
 def gemv_configs(narrow: bool = False) -> list[KernelConfig]:
     """GEMV launch shapes: rows per program, K per iteration, K split, and the loads pipelined
-    (num_stages 3 or 4: asynchronous copies that many tiles ahead, less one) or not (1).
+    (num_stages 3 or 4: asynchronous copies that many tiles ahead, less one) or not (1), for
+    each accumulator chunk of $GEMV_CHUNKS (default 1; run X swept 1,8,16).
     `narrow`: for small layers (Mimi's, K 512 or 2048; the depformer's, K 1024 or 2816),
     narrower tiles and deeper splits."""
+    chunks = [int(chunk) for chunk in os.environ.get("GEMV_CHUNKS", "1").split(",")]
     if narrow:
-        return [KernelConfig(1, bn, bk, sk, warps, stages) for stages in (1, 3) for warps in (2, 4)
-                for bn in (2, 4, 8, 16) for bk in (128, 256, 512) for sk in (1, 2, 4) if 512 <= bn * bk <= 4096]
-    return [KernelConfig(1, bn, bk, sk, warps, stages) for stages in (1, 3, 4, 6) for warps in (4, 8)
-            for bn in (4, 8, 16, 32) for bk in (256, 512, 1024, 2048) for sk in (1, 2) if 2048 <= bn * bk <= 16384]
+        return [KernelConfig(1, bn, bk, sk, warps, stages, chunk) for chunk in chunks for stages in (1, 3)
+                for warps in (2, 4) for bn in (2, 4, 8, 16) for bk in (128, 256, 512) for sk in (1, 2, 4)
+                if 512 <= bn * bk <= 4096]
+    return [KernelConfig(1, bn, bk, sk, warps, stages, chunk) for chunk in chunks for stages in (1, 3, 4, 6)
+            for warps in (4, 8) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024, 2048) for sk in (1, 2)
+            if 2048 <= bn * bk <= 16384]
 
 
 def gemv_weights(kind: WeightKind, n: int, k: int, dtype: torch.dtype = torch.bfloat16,

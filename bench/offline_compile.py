@@ -6,8 +6,9 @@ machine's Triton beside ours to see what it will compile (pip install --no-deps 
     python3 bench/offline_compile.py depformer ROWS WARPS BLOCK_N WEIGHT_TILE [FP8]
       (FP8 1: the layers' weights in fp8 with row scales; registers capped as the launch caps
       them for two programs an SM)
-    python3 bench/offline_compile.py quantized KIND BLOCK_M BLOCK_N BLOCK_K SPLIT_K WARPS STAGES [ROWS]
-      (KIND 0 int4, 2 fp8, 3 plain bf16; BLOCK_M 1 is the GEMV kernel, for ROWS rows of x: 1 or 2)
+    python3 bench/offline_compile.py quantized KIND BLOCK_M BLOCK_N BLOCK_K SPLIT_K WARPS STAGES [ROWS [CHUNK]]
+      (KIND 0 int4, 2 fp8, 3 plain bf16; BLOCK_M 1 is the GEMV kernel, for ROWS rows of x: 1 or 2,
+      its accumulator chunked by CHUNK)
 """
 
 from __future__ import annotations
@@ -81,15 +82,15 @@ def depformer(rows: int, warps: int, block_n: int, weight_tile: int, fp8: int = 
 
 
 def quantized(kind: int, block_m: int, block_n: int, block_k: int, split_k: int, warps: int, stages: int,
-              rows: int = 1) -> str:
+              rows: int = 1, chunk: int = 1) -> str:
     """A product's kernel: int4 with groups of 64, fp8, or plain bf16 weights; for the GEMV
-    (block_m 1), at `rows` rows of x (1 or 2)."""
+    (block_m 1), at `rows` rows of x (1 or 2), its accumulator chunked by `chunk`."""
     weights, scales = {2: ("*fp8e4nv", "*fp32"), 3: ("*bf16", "*bf16")}.get(kind, ("*u8", "*fp16"))
     types = {"x_ptr": "*bf16", "w_ptr": weights, "scales_ptr": scales, "biases_ptr": "*fp16", "out_ptr": "*bf16",
              "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32"}
     constants = dict(KIND=kind, GROUP_SIZE=64, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
     if block_m == 1:
-        constants |= dict(NUM_STAGES=stages, TWO_ROWS=rows == 2)
+        constants |= dict(NUM_STAGES=stages, TWO_ROWS=rows == 2, CHUNK=chunk)
         return compile_sm90(quantized_matmul._gemv_kernel, types, constants, warps, stages)
     return compile_sm90(quantized_matmul._dot_kernel, types, {**constants, "BLOCK_M": block_m}, warps, stages)
 

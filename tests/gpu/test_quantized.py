@@ -186,6 +186,35 @@ def test_every_code_reads_exactly(scale: str, rows: int) -> None:
     assert torch.equal(out.float(), (64 * (nibbles[:, 0].float() / 2 - 4))[None, :].expand(rows, -1))
 
 
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("chunk", [8, 16])
+def test_gemv_chunked_accumulator_matches_float_math(scale: str, chunk: int) -> None:
+    """The GEMV with its accumulator chunked (the H200's tuned shapes for the temporal layers'
+    fp8 and bf16 products; the test model's small shapes never reach that table), at one and
+    two rows, fp8 and plain weights, a ragged last tile of rows: within the kernels' bound of
+    float64 math."""
+    from personaplex.model.kernels.quantized_matmul import KernelConfig, WeightKind, quantized_linear
+
+    interpreter_or_skip(scale)
+    device = device_of(scale)
+    dtype = torch.bfloat16 if scale == "cuda" else torch.float16
+    generator = torch.Generator(device=device).manual_seed(2)
+    out_features, in_features = 40, 256
+    linear = random_linear(out_features, in_features, "trained-like", device, generator)
+    fp8 = Fp8Linear.from_weight(linear.weight.data)
+    plain = linear.weight.data.to(dtype)
+    x = torch.randn(2, in_features, device=device, generator=generator).to(dtype)
+    config = KernelConfig(1, 16, 128, num_stages=3, chunk=chunk)
+    worst = 0.0
+    for weight, scales, kind, exact in ((fp8.weight_fp8, fp8.scales, WeightKind.FP8, fp8.dequantized_weight(torch.float64)),
+                                        (plain, None, WeightKind.PLAIN, plain.double())):
+        for rows in (1, 2):
+            out = quantized_linear(x[:rows], weight, scales, None, kind, 1, config)
+            expected = x[:rows].double() @ exact.t()
+            worst = max(worst, ((out.double() - expected).norm(dim=1) / expected.norm(dim=1)).max().item())
+    assert worst < KERNEL_BOUND, worst
+
+
 def mimi_linear_shapes() -> dict[tuple[int, int], str]:
     """(out, in) of the linears of Mimi's transformer (float32, two rows a frame)."""
     config = MimiTransformerConfig()

@@ -37,6 +37,9 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    # GEMV only: consecutive products of a row each thread sums before its accumulator takes
+    # them (1: an accumulator of the weight tile's shape; 8 or 16: 8 or 16 times fewer registers)
+    chunk: int = 1
 
 
 @triton.jit
@@ -141,7 +144,7 @@ def _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND: tl.constexpr, GR
 
 @triton.jit
 def _store_row(acc, row, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Reduce one row's [BLOCK_N, BLOCK_K] accumulator, scale it (fp8 row scales) and store it."""
+    """Reduce one row's accumulator over its inputs, scale it (fp8 row scales) and store it."""
     out = tl.sum(acc, axis=1)
     if KIND == 2:
         out *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)
@@ -152,19 +155,31 @@ def _store_row(acc, row, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND: tl.
 
 
 @triton.jit
+def _chunk_sums(products, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] products summed over each run of CHUNK consecutive inputs: a thread
+    holds 16 consecutive inputs of a row (one 16-byte load of fp8 codes, two of bf16), so up to
+    16 the sums stay inside the thread."""
+    if CHUNK == 1:
+        return products
+    return tl.sum(tl.reshape(products, (BLOCK_N, BLOCK_K // CHUNK, CHUNK)), axis=2)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K, stride_xm, stride_om,
                  KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, TWO_ROWS: tl.constexpr):
+                 SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, TWO_ROWS: tl.constexpr, CHUNK: tl.constexpr):
     """out = x @ dequant(W).T for one row of x, or two (TWO_ROWS), each weight tile read once
-    for both. Each row keeps an accumulator of the weight tile's own shape: a [rows, N, K] one
-    would change the tile's register layout, and the tile would then come out of shared memory
-    a byte at a time (seen in the SASS)."""
+    for both. Each row keeps its own accumulator [BLOCK_N, BLOCK_K / CHUNK] in the weight tile's
+    register layout: a [rows, N, K] one would change that layout, and the tile would then come
+    out of shared memory a byte at a time (seen in the SASS). With CHUNK 16 the fp8 GEMV at
+    [16, 512] tiles holds 63 registers a thread instead of 115 (twice the programs an SM), and a
+    frame's largest fp8 product ran 29.8 -> 26.4 us on the H200 (docs/PERFORMANCE.md, run X)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_second = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # the second row's (TWO_ROWS)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
+    acc_second = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)  # the second row's (TWO_ROWS)
     k_slice = K // SPLIT_K
     k_first = pid_k * k_slice
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
@@ -185,9 +200,10 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K, stride_xm,
             next_scale, next_bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k_next, K, GROUP_SIZE, GROUPS)
         w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K, False)
         cols = k0 + tl.arange(0, BLOCK_K)
-        acc += w * tl.load(x_ptr + cols).to(tl.float32)[None, :]
+        acc += _chunk_sums(w * tl.load(x_ptr + cols).to(tl.float32)[None, :], BLOCK_N, BLOCK_K, CHUNK)
         if TWO_ROWS:
-            acc_second += w * tl.load(x_ptr + stride_xm + cols).to(tl.float32)[None, :]
+            acc_second += _chunk_sums(w * tl.load(x_ptr + stride_xm + cols).to(tl.float32)[None, :],
+                                      BLOCK_N, BLOCK_K, CHUNK)
     _store_row(acc, 0, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND, SPLIT_K)
     if TWO_ROWS:
         _store_row(acc_second, 1, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND, SPLIT_K)
@@ -273,13 +289,14 @@ _TUNED_H100: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
 # the sweep of `bench/linear_kernels.py --gemv` on an H200 (the LM's shapes at one row: fp8 and
 # int4 twice, plain bf16 once; Mimi's float32 transformer at two rows, the rows of a frame;
 # bench/results/h200-gemv-sweep.json and h200-gemv-mimi.json; values: block_n, block_k,
-# split_k, num_warps, num_stages). Narrow tiles over long stretches of K, pipelined, keep more weight bytes in
-# flight per SM than the H100 table's shapes did.
-_TUNED_GEMV_H200: dict[tuple[WeightKind, int, int], tuple[int, int, int, int, int]] = {
-    (WeightKind.FP8, 12288, 4096): (16, 256, 1, 4, 4),
-    (WeightKind.FP8, 4096, 4096): (8, 512, 1, 4, 4),
-    (WeightKind.FP8, 22528, 4096): (16, 512, 1, 4, 4),
-    (WeightKind.FP8, 4096, 11264): (8, 1024, 1, 4, 3),
+# split_k, num_warps, num_stages[, chunk]). Narrow tiles over long stretches of K, pipelined, keep more weight bytes in
+# flight per SM than the H100 table's shapes did. The temporal layers' fp8 and bf16 shapes were swept
+# again with the accumulator chunked (run X, bench/results/h200-gemv-chunked.json).
+_TUNED_GEMV_H200: dict[tuple[WeightKind, int, int], tuple[int, ...]] = {
+    (WeightKind.FP8, 12288, 4096): (16, 256, 1, 4, 4, 8),
+    (WeightKind.FP8, 4096, 4096): (8, 512, 1, 4, 4, 16),
+    (WeightKind.FP8, 22528, 4096): (8, 512, 1, 4, 4, 16),
+    (WeightKind.FP8, 4096, 11264): (8, 512, 1, 4, 5, 16),
     (WeightKind.FP8, 1024, 4096): (4, 2048, 1, 4, 3),
     # int4 swept again (run Q) once its codes were read by bit operations, the depformer's
     # products too (int4 steps run them through the GEMV at one row): a frame's 3.78 -> 3.08 ms.
@@ -293,9 +310,9 @@ _TUNED_GEMV_H200: dict[tuple[WeightKind, int, int], tuple[int, int, int, int, in
     (WeightKind.INT4, 5632, 1024): (8, 512, 1, 2, 1),
     (WeightKind.INT4, 1024, 2816): (2, 256, 1, 2, 3),
     (WeightKind.PLAIN, 12288, 4096): (16, 256, 1, 4, 3),
-    (WeightKind.PLAIN, 4096, 4096): (32, 512, 1, 4, 3),
-    (WeightKind.PLAIN, 22528, 4096): (4, 1024, 1, 4, 6),
-    (WeightKind.PLAIN, 4096, 11264): (8, 256, 1, 4, 4),
+    (WeightKind.PLAIN, 4096, 4096): (8, 512, 1, 4, 4, 8),
+    (WeightKind.PLAIN, 22528, 4096): (8, 1024, 1, 4, 5, 8),
+    (WeightKind.PLAIN, 4096, 11264): (8, 512, 1, 4, 3, 8),
     (WeightKind.PLAIN, 1024, 4096): (4, 512, 1, 4, 6),
     (WeightKind.PLAIN, 1536, 512): (4, 512, 1, 2, 1),  # Mimi's transformer (float32, two rows)
     (WeightKind.PLAIN, 512, 512): (2, 512, 1, 4, 1),
@@ -380,7 +397,8 @@ def fit_config(config: KernelConfig, kind: WeightKind, k: int, group_size: int) 
         block_k //= 2
     if k % block_k or block_k < smallest_block_k:
         raise ValueError(f"no kernel tiling for K={k} (group size {group_size})")
-    return KernelConfig(config.block_m, config.block_n, block_k, split_k, config.num_warps, config.num_stages)
+    chunk = min(config.chunk, block_k)
+    return KernelConfig(config.block_m, config.block_n, block_k, split_k, config.num_warps, config.num_stages, chunk)
 
 
 def quantized_linear(
@@ -418,7 +436,8 @@ def quantized_linear(
         _gemv_kernel[grid](
             x, weight, scales, biases, out, n, k, x.stride(0), out.stride(0),
             KIND=int(kind), GROUP_SIZE=group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, TWO_ROWS=m == 2, num_warps=config.num_warps,
+            SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, TWO_ROWS=m == 2, CHUNK=config.chunk,
+            num_warps=config.num_warps,
         )
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
