@@ -20,7 +20,7 @@ Measurements and the reasons for this design: docs/QUANTIZATION.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -156,9 +156,9 @@ def _store_row(acc, row, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND: tl.
 
 @triton.jit
 def _chunk_sums(products, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] products summed over each run of CHUNK consecutive inputs: a thread
-    holds 16 consecutive inputs of a row (one 16-byte load of fp8 codes, two of bf16), so up to
-    16 the sums stay inside the thread."""
+    """[BLOCK_N, BLOCK_K] products summed over each run of CHUNK consecutive inputs. The tuned
+    chunks are one 16-byte load of a row's weights (16 fp8 codes, 8 bf16 values), which one
+    thread holds, so the sums add no exchange between threads."""
     if CHUNK == 1:
         return products
     return tl.sum(tl.reshape(products, (BLOCK_N, BLOCK_K // CHUNK, CHUNK)), axis=2)
@@ -172,8 +172,9 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K, stride_xm,
     for both. Each row keeps its own accumulator [BLOCK_N, BLOCK_K / CHUNK] in the weight tile's
     register layout: a [rows, N, K] one would change that layout, and the tile would then come
     out of shared memory a byte at a time (seen in the SASS). With CHUNK 16 the fp8 GEMV at
-    [16, 512] tiles holds 63 registers a thread instead of 115 (twice the programs an SM), and a
-    frame's largest fp8 product ran 29.8 -> 26.4 us on the H200 (docs/PERFORMANCE.md, run X)."""
+    [16, 512] tiles holds 64 registers a thread instead of 114 (twice the programs an SM), and a
+    frame's largest fp8 product, retuned with it, ran 29.8 -> 26.4 us on the H200
+    (docs/PERFORMANCE.md, run X)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -397,8 +398,7 @@ def fit_config(config: KernelConfig, kind: WeightKind, k: int, group_size: int) 
         block_k //= 2
     if k % block_k or block_k < smallest_block_k:
         raise ValueError(f"no kernel tiling for K={k} (group size {group_size})")
-    chunk = min(config.chunk, block_k)
-    return KernelConfig(config.block_m, config.block_n, block_k, split_k, config.num_warps, config.num_stages, chunk)
+    return replace(config, block_k=block_k, split_k=split_k, chunk=min(config.chunk, block_k))
 
 
 def quantized_linear(
