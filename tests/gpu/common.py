@@ -71,13 +71,14 @@ def _triton_version() -> tuple[int, ...]:
 
 
 class GemvRows(TorchDispatchMode):
-    """Records how many rows of x each call of the GEMV's op (`personaplex::quantized_linear`) takes."""
+    """Records how many rows of x each call of the GEMV's ops (`personaplex::quantized_linear`, and
+    `personaplex::quantized_gated_linear` with the gate in its epilogue) takes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name == "personaplex::quantized_linear":
+        if func._schema.name in ("personaplex::quantized_linear", "personaplex::quantized_gated_linear"):
             self.rows.append(args[0].shape[0])
         return func(*args, **(kwargs or {}))

@@ -215,6 +215,78 @@ def test_gemv_chunked_accumulator_matches_float_math(scale: str, chunk: int) -> 
     assert worst < KERNEL_BOUND, worst
 
 
+@pytest.mark.parametrize("scale", SCALES)
+def test_gated_gemv_equals_product_then_gate(scale: str) -> None:
+    """The GEMV with the gate in its epilogue (silu(a) * b of the product's two halves) against
+    the same launch shape's plain product followed by the readable `silu_gate`: fp8, int4 and
+    plain weights, one and two rows, a ragged last program (20 outputs, 8 a program), the H200's
+    tuned chunked accumulator; equal up to the gate's own rounding (the kernel's exponential is
+    not PyTorch's). Then `GatedFFN.gated_input` with `gemv` takes it at one row, for a plain and
+    an fp8 layer, and agrees with the product then the gate."""
+    from personaplex.model.kernels.quantized_matmul import KernelConfig, WeightKind, quantized_gated_linear, quantized_linear
+
+    interpreter_or_skip(scale)
+    device = device_of(scale)
+    dtype = torch.bfloat16 if scale == "cuda" else torch.float16
+    generator = torch.Generator(device=device).manual_seed(3)
+    linear = random_linear(40, 256, "trained-like", device, generator)
+    fp8 = Fp8Linear.from_weight(linear.weight.data)
+    int4 = quantize_linear(linear, "int4", 64)
+    x = torch.randn(2, 256, device=device, generator=generator).to(dtype)
+    operands = {"fp8": (fp8.weight_fp8, fp8.scales, None, WeightKind.FP8, 1),
+                "int4": (int4.qweight, int4.scales, int4.biases, WeightKind.INT4, 64),
+                "plain": (linear.weight.data.to(dtype), None, None, WeightKind.PLAIN, 1)}
+    for name, args in operands.items():
+        for config in (KernelConfig(1, 16, 128, num_stages=3), KernelConfig(1, 8, 256, num_stages=4, chunk=16)):
+            for rows in (1, 2):
+                out = quantized_gated_linear(x[:rows], *args, config)
+                expected = layers.silu_gate(quantized_linear(x[:rows], *args, config))
+                assert out.shape == (rows, 20) and out.dtype == dtype, (name, out.shape, out.dtype)
+                torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-6, msg=f"{name} {config} {rows} rows")
+    ffn = layers.GatedFFN(256, 20, device=device, dtype=dtype)
+    ffn.linear_in.weight.data.copy_(linear.weight.data)
+    for linear_in in (ffn.linear_in, fp8):
+        ffn.linear_in = linear_in
+        fast = ffn.gated_input(x[:1], Kernels(gemv=True))
+        expected = layers.silu_gate(layers.linear(linear_in, x[:1], Kernels(gemv=True)))
+        torch.testing.assert_close(fast, expected, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int4"])
+def test_stacked_depformer_inputs_are_one_product_of_the_same_weights(scale: str, fmt: str) -> None:
+    """`stack_depformer_inputs` (what the frame runner does with the fast kernels): every step's
+    depformer_in rows in one tensor per weight tensor, each step's layer left holding a view of
+    its rows (the state dict has the same keys and values, no second copy); a second call
+    changes nothing; `depformer_projections` then makes one product, within the kernels' bound
+    of the steps' own products (a small model, on the GPU too)."""
+    interpreter_or_skip(scale)
+    device = device_of(scale)
+    dtype = torch.bfloat16 if scale == "cuda" else torch.float32
+    lm = build_random_lm(lm_config("cpu"), device, dtype, "gaussian", seed=4)
+    if fmt != "bf16":
+        quantize_model(lm, fmt)
+    hidden = torch.randn(2, 1, lm.config.dim, device=device, dtype=dtype)
+    kernels = Kernels(gemv=True)
+    per_step = lm.depformer_projections(hidden, kernels)
+    before = {name: tensor.clone() for name, tensor in lm.state_dict().items()}
+    lm.stack_depformer_inputs()
+    stacked = lm.stacked_depformer_in
+    assert stacked is not None
+    lm.stack_depformer_inputs()
+    assert lm.stacked_depformer_in is stacked
+    after = lm.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    first = stacked[0]
+    for layer in lm.depformer_in:
+        weight = layers.kernel_operands(layer)[0]
+        assert weight.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    projections = lm.depformer_projections(hidden, kernels)
+    assert projections.shape == (2, len(lm.depformer_in), lm.config.depformer_dim)
+    error = ((projections.double() - per_step.double()).norm() / per_step.double().norm()).item()
+    assert error < KERNEL_BOUND, error
+
+
 def mimi_linear_shapes() -> dict[tuple[int, int], str]:
     """(out, in) of the linears of Mimi's transformer (float32, two rows a frame)."""
     config = MimiTransformerConfig()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import GEMV_MAX_ROWS, WeightKind, cuda_op, kernels_can_run
+from .kernels import GEMV_MAX_ROWS, KernelOperands, WeightKind, cuda_op, kernels_can_run
 
 
 def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
@@ -147,6 +147,16 @@ def plain_weight(layer: LinearWeights) -> torch.Tensor | None:
     return layer.weight if type(layer) is nn.Linear and layer.bias is None else None
 
 
+def kernel_operands(layer: LinearWeights) -> KernelOperands | None:
+    """What the quantized-matmul ops take after x for this layer: a quantized layer's own
+    (`kernel_operands()`), or a plain weight's (`plain_weight`); None for anything else."""
+    weight = plain_weight(layer)
+    if weight is not None:
+        return weight, None, None, int(WeightKind.PLAIN), 1
+    operands = getattr(layer, "kernel_operands", None)
+    return operands() if operands is not None else None
+
+
 def linear(layer: LinearWeights, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
     """layer(x) for a linear layer of any weight format, or x @ layer.T for a bare weight.
 
@@ -172,7 +182,18 @@ class GatedFFN(nn.Module):
         self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
-        return linear(self.linear_out, silu_gate(linear(self.linear_in, x, kernels)), kernels)
+        return linear(self.linear_out, self.gated_input(x, kernels), kernels)
+
+    def gated_input(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        """silu(a) * b of the first product. With `kernels.gemv`, up to GEMV_MAX_ROWS rows take
+        the GEMV with the gate in its epilogue: one launch instead of the product and the gate's
+        own kernel (32 a one-conversation frame's temporal layers)."""
+        rows = x.numel() // x.shape[-1]
+        operands = kernel_operands(self.linear_in) if kernels.gemv and rows <= GEMV_MAX_ROWS else None
+        if operands is None or not kernels_can_run(x):
+            return silu_gate(linear(self.linear_in, x, kernels))
+        gated = cuda_op("quantized_gated_linear")(x.reshape(rows, -1).contiguous(), *operands)
+        return gated.reshape(*x.shape[:-1], gated.shape[-1])
 
 
 def silu_gate(hidden: torch.Tensor) -> torch.Tensor:

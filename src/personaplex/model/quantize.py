@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import WEIGHT_FORMATS
-from .kernels import WeightKind, cuda_op
+from .kernels import KernelOperands, WeightKind, cuda_op
 
 WeightFormat = Literal["bf16", "fp8", "int4", "int8"]
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
@@ -116,12 +116,11 @@ class AffineQuantizedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_affine(self.qweight, self.scales, self.biases, self.bits, self.group_size, dtype)
 
+    def kernel_operands(self) -> KernelOperands:
+        return self.qweight, self.scales, self.biases, int(self.kernel_kind), self.group_size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            x2d = x.reshape(-1, self.in_features).contiguous()
-            out = cuda_op("quantized_linear")(x2d, self.qweight, self.scales, self.biases, int(self.kernel_kind), self.group_size)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.dequantized_weight(x.dtype))
+        return _kernel_or_dequantized(self, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
@@ -170,15 +169,24 @@ class Fp8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight_fp8.float() * self.scales.float()[:, None]).to(dtype)
 
+    def kernel_operands(self) -> KernelOperands:
+        return self.weight_fp8, self.scales.float(), None, int(WeightKind.FP8), 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            x2d = x.reshape(-1, self.in_features).contiguous()
-            out = cuda_op("quantized_linear")(x2d, self.weight_fp8, self.scales.float(), None, int(WeightKind.FP8), 1)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.dequantized_weight(x.dtype))
+        return _kernel_or_dequantized(self, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
+
+
+def _kernel_or_dequantized(layer: AffineQuantizedLinear | Fp8Linear, x: torch.Tensor) -> torch.Tensor:
+    """A quantized layer's product: the quantized-matmul kernel on CUDA, else float math on the
+    dequantized weight."""
+    if x.is_cuda:
+        x2d = x.reshape(-1, layer.in_features).contiguous()
+        out = cuda_op("quantized_linear")(x2d, *layer.kernel_operands())
+        return out.reshape(*x.shape[:-1], layer.out_features)
+    return F.linear(x, layer.dequantized_weight(x.dtype))
 
 
 # --------------------------------------------------------------------------- whole models

@@ -202,8 +202,9 @@ class FrameGenerator:
     def _run_depformer(self, hidden, text_token, audio_target, audio_provided) -> torch.Tensor:
         previous = text_token
         sampled = []
+        projections = self.lm.depformer_projections(hidden, self.kernels)
         for step in range(self.depformer_steps):
-            logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state, self.kernels)
+            logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state, self.kernels, projections)
             if self.observer is not None:
                 self.observer.on_audio_logits(step, logits)
             token = sample_tokens(logits, self.audio_temperature, self.audio_top_k, self.noise, self.kernels)

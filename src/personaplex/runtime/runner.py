@@ -88,6 +88,8 @@ class FrameRunner:
             register_cuda_ops()  # before any frame is compiled: the compiler finds the ops registered
         if self.kernels.conv_products:
             mimi.keep_product_weights()
+        if self.kernels.gemv:
+            lm.stack_depformer_inputs()
         self.generator = FrameGenerator(lm, batch_size, agent_only=True, kv_dtype=kv_dtype, kernels=self.kernels)
         self.codec_state = mimi.init_stream(batch_size)
         agents = lm.config.agent_codebooks

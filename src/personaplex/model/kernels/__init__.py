@@ -18,6 +18,10 @@ class WeightKind(enum.IntEnum):
     PLAIN = 3  # not quantized: weights in a float dtype, read as they are
 
 
+# A layer's arguments to the quantized-matmul ops after x: weight, scales, biases, the
+# `WeightKind` value and the group size (`layers.kernel_operands`).
+KernelOperands = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", int, int]
+
 # Products of up to this many rows take the GEMV kernel (each weight tile read once for all
 # rows, in registers; it holds one accumulator per row, so two is its limit), more take the
 # tensor cores. Two covers one conversation's Mimi transformer (two 25 Hz steps a frame) and

@@ -20,6 +20,7 @@ Measurements and the reasons for this design: docs/QUANTIZATION.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -155,6 +156,25 @@ def _store_row(acc, row, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND: tl.
 
 
 @triton.jit
+def _store_gated_row(acc, row, offs_n, n_ok, scales_ptr, out_ptr, stride_om, first_out, N, KIND: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """GATED: one row's silu(a) * b for outputs first_out .. first_out + BLOCK_N / 2, where the
+    program's first BLOCK_N / 2 weight rows are a's (the gate's half of the layer) and the last
+    BLOCK_N / 2 the matching rows of b (the value's half). Rounded where the readable
+    `layers.silu_gate` rounds in the output dtype: the product, silu(a), silu(a) * b."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    out = tl.sum(acc, axis=1)
+    if KIND == 2:
+        out *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)
+    out = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+    # [BLOCK_N] as [2, HALF] (row 0 the gate's sums, row 1 the value's), split into the two.
+    gate, value = tl.split(tl.permute(tl.reshape(out, (2, HALF)), (1, 0)))
+    silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    offs_out = first_out + tl.arange(0, HALF)
+    tl.store(out_ptr + row * stride_om + offs_out, (silu * value).to(out_ptr.dtype.element_ty), mask=offs_out < N)
+
+
+@triton.jit
 def _chunk_sums(products, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
     """[BLOCK_N, BLOCK_K] products summed over each run of CHUNK consecutive inputs. The tuned
     chunks are one 16-byte load of a row's weights (16 fp8 codes, 8 bf16 values), which one
@@ -167,18 +187,30 @@ def _chunk_sums(products, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: t
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K, stride_xm, stride_om,
                  KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, TWO_ROWS: tl.constexpr, CHUNK: tl.constexpr):
+                 SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, TWO_ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                 GATED: tl.constexpr = False):
     """out = x @ dequant(W).T for one row of x, or two (TWO_ROWS), each weight tile read once
     for both. Each row keeps its own accumulator [BLOCK_N, BLOCK_K / CHUNK] in the weight tile's
     register layout: a [rows, N, K] one would change that layout, and the tile would then come
     out of shared memory a byte at a time (seen in the SASS). With CHUNK 16 the fp8 GEMV at
     [16, 512] tiles holds 64 registers a thread instead of 114 (twice the programs an SM), and a
     frame's largest fp8 product, retuned with it, ran 29.8 -> 26.4 us on the H200
-    (docs/PERFORMANCE.md, run X)."""
+    (docs/PERFORMANCE.md, run X).
+
+    GATED (SPLIT_K 1): the layer's weight holds a gated feed-forward's two halves, rows [0, N)
+    for a and [N, 2N) for b, and out [rows, N] is silu(a) * b: each program reads matching rows
+    of both halves, so the gate needs no kernel of its own after the product."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    if GATED:
+        HALF: tl.constexpr = BLOCK_N // 2
+        tile_rows = tl.arange(0, BLOCK_N)
+        outputs = pid_n * HALF + tile_rows % HALF
+        offs_n = outputs + (tile_rows // HALF) * N  # a's row j, then b's row N + j
+        n_ok = outputs < N
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
     acc_second = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)  # the second row's (TWO_ROWS)
     k_slice = K // SPLIT_K
@@ -205,9 +237,15 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K, stride_xm,
         if TWO_ROWS:
             acc_second += _chunk_sums(w * tl.load(x_ptr + stride_xm + cols).to(tl.float32)[None, :],
                                       BLOCK_N, BLOCK_K, CHUNK)
-    _store_row(acc, 0, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND, SPLIT_K)
-    if TWO_ROWS:
-        _store_row(acc_second, 1, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND, SPLIT_K)
+    if GATED:
+        _store_gated_row(acc, 0, offs_n, n_ok, scales_ptr, out_ptr, stride_om, pid_n * HALF, N, KIND, BLOCK_N)
+        if TWO_ROWS:
+            _store_gated_row(acc_second, 1, offs_n, n_ok, scales_ptr, out_ptr, stride_om, pid_n * HALF, N, KIND,
+                             BLOCK_N)
+    else:
+        _store_row(acc, 0, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND, SPLIT_K)
+        if TWO_ROWS:
+            _store_row(acc_second, 1, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND, SPLIT_K)
 
 
 @triton.jit
@@ -430,15 +468,7 @@ def quantized_linear(
     else:
         out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     if config.block_m == 1:
-        if m > GEMV_MAX_ROWS:
-            raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_ROWS} rows of x, got {m}")
-        grid = (triton.cdiv(n, config.block_n), config.split_k)
-        _gemv_kernel[grid](
-            x, weight, scales, biases, out, n, k, x.stride(0), out.stride(0),
-            KIND=int(kind), GROUP_SIZE=group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, TWO_ROWS=m == 2, CHUNK=config.chunk,
-            num_warps=config.num_warps,
-        )
+        _launch_gemv(x, weight, scales, biases, out, n, kind, group_size, config, gated=False)
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
         _dot_kernel[grid](
@@ -449,16 +479,69 @@ def quantized_linear(
     return out if config.split_k == 1 else out.to(x.dtype)
 
 
-# The entry point the quantized layers call: a custom op, so that torch.compile keeps each
-# product as one opaque call with a known output shape when it compiles the whole frame.
-@torch.library.custom_op("personaplex::quantized_linear", mutates_args=())
-def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
-                        biases: torch.Tensor | None, kind: int, group_size: int) -> torch.Tensor:
-    """`quantized_linear` with the default tiling; `kind` is a `WeightKind` value."""
-    return quantized_linear(x, weight, scales, biases, WeightKind(kind), group_size)
+def quantized_gated_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    biases: torch.Tensor | None,
+    kind: WeightKind,
+    group_size: int,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """silu(a) * b where [a | b] = x @ dequant(weight).T, a gated feed-forward's first product
+    and its gate in one GEMV launch (one or two rows of x): [M, N / 2] in x's dtype. Arguments
+    as `quantized_linear`'s; the launch shape is the plain product's, without a split of K
+    (the gate needs each sum whole). In the one-row frame this removes the gate's own kernel
+    from each of the temporal layers."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if n % 2:
+        raise ValueError(f"a gated product needs an even number of weight rows (two halves), got {n}")
+    config = fit_config(replace(config or default_config(kind, m, n, k), split_k=1), kind, k, group_size)
+    if config.block_m != 1 or config.block_n < 2:
+        raise ValueError(f"a gated product runs on the GEMV kernel with at least 2 weight rows a program, not {config}")
+    scales = weight if scales is None else scales
+    biases = scales if biases is None else biases
+    out = torch.empty((m, n // 2), device=x.device, dtype=x.dtype)
+    _launch_gemv(x, weight, scales, biases, out, n // 2, kind, group_size, config, gated=True)
+    return out
 
 
-@quantized_linear_op.register_fake
-def _quantized_linear_shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
-                            biases: torch.Tensor | None, kind: int, group_size: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, out: torch.Tensor,
+                 outputs: int, kind: WeightKind, group_size: int, config: KernelConfig, gated: bool) -> None:
+    """The GEMV kernel over `outputs` outputs (with `gated`, each from two weight rows)."""
+    m, k = x.shape
+    if m > GEMV_MAX_ROWS:
+        raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_ROWS} rows of x, got {m}")
+    outputs_per_program = config.block_n // 2 if gated else config.block_n
+    grid = (triton.cdiv(outputs, outputs_per_program), config.split_k)
+    _gemv_kernel[grid](
+        x, weight, scales, biases, out, outputs, k, x.stride(0), out.stride(0),
+        KIND=int(kind), GROUP_SIZE=group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, TWO_ROWS=m == 2, CHUNK=config.chunk,
+        GATED=gated, num_warps=config.num_warps,
+    )
+
+
+def _product_op(name: str, product: Callable[..., torch.Tensor], outputs: Callable[[int], int]):
+    """`product` (`quantized_linear` or `quantized_gated_linear`) with the default tiling as the
+    custom op personaplex::`name`, so that torch.compile keeps each product as one opaque call
+    with a known output shape ([M, outputs(N)]) when it compiles the whole frame. `kind` is a
+    `WeightKind` value."""
+
+    def op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, biases: torch.Tensor | None,
+           kind: int, group_size: int) -> torch.Tensor:
+        return product(x, weight, scales, biases, WeightKind(kind), group_size)
+
+    def shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, biases: torch.Tensor | None,
+              kind: int, group_size: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], outputs(weight.shape[0]))
+
+    registered = torch.library.custom_op(f"personaplex::{name}", op, mutates_args=())
+    registered.register_fake(shape)
+    return registered
+
+
+# The entry points the layers call.
+quantized_linear_op = _product_op("quantized_linear", quantized_linear, lambda rows: rows)
+quantized_gated_linear_op = _product_op("quantized_gated_linear", quantized_gated_linear, lambda rows: rows // 2)

@@ -5,8 +5,7 @@ the candidates at or above the k-th largest scaled logit (found by sorting the r
 Gumbel noise to those and takes the argmax. Compiled, that was ~4 kernels a token, plus a
 sort or a search for the k-th value: a frame samples nine tokens (one text, eight audio), and
 on an H200 a one-row frame spent ~0.2 ms there (bench/results/h200-frame-kernels-runR-*.tsv:
-the text token alone ~85 us over 14 kernels). Here one program per row does it all in
-registers:
+the text token alone ~85 us over 14 kernels). Here it is one launch of a few programs a row:
 
 - The k-th largest, without sorting. A float's bit pattern, read as a signed integer with
   the magnitude bits of negative numbers flipped (a "key"), orders as the float does, so the
@@ -15,12 +14,22 @@ registers:
   bf16 row takes 16 steps, not the 32 of its float32 scaled values. Scaling by 1 / T is
   monotone, so the k-th largest scaled logit is the scaled value of the k-th largest logit:
   the same threshold the sort finds (ties at it are all kept, as there).
+- The row in parts. Each program searches its part of the row (at most 2048 candidates) for
+  the part's own k-th largest key and stores the part's candidates at or above it (in column
+  order; at most CAP). The row's k-th largest is the k-th largest of those (each part's k
+  largest are among them), and every key at or above it is there too (a part's keys above the
+  row's threshold are above its own): the last program of the row to finish (a counter)
+  searches the few stored candidates for it and draws among them. The 32000 text candidates
+  thus take 16 programs, not one: 33 -> ~9 us a token on an H200 (docs/PERFORMANCE.md, run Y).
+  Where a part keeps more than CAP (a top-k past CAP, or many logits tied at a part's
+  threshold), the last program searches and draws over the whole row instead: slower, the same
+  token.
 - The noise: a per-row key (splitmix64 of the row's seed and draw counter, computed by the
   caller) hashed with each candidate's index (murmur3's 32-bit finaliser) into a uniform
   number, then -log(-log(u)). `runtime/sampling.py` computes the same numbers in PyTorch.
 - The draw: argmax of scaled logit + noise over the kept candidates (the Gumbel-max trick:
   the same distribution as sampling the softmax); the argmax of the logits where the row's
-  temperature is 0.
+  temperature is 0. Both take the first column among equals, as `argmax` does.
 """
 
 from __future__ import annotations
@@ -29,10 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-# A row is held in registers: 16 warps keep 32768 candidates (the text vocabulary) at 64 a thread, 32 this many.
+# A program searches a part of at most this many candidates of its row (16 per thread at 4 warps).
+PART_WIDTH = 2048
 WIDEST_ROW = 1 << 16
-# The draw reads the row again in chunks of this many candidates: registers for the search.
-DRAW_CHUNK = 4096
 _KEY_BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
 
@@ -60,8 +68,8 @@ def _gumbel(row_key, columns):
 
 @triton.jit
 def _row_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS: tl.constexpr):
-    """The row's logits as ordered integer keys; past the row's end the smallest key, which the
-    search never counts."""
+    """The row's logits at `columns` as ordered integer keys; past the row's end the smallest
+    key, which the search never counts."""
     raw = tl.load(logits_ptr + row * row_stride + columns, mask=columns < width, other=0.0)
     if KEY_BITS == 16:
         patterns = raw.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended
@@ -89,47 +97,123 @@ def _key_value(key, TYPE: tl.constexpr, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _sample_top_k(logits_ptr, row_stride, temperature_ptr, top_k_ptr, keys_ptr, out_ptr, width,
-                  BLOCK: tl.constexpr, CHUNK: tl.constexpr, KEY_BITS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    # 1. The k-th largest key: the whole row's keys in registers, and nothing else (the text
-    # row's 32768 take 64 registers a thread at 16 warps).
-    keys = _row_keys(logits_ptr, row, row_stride, tl.arange(0, BLOCK), width, KEY_BITS)
-    k = tl.minimum(tl.maximum(tl.load(top_k_ptr + row), 1), width).to(tl.int32)
-    # The sign first, then each lower bit: within [kth, kth + 2^(bit+1)) setting a bit raises the key.
+def _kth_key(keys, k, KEY_BITS: tl.constexpr):
+    """The k-th largest of `keys`: the sign first, then each lower bit (within [kth, kth +
+    2^(bit+1)) setting a bit raises the key)."""
     kth = tl.where(tl.sum((keys >= 0).to(tl.int32), axis=0) >= k, 0, -(1 << (KEY_BITS - 1)))
     for bit in tl.static_range(KEY_BITS - 2, -1, -1):
         candidate = kth | (1 << bit)
         kth = tl.where(tl.sum((keys >= candidate).to(tl.int32), axis=0) >= k, candidate, kth)
-    # 2. The draw, CHUNK candidates at a time (read again, from L1): the argmax of the logits and
-    # that of scaled logit + noise over the kept ones, each the first index among equals.
-    temperature = tl.load(temperature_ptr + row)
-    divisor = tl.where(temperature > 0, temperature, 1.0)
-    threshold = _key_value(kth, logits_ptr.dtype.element_ty, KEY_BITS) / divisor
-    row_key = tl.load(keys_ptr + row)
-    best_logit, greedy = float("-inf"), 0
+    return kth
+
+
+@triton.jit
+def _draw(keys, columns, present, kth, divisor, row_key, TYPE: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Among the `present` candidates: the best score (scaled logit + noise, over those at or
+    above the key kth) and its column, the largest logit and its column; first among equals."""
+    values = tl.where(present, _key_value(keys, TYPE, KEY_BITS), float("-inf"))
+    scaled = values / divisor
+    threshold = _key_value(kth, TYPE, KEY_BITS) / divisor
+    scores = tl.where(present & (scaled >= threshold), scaled + _gumbel(row_key, columns), float("-inf"))
+    best_score, at_score = tl.max(scores, axis=0, return_indices=True)
+    best_logit, at_logit = tl.max(values, axis=0, return_indices=True)
+    places = tl.arange(0, keys.shape[0])
+    sampled = tl.sum(tl.where(places == at_score, columns, 0), axis=0)
+    greedy = tl.sum(tl.where(places == at_logit, columns, 0), axis=0)
+    return best_score, sampled, best_logit, greedy
+
+
+@triton.jit
+def _whole_row_draw(logits_ptr, row, row_stride, width, k, divisor, row_key, PART: tl.constexpr,
+                    PARTS: tl.constexpr, KEY_BITS: tl.constexpr):
+    """(sampled, greedy) by one program over the whole row, a part at a time: the search counts
+    every part at every bit. Where a part kept more candidates than it could store."""
+    kth = -(1 << (KEY_BITS - 1))
+    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
+        # The sign bit first: from the smallest key, "setting" it means trying 0.
+        candidate = 0 if bit == KEY_BITS - 1 else kth | (1 << bit)
+        count = 0
+        for part in tl.range(0, PARTS):
+            columns = part * PART + tl.arange(0, PART)
+            keys = _row_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS)
+            count += tl.sum((keys >= candidate).to(tl.int32), axis=0)
+        kth = tl.where(count >= k, candidate, kth)
     best_score, sampled = float("-inf"), 0
-    for first in tl.range(0, BLOCK, CHUNK):
-        columns = first + tl.arange(0, CHUNK)
-        values = tl.load(logits_ptr + row * row_stride + columns, mask=columns < width, other=float("-inf"))
-        values = values.to(tl.float32)
-        scaled = values / divisor
-        scores = tl.where(scaled >= threshold, scaled + _gumbel(row_key, columns), float("-inf"))
-        chunk_logit, chunk_greedy = tl.max(values, axis=0, return_indices=True)
-        chunk_score, chunk_sampled = tl.max(scores, axis=0, return_indices=True)
-        greedy = tl.where(chunk_logit > best_logit, first + chunk_greedy, greedy)
-        best_logit = tl.maximum(best_logit, chunk_logit)
-        sampled = tl.where(chunk_score > best_score, first + chunk_sampled, sampled)
-        best_score = tl.maximum(best_score, chunk_score)
-    tl.store(out_ptr + row, tl.where(temperature > 0, sampled, greedy).to(tl.int64))
+    best_logit, greedy = float("-inf"), 0
+    for part in tl.range(0, PARTS):
+        columns = part * PART + tl.arange(0, PART)
+        keys = _row_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS)
+        part_score, part_sampled, part_logit, part_greedy = _draw(keys, columns, columns < width, kth, divisor,
+                                                                  row_key, logits_ptr.dtype.element_ty, KEY_BITS)
+        sampled = tl.where(part_score > best_score, part_sampled, sampled)
+        best_score = tl.maximum(best_score, part_score)
+        greedy = tl.where(part_logit > best_logit, part_greedy, greedy)
+        best_logit = tl.maximum(best_logit, part_logit)
+    return sampled, greedy
+
+
+@triton.jit
+def _sample_top_k(logits_ptr, row_stride, temperature_ptr, top_k_ptr, keys_ptr, out_ptr, width,
+                  kept_keys_ptr, kept_columns_ptr, counts_ptr, tickets_ptr,
+                  PART: tl.constexpr, PARTS: tl.constexpr, CAP: tl.constexpr, KEY_BITS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    k = tl.minimum(tl.maximum(tl.load(top_k_ptr + row), 1), width).to(tl.int32)
+    # 1. This part's k-th largest key, and its candidates at or above it, stored in column order.
+    columns = part * PART + tl.arange(0, PART)
+    keys = _row_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS)
+    kth = _kth_key(keys, k, KEY_BITS)
+    kept = ((keys >= kth) & (columns < width)).to(tl.int32)
+    places = tl.cumsum(kept, axis=0) - 1
+    first_place = (row * PARTS + part) * CAP
+    stored = (kept == 1) & (places < CAP)
+    tl.store(kept_keys_ptr + first_place + places, keys, mask=stored)
+    tl.store(kept_columns_ptr + first_place + places, columns, mask=stored)
+    tl.store(counts_ptr + row * PARTS + part, tl.sum(kept, axis=0))
+    # 2. The row's last program to get here draws (its stores and every other part's are in
+    # L2: each program counts itself in after its stores, a release; the last sees them all).
+    tl.debug_barrier()
+    last = True
+    if PARTS > 1:
+        last = tl.atomic_add(tickets_ptr + row, 1, sem="acq_rel", scope="gpu") == PARTS - 1
+    if last:
+        temperature = tl.load(temperature_ptr + row)
+        divisor = tl.where(temperature > 0, temperature, 1.0)
+        row_key = tl.load(keys_ptr + row)
+        parts = tl.arange(0, PARTS)
+        counts = tl.load(counts_ptr + row * PARTS + parts, cache_modifier=".cg")
+        if tl.max(counts, axis=0) <= CAP:
+            slots = tl.arange(0, PARTS * CAP)  # part p's places: p * CAP ..
+            present = slots % CAP < tl.load(counts_ptr + row * PARTS + slots // CAP, cache_modifier=".cg")
+            candidates = tl.load(kept_keys_ptr + row * PARTS * CAP + slots, mask=present,
+                                 other=-(1 << (KEY_BITS - 1)), cache_modifier=".cg")
+            candidate_columns = tl.load(kept_columns_ptr + row * PARTS * CAP + slots, mask=present, other=0,
+                                        cache_modifier=".cg")
+            if PARTS > 1:  # one part: its own k-th largest is the row's
+                kth = _kth_key(candidates, k, KEY_BITS)
+            _, sampled, _, greedy = _draw(candidates, candidate_columns, present, kth, divisor, row_key,
+                                          logits_ptr.dtype.element_ty, KEY_BITS)
+        else:
+            sampled, greedy = _whole_row_draw(logits_ptr, row, row_stride, width, k, divisor, row_key, PART, PARTS,
+                                              KEY_BITS)
+        tl.store(out_ptr + row, tl.where(temperature > 0, sampled, greedy).to(tl.int64))
+        if PARTS > 1:
+            tl.store(tickets_ptr + row, 0)
+
+
+def row_parts(width: int) -> tuple[int, int, int]:
+    """How a row of `width` candidates is shared out: candidates a program, programs a row, and
+    candidates a part may store (one part: up to 512, e.g. the audio tokens' top 250 with their
+    ties; 16 parts of the text row: 64 each, its top 25 with theirs)."""
+    block = triton.next_power_of_2(width)
+    part = min(block, PART_WIDTH)
+    parts = block // part
+    return part, parts, max(64, 512 // parts)
 
 
 def default_warps(width: int) -> int:
-    """Warps per row: at most 64 of the row's candidates a thread. Measured on an H200
-    (bench/sampling.py, one row): the 2048 audio candidates take 6.4 us at 4 warps (9.5 at 2, 7.0
-    at 8), the 32000 text ones 34 us at 16 (42 at 8, 39 at 32)."""
-    block = triton.next_power_of_2(width)
-    return 4 if block <= 4096 else 16 if block <= 32768 else 32
+    """Warps per program: 4 (at most 16 candidates a thread)."""
+    return 4
 
 
 def launch_sample_top_k(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, row_keys: torch.Tensor,
@@ -144,11 +228,16 @@ def launch_sample_top_k(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
                          f"{tuple(temperature.shape)}, {tuple(top_k.shape)}, {tuple(row_keys.shape)}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    part, parts, cap = row_parts(width)
     out = torch.empty(rows, device=logits.device, dtype=torch.int64)
-    block = triton.next_power_of_2(width)
-    _sample_top_k[(rows,)](logits, logits.stride(0), temperature.float().contiguous(), top_k.contiguous(),
-                           row_keys.contiguous(), out, width, BLOCK=block, CHUNK=min(block, DRAW_CHUNK),
-                           KEY_BITS=_KEY_BITS[logits.dtype], num_warps=num_warps or default_warps(width))
+    kept_keys = torch.empty(rows * parts * cap, device=logits.device, dtype=torch.int32)
+    kept_columns = torch.empty_like(kept_keys)
+    counts = torch.empty(rows * parts, device=logits.device, dtype=torch.int32)
+    tickets = torch.zeros(rows, device=logits.device, dtype=torch.int32)  # the last program sets its row's back
+    _sample_top_k[(rows, parts)](logits, logits.stride(0), temperature.float().contiguous(), top_k.contiguous(),
+                                 row_keys.contiguous(), out, width, kept_keys, kept_columns, counts, tickets,
+                                 PART=part, PARTS=parts, CAP=cap, KEY_BITS=_KEY_BITS[logits.dtype],
+                                 num_warps=num_warps or default_warps(width))
     return out
 
 
