@@ -108,19 +108,23 @@ def _kth_key(keys, k, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _draw(keys, columns, present, kth, divisor, row_key, TYPE: tl.constexpr, KEY_BITS: tl.constexpr):
-    """Among the `present` candidates: the best score (scaled logit + noise, over those at or
-    above the key kth) and its column, the largest logit and its column; first among equals."""
+def _draw(keys, present, kth, divisor, row_key, columns, TYPE: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Among the `present` candidates (at `columns`): the best score (scaled logit + noise, over
+    those at or above the key kth) and its place in `keys`, the largest logit and its place;
+    the first place among equals."""
     values = tl.where(present, _key_value(keys, TYPE, KEY_BITS), float("-inf"))
     scaled = values / divisor
     threshold = _key_value(kth, TYPE, KEY_BITS) / divisor
     scores = tl.where(present & (scaled >= threshold), scaled + _gumbel(row_key, columns), float("-inf"))
-    best_score, at_score = tl.max(scores, axis=0, return_indices=True)
-    best_logit, at_logit = tl.max(values, axis=0, return_indices=True)
-    places = tl.arange(0, keys.shape[0])
-    sampled = tl.sum(tl.where(places == at_score, columns, 0), axis=0)
-    greedy = tl.sum(tl.where(places == at_logit, columns, 0), axis=0)
+    best_score, sampled = tl.max(scores, axis=0, return_indices=True)
+    best_logit, greedy = tl.max(values, axis=0, return_indices=True)
     return best_score, sampled, best_logit, greedy
+
+
+@triton.jit
+def _column_at(columns, place):
+    """columns[place] (a gather across the program)."""
+    return tl.sum(tl.where(tl.arange(0, columns.shape[0]) == place, columns, 0), axis=0)
 
 
 @triton.jit
@@ -143,11 +147,11 @@ def _whole_row_draw(logits_ptr, row, row_stride, width, k, divisor, row_key, PAR
     for part in tl.range(0, PARTS):
         columns = part * PART + tl.arange(0, PART)
         keys = _row_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS)
-        part_score, part_sampled, part_logit, part_greedy = _draw(keys, columns, columns < width, kth, divisor,
-                                                                  row_key, logits_ptr.dtype.element_ty, KEY_BITS)
-        sampled = tl.where(part_score > best_score, part_sampled, sampled)
+        part_score, part_sampled, part_logit, part_greedy = _draw(keys, columns < width, kth, divisor, row_key,
+                                                                  columns, logits_ptr.dtype.element_ty, KEY_BITS)
+        sampled = tl.where(part_score > best_score, part * PART + part_sampled, sampled)
         best_score = tl.maximum(best_score, part_score)
-        greedy = tl.where(part_logit > best_logit, part_greedy, greedy)
+        greedy = tl.where(part_logit > best_logit, part * PART + part_greedy, greedy)
         best_logit = tl.maximum(best_logit, part_logit)
     return sampled, greedy
 
@@ -159,10 +163,35 @@ def _sample_top_k(logits_ptr, row_stride, temperature_ptr, top_k_ptr, keys_ptr, 
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     k = tl.minimum(tl.maximum(tl.load(top_k_ptr + row), 1), width).to(tl.int32)
-    # 1. This part's k-th largest key, and its candidates at or above it, stored in column order.
+    temperature = tl.load(temperature_ptr + row)
+    divisor = tl.where(temperature > 0, temperature, 1.0)
+    row_key = tl.load(keys_ptr + row)
+    # 1. This part's k-th largest key.
     columns = part * PART + tl.arange(0, PART)
     keys = _row_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS)
     kth = _kth_key(keys, k, KEY_BITS)
+    if PARTS == 1:  # the whole row is here: draw from the registers
+        _, sampled, _, greedy = _draw(keys, columns < width, kth, divisor, row_key, columns,
+                                      logits_ptr.dtype.element_ty, KEY_BITS)
+        tl.store(out_ptr + row, tl.where(temperature > 0, sampled, greedy).to(tl.int64))  # places are columns
+    else:
+        _store_part_candidates(keys, columns, kth, width, row, part, kept_keys_ptr, kept_columns_ptr, counts_ptr,
+                               PARTS, CAP)
+        # 2. The row's last program to get here draws (each program counts itself in after its
+        # stores, a release; the last, acquiring, sees every part's).
+        tl.debug_barrier()
+        if tl.atomic_add(tickets_ptr + row, 1, sem="acq_rel", scope="gpu") == PARTS - 1:
+            sampled, greedy = _draw_from_parts(logits_ptr, row, row_stride, width, k, divisor, row_key, kept_keys_ptr,
+                                               kept_columns_ptr, counts_ptr, PART, PARTS, CAP, KEY_BITS)
+            tl.store(out_ptr + row, tl.where(temperature > 0, sampled, greedy).to(tl.int64))
+            tl.store(tickets_ptr + row, 0)  # as the next call expects it
+
+
+@triton.jit
+def _store_part_candidates(keys, columns, kth, width, row, part, kept_keys_ptr, kept_columns_ptr, counts_ptr,
+                           PARTS: tl.constexpr, CAP: tl.constexpr):
+    """A part's candidates at or above its own k-th largest key, in column order (the first CAP
+    of them), and how many there are."""
     kept = ((keys >= kth) & (columns < width)).to(tl.int32)
     places = tl.cumsum(kept, axis=0) - 1
     first_place = (row * PARTS + part) * CAP
@@ -170,45 +199,39 @@ def _sample_top_k(logits_ptr, row_stride, temperature_ptr, top_k_ptr, keys_ptr, 
     tl.store(kept_keys_ptr + first_place + places, keys, mask=stored)
     tl.store(kept_columns_ptr + first_place + places, columns, mask=stored)
     tl.store(counts_ptr + row * PARTS + part, tl.sum(kept, axis=0))
-    # 2. The row's last program to get here draws (its stores and every other part's are in
-    # L2: each program counts itself in after its stores, a release; the last sees them all).
-    tl.debug_barrier()
-    last = True
-    if PARTS > 1:
-        last = tl.atomic_add(tickets_ptr + row, 1, sem="acq_rel", scope="gpu") == PARTS - 1
-    if last:
-        temperature = tl.load(temperature_ptr + row)
-        divisor = tl.where(temperature > 0, temperature, 1.0)
-        row_key = tl.load(keys_ptr + row)
-        parts = tl.arange(0, PARTS)
-        counts = tl.load(counts_ptr + row * PARTS + parts, cache_modifier=".cg")
-        if tl.max(counts, axis=0) <= CAP:
-            slots = tl.arange(0, PARTS * CAP)  # part p's places: p * CAP ..
-            present = slots % CAP < tl.load(counts_ptr + row * PARTS + slots // CAP, cache_modifier=".cg")
-            candidates = tl.load(kept_keys_ptr + row * PARTS * CAP + slots, mask=present,
-                                 other=-(1 << (KEY_BITS - 1)), cache_modifier=".cg")
-            candidate_columns = tl.load(kept_columns_ptr + row * PARTS * CAP + slots, mask=present, other=0,
-                                        cache_modifier=".cg")
-            if PARTS > 1:  # one part: its own k-th largest is the row's
-                kth = _kth_key(candidates, k, KEY_BITS)
-            _, sampled, _, greedy = _draw(candidates, candidate_columns, present, kth, divisor, row_key,
-                                          logits_ptr.dtype.element_ty, KEY_BITS)
-        else:
-            sampled, greedy = _whole_row_draw(logits_ptr, row, row_stride, width, k, divisor, row_key, PART, PARTS,
-                                              KEY_BITS)
-        tl.store(out_ptr + row, tl.where(temperature > 0, sampled, greedy).to(tl.int64))
-        if PARTS > 1:
-            tl.store(tickets_ptr + row, 0)
+
+
+@triton.jit
+def _draw_from_parts(logits_ptr, row, row_stride, width, k, divisor, row_key, kept_keys_ptr, kept_columns_ptr,
+                     counts_ptr, PART: tl.constexpr, PARTS: tl.constexpr, CAP: tl.constexpr, KEY_BITS: tl.constexpr):
+    """(sampled, greedy) from every part's stored candidates (read from L2: other programs wrote
+    them), or from the whole row where a part had more than it could store."""
+    counts = tl.load(counts_ptr + row * PARTS + tl.arange(0, PARTS), cache_modifier=".cg")
+    if tl.max(counts, axis=0) <= CAP:
+        slots = tl.arange(0, PARTS * CAP)  # part p's places: p * CAP ..
+        present = slots % CAP < tl.load(counts_ptr + row * PARTS + slots // CAP, cache_modifier=".cg")
+        candidates = tl.load(kept_keys_ptr + row * PARTS * CAP + slots, mask=present,
+                             other=-(1 << (KEY_BITS - 1)), cache_modifier=".cg")
+        candidate_columns = tl.load(kept_columns_ptr + row * PARTS * CAP + slots, mask=present, other=0,
+                                    cache_modifier=".cg")
+        kth = _kth_key(candidates, k, KEY_BITS)
+        _, sampled, _, greedy = _draw(candidates, present, kth, divisor, row_key, candidate_columns,
+                                      logits_ptr.dtype.element_ty, KEY_BITS)
+        sampled, greedy = _column_at(candidate_columns, sampled), _column_at(candidate_columns, greedy)
+    else:
+        sampled, greedy = _whole_row_draw(logits_ptr, row, row_stride, width, k, divisor, row_key, PART, PARTS,
+                                          KEY_BITS)
+    return sampled, greedy
 
 
 def row_parts(width: int) -> tuple[int, int, int]:
     """How a row of `width` candidates is shared out: candidates a program, programs a row, and
-    candidates a part may store (one part: up to 512, e.g. the audio tokens' top 250 with their
-    ties; 16 parts of the text row: 64 each, its top 25 with theirs)."""
+    candidates a part may store (none for a row in one part, which draws from its registers; 64
+    a part of the text row's 16, its top 25 with their ties; fewer parts, more each)."""
     block = triton.next_power_of_2(width)
     part = min(block, PART_WIDTH)
     parts = block // part
-    return part, parts, max(64, 512 // parts)
+    return part, parts, 0 if parts == 1 else max(64, 512 // parts)
 
 
 def default_warps(width: int) -> int:
@@ -230,7 +253,7 @@ def launch_sample_top_k(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
         logits = logits.contiguous()
     part, parts, cap = row_parts(width)
     out = torch.empty(rows, device=logits.device, dtype=torch.int64)
-    kept_keys = torch.empty(rows * parts * cap, device=logits.device, dtype=torch.int32)
+    kept_keys = torch.empty(max(1, rows * parts * cap), device=logits.device, dtype=torch.int32)  # unread in one part
     kept_columns = torch.empty_like(kept_keys)
     counts = torch.empty(rows * parts, device=logits.device, dtype=torch.int32)
     tickets = torch.zeros(rows, device=logits.device, dtype=torch.int32)  # the last program sets its row's back
