@@ -340,7 +340,7 @@ class LMModel(nn.Module):
         """depformer_in(hidden) of every step [B, steps, depformer_dim], hidden [B, 1, dim]: they
         do not depend on the tokens the steps sample, so a frame computes them all first. Once
         `stack_depformer_inputs` has run, the fast kernels make that one product (one-row frame on
-        an H200: 31 -> 11 us for fp8 weights, 35 -> 18 for bf16; docs/PERFORMANCE.md run Y);
+        an H200: 31 -> 12 us for fp8 weights, 35 -> 19 for bf16; docs/PERFORMANCE.md run Y);
         else it is each step's layer in turn."""
         x = hidden[:, 0]
         if self.stacked_depformer_in is None or not kernels.gemv or not kernels_can_run(x):

@@ -20,7 +20,7 @@ the text token alone ~85 us over 14 kernels). Here it is one launch of a few pro
   largest are among them), and every key at or above it is there too (a part's keys above the
   row's threshold are above its own): the last program of the row to finish (a counter)
   searches the few stored candidates for it and draws among them. The 32000 text candidates
-  thus take 16 programs, not one: 33 -> ~9 us a token on an H200 (docs/PERFORMANCE.md, run Y).
+  thus take 16 programs, not one: 33 -> 12.7 us a token on an H200 (docs/PERFORMANCE.md, run Y).
   Where a part keeps more than CAP (a top-k past CAP, or many logits tied at a part's
   threshold), the last program searches and draws over the whole row instead: slower, the same
   token.
