@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
-from .kernels import KernelOperands, WeightKind, cuda_op, kernels_can_run
+from .kernels import GEMV_MAX_ROWS, KernelOperands, WeightKind, cuda_op, kernels_can_run
 from .kv_cache import TemporalState, ring_capacity, sliding_window_mask
 from .layers import (READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, kernel_operands, linear,
                      merge_heads, rope,
@@ -339,11 +339,12 @@ class LMModel(nn.Module):
     def depformer_projections(self, hidden: torch.Tensor, kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
         """depformer_in(hidden) of every step [B, steps, depformer_dim], hidden [B, 1, dim]: they
         do not depend on the tokens the steps sample, so a frame computes them all first. Once
-        `stack_depformer_inputs` has run, the fast kernels make that one product (one-row frame on
+        `stack_depformer_inputs` has run, the GEMV makes that one product at one or two rows (one-row frame on
         an H200: 31 -> 12 us for fp8 weights, 35 -> 19 for bf16; docs/PERFORMANCE.md run Y);
         else it is each step's layer in turn."""
         x = hidden[:, 0]
-        if self.stacked_depformer_in is None or not kernels.gemv or not kernels_can_run(x):
+        one_product = kernels.gemv and x.shape[0] <= GEMV_MAX_ROWS and kernels_can_run(x)  # where it was measured
+        if self.stacked_depformer_in is None or not one_product:
             return torch.stack([linear(layer, x, kernels) for layer in self.depformer_in], dim=1)
         weight, *_, kind, _ = self.stacked_depformer_in
         if kind == WeightKind.PLAIN:
