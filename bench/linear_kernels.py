@@ -17,10 +17,6 @@ frame's products with the fastest shapes found;
 `--gemv-mimi` the same for Mimi's transformer products (float32, two rows);
 `--gemv-depformer` for the depformer's products as two conversations run them (bf16, two rows:
 frames of two rows compile the depformer's steps instead of fusing them);
-`--fused-blocks` times, at one row, each temporal product with a pre-norm residual block's
-element-wise work taken into it (the norm into the qkv and the gated product, the residual into
-the out and the down product) beside the product alone and the work's own compiled kernel, fp8
-and bf16 weights;
 `--dot` the same for the several-row kernel at 8, 32 and 64 rows (int4; DOT_KINDS=INT4,FP8 adds fp8),
 its ~130 kernels compiled first in worker processes.
 
@@ -494,49 +490,6 @@ DOT_TILES = ((32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4),
              (128, 128, 8, 4), (256, 64, 8, 3), (256, 64, 8, 4), (256, 128, 8, 3))
 
 
-# Launch shapes tried for the products with the norm in them (block_n, block_k, split_k, warps,
-# stages, chunk): wider tiles share each load of x and of the norm's weight among more rows.
-FUSED_NORM_SHAPES = [(8, 512, 1, 4, 4, 16), (16, 256, 1, 4, 4, 8), (16, 512, 1, 4, 4, 16), (32, 256, 1, 4, 4, 8),
-                     (32, 512, 1, 8, 4, 16), (16, 1024, 1, 8, 3, 16), (64, 256, 1, 8, 3, 8)]
-
-
-def fused_blocks() -> None:
-    """--fused-blocks: microseconds at one row of each temporal product alone and with the work
-    fused into it (`layers.linear`'s norm and residual), fp8 and bf16 weights, and of the compiled
-    residual-add-and-norm kernel that the fusion replaces (what Inductor made of it in the frame)."""
-    from personaplex.model.kernels.quantized_matmul import quantized_gated_linear
-    from personaplex.model.layers import rms_norm
-
-    dim = 4096
-    x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
-    alpha = torch.rand(dim, device="cuda") + 0.5
-    add_and_norm = torch.compile(lambda stream, out: (stream + out, rms_norm(stream + out, alpha, 1e-8)))
-    RESULTS["add_and_norm_us"] = round(graph_time_us([lambda: add_and_norm(x, x)], 50), 2)
-    rows = []
-    for kind in (WeightKind.FP8, WeightKind.PLAIN):
-        for n, k in TEMPORAL_SHAPES:
-            copies, group, nbytes = gemv_weights(kind, n, k)
-            x_k = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            residual = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
-            gated = n == 22528
-            product = quantized_gated_linear if gated else quantized_linear
-            fused = ({"norm_alpha": alpha, "norm_eps": 1e-8} if k == dim and n != dim else {"residual": residual})
-            row = {"kind": kind.name, "n": n, "k": k, "gated": gated, "fused": sorted(fused)}
-            for label, extra in (("alone_us", {}), ("fused_us", fused)):
-                row[label] = round(graph_time_us(
-                    [lambda c=c, e=extra: product(x_k, *c, kind, group, None, **e) for c in copies], 15), 2)
-            if "norm_alpha" in fused:  # the norm's loads and sums may want another launch shape
-                row["fused_shapes_us"] = {
-                    str(shape): round(graph_time_us([lambda c=c, s=shape: product(
-                        x_k, *c, kind, group, KernelConfig(1, *s), **fused) for c in copies], 15), 2)
-                    for shape in FUSED_NORM_SHAPES}
-            rows.append(row)
-            print(row, flush=True)
-    RESULTS["fused_blocks"] = rows
-    RESULTS["label"] = "fused-blocks"
-    save()
-
-
 def dot_configs(rows: int) -> list[KernelConfig]:
     """Several-row launch shapes: `DOT_TILES`, K split over 1-4 programs (8 for the wide
     tiles, which are few), and from 32 rows the rows also padded to 64 (wgmma's height)."""
@@ -636,9 +589,6 @@ def main() -> None:
         return
     if "--dot" in sys.argv:
         dot_sweep()
-        return
-    if "--fused-blocks" in sys.argv:
-        fused_blocks()
         return
     qmm.default_config = tuned_config  # the model part runs with the fastest launch shapes found
     RESULTS["odd_shape_errors"] = odd_shape_errors()

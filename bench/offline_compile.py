@@ -6,9 +6,9 @@ machine's Triton beside ours to see what it will compile (pip install --no-deps 
     python3 bench/offline_compile.py depformer ROWS WARPS BLOCK_N WEIGHT_TILE [FP8]
       (FP8 1: the layers' weights in fp8 with row scales; registers capped as the launch caps
       them for two programs an SM)
-    python3 bench/offline_compile.py quantized KIND BLOCK_M BLOCK_N BLOCK_K SPLIT_K WARPS STAGES [ROWS [CHUNK [FUSED]]]
+    python3 bench/offline_compile.py quantized KIND BLOCK_M BLOCK_N BLOCK_K SPLIT_K WARPS STAGES [ROWS [CHUNK]]
       (KIND 0 int4, 2 fp8, 3 plain bf16; BLOCK_M 1 is the GEMV kernel, for ROWS rows of x: 1 or 2,
-      its accumulator chunked by CHUNK, with FUSED the sum of 1 for the norm, 2 the residual, 4 the gate)
+      its accumulator chunked by CHUNK)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from personaplex.model.kernels import fused_depformer, quantized_matmul  # noqa: E402
 
-DIVISIBLE = ("N", "K", "stride_xm", "stride_om", "stride_rm")  # integer arguments the model passes as multiples of 16
+DIVISIBLE = ("N", "K", "stride_xm", "stride_om")  # integer arguments the model passes as multiples of 16
 COUNTED = ("LDGSTS", "LDG", "FFMA", "I2F", "F2FP", "HMMA", "HGMMA", "BAR", "STL", "LDL", "SHFL", "STS", "LDS", "LDSM", "LOP3", "PRMT", "SHF", "IMAD", "HFMA2", "F2F", "HADD2", "MOV")
 
 
@@ -82,18 +82,15 @@ def depformer(rows: int, warps: int, block_n: int, weight_tile: int, fp8: int = 
 
 
 def quantized(kind: int, block_m: int, block_n: int, block_k: int, split_k: int, warps: int, stages: int,
-              rows: int = 1, chunk: int = 1, fused: int = 0) -> str:
+              rows: int = 1, chunk: int = 1) -> str:
     """A product's kernel: int4 with groups of 64, fp8, or plain bf16 weights; for the GEMV
-    (block_m 1), at `rows` rows of x (1 or 2), its accumulator chunked by `chunk`, with the work
-    `fused` names (1 the norm, 2 the residual, 4 the gate; summed) in it."""
+    (block_m 1), at `rows` rows of x (1 or 2), its accumulator chunked by `chunk`."""
     weights, scales = {2: ("*fp8e4nv", "*fp32"), 3: ("*bf16", "*bf16")}.get(kind, ("*u8", "*fp16"))
     types = {"x_ptr": "*bf16", "w_ptr": weights, "scales_ptr": scales, "biases_ptr": "*fp16", "out_ptr": "*bf16",
-             "alpha_ptr": "*fp32", "eps": "fp32", "residual_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-             "stride_xm": "i32", "stride_om": "i32", "stride_rm": "i32"}
+             "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32"}
     constants = dict(KIND=kind, GROUP_SIZE=64, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
     if block_m == 1:
-        constants |= dict(NUM_STAGES=stages, TWO_ROWS=rows == 2, CHUNK=chunk, NORMED=bool(fused & 1),
-                          RESIDUAL=bool(fused & 2), GATED=bool(fused & 4))
+        constants |= dict(NUM_STAGES=stages, TWO_ROWS=rows == 2, CHUNK=chunk)
         return compile_sm90(quantized_matmul._gemv_kernel, types, constants, warps, stages)
     return compile_sm90(quantized_matmul._dot_kernel, types, {**constants, "BLOCK_M": block_m}, warps, stages)
 

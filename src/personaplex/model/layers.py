@@ -157,48 +157,20 @@ def kernel_operands(layer: LinearWeights) -> KernelOperands | None:
     return operands() if operands is not None else None
 
 
-def linear(layer: LinearWeights, x: torch.Tensor, kernels: Kernels, norm: RMSNorm | None = None,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
-    """layer(x) for a linear layer of any weight format, or x @ layer.T for a bare weight; with
-    `norm`, layer(norm(x)); with `residual`, that plus `residual` (a pre-norm residual block's
-    product: `residual + layer(norm(x))`).
+def linear(layer: LinearWeights, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    """layer(x) for a linear layer of any weight format, or x @ layer.T for a bare weight.
 
     With `kernels.gemv`, up to GEMV_MAX_ROWS rows take the GEMV kernel. On an H200 it reads
     bf16 weights at 2.9-4.0 TB/s where cuBLAS reads them at 2.4-3.8, 3.55 against 3.98 ms for a
     frame's 128 temporal products (bench/linear_kernels.py --gemv, docs/PERFORMANCE.md run M),
     and Mimi's float32 transformer products at two rows in 2.4-4.1 us against cuBLAS's 4.3-10.2
-    (--gemv-mimi, run N). The quantized layers send their products to that kernel themselves;
-    a norm or a residual goes there with the product in every weight format (`fused_operands`),
-    so that it needs no kernel of its own."""
-    operands = fused_operands(layer, x, kernels) if norm is not None or residual is not None else None
-    if operands is not None:
-        out = cuda_op("quantized_linear")(x.reshape(-1, x.shape[-1]).contiguous(), *operands, *norm_operands(norm),
-                                          residual=None if residual is None else residual.reshape(-1, operands[0].shape[0]).contiguous())
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-    if norm is not None:
-        x = norm(x)
+    (--gemv-mimi, run N). The quantized layers send their products to that kernel themselves."""
     rows = x.numel() // x.shape[-1]
     weight = plain_weight(layer) if kernels.gemv and rows <= GEMV_MAX_ROWS else None
     if weight is not None and kernels_can_run(x):
         out = cuda_op("quantized_linear")(x.reshape(rows, -1).contiguous(), weight, None, None, int(WeightKind.PLAIN), 1)
-        out = out.reshape(*x.shape[:-1], weight.shape[0])
-    else:
-        out = F.linear(x, layer) if isinstance(layer, torch.Tensor) else layer(x)
-    return out if residual is None else residual + out
-
-
-def fused_operands(layer: LinearWeights, x: torch.Tensor, kernels: Kernels) -> KernelOperands | None:
-    """The layer's `kernel_operands` where the GEMV takes x with work fused around its product
-    (a gate, a norm, a residual): with `kernels.gemv`, up to GEMV_MAX_ROWS rows; else None."""
-    rows = x.numel() // x.shape[-1]
-    if not kernels.gemv or rows > GEMV_MAX_ROWS or not kernels_can_run(x):
-        return None
-    return kernel_operands(layer)
-
-
-def norm_operands(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float]:
-    """What the GEMV ops take for an RMSNorm of their input: its weight [dim] and epsilon."""
-    return (None, 0.0) if norm is None else (norm.alpha.reshape(-1), norm.eps)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, layer) if isinstance(layer, torch.Tensor) else layer(x)
 
 
 class GatedFFN(nn.Module):
@@ -209,20 +181,18 @@ class GatedFFN(nn.Module):
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False, device=device, dtype=dtype)
         self.linear_out = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, kernels: Kernels = READABLE_KERNELS, norm: RMSNorm | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """linear_out(silu(a) * b) of x (of norm(x) with `norm`), plus `residual` if given."""
-        return linear(self.linear_out, self.gated_input(x, kernels, norm), kernels, residual=residual)
+    def forward(self, x: torch.Tensor, kernels: Kernels = READABLE_KERNELS) -> torch.Tensor:
+        return linear(self.linear_out, self.gated_input(x, kernels), kernels)
 
-    def gated_input(self, x: torch.Tensor, kernels: Kernels, norm: RMSNorm | None = None) -> torch.Tensor:
-        """silu(a) * b of the first product (of norm(x) with `norm`). With `kernels.gemv`, up to
-        GEMV_MAX_ROWS rows take the GEMV with the norm and the gate in it: one launch instead of
-        the norm's, the product's and the gate's (32 a one-conversation frame's temporal layers)."""
-        operands = fused_operands(self.linear_in, x, kernels)
-        if operands is None:
-            return silu_gate(linear(self.linear_in, x, kernels, norm=norm))
-        gated = cuda_op("quantized_gated_linear")(x.reshape(-1, x.shape[-1]).contiguous(), *operands,
-                                                  *norm_operands(norm))
+    def gated_input(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        """silu(a) * b of the first product. With `kernels.gemv`, up to GEMV_MAX_ROWS rows take
+        the GEMV with the gate in its epilogue: one launch instead of the product and the gate's
+        own kernel (32 a one-conversation frame's temporal layers)."""
+        rows = x.numel() // x.shape[-1]
+        operands = kernel_operands(self.linear_in) if kernels.gemv and rows <= GEMV_MAX_ROWS else None
+        if operands is None or not kernels_can_run(x):
+            return silu_gate(linear(self.linear_in, x, kernels))
+        gated = cuda_op("quantized_gated_linear")(x.reshape(rows, -1).contiguous(), *operands)
         return gated.reshape(*x.shape[:-1], gated.shape[-1])
 
 

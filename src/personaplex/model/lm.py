@@ -44,15 +44,12 @@ class TemporalAttention(nn.Module):
         self.in_proj = nn.Linear(config.dim, 3 * config.dim, bias=False, device=device, dtype=dtype)
         self.out_proj = nn.Linear(config.dim, config.dim, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm, positions: torch.Tensor, view: "AttentionView",
-                layer_index: int) -> torch.Tensor:
-        """x + attention(norm(x)): the products take the norm and the residual (`linear`)."""
-        qkv = linear(self.in_proj, x, view.kernels, norm=norm)
-        q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, view: "AttentionView", layer_index: int) -> torch.Tensor:
+        q, k, v = (split_heads(t, self.num_heads) for t in linear(self.in_proj, x, view.kernels).chunk(3, dim=-1))
         state = view.state
         if state is not None and x.shape[1] == 1:
-            out = attend_ring(q, k, v, positions, state, layer_index, view)
-            return linear(self.out_proj, merge_heads(out), view.kernels, residual=x)
+            return linear(self.out_proj, merge_heads(attend_ring(q, k, v, positions, state, layer_index, view)),
+                          view.kernels)
         q = rope(q, *view.rope)
         k = rope(k, *view.rope)
         if state is None:
@@ -65,7 +62,7 @@ class TemporalAttention(nn.Module):
             all_v = torch.cat([cached_v, v], dim=2)
             state.write(layer_index, k, v, positions)
             out = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=view.mask)
-        return linear(self.out_proj, merge_heads(out), view.kernels, residual=x)
+        return linear(self.out_proj, merge_heads(out), view.kernels)
 
 
 @dataclass
@@ -119,10 +116,8 @@ class TemporalLayer(nn.Module):
         self.gating = GatedFFN(config.dim, config.hidden_dim, device=device, dtype=dtype)
 
     def forward(self, x, positions, view, layer_index):
-        # Two pre-norm residual blocks, x + f(norm(x)), each handing its norm and its residual
-        # to its products, which take them in at one or two rows (`layers.linear`).
-        x = self.self_attn(x, self.norm1, positions, view, layer_index)
-        return self.gating(x, view.kernels, norm=self.norm2, residual=x)
+        x = x + self.self_attn(self.norm1(x), positions, view, layer_index)
+        return x + self.gating(self.norm2(x), view.kernels)
 
 
 class TemporalTransformer(nn.Module):
@@ -192,11 +187,10 @@ class DepformerAttention(nn.Module):
         out = merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
         return torch.stack([self.out_projs[s](out[:, s]) for s in range(steps)], dim=1)
 
-    def forward_step(self, x: torch.Tensor, norm: RMSNorm, step: int, state: DepformerState, layer_index: int,
+    def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int,
                      kernels: Kernels) -> torch.Tensor:
-        """Streaming: x + attention(norm(x)), x [B, 1, dim] step `step`, over steps 0..step of this frame."""
-        qkv = linear(self.in_projs[step], x, kernels, norm=norm)
-        q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
+        """Streaming: x [B, 1, dim] is step `step`; attends to steps 0..step of this frame."""
+        q, k, v = (split_heads(t, self.num_heads) for t in linear(self.in_projs[step], x, kernels).chunk(3, dim=-1))
         keys, values = state.keys[layer_index], state.values[layer_index]
         if kernels.ring_attention and kernels_can_run(q):
             out = cuda_op("ring_attention")(q, k, v, keys, values, state.step_positions[step])
@@ -204,7 +198,7 @@ class DepformerAttention(nn.Module):
             keys[:, :, step : step + 1] = k
             values[:, :, step : step + 1] = v
             out = F.scaled_dot_product_attention(q, keys[:, :, : step + 1], values[:, :, : step + 1])
-        return linear(self.out_projs[step], merge_heads(out), kernels, residual=x)
+        return linear(self.out_projs[step], merge_heads(out), kernels)
 
 
 class DepformerLayer(nn.Module):
@@ -225,8 +219,8 @@ class DepformerLayer(nn.Module):
 
     def forward_step(self, x: torch.Tensor, step: int, state: DepformerState, layer_index: int,
                      kernels: Kernels) -> torch.Tensor:
-        x = self.self_attn.forward_step(x, self.norm1, step, state, layer_index, kernels)
-        return self.gating[step](x, kernels, norm=self.norm2, residual=x)
+        x = x + self.self_attn.forward_step(self.norm1(x), step, state, layer_index, kernels)
+        return x + self.gating[step](self.norm2(x), kernels)
 
 
 class Depformer(nn.Module):

@@ -20,6 +20,7 @@ Measurements and the reasons for this design: docs/QUANTIZATION.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -143,27 +144,11 @@ def _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND: tl.constexpr, GR
 
 
 @triton.jit
-def _row_sums(acc, row_scale, offs_n, n_ok, scales_ptr, KIND: tl.constexpr, NORMED: tl.constexpr):
-    """One row's accumulator reduced over its inputs, times the fp8 row scales and, NORMED, the
-    row's inverse RMS (the norm's statistic, applied to the finished sum instead of to x)."""
+def _store_row(acc, row, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Reduce one row's accumulator over its inputs, scale it (fp8 row scales) and store it."""
     out = tl.sum(acc, axis=1)
     if KIND == 2:
         out *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)
-    if NORMED:
-        out *= row_scale
-    return out
-
-
-@triton.jit
-def _store_row(acc, row, row_scale, offs_n, n_ok, scales_ptr, out_ptr, stride_om, residual_ptr, stride_rm,
-               KIND: tl.constexpr, SPLIT_K: tl.constexpr, NORMED: tl.constexpr, RESIDUAL: tl.constexpr):
-    """Reduce one row's accumulator, scale it (`_row_sums`) and store it; RESIDUAL (SPLIT_K 1):
-    plus the residual stream's row, rounded where the readable `residual + product` rounds (the
-    product in the output dtype, then the sum)."""
-    out = _row_sums(acc, row_scale, offs_n, n_ok, scales_ptr, KIND, NORMED)
-    if RESIDUAL:
-        residual = tl.load(residual_ptr + row * stride_rm + offs_n, mask=n_ok, other=0).to(tl.float32)
-        out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + residual
     if SPLIT_K == 1:
         tl.store(out_ptr + row * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -171,14 +156,17 @@ def _store_row(acc, row, row_scale, offs_n, n_ok, scales_ptr, out_ptr, stride_om
 
 
 @triton.jit
-def _store_gated_row(acc, row, row_scale, offs_n, n_ok, scales_ptr, out_ptr, stride_om, first_out, N,
-                     KIND: tl.constexpr, BLOCK_N: tl.constexpr, NORMED: tl.constexpr):
+def _store_gated_row(acc, row, offs_n, n_ok, scales_ptr, out_ptr, stride_om, first_out, N, KIND: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     """GATED: one row's silu(a) * b for outputs first_out .. first_out + BLOCK_N / 2, where the
     program's first BLOCK_N / 2 weight rows are a's (the gate's half of the layer) and the last
     BLOCK_N / 2 the matching rows of b (the value's half). Rounded where the readable
     `layers.silu_gate` rounds in the output dtype: the product, silu(a), silu(a) * b."""
     HALF: tl.constexpr = BLOCK_N // 2
-    out = _row_sums(acc, row_scale, offs_n, n_ok, scales_ptr, KIND, NORMED).to(out_ptr.dtype.element_ty).to(tl.float32)
+    out = tl.sum(acc, axis=1)
+    if KIND == 2:
+        out *= tl.load(scales_ptr + offs_n, mask=n_ok, other=0)
+    out = out.to(out_ptr.dtype.element_ty).to(tl.float32)
     # [BLOCK_N] as [2, HALF] (row 0 the gate's sums, row 1 the value's), split into the two.
     gate, value = tl.split(tl.permute(tl.reshape(out, (2, HALF)), (1, 0)))
     silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -197,10 +185,10 @@ def _chunk_sums(products, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: t
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, alpha_ptr, eps, residual_ptr, N, K, stride_xm,
-                 stride_om, stride_rm, KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, TWO_ROWS: tl.constexpr,
-                 CHUNK: tl.constexpr, GATED: tl.constexpr, NORMED: tl.constexpr, RESIDUAL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K, stride_xm, stride_om,
+                 KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, TWO_ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                 GATED: tl.constexpr = False):
     """out = x @ dequant(W).T for one row of x, or two (TWO_ROWS), each weight tile read once
     for both. Each row keeps its own accumulator [BLOCK_N, BLOCK_K / CHUNK] in the weight tile's
     register layout: a [rows, N, K] one would change that layout, and the tile would then come
@@ -211,13 +199,7 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, alpha_ptr, eps, 
 
     GATED (SPLIT_K 1): the layer's weight holds a gated feed-forward's two halves, rows [0, N)
     for a and [N, 2N) for b, and out [rows, N] is silu(a) * b: each program reads matching rows
-    of both halves, so the gate needs no kernel of its own after the product.
-
-    NORMED and RESIDUAL (SPLIT_K 1) take a pre-norm residual block's element-wise work into its
-    products: NORMED, x is the residual stream and the product is RMSNorm(x) @ W.T (alpha_ptr:
-    the norm's weight, multiplied into x as it loads; the inverse RMS scales each finished sum);
-    RESIDUAL, the row of residual_ptr is added to the stored product. A one-row frame's temporal
-    layers then need no kernel between their products but the attention's."""
+    of both halves, so the gate needs no kernel of its own after the product."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if GATED:
@@ -231,9 +213,6 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, alpha_ptr, eps, 
         n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
     acc_second = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)  # the second row's (TWO_ROWS)
-    # NORMED: each row's sum of squares, from the same loads of x as the product.
-    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    squares_second = tl.zeros((BLOCK_K,), dtype=tl.float32)
     k_slice = K // SPLIT_K
     k_first = pid_k * k_slice
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
@@ -254,32 +233,19 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, alpha_ptr, eps, 
             next_scale, next_bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k_next, K, GROUP_SIZE, GROUPS)
         w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K, False)
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + cols).to(tl.float32)
-        x_second = tl.load(x_ptr + stride_xm + cols).to(tl.float32) if TWO_ROWS else x
-        if NORMED:  # the inputs times the norm's weight (its statistic scales the finished sums)
-            alpha = tl.load(alpha_ptr + cols).to(tl.float32)
-            squares += x * x
-            x *= alpha
-            if TWO_ROWS:
-                squares_second += x_second * x_second
-                x_second *= alpha
-        acc += _chunk_sums(w * x[None, :], BLOCK_N, BLOCK_K, CHUNK)
+        acc += _chunk_sums(w * tl.load(x_ptr + cols).to(tl.float32)[None, :], BLOCK_N, BLOCK_K, CHUNK)
         if TWO_ROWS:
-            acc_second += _chunk_sums(w * x_second[None, :], BLOCK_N, BLOCK_K, CHUNK)
-    inverse_rms = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps) if NORMED else 1.0
-    inverse_rms_second = tl.math.rsqrt(tl.sum(squares_second, axis=0) / K + eps) if NORMED else 1.0
+            acc_second += _chunk_sums(w * tl.load(x_ptr + stride_xm + cols).to(tl.float32)[None, :],
+                                      BLOCK_N, BLOCK_K, CHUNK)
     if GATED:
-        _store_gated_row(acc, 0, inverse_rms, offs_n, n_ok, scales_ptr, out_ptr, stride_om, pid_n * HALF, N, KIND,
-                         BLOCK_N, NORMED)
+        _store_gated_row(acc, 0, offs_n, n_ok, scales_ptr, out_ptr, stride_om, pid_n * HALF, N, KIND, BLOCK_N)
         if TWO_ROWS:
-            _store_gated_row(acc_second, 1, inverse_rms_second, offs_n, n_ok, scales_ptr, out_ptr, stride_om,
-                             pid_n * HALF, N, KIND, BLOCK_N, NORMED)
+            _store_gated_row(acc_second, 1, offs_n, n_ok, scales_ptr, out_ptr, stride_om, pid_n * HALF, N, KIND,
+                             BLOCK_N)
     else:
-        _store_row(acc, 0, inverse_rms, offs_n, n_ok, scales_ptr, out_ptr, stride_om, residual_ptr, stride_rm, KIND,
-                   SPLIT_K, NORMED, RESIDUAL)
+        _store_row(acc, 0, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND, SPLIT_K)
         if TWO_ROWS:
-            _store_row(acc_second, 1, inverse_rms_second, offs_n, n_ok, scales_ptr, out_ptr, stride_om, residual_ptr,
-                       stride_rm, KIND, SPLIT_K, NORMED, RESIDUAL)
+            _store_row(acc_second, 1, offs_n, n_ok, scales_ptr, out_ptr, stride_om, KIND, SPLIT_K)
 
 
 @triton.jit
@@ -484,27 +450,19 @@ def quantized_linear(
     kind: WeightKind,
     group_size: int,
     config: KernelConfig | None = None,
-    norm_alpha: torch.Tensor | None = None,
-    norm_eps: float = 0.0,
-    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] (rows contiguous) @ dequant(weight).T -> [M, N] in x's dtype.
 
     weight: uint8 [N, K/2] (INT4) or [N, K] (INT8), float8_e4m3fn [N, K] (FP8), a float dtype
     [N, K] (PLAIN); scales/biases: [N, K/group_size] (affine), scales float32 [N] and biases
     None (FP8), both None (PLAIN).
-
-    A pre-norm residual block's element-wise work can come along (GEMV rows only: see
-    `_gemv_kernel`): with `norm_alpha` [K] the product is RMSNorm(x; norm_alpha, norm_eps) @
-    dequant(weight).T, and `residual` [M, N] is added to it.
     """
     m, k = x.shape
     n = weight.shape[0]
     if kind == WeightKind.INT4 and weight.data_ptr() % 4:
         # The GEMV reads the codes as 32-bit words (`_int4_tile`).
         raise ValueError("int4 weights must start on a 4-byte boundary: pass a tensor of its own, not a byte-offset view")
-    fused = norm_alpha is not None or residual is not None
-    config = fit_config(_gemv_if_fused(config or default_config(kind, m, n, k), fused), kind, k, group_size)
+    config = fit_config(config or default_config(kind, m, n, k), kind, k, group_size)
     # Pointers the kernel never reads for this kind: any tensor will do.
     scales = weight if scales is None else scales
     biases = scales if biases is None else biases
@@ -513,7 +471,7 @@ def quantized_linear(
     else:
         out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     if config.block_m == 1:
-        _launch_gemv(x, weight, scales, biases, out, n, kind, group_size, config, False, norm_alpha, norm_eps, residual)
+        _launch_gemv(x, weight, scales, biases, out, n, kind, group_size, config, gated=False)
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
         _dot_kernel[grid](
@@ -532,85 +490,61 @@ def quantized_gated_linear(
     kind: WeightKind,
     group_size: int,
     config: KernelConfig | None = None,
-    norm_alpha: torch.Tensor | None = None,
-    norm_eps: float = 0.0,
 ) -> torch.Tensor:
     """silu(a) * b where [a | b] = x @ dequant(weight).T, a gated feed-forward's first product
     and its gate in one GEMV launch (one or two rows of x): [M, N / 2] in x's dtype. Arguments
-    as `quantized_linear`'s (x normalized first where `norm_alpha` is given); the launch shape
-    is the plain product's, without a split of K (the gate needs each sum whole). In the one-row
-    frame this removes the gate's own kernel from each of the temporal layers."""
+    as `quantized_linear`'s; the launch shape is the plain product's, without a split of K
+    (the gate needs each sum whole). In the one-row frame this removes the gate's own kernel
+    from each of the temporal layers."""
     m, k = x.shape
     n = weight.shape[0]
     if n % 2:
         raise ValueError(f"a gated product needs an even number of weight rows (two halves), got {n}")
-    config = fit_config(_gemv_if_fused(config or default_config(kind, m, n, k), True), kind, k, group_size)
-    if config.block_n < 2:
+    config = fit_config(replace(config or default_config(kind, m, n, k), split_k=1), kind, k, group_size)
+    if config.block_m != 1 or config.block_n < 2:
         raise ValueError(f"a gated product runs on the GEMV kernel with at least 2 weight rows a program, not {config}")
     scales = weight if scales is None else scales
     biases = scales if biases is None else biases
     out = torch.empty((m, n // 2), device=x.device, dtype=x.dtype)
-    _launch_gemv(x, weight, scales, biases, out, n // 2, kind, group_size, config, True, norm_alpha, norm_eps, None)
+    _launch_gemv(x, weight, scales, biases, out, n // 2, kind, group_size, config, gated=True)
     return out
 
 
-def _gemv_if_fused(config: KernelConfig, fused: bool) -> KernelConfig:
-    """A product with work fused around it (a gate, a norm, a residual) runs on the GEMV kernel
-    without a split of K: each program needs its sums whole."""
-    if not fused:
-        return config
-    if config.block_m != 1:
-        raise ValueError(f"work fused into a product runs on the GEMV kernel (up to {GEMV_MAX_ROWS} rows), not {config}")
-    return replace(config, split_k=1)
-
-
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, out: torch.Tensor,
-                 outputs: int, kind: WeightKind, group_size: int, config: KernelConfig, gated: bool,
-                 norm_alpha: torch.Tensor | None, norm_eps: float, residual: torch.Tensor | None) -> None:
+                 outputs: int, kind: WeightKind, group_size: int, config: KernelConfig, gated: bool) -> None:
     """The GEMV kernel over `outputs` outputs (with `gated`, each from two weight rows)."""
     m, k = x.shape
     if m > GEMV_MAX_ROWS:
         raise ValueError(f"the GEMV kernel takes at most {GEMV_MAX_ROWS} rows of x, got {m}")
-    if norm_alpha is not None and norm_alpha.numel() != k:
-        raise ValueError(f"the norm's weight has {norm_alpha.numel()} values for {k} inputs")
-    if residual is not None and residual.shape != out.shape:
-        raise ValueError(f"the residual's shape {tuple(residual.shape)} is not the product's {tuple(out.shape)}")
     outputs_per_program = config.block_n // 2 if gated else config.block_n
     grid = (triton.cdiv(outputs, outputs_per_program), config.split_k)
-    # Pointers the kernel never reads without the norm or the residual: x will do.
-    alpha = x if norm_alpha is None else norm_alpha.reshape(k)
-    residual_rows = x if residual is None else residual
     _gemv_kernel[grid](
-        x, weight, scales, biases, out, alpha, norm_eps, residual_rows, outputs, k, x.stride(0), out.stride(0),
-        residual_rows.stride(0), KIND=int(kind), GROUP_SIZE=group_size, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, TWO_ROWS=m == 2,
-        CHUNK=config.chunk, GATED=gated, NORMED=norm_alpha is not None, RESIDUAL=residual is not None,
-        num_warps=config.num_warps,
+        x, weight, scales, biases, out, outputs, k, x.stride(0), out.stride(0),
+        KIND=int(kind), GROUP_SIZE=group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, TWO_ROWS=m == 2, CHUNK=config.chunk,
+        GATED=gated, num_warps=config.num_warps,
     )
 
 
-# The entry points the layers call: the products as custom ops personaplex::<name>, so that
-# torch.compile keeps each as one opaque call with a known output shape when it compiles the
-# whole frame (`kind` is a `WeightKind` value; the launch shape is the default tiling's).
-@torch.library.custom_op("personaplex::quantized_linear", mutates_args=())
-def quantized_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, biases: torch.Tensor | None,
-                        kind: int, group_size: int, norm_alpha: torch.Tensor | None = None, norm_eps: float = 0.0,
-                        residual: torch.Tensor | None = None) -> torch.Tensor:
-    return quantized_linear(x, weight, scales, biases, WeightKind(kind), group_size, None, norm_alpha, norm_eps, residual)
+def _product_op(name: str, product: Callable[..., torch.Tensor], outputs: Callable[[int], int]):
+    """`product` (`quantized_linear` or `quantized_gated_linear`) with the default tiling as the
+    custom op personaplex::`name`, so that torch.compile keeps each product as one opaque call
+    with a known output shape ([M, outputs(N)]) when it compiles the whole frame. `kind` is a
+    `WeightKind` value."""
+
+    def op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, biases: torch.Tensor | None,
+           kind: int, group_size: int) -> torch.Tensor:
+        return product(x, weight, scales, biases, WeightKind(kind), group_size)
+
+    def shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, biases: torch.Tensor | None,
+              kind: int, group_size: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], outputs(weight.shape[0]))
+
+    registered = torch.library.custom_op(f"personaplex::{name}", op, mutates_args=())
+    registered.register_fake(shape)
+    return registered
 
 
-@quantized_linear_op.register_fake
-def _quantized_linear_shape(x: torch.Tensor, weight: torch.Tensor, *operands, **fusions) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-@torch.library.custom_op("personaplex::quantized_gated_linear", mutates_args=())
-def quantized_gated_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
-                              biases: torch.Tensor | None, kind: int, group_size: int,
-                              norm_alpha: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
-    return quantized_gated_linear(x, weight, scales, biases, WeightKind(kind), group_size, None, norm_alpha, norm_eps)
-
-
-@quantized_gated_linear_op.register_fake
-def _quantized_gated_linear_shape(x: torch.Tensor, weight: torch.Tensor, *operands, **fusions) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0] // 2)
+# The entry points the layers call.
+quantized_linear_op = _product_op("quantized_linear", quantized_linear, lambda rows: rows)
+quantized_gated_linear_op = _product_op("quantized_gated_linear", quantized_gated_linear, lambda rows: rows // 2)
