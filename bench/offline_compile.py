@@ -3,9 +3,9 @@ no GPU: Triton's compiler and the ptxas bundled with it need no device. Install 
 machine's Triton beside ours to see what it will compile (pip install --no-deps --target
 /tmp/t36 triton==3.6.0, then PYTHONPATH=/tmp/t36).
 
-    python3 bench/offline_compile.py depformer ROWS WARPS BLOCK_N WEIGHT_TILE [FP8]
+    python3 bench/offline_compile.py depformer ROWS WARPS BLOCK_N WEIGHT_TILE [FP8 [SAMPLE]]
       (FP8 1: the layers' weights in fp8 with row scales; registers capped as the launch caps
-      them for two programs an SM)
+      them for two programs an SM; SAMPLE 1: the frame kernel, which draws each step's tokens)
     python3 bench/offline_compile.py quantized KIND BLOCK_M BLOCK_N BLOCK_K SPLIT_K WARPS STAGES [ROWS [CHUNK]]
       (KIND 0 int4, 2 fp8, 3 plain bf16; BLOCK_M 1 is the GEMV kernel, for ROWS rows of x: 1 or 2,
       its accumulator chunked by CHUNK)
@@ -62,22 +62,28 @@ def compile_sm90(fn, types: dict[str, str], constants: dict, num_warps: int, num
             + ", ".join(f"{op} {ops[op]}" for op in COUNTED))
 
 
-def depformer(rows: int, warps: int, block_n: int, weight_tile: int, fp8: int = 0) -> str:
-    """The fused depformer step at PersonaPlex's depformer shape, bf16 weights (or fp8 ones)."""
-    pointers = ["x_ptr", "head_ptr", "keys_ptr", "values_ptr", "residual_ptr", "q_ptr", "attn_ptr", "gate_ptr",
-                "logits_ptr"]
+def depformer(rows: int, warps: int, block_n: int, weight_tile: int, fp8: int = 0, sample: int = 0) -> str:
+    """The fused depformer's steps at PersonaPlex's depformer shape, bf16 weights (or fp8 ones);
+    with `sample`, the frame's kernel that draws each step's tokens."""
+    pointers = ["x_ptr", "next_x_ptr", "keys_ptr", "values_ptr", "residual_ptr", "q_ptr", "attn_ptr", "gate_ptr",
+                "logits_ptr", "projections_ptr"]
     types = {**{name: "*bf16" for name in pointers}, "table_ptr": "*i64", "scales_table_ptr": "*i64",
-             "counter_ptr": "*i32", "phase_ends_ptr": "*i64", "rows": "i32",
-             "step": "i32", "first_phase": "i32", "end_phase": "i32", "eps": "fp32", "scale": "fp32"}
+             "heads_table_ptr": "*i64", "embeddings_table_ptr": "*i64", "counter_ptr": "*i32",
+             "phase_ends_ptr": "*i64", "tokens_ptr": "*i64", "targets_ptr": "*i64", "provided_ptr": "*i1",
+             "temperature_ptr": "*fp32", "top_k_ptr": "*i64", "noise_ptr": "*i64",
+             **{name: "i32" for name in ("projections_row_stride", "targets_row_stride", "provided_row_stride", "rows",
+                                         "first_step", "steps", "first_phase", "end_phase")},
+             "eps": "fp32", "scale": "fp32"}
     shape = fused_depformer.LaunchShape(block_n, weight_tile, warps, programs_per_sm=2)
     constants = dict(LAYERS=6, DIM=1024, HIDDEN=2816, CARD=2048, HEADS=16, HEAD_DIM=64, SLOTS=16, HEADS_TILE=16,
                      DIM_TILE=64, SLOT_CHUNK=shape.attention_slots,
                      WEIGHT_TYPE=tl.float8e4nv if fp8 else tl.bfloat16, ALPHA_TYPE=tl.bfloat16,
-                     SCALED=bool(fp8), PRODUCT_TYPE=tl.bfloat16, PERSISTENT=True, TIMED=False,
+                     SCALED=bool(fp8), PRODUCT_TYPE=tl.bfloat16, PERSISTENT=True, TIMED=False, SAMPLE=bool(sample),
+                     KEY_BITS=16, CARD_TILE=2048, WIDTH_TILE=1024,
                      **fused_depformer.tile_constants(rows, shape, programs=132 * 2, dim=1024, hidden=2816,
                                                       card=2048))
     # An sm_90 SM's register file: 65536.
-    return compile_sm90(fused_depformer._depformer_step, types, constants, warps,
+    return compile_sm90(fused_depformer._depformer_steps, types, constants, warps,
                         maxnreg=fused_depformer.register_cap(65536, shape))
 
 

@@ -163,3 +163,109 @@ def test_timed_steps_stamp_every_phase_and_compute_the_same(lm):
     assert all(0 < first <= last for first, last in zip(earliest, latest))
     assert all(latest[p - 1] <= earliest[p] for p in range(1, len(latest)))
 
+
+
+def frame_arguments(lm: LMModel, rows: int, seed: int):
+    """A frame's depformer inputs: hidden, the text token, the projections, the rows' audio
+    sampling (sampled and greedy rows), the given tokens (one forced, one -1)."""
+    from personaplex.runtime.sampling import RowNoise
+
+    hidden, tokens = frame_inputs(lm, rows, seed)
+    text_token = tokens[:, 0] % lm.config.text_card
+    projections = lm.depformer_projections(hidden)
+    temperature = torch.tensor([0.8, 0.0, 1.2, 0.7] * 16, device="cuda")[:rows]
+    top_k = torch.tensor([250, 250, 1, 40] * 16, device="cuda")[:rows]
+    targets = torch.roll(tokens, 1, dims=1)
+    provided = torch.zeros(rows, STEPS, dtype=torch.bool, device="cuda")
+    provided[0, 2] = True
+    provided[-1, 4] = True
+    targets[-1, 4] = -1
+    noise = RowNoise(rows, "cuda")
+    noise.reseed(slice(None), seed)
+    return hidden, text_token, projections, temperature, top_k, noise, targets, provided
+
+
+def steps_then_draws(lm: LMModel, hidden, text_token, projections, temperature, top_k, noise, targets, provided, state):
+    """The fused step launched step by step, the sampling kernel after each, the given tokens forced."""
+    from personaplex.runtime.sampling import sample_tokens
+
+    fast = Kernels(fused_depformer_max_rows=1 << 30, sampling=True)
+    previous, tokens, logits = text_token, [], []
+    for step in range(STEPS):
+        logits.append(lm.depformer_step(step, hidden, previous, state, fast, projections))
+        tokens.append(sample_tokens(logits[-1], temperature, top_k, noise, fast))
+        previous = torch.where(provided[:, step], targets[:, step], tokens[-1])
+    return torch.stack(tokens, 1), torch.stack(logits)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_fused_frame_draws_what_the_fused_steps_and_the_sampler_draw(any_lm, rows):
+    """A frame's 8 steps and their draws in one launch (the persistent kernel): bit for bit the
+    logits, tokens and caches of the fused step launched step by step with the sampling kernel
+    after each; its per-phase launches the same."""
+    from personaplex.model.kernels.fused_depformer import FrameSampling, launch_fused_depformer_frame
+
+    lm = any_lm
+    hidden, text_token, projections, temperature, top_k, noise, targets, provided = frame_arguments(lm, rows, 40)
+    step_state, frame_state = lm.new_depformer_state(rows), lm.new_depformer_state(rows)
+    frame_keys = noise.next_keys(STEPS)
+    noise.draws -= STEPS
+    expected_tokens, expected_logits = steps_then_draws(lm, hidden, text_token, projections, temperature, top_k, noise,
+                                                        targets, provided, step_state)
+    tokens, logits = lm.fused_depformer_frame(STEPS, hidden, text_token, frame_state, projections, temperature, top_k,
+                                              frame_keys, targets, provided)
+    assert torch.equal(logits, expected_logits) and torch.equal(tokens, expected_tokens)
+    assert torch.equal(frame_state.keys, step_state.keys) and torch.equal(frame_state.values, step_state.values)
+    assert (temperature[0] > 0 and len(set(tokens[0].tolist())) > 1)  # draws, not one repeated token
+
+    per_phase_state = lm.new_depformer_state(rows)
+    x = lm.depformer_input(0, hidden, text_token, projections=projections)[:, 0]
+    weights = [w for step in range(STEPS) for w in lm.depformer_step_weights(step)]
+    scales = [s for step in range(STEPS) for s in lm.depformer_step_scales(step)]
+    embeddings = [lm.depformer_text_emb.weight, *(lm.depformer_emb[step].weight for step in range(STEPS - 1))]
+    per_phase_tokens, per_phase_logits = launch_fused_depformer_frame(
+        x, weights, [lm.linears[step].weight for step in range(STEPS)], embeddings, per_phase_state.keys,
+        per_phase_state.values, lm.config.norm_eps,
+        FrameSampling(projections, temperature, top_k, frame_keys, targets, provided), persistent=False,
+        layer_scales=scales)
+    assert relative_error(per_phase_logits, logits) < 1e-3
+    assert (per_phase_tokens == tokens).float().mean() > 0.8  # the compiler may order sums otherwise
+
+
+def test_fused_frame_replays_in_a_cuda_graph_and_compiles_whole(fp8_lm):
+    """Captured in a CUDA graph (two replays, new inputs each) and inside torch.compile
+    (fullgraph), the frame op draws what it draws eagerly."""
+    lm = fp8_lm
+    register_cuda_ops()
+    rows = 1
+    arguments = frame_arguments(lm, rows, 50)
+    hidden, text_token, projections, temperature, top_k, noise, targets, provided = arguments
+
+    def frame(hidden, text_token, projections, keys, state):
+        return lm.fused_depformer_frame(STEPS, hidden, text_token, state, projections, temperature, top_k, keys,
+                                        targets, provided)
+
+    keys = noise.next_keys(STEPS)
+    eager = frame(hidden, text_token, projections, keys, lm.new_depformer_state(rows))
+    compiled = torch.compile(frame, fullgraph=True, dynamic=False)(hidden, text_token, projections, keys,
+                                                                  lm.new_depformer_state(rows))
+    assert all(torch.equal(got, want) for got, want in zip(compiled, eager))
+
+    static = [t.clone() for t in (hidden, text_token, projections, keys)]
+    state = lm.new_depformer_state(rows)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        frame(*static, state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = frame(*static, state)
+    for seed in (51, 52):
+        hidden, text_token, projections, *_ = frame_arguments(lm, rows, seed)
+        keys = noise.next_keys(STEPS)
+        for target, value in zip(static, (hidden, text_token, projections, keys)):
+            target.copy_(value)
+        graph.replay()
+        want = frame(hidden, text_token, projections, keys, lm.new_depformer_state(rows))
+        assert all(torch.equal(got, expected) for got, expected in zip(graphed, want))

@@ -14,6 +14,7 @@ import torch
 
 from personaplex.model.layers import READABLE_KERNELS, Kernels
 from personaplex.model.quantize import quantize_model
+from personaplex.runtime.sampling import sample_tokens
 from tests.fixtures.tiny_lm import random_lm, tiny_lm_config
 from tests.gpu.common import GemvRows, interpreter_or_skip
 
@@ -211,3 +212,66 @@ def test_phase_timing_needs_cuda(lm):
         launch_fused_depformer_step(x, model.depformer_step_weights(0), model.linears[0].weight, state.keys,
                                     state.values, 0, model.config.norm_eps, persistent=False, phase_ends=ends)
 
+
+
+def frame_by_steps(lm, steps, hidden, text_token, state, projections, sampling, targets, provided):
+    """The frame's steps one launch each (the fused step), each step's token drawn by the
+    sampling kernel and the given token forced where provided: what the frame kernel fuses."""
+    fast = Kernels(fused_depformer_max_rows=1 << 30, sampling=True)
+    previous, tokens, logits = text_token, [], []
+    for step in range(steps):
+        step_logits = lm.depformer_step(step, hidden, previous, state, fast, projections)
+        token = sample_tokens(step_logits, *sampling, fast)
+        logits.append(step_logits)
+        tokens.append(token)
+        previous = torch.where(provided[:, step], targets[:, step], token)
+    return torch.stack(tokens, 1), torch.stack(logits)
+
+
+@pytest.mark.parametrize(("rows", "dtype", "weights"), [(2, torch.float32, "plain"), (5, torch.float32, "fp8"),
+                                                     (1, torch.bfloat16, "plain")], ids=str)
+def test_fused_frame_draws_the_tokens_of_the_fused_steps_and_their_sampler(rows, dtype, weights):
+    """A frame's steps in one launch with their draws in it: the same logits, tokens and caches
+    as the fused step launched step by step with the sampling kernel after each (greedy and
+    sampled rows, top-k of 1 and past the card, a given token forced into the next step, a
+    given -1 embedding to zero; 5 rows: on the tensor cores). In float32, bit for bit. In bf16
+    the interpreter rounds the kernel's sum of a step's inputs otherwise than PyTorch's add
+    does (on CUDA both round to nearest even: the GPU test compares bf16 bit for bit), so here
+    every step's token is given and the logits agree to bf16's precision."""
+    interpreter_or_skip("cpu")
+    from personaplex.runtime.sampling import RowNoise
+
+    model = random_lm(tiny_lm_config(card=80)).to(dtype)
+    if weights == "fp8":
+        model = quantize_model(model, "fp8")
+    steps = 5
+    gen = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, 1, model.config.dim, generator=gen).to(dtype)
+    text_token = torch.randint(0, model.config.text_card, (rows,), generator=gen)
+    projections = model.depformer_projections(hidden)
+    temperature = torch.tensor([0.8, 0.0, 1.3] * 2)[:rows]
+    top_k = torch.tensor([250, 5, 1] * 2)[:rows]
+    targets = torch.randint(0, model.config.card, (rows, steps + 3), generator=gen)[:, 1:]  # rows apart: strided
+    provided = torch.zeros(rows, steps + 2, dtype=torch.bool)
+    provided[0, 1] = True
+    provided[-1, 2] = True
+    targets[-1, 2] = -1
+    exact = dtype == torch.float32
+    if not exact:
+        provided[:] = True
+    noise, frame_noise = RowNoise(rows, "cpu"), RowNoise(rows, "cpu")
+    noise.reseed(slice(None), 11)
+    frame_noise.reseed(slice(None), 11)
+    assert model.depformer_frame_fusable(steps, rows, dtype, Kernels(fused_depformer_max_rows=rows, sampling=True))
+    step_state, frame_state = model.new_depformer_state(rows), model.new_depformer_state(rows)
+    expected_tokens, expected_logits = frame_by_steps(model, steps, hidden, text_token, step_state, projections,
+                                                      (temperature, top_k, noise), targets, provided)
+    tokens, logits = model.fused_depformer_frame(steps, hidden, text_token, frame_state, projections, temperature,
+                                                 top_k, frame_noise.next_keys(steps), targets, provided)
+    assert torch.equal(frame_noise.draws, noise.draws)
+    if exact:
+        assert torch.equal(logits, expected_logits) and torch.equal(tokens, expected_tokens)
+        assert torch.equal(frame_state.keys, step_state.keys) and torch.equal(frame_state.values, step_state.values)
+    else:
+        for got, want in ((logits, expected_logits), (frame_state.keys, step_state.keys)):
+            assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2

@@ -127,3 +127,47 @@ def test_draws_follow_the_softmax_of_the_kept_logits():
     expected = torch.softmax(logits[0, :4] / 0.8, dim=0)
     assert torch.all(frequencies[4:] == 0)
     assert torch.allclose(frequencies[:4], expected, atol=0.025), (frequencies, expected)
+
+
+def test_next_keys_of_several_draws_are_those_draws_in_turn():
+    one_by_one, at_once = noise_with([3, 9]), noise_with([3, 9])
+    expected = torch.stack([one_by_one.next_keys() for _ in range(5)], dim=1)
+    assert torch.equal(at_once.next_keys(5), expected) and torch.equal(at_once.draws, one_by_one.draws)
+
+
+def test_a_fused_frame_generates_what_the_step_by_step_depformer_generates(tmp_path):
+    """With the fused depformer and the sampling kernel, a one-row frame runs its depformer
+    steps and their draws in one launch (`LMModel.fused_depformer_frame`): over frames of
+    sampled and provided tokens, the same tokens as the step-by-step path, and an observer
+    still sees every step's logits (Triton's interpreter, float32)."""
+    from personaplex.model.layers import Kernels
+    from tests.gpu.common import interpreter_or_skip
+
+    interpreter_or_skip("cpu")
+    config = tiny_lm_config(card=80)
+    path = tmp_path / "model.safetensors"
+    write_tiny_lm(path, config, seed=3)
+    lm = load_lm(path, config, dtype=torch.float32)
+    fused = Kernels(fused_depformer_max_rows=1, sampling=True)
+    assert lm.depformer_frame_fusable(8, 1, torch.float32, fused)
+
+    class Recorder:
+        def __init__(self):
+            self.steps = []
+
+        def on_temporal(self, hidden, text_logits):
+            pass
+
+        def on_audio_logits(self, step, logits):
+            self.steps.append(step)
+
+    generators = [FrameGenerator(lm, 1, SamplingConfig(), seed=21, kernels=kernels)
+                  for kernels in (fused, Kernels(sampling=True))]
+    generators[0].observer = Recorder()
+    user = torch.randint(0, config.card, (1, 8, 3), generator=torch.Generator().manual_seed(2))
+    for frame in range(3):
+        inputs = StepInputs(user=user[:, :, frame], agent=user[:, :, frame] if frame == 2 else None)
+        outputs = [generator.step(inputs) for generator in generators]
+        assert torch.equal(outputs[0], outputs[1])
+    assert generators[0].observer.steps == list(range(8)) * 3
+    assert torch.equal(generators[0].noise.draws, generators[1].noise.draws)

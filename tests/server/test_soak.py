@@ -21,7 +21,7 @@ def test_conversation_cycles_leave_the_server_flat(tiny_folder):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     finished = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "soak.py"), "--model", str(tiny_folder),
-         "--cycles", "40", "--warmup", "10", "--asr-model", "none", "--report-every", "0", "--json"],
+         "--cycles", "20", "--warmup", "10", "--asr-model", "none", "--report-every", "0", "--json"],
         capture_output=True, text=True, env=env, timeout=900, check=False,
     )  # fmt: skip
     assert finished.returncode == 0, finished.stderr[-2000:]

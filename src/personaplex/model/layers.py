@@ -106,7 +106,8 @@ class Kernels:
     as one Triton launch (`kernels/fused_depformer.py`) for frames of up to that many rows
     (0: never), where the step's linears are plain ones in the activations' dtype or fp8 ones
     (`LMModel.depformer_step_fusable`). `fast()` takes it for one row only: with more, the
-    compiled step's products are faster.
+    compiled step's products are faster. With `sampling` too, a frame's steps and their draws
+    are one launch (`LMModel.fused_depformer_frame`, where `depformer_frame_fusable`).
 
     `sampling` draws each token of top-k sampling in one Triton launch per sampled token
     (`kernels/sampling.py`: the k-th largest logit without sorting, the noise and the draw)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
-from .kernels import GEMV_MAX_ROWS, KernelOperands, WeightKind, cuda_op, kernels_can_run
+from .kernels import GEMV_MAX_ROWS, SAMPLING_PART_WIDTH, KernelOperands, WeightKind, cuda_op, kernels_can_run
 from .kv_cache import TemporalState, ring_capacity, sliding_window_mask
 from .layers import (READABLE_KERNELS, GatedFFN, Kernels, RMSNorm, embed_with_zero, kernel_operands, linear,
                      merge_heads, rope,
@@ -328,6 +328,38 @@ class LMModel(nn.Module):
         for index, layer in enumerate(self.depformer.layers):
             x = layer.forward_step(x, step, state, index, kernels)
         return linear(self.linears[step], x[:, 0], kernels)
+
+    def depformer_frame_fusable(self, steps: int, rows: int, activation_dtype: torch.dtype, kernels: Kernels) -> bool:
+        """Whether `fused_depformer_frame` can run a frame's `steps` steps: the fused step and the
+        sampling kernel both chosen, every step's weights readable by the fused kernel, the token
+        embeddings plain in the activations' dtype, and a step's logits few enough for the
+        kernel's one-part draw."""
+        embeddings = [self.depformer_text_emb, *self.depformer_emb[:steps - 1]]
+        return (kernels.sampling and rows <= kernels.fused_depformer_max_rows
+                and self.config.card <= SAMPLING_PART_WIDTH
+                and all(type(e) is nn.Embedding and e.weight.dtype == activation_dtype for e in embeddings)
+                and all(self.depformer_step_fusable(step, activation_dtype) for step in range(steps)))
+
+    def fused_depformer_frame(
+        self, steps: int, hidden: torch.Tensor, text_token: torch.Tensor, state: DepformerState,
+        projections: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, noise_keys: torch.Tensor,
+        targets: torch.Tensor, provided: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A frame's depformer steps 0 .. steps - 1 with their audio tokens drawn, in one launch
+        (`kernels/fused_depformer.py`, where `depformer_frame_fusable`): what `depformer_step`
+        and the sampler give step after step (each step reading the token drawn at the step
+        before, or targets' where provided), as (tokens [B, steps], logits [steps, B, card]).
+        text_token [B] is step 0's input token; projections the frame's `depformer_projections`;
+        temperature, top_k [B] the rows' audio sampling; noise_keys [B, steps] a draw's key per
+        row and step (`RowNoise.next_keys`); targets, provided [B, >= steps] the given tokens."""
+        x = self.depformer_input(0, hidden, text_token, projections=projections)[:, 0]
+        weights = [weight for step in range(steps) for weight in self.depformer_step_weights(step)]
+        scales = [scale for step in range(steps) for scale in self.depformer_step_scales(step)]
+        heads = [self.linears[step].weight for step in range(steps)]
+        embeddings = [self.depformer_text_emb.weight, *(self.depformer_emb[step - 1].weight for step in range(1, steps))]
+        return cuda_op("fused_depformer_frame")(x, projections, weights, heads, embeddings, state.keys, state.values,
+                                                self.config.norm_eps, scales, temperature, top_k, noise_keys, targets,
+                                                provided)
 
     def depformer_input(self, step: int, hidden: torch.Tensor, previous_token: torch.Tensor,
                         kernels: Kernels = READABLE_KERNELS, projections: torch.Tensor | None = None) -> torch.Tensor:

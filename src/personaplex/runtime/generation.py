@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from ..model.kernels import kernels_can_run
 from ..model.layers import READABLE_KERNELS, Kernels
 from ..model.lm import UNGENERATED_TOKEN, LMModel
 from .sampling import RowNoise, SamplingConfig, sample_tokens
@@ -200,9 +201,19 @@ class FrameGenerator:
         return self._advance()
 
     def _run_depformer(self, hidden, text_token, audio_target, audio_provided) -> torch.Tensor:
+        projections = self.lm.depformer_projections(hidden, self.kernels)
+        steps = self.depformer_steps
+        if self.lm.depformer_frame_fusable(steps, hidden.shape[0], hidden.dtype, self.kernels) and kernels_can_run(hidden):
+            # Every step and its draw in one launch: the same tokens as the loop below.
+            sampled, logits = self.lm.fused_depformer_frame(
+                steps, hidden, text_token, self.depformer_state, projections, self.audio_temperature,
+                self.audio_top_k, self.noise.next_keys(steps), audio_target, audio_provided)
+            if self.observer is not None:
+                for step in range(steps):
+                    self.observer.on_audio_logits(step, logits[step])
+            return sampled
         previous = text_token
         sampled = []
-        projections = self.lm.depformer_projections(hidden, self.kernels)
         for step in range(self.depformer_steps):
             logits = self.lm.depformer_step(step, hidden, previous, self.depformer_state, self.kernels, projections)
             if self.observer is not None:

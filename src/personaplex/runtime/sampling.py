@@ -47,10 +47,14 @@ class RowNoise:
         self.seeds[rows] = value
         self.draws[rows] = 0
 
-    def next_keys(self) -> torch.Tensor:
-        """This draw's noise key [B] int64 for every row, then advance every row's counter."""
-        keys = _splitmix64(self.seeds * 0x2545F4914F6CDD1D + self.draws * 0x9E3779B97F4A7C15)
-        self.draws += 1
+    def next_keys(self, draws: int | None = None) -> torch.Tensor:
+        """This draw's noise key [B] int64 for every row, then advance every row's counter; with
+        `draws`, the keys of that many draws in turn [B, draws] (the same keys as that many
+        calls), and the counters advance past them all."""
+        counters = self.draws if draws is None else self.draws[:, None] + torch.arange(draws, device=self.draws.device)
+        seeds = self.seeds if draws is None else self.seeds[:, None]
+        keys = _splitmix64(seeds * 0x2545F4914F6CDD1D + counters * 0x9E3779B97F4A7C15)
+        self.draws += 1 if draws is None else draws
         return keys
 
 

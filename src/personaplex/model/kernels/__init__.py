@@ -28,6 +28,10 @@ KernelOperands = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None
 # two conversations' LM frames.
 GEMV_MAX_ROWS = 2
 
+# The sampling kernel's program searches a part of at most this many candidates of a row (16
+# per thread at 4 warps); the fused depformer frame draws its tokens from one such part a row.
+SAMPLING_PART_WIDTH = 2048
+
 
 def device_index(device: torch.device) -> int:
     """The index of a CUDA device (the current one for a bare "cuda")."""

@@ -23,6 +23,9 @@ on the tensor cores), with the element-wise work fused into the phase that needs
                      halves, so silu(a) * b is done there
              ffn:     gate @ linear_out^T, plus the residual
   last       logits:  x @ head^T
+  (a frame)  sample:  each row's token drawn from the step's logits (`sampling.py`'s draw of
+                     one part, from registers), and the next step's input: its depformer_in
+                     projection plus the embedding of the token it reads (given or drawn)
 
 On the CUDA cores (up to 4 rows) each product's columns are cut into tiles just narrow
 enough that no program gets more than one (`tile_constants`): a phase is latency-bound, so
@@ -41,6 +44,12 @@ barrier across all programs. Two ways to run the same phase code:
 - one launch per phase (Triton's interpreter, which runs programs one after another and
   would spin forever at a barrier; also a reference for the persistent mode on CUDA): the
   kernel boundaries are the barriers.
+
+The same kernel runs one step (`fused_depformer_step`: the frame runner's loop samples between
+launches) or all of a frame's steps (`fused_depformer_frame`: the steps' phases one after the
+other, each step's draw its last phase), so that a frame's depformer is one launch, its
+tokens drawn inside it with the noise keys the readable sampler would use. The tables of
+addresses then hold every step's weights, heads and input embeddings.
 
 The layers' weights are in the activations' dtype, or fp8 (e4m3 codes with one float32 scale
 per output row, `--weights fp8`): a product then converts the codes as it loads them and
@@ -66,7 +75,11 @@ weights asked for before each barrier and the register cap each measured worth 1
 1.15 ms, slots of 4). Merging the attention into the out phase saved less than its barrier:
 timed per phase, the merged phase takes 8.0 us against 3.8 + 4.4 for the two it replaces,
 since every program now reads the whole cache from L2. In the graphed frame: bf16 6.88 ->
-6.83 ms, fp8 5.33 -> 5.38 ms (run P, each pair in one call).
+6.83 ms, fp8 5.33 -> 5.38 ms (run P, each pair in one call). A frame's 8 steps in one launch
+with their draws (run AA; against 8 launches and 8 sampling kernels, same machine): fp8 back to
+back 4.01-4.03 -> 3.99-4.01 ms, bf16 5.47 -> 5.46 ms; the eight launch gaps it removes were
+partly hidden by the graph already, and the draw's registers cost the kernel spills (176 bytes a
+thread at the 128-register cap, against 96 without the draw).
 """
 
 from __future__ import annotations
@@ -80,6 +93,7 @@ import triton
 import triton.language as tl
 
 from . import device_index, multiprocessors
+from .sampling import KEY_BITS_OF_DTYPE, PART_WIDTH, draw, kth_key, ordered_keys
 
 
 # The parts of a layer, in order (see the module doc). The kernel reads module constants only
@@ -490,75 +504,144 @@ def _layer_scale(scales_table_ptr, layer, which: tl.constexpr, SCALED: tl.conste
     return scales_table_ptr.to(tl.pointer_type(tl.float32))
 
 
+@triton.jit
+def _sample_phase(logits_ptr, projections_ptr, projections_row_stride, embedding_ptr, next_x_ptr, tokens_ptr,
+                  targets_ptr, targets_row_stride, provided_ptr, provided_row_stride, temperature_ptr, top_k_ptr,
+                  noise_ptr, counter_ptr, arrivals, rows, local_step, steps, program, programs, DIM: tl.constexpr,
+                  CARD: tl.constexpr, KEY_BITS: tl.constexpr, CARD_TILE: tl.constexpr, WIDTH_TILE: tl.constexpr):
+    """A frame's step ends here: each row's token drawn from the step's logits, as the sampling
+    kernel draws it (one part: from registers; `sampling.py`), stored at tokens[row, local_step];
+    then the next step's input, depformer_in's projection plus the embedding of the token
+    that step reads (the one given at targets where provided, else the one drawn; -1 embeds to
+    zero), added and rounded as `LMModel.depformer_input` does. A program a row."""
+    _wait(counter_ptr, arrivals)
+    columns = tl.arange(0, CARD_TILE)
+    dims = tl.arange(0, WIDTH_TILE)
+    for row in range(program, rows, programs):
+        k = tl.minimum(tl.maximum(tl.load(top_k_ptr + row), 1), CARD).to(tl.int32)
+        temperature = tl.load(temperature_ptr + row)
+        divisor = tl.where(temperature > 0, temperature, 1.0)
+        noise_key = tl.load(noise_ptr + row * steps + local_step)
+        keys = ordered_keys(logits_ptr, row, CARD, columns, CARD, KEY_BITS, True)
+        kth = kth_key(keys, k, KEY_BITS)
+        _, sampled, _, greedy = draw(keys, columns < CARD, kth, divisor, noise_key, columns,
+                                      logits_ptr.dtype.element_ty, KEY_BITS)
+        token = tl.where(temperature > 0, sampled, greedy).to(tl.int64)
+        tl.store(tokens_ptr + row * steps + local_step, token)
+        if local_step + 1 < steps:
+            given = tl.load(provided_ptr + row * provided_row_stride + local_step) != 0
+            token = tl.where(given, tl.load(targets_ptr + row * targets_row_stride + local_step), token)
+            dim_ok = dims < DIM
+            projected = tl.load(projections_ptr + row * projections_row_stride + (local_step + 1) * DIM + dims,
+                                mask=dim_ok, other=0.0).to(tl.float32)
+            embedded = tl.load(embedding_ptr + tl.maximum(token, 0) * DIM + dims, mask=dim_ok, other=0.0)
+            embedded = tl.where(token != -1, embedded.to(tl.float32), 0.0)
+            tl.store(next_x_ptr + row * DIM + dims, (projected + embedded).to(next_x_ptr.dtype.element_ty),
+                     mask=dim_ok)
+
+
+@triton.jit
+def _step_pointer(table_ptr, local_step, TYPE: tl.constexpr):
+    """A step's head or input embedding from its table (one address a step), 16-byte aligned."""
+    return tl.multiple_of(tl.load(table_ptr + local_step).to(tl.pointer_type(TYPE)), 16)
+
+
 # Triton compiles a variant per integer argument equal to 1 or divisible by 16: without this,
 # the row counts, steps and phase bounds would compile a dozen variants of this large kernel.
-@triton.jit(do_not_specialize=["rows", "step", "first_phase", "end_phase"])
-def _depformer_step(
-    x_ptr, table_ptr, scales_table_ptr, head_ptr, keys_ptr, values_ptr, residual_ptr, q_ptr, attn_ptr, gate_ptr,
-    logits_ptr, counter_ptr, phase_ends_ptr, rows, step, first_phase, end_phase, eps, scale,
+@triton.jit(do_not_specialize=["rows", "first_step", "steps", "first_phase", "end_phase"])
+def _depformer_steps(
+    x_ptr, next_x_ptr, table_ptr, scales_table_ptr, heads_table_ptr, embeddings_table_ptr, keys_ptr, values_ptr,
+    residual_ptr, q_ptr, attn_ptr, gate_ptr, logits_ptr, counter_ptr, phase_ends_ptr,
+    projections_ptr, projections_row_stride, tokens_ptr, targets_ptr, targets_row_stride, provided_ptr,
+    provided_row_stride, temperature_ptr, top_k_ptr, noise_ptr,
+    rows, first_step, steps, first_phase, end_phase, eps, scale,
     LAYERS: tl.constexpr, DIM: tl.constexpr, HIDDEN: tl.constexpr, CARD: tl.constexpr, HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr, HEADS_TILE: tl.constexpr, DIM_TILE: tl.constexpr,
     SLOT_CHUNK: tl.constexpr, WEIGHT_TYPE: tl.constexpr, ALPHA_TYPE: tl.constexpr, SCALED: tl.constexpr,
     PRODUCT_TYPE: tl.constexpr, PHASES_PER_LAYER: tl.constexpr, BLOCK_B: tl.constexpr,
     QKV_N: tl.constexpr, QKV_K: tl.constexpr, OUT_N: tl.constexpr, OUT_K: tl.constexpr, GATE_N: tl.constexpr,
     GATE_K: tl.constexpr, FFN_N: tl.constexpr, FFN_K: tl.constexpr, HEAD_N: tl.constexpr, HEAD_K: tl.constexpr,
-    ON_TENSOR_CORES: tl.constexpr, PERSISTENT: tl.constexpr, TIMED: tl.constexpr,
+    ON_TENSOR_CORES: tl.constexpr, PERSISTENT: tl.constexpr, TIMED: tl.constexpr, SAMPLE: tl.constexpr,
+    KEY_BITS: tl.constexpr, CARD_TILE: tl.constexpr, WIDTH_TILE: tl.constexpr,
 ):
-    """Phases first_phase .. end_phase - 1 of a step (see the module doc); with PERSISTENT, a
-    grid barrier between each and the next. With SCALED, the layers' weights are fp8 codes with
-    one float32 scale per output row (scales_table: their addresses); the head is not. With
-    TIMED, each phase's end is stamped at phase_ends (`_stamp_phase_end`)."""
+    """Phases first_phase .. end_phase - 1 of `steps` depformer steps, the first of them step
+    `first_step` (its cache slot); with PERSISTENT, a grid barrier between each phase and the
+    next. A step's phases: its layers' (see the module doc), the logits head (to logits
+    [steps, B, CARD]), and with SAMPLE the draw of its tokens and the next step's input
+    (`_sample_phase`). Step 0 reads its input at x, later steps theirs at next_x. The tables
+    hold a step's addresses in turn: its layers' weights (table, [steps, LAYERS, 6]), their
+    row scales with SCALED (scales_table, same layout: the weights are fp8 codes then; the
+    head is not), its head and the embedding of its input token. With TIMED, each phase's end
+    is stamped at phase_ends (`_stamp_phase_end`)."""
     program = tl.program_id(0)
     programs = tl.num_programs(0)
+    PHASES_PER_STEP: tl.constexpr = LAYERS * PHASES_PER_LAYER + 1 + SAMPLE
     for phase in range(first_phase, end_phase):
-        layer = phase // PHASES_PER_LAYER
-        part = phase - layer * PHASES_PER_LAYER  # not %: the interpreter's constexpr has no __rmod__
+        local_step = phase // PHASES_PER_STEP
+        step_phase = phase - local_step * PHASES_PER_STEP
+        layer = step_phase // PHASES_PER_LAYER
+        part = step_phase - layer * PHASES_PER_LAYER  # not %: the interpreter's constexpr has no __rmod__
         if PHASES_PER_LAYER < 5:  # no ATTEND phase: the parts after it come one earlier
             part = tl.where(part >= ATTEND, part + 1, part)
-        # The residual stream is the input x until layer 0's attention has been added to it.
+        layer_entry = local_step * LAYERS + layer  # the layer's row in the weight tables
+        step_logits_ptr = logits_ptr + local_step * rows * CARD
+        # The residual stream is the step's input until layer 0's attention has been added to it.
         stream_ptr = residual_ptr
-        if phase < PHASES_PER_LAYER:
+        if layer == 0:
             if part <= OUT:
                 stream_ptr = x_ptr
+                if local_step > 0:
+                    stream_ptr = next_x_ptr
         arrivals = 0  # the grid barrier before this phase: how many arrivals it waits for
         if PERSISTENT:
             arrivals = (phase - first_phase) * programs
         if layer == LAYERS:
-            _product_phase(residual_ptr, head_ptr, head_ptr, logits_ptr, logits_ptr, counter_ptr, arrivals, rows,
-                           program, programs, DIM, CARD, False, False, PRODUCT_TYPE, BLOCK_B, HEAD_N, HEAD_K,
-                           ON_TENSOR_CORES)
+            if part == 0:
+                head_ptr = _step_pointer(heads_table_ptr, local_step, x_ptr.dtype.element_ty)
+                _product_phase(residual_ptr, head_ptr, head_ptr, step_logits_ptr, step_logits_ptr, counter_ptr,
+                               arrivals, rows, program, programs, DIM, CARD, False, False, PRODUCT_TYPE, BLOCK_B,
+                               HEAD_N, HEAD_K, ON_TENSOR_CORES)
+            elif SAMPLE:
+                embedding_ptr = _step_pointer(embeddings_table_ptr, tl.minimum(local_step + 1, steps - 1),
+                                              x_ptr.dtype.element_ty)
+                _sample_phase(step_logits_ptr, projections_ptr, projections_row_stride, embedding_ptr, next_x_ptr,
+                              tokens_ptr, targets_ptr, targets_row_stride, provided_ptr, provided_row_stride,
+                              temperature_ptr, top_k_ptr, noise_ptr, counter_ptr, arrivals, rows, local_step, steps,
+                              program, programs, DIM, CARD, KEY_BITS, CARD_TILE, WIDTH_TILE)
         elif part == QKV:
-            _qkv_phase(stream_ptr, _layer_weight(table_ptr, layer, IN_PROJ, WEIGHT_TYPE),
-                       _layer_scale(scales_table_ptr, layer, IN_PROJ, SCALED),
-                       _layer_weight(table_ptr, layer, NORM1, ALPHA_TYPE), q_ptr, keys_ptr, values_ptr, counter_ptr,
-                       arrivals, layer, rows, step, eps, program, programs, DIM, HEADS, HEAD_DIM, SLOTS, SCALED,
-                       PRODUCT_TYPE, BLOCK_B, QKV_N, QKV_K, ON_TENSOR_CORES)
+            _qkv_phase(stream_ptr, _layer_weight(table_ptr, layer_entry, IN_PROJ, WEIGHT_TYPE),
+                       _layer_scale(scales_table_ptr, layer_entry, IN_PROJ, SCALED),
+                       _layer_weight(table_ptr, layer_entry, NORM1, ALPHA_TYPE), q_ptr, keys_ptr, values_ptr,
+                       counter_ptr, arrivals, layer, rows, first_step + local_step, eps, program, programs, DIM, HEADS,
+                       HEAD_DIM, SLOTS, SCALED, PRODUCT_TYPE, BLOCK_B, QKV_N, QKV_K, ON_TENSOR_CORES)
         elif part == ATTEND:
             if ON_TENSOR_CORES:
-                _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, counter_ptr, arrivals, layer, rows, step, scale,
-                              program, programs, DIM, HEADS, HEAD_DIM, SLOTS, DIM_TILE, SLOT_CHUNK)
+                _attend_phase(q_ptr, keys_ptr, values_ptr, attn_ptr, counter_ptr, arrivals, layer, rows,
+                              first_step + local_step, scale, program, programs, DIM, HEADS, HEAD_DIM, SLOTS,
+                              DIM_TILE, SLOT_CHUNK)
         elif part == OUT:
-            out_proj = _layer_weight(table_ptr, layer, OUT_PROJ, WEIGHT_TYPE)
-            out_scales = _layer_scale(scales_table_ptr, layer, OUT_PROJ, SCALED)
+            out_proj = _layer_weight(table_ptr, layer_entry, OUT_PROJ, WEIGHT_TYPE)
+            out_scales = _layer_scale(scales_table_ptr, layer_entry, OUT_PROJ, SCALED)
             if ON_TENSOR_CORES:
                 _product_phase(attn_ptr, out_proj, out_scales, stream_ptr, residual_ptr, counter_ptr, arrivals, rows,
                                program, programs, DIM, DIM, True, SCALED, PRODUCT_TYPE, BLOCK_B, OUT_N, OUT_K,
                                ON_TENSOR_CORES)
             else:
                 _attention_out_phase(q_ptr, keys_ptr, values_ptr, out_proj, out_scales, stream_ptr, residual_ptr,
-                                     counter_ptr, arrivals, layer, rows, step, scale, program, programs, DIM, HEADS,
-                                     HEAD_DIM, SLOTS, HEADS_TILE, DIM_TILE, SLOT_CHUNK, SCALED, OUT_N)
+                                     counter_ptr, arrivals, layer, rows, first_step + local_step, scale, program,
+                                     programs, DIM, HEADS, HEAD_DIM, SLOTS, HEADS_TILE, DIM_TILE, SLOT_CHUNK, SCALED,
+                                     OUT_N)
         elif part == GATE:
-            _gate_phase(residual_ptr, _layer_weight(table_ptr, layer, LINEAR_IN, WEIGHT_TYPE),
-                        _layer_scale(scales_table_ptr, layer, LINEAR_IN, SCALED),
-                        _layer_weight(table_ptr, layer, NORM2, ALPHA_TYPE), gate_ptr, counter_ptr, arrivals, rows, eps,
-                        program, programs, DIM, HIDDEN, SCALED, PRODUCT_TYPE, BLOCK_B, GATE_N, GATE_K,
+            _gate_phase(residual_ptr, _layer_weight(table_ptr, layer_entry, LINEAR_IN, WEIGHT_TYPE),
+                        _layer_scale(scales_table_ptr, layer_entry, LINEAR_IN, SCALED),
+                        _layer_weight(table_ptr, layer_entry, NORM2, ALPHA_TYPE), gate_ptr, counter_ptr, arrivals,
+                        rows, eps, program, programs, DIM, HIDDEN, SCALED, PRODUCT_TYPE, BLOCK_B, GATE_N, GATE_K,
                         ON_TENSOR_CORES)
         else:
-            _product_phase(gate_ptr, _layer_weight(table_ptr, layer, LINEAR_OUT, WEIGHT_TYPE),
-                           _layer_scale(scales_table_ptr, layer, LINEAR_OUT, SCALED), residual_ptr, residual_ptr,
-                           counter_ptr, arrivals, rows, program, programs, HIDDEN, DIM, True, SCALED, PRODUCT_TYPE,
-                           BLOCK_B, FFN_N, FFN_K, ON_TENSOR_CORES)
+            _product_phase(gate_ptr, _layer_weight(table_ptr, layer_entry, LINEAR_OUT, WEIGHT_TYPE),
+                           _layer_scale(scales_table_ptr, layer_entry, LINEAR_OUT, SCALED), residual_ptr,
+                           residual_ptr, counter_ptr, arrivals, rows, program, programs, HIDDEN, DIM, True, SCALED,
+                           PRODUCT_TYPE, BLOCK_B, FFN_N, FFN_K, ON_TENSOR_CORES)
         if TIMED:
             _stamp_phase_end(phase_ends_ptr, phase)
         if PERSISTENT:
@@ -568,12 +651,12 @@ def _depformer_step(
 
 @functools.lru_cache(maxsize=128)
 def _pointer_table(pointers: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Addresses as the kernel reads them ([layers, WEIGHTS_PER_LAYER] int64: the weights', or
-    their scales'), made once per set of weights: it is a host-to-device copy, which a CUDA
-    graph being captured cannot hold (the frame runner runs a frame before it captures one)."""
+    """Addresses as the kernel reads them (int64: the weights', their scales', the heads' or the
+    embeddings'), made once per set of tensors: it is a host-to-device copy, which a CUDA graph
+    being captured cannot hold (the frame runner runs a frame before it captures one)."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("fused_depformer_step: run the step once before capturing it in a CUDA graph")
-    return torch.tensor(pointers, dtype=torch.int64).view(-1, WEIGHTS_PER_LAYER.value).to(device)
+    return torch.tensor(pointers, dtype=torch.int64).to(device)
 
 
 def _uniform_type(tensors: list[torch.Tensor], what: str) -> torch.dtype:
@@ -621,6 +704,41 @@ def _programs(kernel: triton.JITFunction, arguments: tuple, constants: dict, opt
     return multiprocessors(index) * min(shape.programs_per_sm, resident)
 
 
+@dataclasses.dataclass(frozen=True)
+class FrameSampling:
+    """What a frame's steps need to draw their tokens in the kernel (`launch_fused_depformer_frame`):
+    projections [B, >= steps, dim] (each step's depformer_in of the hidden state), temperature [B]
+    float32 and top_k [B] (the rows' audio settings), noise_keys [B, steps] int64 (a key per
+    row and step, `RowNoise.next_keys`), and the tokens given to the steps: targets [B, >= steps]
+    int64, used as step s + 1's input where provided [B, >= steps] (bool) is set."""
+
+    projections: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    noise_keys: torch.Tensor
+    targets: torch.Tensor
+    provided: torch.Tensor
+
+    def check(self, rows: int, steps: int, dim: int, card: int) -> None:
+        if card > PART_WIDTH:
+            raise ValueError(f"fused_depformer_frame: the kernel draws from at most {PART_WIDTH} logits a row, not {card}")
+        projections = self.projections
+        if projections.dim() != 3 or projections.shape[0] != rows or projections.shape[1] < steps \
+                or projections.shape[2] != dim or projections.stride()[1:] != (dim, 1):
+            raise ValueError(f"fused_depformer_frame: projections {tuple(projections.shape)} for {rows} rows of "
+                             f"{steps} steps of {dim}, each row's steps contiguous")
+        if self.temperature.shape != (rows,) or self.temperature.dtype != torch.float32 or self.top_k.shape != (rows,):
+            raise ValueError("fused_depformer_frame: one float32 temperature and one top-k a row")
+        if self.noise_keys.shape != (rows, steps) or self.noise_keys.dtype != torch.int64 \
+                or not self.noise_keys.is_contiguous():
+            raise ValueError(f"fused_depformer_frame: noise keys [{rows}, {steps}] int64, contiguous")
+        for given, dtype in ((self.targets, torch.int64), (self.provided, torch.bool)):
+            if given.dim() != 2 or given.shape[0] != rows or given.shape[1] < steps or given.dtype != dtype \
+                    or given.stride(1) != 1:
+                raise ValueError(f"fused_depformer_frame: targets (int64) and provided (bool) are [{rows}, >= {steps}] "
+                                 f"with each row's steps contiguous")
+
+
 # A custom op, so that torch.compile keeps the launch opaque when it compiles the whole frame.
 @torch.library.custom_op("personaplex::fused_depformer_step", mutates_args=("keys", "values"))
 def fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor, keys: torch.Tensor,
@@ -638,6 +756,22 @@ def fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], hea
                                        layer_scales=layer_scales)
 
 
+@torch.library.custom_op("personaplex::fused_depformer_frame", mutates_args=("keys", "values"))
+def fused_depformer_frame(x: torch.Tensor, projections: torch.Tensor, layer_weights: list[torch.Tensor],
+                          heads: list[torch.Tensor], embeddings: list[torch.Tensor], keys: torch.Tensor,
+                          values: torch.Tensor, eps: float, layer_scales: list[torch.Tensor], temperature: torch.Tensor,
+                          top_k: torch.Tensor, noise_keys: torch.Tensor, targets: torch.Tensor,
+                          provided: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A frame's depformer steps 0 .. len(heads) - 1 in one launch, each step's tokens drawn in
+    it: (tokens [B, steps] int64, logits [steps, B, card]). x is step 0's input; the steps'
+    layer_weights (and layer_scales) one after the other, each as `fused_depformer_step`'s;
+    heads and embeddings (the table of the token each step reads; step 0's is not read) a step
+    each; the rest as `FrameSampling` holds them."""
+    sampling = FrameSampling(projections, temperature, top_k, noise_keys, targets, provided)
+    return launch_fused_depformer_frame(x, layer_weights, heads, embeddings, keys, values, eps, sampling,
+                                        persistent=x.is_cuda, layer_scales=layer_scales)
+
+
 def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tensor], head: torch.Tensor,
                                 keys: torch.Tensor, values: torch.Tensor, step: int, eps: float,
                                 persistent: bool, shape: LaunchShape | None = None,
@@ -648,40 +782,77 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     the benchmark sweeps others). With `phase_ends` (int64, two entries a phase, CUDA only),
     the kernel writes, per phase, the earliest and the latest time (ns, the GPU's global timer)
     at which a program finished it: `bench/depformer_fused.py --phases` times each phase so."""
+    logits, _ = _launch_steps(x, layer_weights, [head], [head], keys, values, step, eps, persistent, shape,
+                              layer_scales, phase_ends, sampling=None)
+    return logits[0]
+
+
+def launch_fused_depformer_frame(x: torch.Tensor, layer_weights: list[torch.Tensor], heads: list[torch.Tensor],
+                                 embeddings: list[torch.Tensor], keys: torch.Tensor, values: torch.Tensor, eps: float,
+                                 sampling: FrameSampling, persistent: bool, shape: LaunchShape | None = None,
+                                 layer_scales: list[torch.Tensor] | None = None,
+                                 phase_ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_depformer_frame` in either mode, as `launch_fused_depformer_step` runs a step."""
+    logits, tokens = _launch_steps(x, layer_weights, heads, embeddings, keys, values, 0, eps, persistent, shape,
+                                   layer_scales, phase_ends, sampling)
+    return tokens, logits
+
+
+def step_count_phases(rows: int, layers: int, steps: int, sampled: bool) -> int:
+    """Phases of `steps` steps in one launch: each step's, and with `sampled` its draw."""
+    return steps * (step_phases(rows, layers) + int(sampled))
+
+
+def _launch_steps(x: torch.Tensor, layer_weights: list[torch.Tensor], heads: list[torch.Tensor],
+                  embeddings: list[torch.Tensor], keys: torch.Tensor, values: torch.Tensor, first_step: int, eps: float,
+                  persistent: bool, shape: LaunchShape | None, layer_scales: list[torch.Tensor] | None,
+                  phase_ends: torch.Tensor | None,
+                  sampling: FrameSampling | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """len(heads) steps from `first_step` in one launch (persistent) or a launch a phase: the
+    steps' logits [steps, B, card], and with `sampling` their tokens [B, steps]."""
     if persistent and not x.is_cuda:
         raise ValueError("the persistent depformer kernel needs CUDA: its grid barrier deadlocks in the interpreter")
     if phase_ends is not None and not (x.is_cuda and phase_ends.dtype == torch.int64):
         raise ValueError("fused_depformer_step: phase_ends is an int64 tensor on CUDA (the GPU's timer stamps it)")
-    layers, rows, heads, slots, head_dim = keys.shape
+    layers, rows, heads_count, slots, head_dim = keys.shape
+    steps = len(heads)
     shape = shape or LaunchShape.for_rows(rows)
     dim = x.shape[1]
     hidden = layer_weights[LINEAR_OUT.value].shape[1]
-    card = head.shape[0]
+    card = heads[0].shape[0]
     is_norm = [i % WEIGHTS_PER_LAYER.value in (NORM1.value, NORM2.value) for i in range(len(layer_weights))]
     layer_matrices = [w for w, norm in zip(layer_weights, is_norm) if not norm]
     alphas = [w for w, norm in zip(layer_weights, is_norm) if norm]
-    if not all(t.is_contiguous() for t in [keys, values, head, *layer_matrices, *alphas]):
+    if not all(t.is_contiguous() for t in [keys, values, *heads, *embeddings, *layer_matrices, *alphas]):
         raise ValueError("fused_depformer_step needs contiguous weights and caches")
-    if any(w.data_ptr() % 16 for w in layer_weights):
+    if any(w.data_ptr() % 16 for w in [*layer_weights, *heads, *embeddings]):
         raise ValueError("fused_depformer_step needs weights aligned to 16 bytes")
-    if len(layer_weights) != layers * WEIGHTS_PER_LAYER.value or heads * head_dim != dim:
-        raise ValueError(f"fused_depformer_step: {len(layer_weights)} weights for {layers} layers, "
-                         f"{heads} heads of {head_dim} for width {dim}")
+    if len(layer_weights) != steps * layers * WEIGHTS_PER_LAYER.value or heads_count * head_dim != dim:
+        raise ValueError(f"fused_depformer_step: {len(layer_weights)} weights for {steps} steps of {layers} layers, "
+                         f"{heads_count} heads of {head_dim} for width {dim}")
+    if len(embeddings) != steps or first_step + steps > slots:
+        raise ValueError(f"fused_depformer_step: steps {first_step} .. {first_step + steps - 1} with "
+                         f"{len(embeddings)} embeddings, for a cache of {slots} steps")
     weight_type = _uniform_type(layer_matrices, "layers' weight matrices")
     alpha_type = _uniform_type(alphas, "norm scales")
     scaled = weight_type == torch.float8_e4m3fn
     _check_scales(layer_scales or [], layer_matrices, scaled)
-    if head.dtype != x.dtype or not (scaled or weight_type == x.dtype):
-        raise ValueError(f"fused_depformer_step: weights in {weight_type} (head {head.dtype}) for activations in "
-                         f"{x.dtype}: the matrices must be in the activations' dtype or fp8, the head in theirs")
+    if any(t.dtype != x.dtype for t in [*heads, *embeddings]) or not (scaled or weight_type == x.dtype):
+        raise ValueError(f"fused_depformer_step: weights in {weight_type} (heads {heads[0].dtype}) for activations in "
+                         f"{x.dtype}: the matrices must be in the activations' dtype or fp8, the heads and "
+                         f"embeddings in theirs")
+    if sampling is not None:
+        sampling.check(rows, steps, dim, card)
     x = x.contiguous()
     table = _pointer_table(tuple(w.data_ptr() for w in layer_weights), x.device)
     # The scale table takes the weight table's layout; without scales it is the weight table, never read.
     scales_table = _pointer_table(_scale_pointers(layer_scales), x.device) if scaled else table
+    heads_table = _pointer_table(tuple(head.data_ptr() for head in heads), x.device)
+    embeddings_table = _pointer_table(tuple(embedding.data_ptr() for embedding in embeddings), x.device)
     # Workspaces in the activation dtype: storing there is the readable path's rounding.
-    residual, q, attn = (torch.empty(rows, dim, device=x.device, dtype=x.dtype) for _ in range(3))
+    residual, q, attn, next_x = (torch.empty(rows, dim, device=x.device, dtype=x.dtype) for _ in range(4))
     gate = torch.empty(rows, hidden, device=x.device, dtype=x.dtype)
-    logits = torch.empty(rows, card, device=x.device, dtype=x.dtype)
+    logits = torch.empty(steps, rows, card, device=x.device, dtype=x.dtype)
     counter = torch.zeros(1, device=x.device, dtype=torch.int32)  # zeroed again by every graph replay
     # The interpreter (3.9) multiplies bf16 tl.dot operands wrongly: float32 products there.
     product_type = tl.float32 if x.device.type == "cpu" or x.dtype == torch.float32 else _TRITON_TYPES[x.dtype]
@@ -691,32 +862,40 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     intended_programs = multiprocessors(index) * shape.programs_per_sm if x.is_cuda else INTERPRETER_PROGRAMS
     tiles = tile_constants(rows, shape, intended_programs, dim, hidden, card)
     constants = dict(
-        LAYERS=layers, DIM=dim, HIDDEN=hidden, CARD=card, HEADS=heads, HEAD_DIM=head_dim, SLOTS=slots,
-        HEADS_TILE=triton.next_power_of_2(heads), DIM_TILE=triton.next_power_of_2(head_dim),
+        LAYERS=layers, DIM=dim, HIDDEN=hidden, CARD=card, HEADS=heads_count, HEAD_DIM=head_dim, SLOTS=slots,
+        HEADS_TILE=triton.next_power_of_2(heads_count), DIM_TILE=triton.next_power_of_2(head_dim),
         SLOT_CHUNK=min(shape.attention_slots, triton.next_power_of_2(slots)), WEIGHT_TYPE=_TRITON_TYPES[weight_type],
         ALPHA_TYPE=_TRITON_TYPES[alpha_type], SCALED=scaled, PRODUCT_TYPE=product_type, PERSISTENT=persistent,
-        TIMED=phase_ends is not None, **tiles,
+        TIMED=phase_ends is not None, SAMPLE=sampling is not None, KEY_BITS=KEY_BITS_OF_DTYPE[x.dtype],
+        CARD_TILE=triton.next_power_of_2(card), WIDTH_TILE=triton.next_power_of_2(dim), **tiles,
     )
-    phases = step_phases(rows, layers)
+    phases = step_count_phases(rows, layers, steps, sampling is not None)
     if phase_ends is not None:
         if phase_ends.numel() != 2 * phases:
             raise ValueError(f"fused_depformer_step: phase_ends holds {phase_ends.numel()} entries for {phases} phases "
                              f"(two a phase)")
         phase_ends[0::2] = torch.iinfo(torch.int64).max  # the earliest end: an atomic min
         phase_ends[1::2] = 0
-    arguments = (x, table, scales_table, head, keys, values, residual, q, attn, gate, logits, counter,
-                 counter if phase_ends is None else phase_ends, rows, step)
+    tokens = None if sampling is None else torch.empty(rows, steps, device=x.device, dtype=torch.int64)
+    # Without sampling, its pointers are never read: any tensor will do.
+    drawn = sampling or FrameSampling(x, x, x, x, x, x)
+    arguments = (x, next_x, table, scales_table, heads_table, embeddings_table, keys, values, residual, q, attn, gate,
+                 logits, counter, counter if phase_ends is None else phase_ends, drawn.projections,
+                 drawn.projections.stride(0), counter if tokens is None else tokens, drawn.targets,
+                 drawn.targets.stride(0), drawn.provided, drawn.provided.stride(0), drawn.temperature, drawn.top_k,
+                 drawn.noise_keys, rows, first_step, steps)
     launches = [(0, phases)] if persistent else [(phase, phase + 1) for phase in range(phases)]
     scale = head_dim**-0.5
     options = dict(num_warps=shape.num_warps)
     if x.is_cuda:
         options["maxnreg"] = _register_cap(index, shape)
-        programs = _programs(_depformer_step, (*arguments, *launches[0], eps, scale), constants, options, shape, index)
+        programs = _programs(_depformer_steps, (*arguments, *launches[0], eps, scale), constants, options, shape,
+                             index)
     else:
         programs = INTERPRETER_PROGRAMS
     for first, end in launches:
-        _depformer_step[(programs,)](*arguments, first, end, eps, scale, **options, **constants)
-    return logits
+        _depformer_steps[(programs,)](*arguments, first, end, eps, scale, **options, **constants)
+    return logits, tokens
 
 
 def _check_scales(layer_scales: list[torch.Tensor], layer_matrices: list[torch.Tensor], scaled: bool) -> None:
@@ -743,6 +922,16 @@ def _scale_pointers(layer_scales: list[torch.Tensor]) -> tuple[int, ...]:
             row[which] = scales.data_ptr()
         pointers += row
     return tuple(pointers)
+
+
+@fused_depformer_frame.register_fake
+def _fused_depformer_frame_shape(x: torch.Tensor, projections: torch.Tensor, layer_weights: list[torch.Tensor],
+                                 heads: list[torch.Tensor], embeddings: list[torch.Tensor], keys: torch.Tensor,
+                                 values: torch.Tensor, eps: float, layer_scales: list[torch.Tensor],
+                                 temperature: torch.Tensor, top_k: torch.Tensor, noise_keys: torch.Tensor,
+                                 targets: torch.Tensor, provided: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, steps = x.shape[0], len(heads)
+    return x.new_empty(rows, steps, dtype=torch.int64), x.new_empty(steps, rows, heads[0].shape[0])
 
 
 @fused_depformer_step.register_fake

@@ -38,10 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-# A program searches a part of at most this many candidates of its row (16 per thread at 4 warps).
-PART_WIDTH = 2048
+from . import SAMPLING_PART_WIDTH
+
+PART_WIDTH = SAMPLING_PART_WIDTH
 WIDEST_ROW = 1 << 16
-_KEY_BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
+KEY_BITS_OF_DTYPE = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
 
 @triton.jit
@@ -67,10 +68,14 @@ def _gumbel(row_key, columns):
 
 
 @triton.jit
-def _row_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS: tl.constexpr):
+def ordered_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS: tl.constexpr, FROM_L2: tl.constexpr):
     """The row's logits at `columns` as ordered integer keys; past the row's end the smallest
-    key, which the search never counts."""
-    raw = tl.load(logits_ptr + row * row_stride + columns, mask=columns < width, other=0.0)
+    key, which the search never counts. FROM_L2: for logits another program of the same
+    launch wrote (never a stale line of this SM's L1)."""
+    if FROM_L2:
+        raw = tl.load(logits_ptr + row * row_stride + columns, mask=columns < width, other=0.0, cache_modifier=".cg")
+    else:
+        raw = tl.load(logits_ptr + row * row_stride + columns, mask=columns < width, other=0.0)
     if KEY_BITS == 16:
         patterns = raw.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended
     else:
@@ -97,7 +102,7 @@ def _key_value(key, TYPE: tl.constexpr, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _kth_key(keys, k, KEY_BITS: tl.constexpr):
+def kth_key(keys, k, KEY_BITS: tl.constexpr):
     """The k-th largest of `keys`: the sign first, then each lower bit (within [kth, kth +
     2^(bit+1)) setting a bit raises the key)."""
     kth = tl.where(tl.sum((keys >= 0).to(tl.int32), axis=0) >= k, 0, -(1 << (KEY_BITS - 1)))
@@ -108,7 +113,7 @@ def _kth_key(keys, k, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _draw(keys, present, kth, divisor, row_key, columns, TYPE: tl.constexpr, KEY_BITS: tl.constexpr):
+def draw(keys, present, kth, divisor, row_key, columns, TYPE: tl.constexpr, KEY_BITS: tl.constexpr):
     """Among the `present` candidates (at `columns`): the best score (scaled logit + noise, over
     those at or above the key kth) and its place in `keys`, the largest logit and its place;
     the first place among equals."""
@@ -139,15 +144,15 @@ def _whole_row_draw(logits_ptr, row, row_stride, width, k, divisor, row_key, PAR
         count = 0
         for part in tl.range(0, PARTS):
             columns = part * PART + tl.arange(0, PART)
-            keys = _row_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS)
+            keys = ordered_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS, False)
             count += tl.sum((keys >= candidate).to(tl.int32), axis=0)
         kth = tl.where(count >= k, candidate, kth)
     best_score, sampled = float("-inf"), 0
     best_logit, greedy = float("-inf"), 0
     for part in tl.range(0, PARTS):
         columns = part * PART + tl.arange(0, PART)
-        keys = _row_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS)
-        part_score, part_sampled, part_logit, part_greedy = _draw(keys, columns < width, kth, divisor, row_key,
+        keys = ordered_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS, False)
+        part_score, part_sampled, part_logit, part_greedy = draw(keys, columns < width, kth, divisor, row_key,
                                                                   columns, logits_ptr.dtype.element_ty, KEY_BITS)
         sampled = tl.where(part_score > best_score, part * PART + part_sampled, sampled)
         best_score = tl.maximum(best_score, part_score)
@@ -168,10 +173,10 @@ def _sample_top_k(logits_ptr, row_stride, temperature_ptr, top_k_ptr, keys_ptr, 
     row_key = tl.load(keys_ptr + row)
     # 1. This part's k-th largest key.
     columns = part * PART + tl.arange(0, PART)
-    keys = _row_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS)
-    kth = _kth_key(keys, k, KEY_BITS)
+    keys = ordered_keys(logits_ptr, row, row_stride, columns, width, KEY_BITS, False)
+    kth = kth_key(keys, k, KEY_BITS)
     if PARTS == 1:  # the whole row is here: draw from the registers
-        _, sampled, _, greedy = _draw(keys, columns < width, kth, divisor, row_key, columns,
+        _, sampled, _, greedy = draw(keys, columns < width, kth, divisor, row_key, columns,
                                       logits_ptr.dtype.element_ty, KEY_BITS)
         tl.store(out_ptr + row, tl.where(temperature > 0, sampled, greedy).to(tl.int64))  # places are columns
     else:
@@ -214,8 +219,8 @@ def _draw_from_parts(logits_ptr, row, row_stride, width, k, divisor, row_key, ke
                              other=-(1 << (KEY_BITS - 1)), cache_modifier=".cg")
         candidate_columns = tl.load(kept_columns_ptr + row * PARTS * CAP + slots, mask=present, other=0,
                                     cache_modifier=".cg")
-        kth = _kth_key(candidates, k, KEY_BITS)
-        _, sampled, _, greedy = _draw(candidates, present, kth, divisor, row_key, candidate_columns,
+        kth = kth_key(candidates, k, KEY_BITS)
+        _, sampled, _, greedy = draw(candidates, present, kth, divisor, row_key, candidate_columns,
                                       logits_ptr.dtype.element_ty, KEY_BITS)
         sampled, greedy = _column_at(candidate_columns, sampled), _column_at(candidate_columns, greedy)
     else:
@@ -243,7 +248,7 @@ def launch_sample_top_k(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
                         num_warps: int | None = None) -> torch.Tensor:
     """`sample_top_k` with the launch's warps chosen (the benchmark sweeps them)."""
     rows, width = logits.shape
-    if logits.dtype not in _KEY_BITS or width > WIDEST_ROW:
+    if logits.dtype not in KEY_BITS_OF_DTYPE or width > WIDEST_ROW:
         raise ValueError(f"sample_top_k takes rows of at most {WIDEST_ROW} bf16, float16 or float32 logits, "
                          f"not {logits.dtype} x {width}")
     if not (temperature.shape == top_k.shape == row_keys.shape == (rows,)):
@@ -259,7 +264,7 @@ def launch_sample_top_k(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     tickets = torch.zeros(rows, device=logits.device, dtype=torch.int32)  # the last program sets its row's back
     _sample_top_k[(rows, parts)](logits, logits.stride(0), temperature.float().contiguous(), top_k.contiguous(),
                                  row_keys.contiguous(), out, width, kept_keys, kept_columns, counts, tickets,
-                                 PART=part, PARTS=parts, CAP=cap, KEY_BITS=_KEY_BITS[logits.dtype],
+                                 PART=part, PARTS=parts, CAP=cap, KEY_BITS=KEY_BITS_OF_DTYPE[logits.dtype],
                                  num_warps=num_warps or default_warps(width))
     return out
 
