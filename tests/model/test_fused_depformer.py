@@ -262,7 +262,7 @@ def test_fused_frame_draws_the_tokens_of_the_fused_steps_and_their_sampler(rows,
     noise, frame_noise = RowNoise(rows, "cpu"), RowNoise(rows, "cpu")
     noise.reseed(slice(None), 11)
     frame_noise.reseed(slice(None), 11)
-    assert model.depformer_frame_fusable(steps, rows, dtype, Kernels(fused_depformer_max_rows=rows, sampling=True))
+    assert model.depformer_frame_fusable(steps, hidden, Kernels(fused_depformer_max_rows=rows, sampling=True))
     step_state, frame_state = model.new_depformer_state(rows), model.new_depformer_state(rows)
     expected_tokens, expected_logits = frame_by_steps(model, steps, hidden, text_token, step_state, projections,
                                                       (temperature, top_k, noise), targets, provided)

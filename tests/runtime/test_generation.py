@@ -149,7 +149,7 @@ def test_a_fused_frame_generates_what_the_step_by_step_depformer_generates(tmp_p
     write_tiny_lm(path, config, seed=3)
     lm = load_lm(path, config, dtype=torch.float32)
     fused = Kernels(fused_depformer_max_rows=1, sampling=True)
-    assert lm.depformer_frame_fusable(8, 1, torch.float32, fused)
+    assert lm.depformer_frame_fusable(8, torch.zeros(1, 1, config.dim), fused)
 
     class Recorder:
         def __init__(self):

@@ -329,16 +329,18 @@ class LMModel(nn.Module):
             x = layer.forward_step(x, step, state, index, kernels)
         return linear(self.linears[step], x[:, 0], kernels)
 
-    def depformer_frame_fusable(self, steps: int, rows: int, activation_dtype: torch.dtype, kernels: Kernels) -> bool:
-        """Whether `fused_depformer_frame` can run a frame's `steps` steps: the fused step and the
-        sampling kernel both chosen, every step's weights readable by the fused kernel, the token
-        embeddings plain in the activations' dtype, and a step's logits few enough for the
+    def depformer_frame_fusable(self, steps: int, hidden: torch.Tensor, kernels: Kernels) -> bool:
+        """Whether `fused_depformer_frame` can run the `steps` steps of a frame whose temporal
+        output is `hidden` [B, 1, dim]: the fused step and the sampling kernel both chosen for its
+        rows and able to run where it is, every step's weights readable by the fused kernel, the
+        token embeddings plain in the activations' dtype, and a step's logits few enough for the
         kernel's one-part draw."""
         embeddings = [self.depformer_text_emb, *self.depformer_emb[:steps - 1]]
-        return (kernels.sampling and rows <= kernels.fused_depformer_max_rows
+        return (kernels.sampling and hidden.shape[0] <= kernels.fused_depformer_max_rows
                 and self.config.card <= SAMPLING_PART_WIDTH
-                and all(type(e) is nn.Embedding and e.weight.dtype == activation_dtype for e in embeddings)
-                and all(self.depformer_step_fusable(step, activation_dtype) for step in range(steps)))
+                and all(type(e) is nn.Embedding and e.weight.dtype == hidden.dtype for e in embeddings)
+                and all(self.depformer_step_fusable(step, hidden.dtype) for step in range(steps))
+                and kernels_can_run(hidden))
 
     def fused_depformer_frame(
         self, steps: int, hidden: torch.Tensor, text_token: torch.Tensor, state: DepformerState,

@@ -18,7 +18,6 @@ from typing import Protocol
 
 import torch
 
-from ..model.kernels import kernels_can_run
 from ..model.layers import READABLE_KERNELS, Kernels
 from ..model.lm import UNGENERATED_TOKEN, LMModel
 from .sampling import RowNoise, SamplingConfig, sample_tokens
@@ -203,7 +202,7 @@ class FrameGenerator:
     def _run_depformer(self, hidden, text_token, audio_target, audio_provided) -> torch.Tensor:
         projections = self.lm.depformer_projections(hidden, self.kernels)
         steps = self.depformer_steps
-        if self.lm.depformer_frame_fusable(steps, hidden.shape[0], hidden.dtype, self.kernels) and kernels_can_run(hidden):
+        if self.lm.depformer_frame_fusable(steps, hidden, self.kernels):
             # Every step and its draw in one launch: the same tokens as the loop below.
             sampled, logits = self.lm.fused_depformer_frame(
                 steps, hidden, text_token, self.depformer_state, projections, self.audio_temperature,

@@ -92,8 +92,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import device_index, multiprocessors
-from .sampling import KEY_BITS_OF_DTYPE, PART_WIDTH, draw, kth_key, ordered_keys
+from . import SAMPLING_PART_WIDTH, device_index, multiprocessors
+from .sampling import KEY_BITS_OF_DTYPE, draw, kth_key, ordered_keys
 
 
 # The parts of a layer, in order (see the module doc). The kernel reads module constants only
@@ -720,8 +720,9 @@ class FrameSampling:
     provided: torch.Tensor
 
     def check(self, rows: int, steps: int, dim: int, card: int) -> None:
-        if card > PART_WIDTH:
-            raise ValueError(f"fused_depformer_frame: the kernel draws from at most {PART_WIDTH} logits a row, not {card}")
+        if card > SAMPLING_PART_WIDTH:
+            raise ValueError(f"fused_depformer_frame: the kernel draws from at most {SAMPLING_PART_WIDTH} logits a row, "
+                             f"not {card}")
         projections = self.projections
         if projections.dim() != 3 or projections.shape[0] != rows or projections.shape[1] < steps \
                 or projections.shape[2] != dim or projections.stride()[1:] != (dim, 1):
@@ -782,6 +783,8 @@ def launch_fused_depformer_step(x: torch.Tensor, layer_weights: list[torch.Tenso
     the benchmark sweeps others). With `phase_ends` (int64, two entries a phase, CUDA only),
     the kernel writes, per phase, the earliest and the latest time (ns, the GPU's global timer)
     at which a program finished it: `bench/depformer_fused.py --phases` times each phase so."""
+    # A step launched alone gets its input built on the host: its embedding table (here the
+    # head's address, to fill the slot) is never read.
     logits, _ = _launch_steps(x, layer_weights, [head], [head], keys, values, step, eps, persistent, shape,
                               layer_scales, phase_ends, sampling=None)
     return logits[0]

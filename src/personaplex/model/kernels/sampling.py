@@ -40,7 +40,6 @@ import triton.language as tl
 
 from . import SAMPLING_PART_WIDTH
 
-PART_WIDTH = SAMPLING_PART_WIDTH
 WIDEST_ROW = 1 << 16
 KEY_BITS_OF_DTYPE = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
@@ -234,7 +233,7 @@ def row_parts(width: int) -> tuple[int, int, int]:
     candidates a part may store (none for a row in one part, which draws from its registers; 64
     a part of the text row's 16, its top 25 with their ties; fewer parts, more each)."""
     block = triton.next_power_of_2(width)
-    part = min(block, PART_WIDTH)
+    part = min(block, SAMPLING_PART_WIDTH)
     parts = block // part
     return part, parts, 0 if parts == 1 else max(64, 512 // parts)
 
