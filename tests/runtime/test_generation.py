@@ -12,6 +12,7 @@ from personaplex.model.lm_checkpoint import load_lm
 from personaplex.runtime.generation import FrameGenerator, StepInputs
 from personaplex.runtime.sampling import RowNoise, SamplingConfig, gumbel_noise, sample_tokens
 from tests.fixtures.tiny_lm import tiny_lm_config, write_tiny_lm
+from tests.gpu.common import interpreter_or_skip  # before any kernel is defined: picks the interpreter on a CPU
 
 
 def eight_step_state_dict(state: dict, depformer_dim: int) -> dict:
@@ -141,7 +142,6 @@ def test_a_fused_frame_generates_what_the_step_by_step_depformer_generates(tmp_p
     sampled and provided tokens, the same tokens as the step-by-step path, and an observer
     still sees every step's logits (Triton's interpreter, float32)."""
     from personaplex.model.layers import Kernels
-    from tests.gpu.common import interpreter_or_skip
 
     interpreter_or_skip("cpu")
     config = tiny_lm_config(card=80)
