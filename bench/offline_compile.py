@@ -96,7 +96,7 @@ def quantized(kind: int, block_m: int, block_n: int, block_k: int, split_k: int,
              "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32"}
     constants = dict(KIND=kind, GROUP_SIZE=64, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
     if block_m == 1:
-        constants |= dict(NUM_STAGES=stages, TWO_ROWS=rows == 2, CHUNK=chunk)
+        constants |= dict(NUM_STAGES=stages, TWO_ROWS=rows == 2, CHUNK=chunk, PTX=True)
         return compile_sm90(quantized_matmul._gemv_kernel, types, constants, warps, stages)
     return compile_sm90(quantized_matmul._dot_kernel, types, {**constants, "BLOCK_M": block_m}, warps, stages)
 

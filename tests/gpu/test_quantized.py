@@ -165,25 +165,32 @@ def test_kernel_matches_float_math_on_its_dequantized_weights(scale: str, fmt: s
 @pytest.mark.parametrize("rows", [1, 9])
 def test_every_code_reads_exactly(scale: str, rows: int) -> None:
     """Each kernel (the GEMV at one row, the tensor cores at nine) reads every fp8 code,
-    subnormal ones included, and every int4 code exactly: one code per output row, the same at
-    every input, and x all ones, so that each output is 64 times that weight, exact in bf16 (in
-    fp16 in the interpreter, whose bf16 tensor-core product is wrong)."""
+    subnormal ones included, and every int4 code exactly, at its own input. fp8: one code per
+    output row, the same at every input, and x all ones, so that each output is 64 times that
+    weight. int4: codes that change along the inputs over a 128-input tile (which the tensor
+    cores take as 8 planes of every eighth input) and x one-hot, each row at another input, so
+    that each output is one weight, at the input the row picked. Exact in bf16 (in fp16 in the
+    interpreter, whose bf16 tensor-core product is wrong)."""
     from personaplex.model.kernels.quantized_matmul import WeightKind, quantized_linear
 
     interpreter_or_skip(scale)
     device = device_of(scale)
-    x = torch.ones(rows, 64, device=device, dtype=torch.bfloat16 if scale == "cuda" else torch.float16)
+    dtype = torch.bfloat16 if scale == "cuda" else torch.float16
+    x = torch.ones(rows, 64, device=device, dtype=dtype)
     finite = [code for code in range(256) if code & 0x7F != 0x7F]  # e4m3fn's two NaN codes left out
     codes = torch.tensor(finite, dtype=torch.uint8, device=device)[:, None].expand(-1, 64).contiguous()
     weight = codes.view(torch.float8_e4m3fn)
     out = quantized_linear(x, weight, torch.ones(len(finite), device=device), None, WeightKind.FP8, 1)
     assert torch.equal(out.float(), (64 * weight[:, 0].float())[None, :].expand(rows, -1))
-    nibbles = torch.arange(16, dtype=torch.uint8, device=device).repeat(2)[:, None].expand(-1, 64)
+    inputs = 128
+    nibbles = ((torch.arange(32, device=device)[:, None] + 3 * torch.arange(inputs, device=device)) % 16).to(torch.uint8)
     packed = (nibbles[:, 0::2] | nibbles[:, 1::2] << 4).contiguous()
-    scales = torch.full((32, 1), 0.5, dtype=torch.float16, device=device)
-    biases = torch.full((32, 1), -4.0, dtype=torch.float16, device=device)
+    scales = torch.full((32, 2), 0.5, dtype=torch.float16, device=device)
+    biases = torch.full((32, 2), -4.0, dtype=torch.float16, device=device)
+    picked = (37 * torch.arange(rows, device=device) + 5) % inputs
+    x = torch.nn.functional.one_hot(picked, inputs).to(dtype)
     out = quantized_linear(x, packed, scales, biases, WeightKind.INT4, 64)
-    assert torch.equal(out.float(), (64 * (nibbles[:, 0].float() / 2 - 4))[None, :].expand(rows, -1))
+    assert torch.equal(out.float(), nibbles[:, picked].t().float() / 2 - 4)
 
 
 @pytest.mark.parametrize("scale", SCALES)

@@ -62,7 +62,7 @@ def _per_column(group_values, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, COLUM
 
 @triton.jit
 def _int4_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+               BLOCK_K: tl.constexpr, PTX: tl.constexpr):
     """Dequantized int4 weights [BLOCK_N, BLOCK_K] (float32) for the GEMV, with no conversion
     instruction.
 
@@ -87,14 +87,14 @@ def _int4_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE: tl.constexpr
     shifted_bias = _per_column(bias.to(tl.float32) - 128.0 * scale, BLOCK_N, GROUPS, WORDS)
     scale = _per_column(scale, BLOCK_N, GROUPS, WORDS)
     # Code i of a word (input 8j + i, low nibble first) sits in bits 4i .. 4i+3.
-    w0 = _nibble_weight(words << 16, scale, shifted_bias)
-    w1 = _nibble_weight(words << 12, scale, shifted_bias)
-    w2 = _nibble_weight(words << 8, scale, shifted_bias)
-    w3 = _nibble_weight(words << 4, scale, shifted_bias)
-    w4 = _nibble_weight(words, scale, shifted_bias)
-    w5 = _nibble_weight(words >> 4, scale, shifted_bias)
-    w6 = _nibble_weight(words >> 8, scale, shifted_bias)
-    w7 = _nibble_weight(words >> 12, scale, shifted_bias)
+    w0 = _nibble_weight(words << 16, scale, shifted_bias, PTX)
+    w1 = _nibble_weight(words << 12, scale, shifted_bias, PTX)
+    w2 = _nibble_weight(words << 8, scale, shifted_bias, PTX)
+    w3 = _nibble_weight(words << 4, scale, shifted_bias, PTX)
+    w4 = _nibble_weight(words, scale, shifted_bias, PTX)
+    w5 = _nibble_weight(words >> 4, scale, shifted_bias, PTX)
+    w6 = _nibble_weight(words >> 8, scale, shifted_bias, PTX)
+    w7 = _nibble_weight(words >> 12, scale, shifted_bias, PTX)
     # Each join adds a last axis of 2; nested this way, the flattened [.., 2, 2, 2] axis runs
     # w0 .. w7: the inputs' order.
     eight = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
@@ -102,9 +102,18 @@ def _int4_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE: tl.constexpr
 
 
 @triton.jit
-def _nibble_weight(bits, scale, shifted_bias):
-    """The weight whose code is in bits 16-19 of `bits` (int32): (128 + q) * scale + shifted_bias."""
-    return ((bits & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True) * scale + shifted_bias
+def _nibble_weight(bits, scale, shifted_bias, PTX: tl.constexpr):
+    """The weight whose code is in bits 16-19 of `bits` (int32): (128 + q) * scale + shifted_bias.
+    PTX: the mask and the OR as one `lop3` (written as Triton operations, each with its own
+    constant, they stay two instructions: a one-row int4 frame's products on the H200 3.05 ->
+    2.80 ms, docs/PERFORMANCE.md run AB); Triton's interpreter, which has no PTX, runs the same
+    bit operations written out."""
+    if PTX:
+        magic = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0xF0000, 0x43000000, 0xEA;", "=r,r", [bits],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        magic = (bits & 0xF0000) | 0x43000000
+    return magic.to(tl.float32, bitcast=True) * scale + shifted_bias
 
 
 @triton.jit
@@ -123,14 +132,15 @@ def _int4_tile_by_bytes(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE: tl.
 
 @triton.jit
 def _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TENSOR_CORES: tl.constexpr, PTX: tl.constexpr):
     """Dequantized weights [BLOCK_N, BLOCK_K] (float32) of rows offs_n, inputs k0 .. k0+BLOCK_K;
     scale and bias: the tile's groups (`_group_scales`; unused for fp8 and plain weights);
-    TENSOR_CORES: for `_dot_kernel` (int4 codes are unpacked the way each kernel runs faster)."""
+    TENSOR_CORES: for `_dot_kernel` (int4 codes are unpacked the way each kernel runs faster);
+    PTX: compiled for a GPU, not run by Triton's interpreter (`_nibble_weight`)."""
     if KIND == 0 and TENSOR_CORES:
         w = _int4_tile_by_bytes(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE, BLOCK_N, BLOCK_K)
     elif KIND == 0:
-        w = _int4_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        w = _int4_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, GROUP_SIZE, BLOCK_N, BLOCK_K, PTX)
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
         # Rows past N are never stored, so their (unloaded) values do not matter.
@@ -188,7 +198,7 @@ def _chunk_sums(products, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: t
 def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K, stride_xm, stride_om,
                  KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, TWO_ROWS: tl.constexpr, CHUNK: tl.constexpr,
-                 GATED: tl.constexpr = False):
+                 PTX: tl.constexpr, GATED: tl.constexpr = False):
     """out = x @ dequant(W).T for one row of x, or two (TWO_ROWS), each weight tile read once
     for both. Each row keeps its own accumulator [BLOCK_N, BLOCK_K / CHUNK] in the weight tile's
     register layout: a [rows, N, K] one would change that layout, and the tile would then come
@@ -231,7 +241,7 @@ def _gemv_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, N, K, stride_xm,
             scale, bias = next_scale, next_bias
             k_next = tl.minimum(k0 + BLOCK_K, k_first + k_slice - BLOCK_K)
             next_scale, next_bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k_next, K, GROUP_SIZE, GROUPS)
-        w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K, False)
+        w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K, False, PTX)
         cols = k0 + tl.arange(0, BLOCK_K)
         acc += _chunk_sums(w * tl.load(x_ptr + cols).to(tl.float32)[None, :], BLOCK_N, BLOCK_K, CHUNK)
         if TWO_ROWS:
@@ -267,7 +277,8 @@ def _dot_kernel(x_ptr, w_ptr, scales_ptr, biases_ptr, out_ptr, M, N, K, stride_x
         scale, bias = scales_ptr, biases_ptr  # only the affine formats have group scales
         if KIND < 2:
             scale, bias = _group_scales(scales_ptr, biases_ptr, offs_n, n_ok, k0, K, GROUP_SIZE, GROUPS)
-        w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K, True)
+        # (int4 takes the byte path here, which has no PTX of its own)
+        w = _weight_tile(w_ptr, scale, bias, offs_n, n_ok, k0, K, KIND, GROUP_SIZE, BLOCK_N, BLOCK_K, True, False)
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None], other=0)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
@@ -521,7 +532,7 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bi
     _gemv_kernel[grid](
         x, weight, scales, biases, out, outputs, k, x.stride(0), out.stride(0),
         KIND=int(kind), GROUP_SIZE=group_size, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, TWO_ROWS=m == 2, CHUNK=config.chunk,
+        SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, TWO_ROWS=m == 2, CHUNK=config.chunk, PTX=x.is_cuda,
         GATED=gated, num_warps=config.num_warps,
     )
 
