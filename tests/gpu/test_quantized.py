@@ -167,10 +167,10 @@ def test_every_code_reads_exactly(scale: str, rows: int) -> None:
     """Each kernel (the GEMV at one row, the tensor cores at nine) reads every fp8 code,
     subnormal ones included, and every int4 code exactly, at its own input. fp8: one code per
     output row, the same at every input, and x all ones, so that each output is 64 times that
-    weight. int4: codes that change along the inputs over a 128-input tile (which the tensor
-    cores take as 8 planes of every eighth input) and x one-hot, each row at another input, so
-    that each output is one weight, at the input the row picked. Exact in bf16 (in fp16 in the
-    interpreter, whose bf16 tensor-core product is wrong)."""
+    weight. int4: codes that change along 128 inputs and x one-hot, each row at another input,
+    so that each output is one weight, at the input the row picked (a code unpacked to the wrong
+    input, in either kernel's interleave, fails). Exact in bf16 (in fp16 in the interpreter,
+    whose bf16 tensor-core product is wrong)."""
     from personaplex.model.kernels.quantized_matmul import WeightKind, quantized_linear
 
     interpreter_or_skip(scale)
