@@ -22,7 +22,15 @@ from personaplex.model.config import LMConfig, MimiTransformerConfig
 from personaplex.model import layers
 from personaplex.model.layers import Kernels
 from personaplex.model.lm import LMModel
-from personaplex.model.quantize import AffineQuantizedLinear, Fp8Linear, default_filter, quantize_linear, quantize_model
+from personaplex.model.quantize import (
+    AffineQuantizedLinear,
+    Fp8Linear,
+    Int4TensorCoreLinear,
+    default_filter,
+    quantize_linear,
+    quantize_model,
+    use_int4_tensor_cores,
+)
 from personaplex.model.random_init import (
     WEIGHT_KINDS,
     build_random_lm,
@@ -102,6 +110,8 @@ def kernel_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     if isinstance(layer, Fp8Linear):
         return quantized_linear(x, layer.weight_fp8, layer.scales.float(), None, WeightKind.FP8, 1)
+    if isinstance(layer, Int4TensorCoreLinear):
+        return quantized_linear(x, *layer.kernel_operands())
     assert isinstance(layer, AffineQuantizedLinear)
     kind = WeightKind.INT4 if layer.bits == 4 else WeightKind.INT8
     return quantized_linear(x, layer.qweight, layer.scales, layer.biases, kind, layer.group_size)
@@ -116,7 +126,7 @@ def random_linear(out_features: int, in_features: int, kind: str, device: torch.
 def dequantize_layers_(lm: LMModel) -> LMModel:
     """Replace every quantized layer by a plain bf16 `nn.Linear` of its dequantized weights, in
     place: the same weights through cuBLAS instead of the Triton kernels."""
-    names = [name for name, m in lm.named_modules() if isinstance(m, (AffineQuantizedLinear, Fp8Linear))]
+    names = [name for name, m in lm.named_modules() if isinstance(m, (AffineQuantizedLinear, Int4TensorCoreLinear, Fp8Linear))]
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         layer = lm.get_submodule(name)
@@ -191,6 +201,56 @@ def test_every_code_reads_exactly(scale: str, rows: int) -> None:
     x = torch.nn.functional.one_hot(picked, inputs).to(dtype)
     out = quantized_linear(x, packed, scales, biases, WeightKind.INT4, 64)
     assert torch.equal(out.float(), nibbles[:, picked].t().float() / 2 - 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the int4 tensor-core kernel is CUDA C: it has no CPU variant")
+@pytest.mark.parametrize("group_size", [64, 32, 128])
+def test_int4_tensor_core_kernel_matches_float_math(group_size: int) -> None:
+    """The int4 tensor-core kernel (`kernels/int4_mma.py`) on every LM linear shape of the 7B
+    model (other group sizes: every shape whose inputs they divide), every row count from 1 to
+    64 and 100 (two tiles of x rows), against float64 math on the layer's dequantized weights."""
+    device = torch.device("cuda")
+    shapes = linear_shapes(lm_config("cuda"))
+    generator = torch.Generator(device=device).manual_seed(0)
+    worst: dict[str, float] = {}
+    for (out_features, in_features), name in shapes.items():
+        if out_features % 16 or in_features % group_size:
+            continue
+        layer = Int4TensorCoreLinear(quantize_linear(
+            random_linear(out_features, in_features, "trained-like", device, generator), "int4", group_size))
+        weight = layer.dequantized_weight(torch.float64)
+        x = torch.randn(100, in_features, device=device, generator=generator).bfloat16()
+        expected = x.double() @ weight.t()
+        for m in [*range(1, 65), 100]:
+            out = kernel_product(layer, x[:m].contiguous()).double()
+            assert out.shape == (m, out_features)
+            error = ((out - expected[:m]).norm(dim=1) / expected[:m].norm(dim=1)).max().item()
+            key = f"{name} {out_features}x{in_features}"
+            worst[key] = max(worst.get(key, 0.0), error)
+    record(f"int4 tensor-core kernel vs its dequantized weights, worst row: g{group_size} [cuda]", worst)
+    assert max(worst.values()) < KERNEL_BOUND, worst
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the int4 tensor-core kernel is CUDA C: it has no CPU variant")
+@pytest.mark.parametrize("rows", [1, 9, 70])
+def test_int4_tensor_core_kernel_reads_every_code_exactly(rows: int) -> None:
+    """As `test_every_code_reads_exactly` for the tensor-core layout: codes that change along
+    the inputs and x one-hot, each row at another input, so each output is exactly one weight
+    (a code in the wrong place of a fragment fails)."""
+    from personaplex.model.kernels.int4_mma import int4_mma_linear, to_fragment_order
+
+    device = torch.device("cuda")
+    outputs, inputs = 48, 256
+    codes = ((torch.arange(outputs, device=device)[:, None] * 7 + 3 * torch.arange(inputs, device=device)) % 16).to(torch.uint8)
+    scales = torch.full((outputs, inputs // 64), 0.5, dtype=torch.float16, device=device)
+    biases = torch.full((outputs, inputs // 64), -4.0, dtype=torch.float16, device=device)
+    words, scale_bias = to_fragment_order(codes, scales, biases)
+    picked = (37 * torch.arange(rows, device=device) + 5) % inputs
+    x = torch.nn.functional.one_hot(picked, inputs).bfloat16()
+    out = int4_mma_linear(x, words, scale_bias, 64)
+    assert torch.equal(out.float(), codes[:, picked].t().float() / 2 - 4)
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -384,6 +444,11 @@ def measure_lm_logits(scale: str, kind: str) -> dict[str, tuple[dict[str, float]
         results[f"{fmt} vs bf16 (forward)"] = (compare_logits(forward, reference), bound)
         streamed = teacher_forced_logits(quantized, codes, streaming=True)
         results[f"{fmt} vs bf16 (streamed)"] = (compare_logits(streamed, reference_streamed), bound)
+        if fmt == "int4" and use_int4_tensor_cores(quantized):  # CUDA: the temporal layers on the tensor-core kernel
+            results["int4 tensor cores vs int4 Triton (forward)"] = (
+                compare_logits(teacher_forced_logits(quantized, codes), forward), FLOOR)
+            results["int4 tensor cores vs int4 Triton (streamed)"] = (
+                compare_logits(teacher_forced_logits(quantized, codes, streaming=True), streamed), FLOOR)
         cublas = teacher_forced_logits(dequantize_layers_(quantized), codes)
         results[f"{fmt} kernels vs its dequantized weights in cuBLAS (forward)"] = (compare_logits(forward, cublas), FLOOR)
         del quantized

@@ -87,6 +87,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 # 1.43 ms at two rows.
 FUSED_DEPFORMER_PAYS_UP_TO = 1
 
+# Frames of this many rows or more run the temporal int4 layers on the int4 tensor-core kernel
+# (`Kernels.int4_tensor_cores_from_rows`). A frame's 128 temporal int4 products on an H200
+# (bench/int4_mma.py, run AC): 8 rows 3.90 -> 2.93 ms, 32 rows 4.93 -> 3.99, 64 rows 5.93 ->
+# 5.46 (cuBLAS on bf16 weights: 4.08 / 4.17 / 4.15); at one row the Triton GEMV on MLX's order
+# keeps 2.09 against 2.86, at two 2.80 against 2.91.
+INT4_TENSOR_CORES_PAY_FROM = 3
+
 
 @dataclass(frozen=True)
 class Kernels:
@@ -121,6 +128,11 @@ class Kernels:
     `conv_products` runs Mimi's small convolutions (all of one conversation's frame) as matrix
     products of their unfolded input, through `linear` (so the GEMV at one or two rows), instead
     of cuDNN's convolutions (`mimi/conv.py`).
+
+    `int4_tensor_cores_from_rows`: a frame runner for at least this many rows rearranges the
+    temporal transformer's int4 layers for the int4 tensor-core kernel (`kernels/int4_mma.py`,
+    `quantize.use_int4_tensor_cores`), faster than the Triton int4 kernels from 8 rows on; below
+    it they keep MLX's order, which the one-row GEMV reads faster (0: never).
     """
 
     ring_attention: bool = False
@@ -128,11 +140,12 @@ class Kernels:
     sampling: bool = False
     gemv: bool = False
     conv_products: bool = False
+    int4_tensor_cores_from_rows: int = 0
 
     @staticmethod
     def fast() -> "Kernels":
         return Kernels(ring_attention=True, fused_depformer_max_rows=FUSED_DEPFORMER_PAYS_UP_TO, sampling=True,
-                       gemv=True, conv_products=True)
+                       gemv=True, conv_products=True, int4_tensor_cores_from_rows=INT4_TENSOR_CORES_PAY_FROM)
 
 
 READABLE_KERNELS = Kernels()

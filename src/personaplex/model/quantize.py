@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import WEIGHT_FORMATS
-from .kernels import KernelOperands, WeightKind, cuda_op
+from .kernels import KernelOperands, WeightKind, cuda_op, int4_mma
 
 WeightFormat = Literal["bf16", "fp8", "int4", "int8"]
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
@@ -136,6 +136,32 @@ class Int8Linear(AffineQuantizedLinear):
     kernel_kind = WeightKind.INT8
 
 
+class Int4TensorCoreLinear(nn.Module):
+    """An `Int4Linear` with its codes, scales and biases rearranged for the tensor-core kernel
+    (`kernels/int4_mma.py`, CUDA only): the same weights, the same bytes, another order.
+    Made by `use_int4_tensor_cores`; `dequantized_weight` reads the original order back."""
+
+    def __init__(self, layer: Int4Linear):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
+        words, scale_bias = int4_mma.to_fragment_order(unpack_codes(layer.qweight, 4), layer.scales, layer.biases)
+        self.register_buffer("words", words)
+        self.register_buffer("scale_bias", scale_bias)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes, scales, biases = int4_mma.from_fragment_order(self.words, self.scale_bias)
+        return dequantize_affine(pack_codes(codes, 4), scales, biases, 4, self.group_size, dtype)
+
+    def kernel_operands(self) -> KernelOperands:
+        return self.words, self.scale_bias, None, int(WeightKind.INT4_MMA), self.group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _kernel_or_dequantized(self, x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, group_size={self.group_size}, tensor-core order"
+
+
 # --------------------------------------------------------------------------- fp8
 
 
@@ -179,7 +205,7 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
 
 
-def _kernel_or_dequantized(layer: AffineQuantizedLinear | Fp8Linear, x: torch.Tensor) -> torch.Tensor:
+def _kernel_or_dequantized(layer: AffineQuantizedLinear | Int4TensorCoreLinear | Fp8Linear, x: torch.Tensor) -> torch.Tensor:
     """A quantized layer's product: the quantized-matmul kernel on CUDA, else float math on the
     dequantized weight."""
     if x.is_cuda:
@@ -249,3 +275,26 @@ def quantize_model(
             setattr(parent, attr, replacement)
             del linear
     return model
+
+
+def temporal_filter(name: str) -> bool:
+    """The temporal transformer's linears: the products of a frame's rows, where the int4
+    tensor-core kernel was measured (docs/QUANTIZATION.md). The depformer's small products stay
+    with the Triton kernels."""
+    return name.startswith("transformer.")
+
+
+def use_int4_tensor_cores(model: nn.Module, include: Callable[[str], bool] = temporal_filter) -> int:
+    """Rearrange every `Int4Linear` whose name passes `include` for the int4 tensor-core kernel
+    (`Int4TensorCoreLinear`), in place, where that kernel can run (a CUDA GPU of compute
+    capability 8.0 or newer with NVRTC; shapes of N % 16 == 0 and K % 64 == 0). Returns how many
+    layers changed. Once only, before any CUDA graph captures the layers' tensors."""
+    names = [name for name, module in model.named_modules()
+             if type(module) is Int4Linear and include(name) and int4_mma.fits(module.out_features, module.in_features)
+             and int4_mma.available(module.qweight.device)]
+    with torch.no_grad():
+        for name in names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, attr, Int4TensorCoreLinear(getattr(parent, attr)))
+    return len(names)

@@ -1,4 +1,5 @@
-"""Triton kernels (CUDA only; import triton only through here), registered as torch custom ops."""
+"""GPU kernels (CUDA only; import triton only through here), registered as torch custom ops: Triton's,
+and one in CUDA C compiled at run time (`int4_mma.py`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class WeightKind(enum.IntEnum):
     INT8 = 1
     FP8 = 2
     PLAIN = 3  # not quantized: weights in a float dtype, read as they are
+    INT4_MMA = 4  # int4 in the tensor-core kernel's fragment order (`int4_mma.py`, CUDA C, not Triton)
 
 
 # A layer's arguments to the quantized-matmul ops after x: weight, scales, biases, the

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import GEMV_MAX_ROWS, WeightKind
+from .int4_mma import int4_mma_linear
 
 
 @dataclass(frozen=True)
@@ -466,8 +467,11 @@ def quantized_linear(
 
     weight: uint8 [N, K/2] (INT4) or [N, K] (INT8), float8_e4m3fn [N, K] (FP8), a float dtype
     [N, K] (PLAIN); scales/biases: [N, K/group_size] (affine), scales float32 [N] and biases
-    None (FP8), both None (PLAIN).
+    None (FP8), both None (PLAIN). INT4_MMA: int32 words [N, K/8] and their fp16 scales and
+    biases [N, 2K/group_size] in fragment order, biases None; `int4_mma.int4_mma_linear` runs it.
     """
+    if kind == WeightKind.INT4_MMA:  # every row count: the layer holds only the tensor-core layout
+        return int4_mma_linear(x, weight, scales, group_size)
     m, k = x.shape
     n = weight.shape[0]
     if kind == WeightKind.INT4 and weight.data_ptr() % 4:
@@ -511,6 +515,11 @@ def quantized_gated_linear(
     n = weight.shape[0]
     if n % 2:
         raise ValueError(f"a gated product needs an even number of weight rows (two halves), got {n}")
+    if kind == WeightKind.INT4_MMA:
+        # The tensor-core kernel has no gate in its epilogue: the gate follows the product,
+        # rounded where `_store_gated_row` rounds (the product, silu(a), silu(a) * b).
+        gate, value = int4_mma_linear(x, weight, scales, group_size).chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * value
     config = fit_config(replace(config or default_config(kind, m, n, k), split_k=1), kind, k, group_size)
     if config.block_m != 1 or config.block_n < 2:
         raise ValueError(f"a gated product runs on the GEMV kernel with at least 2 weight rows a program, not {config}")

@@ -1,0 +1,149 @@
+"""GPU benchmark of the int4 tensor-core kernel (`kernels/int4_mma.py`) against the Triton int4
+kernel and cuBLAS reading bf16, per LM linear shape and rows of x, with a sweep of its launch
+shapes, and its error against float math on its own dequantized weights.
+
+Run on the GPU machine: `PYTHONPATH=src:bench python3 bench/int4_mma.py [--quick]`; writes
+$OUT/int4_mma.json. Timing as bench/linear_kernels.py: each product inside a CUDA graph over
+enough weight copies that they do not fit in L2, median of 15 replays.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from graph_timing import graph_time_us  # bench/, the script's folder
+
+from personaplex.model.kernels import int4_mma
+from personaplex.model.kernels.int4_mma import MmaConfig, int4_mma_linear, to_fragment_order
+from personaplex.model.kernels.quantized_matmul import WeightKind, quantized_linear
+from personaplex.model.quantize import dequantize_affine, quantize_affine, unpack_codes
+
+TEMPORAL_SHAPES = [(12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264)]
+DEPFORMER_SHAPES = [(1024, 4096), (3072, 1024), (1024, 1024), (5632, 1024), (1024, 2816)]
+ROWS = [1, 2, 8, 32, 64]
+GROUP = 64
+L2_FLUSH_BYTES = 160 * 2**20
+OUT = Path(os.environ.get("OUT", "bench/results"))
+QUICK = "--quick" in sys.argv
+RESULTS: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+WARP_SHAPES = [(4, 1, 1), (8, 1, 1), (4, 1, 2), (2, 1, 2), (2, 2, 1), (4, 2, 1), (2, 4, 1), (1, 4, 1), (1, 4, 2),
+               (2, 4, 2)]
+SPLITS = [1, 2, 4, 8]
+
+
+def candidates() -> list[MmaConfig]:
+    stages = [4] if QUICK else [4, 8, 12]
+    return [MmaConfig(wn, wk, s, st, sk) for (wn, wk, s), st, sk in itertools.product(WARP_SHAPES, stages, SPLITS)]
+
+
+def save() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "int4_mma.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+def layer(n: int, k: int, seed: int = 0):
+    torch.manual_seed(seed)
+    w = torch.randn(n, k, device="cuda") * 0.02
+    packed, scales, biases = quantize_affine(w, 4, GROUP)
+    words, scale_bias = to_fragment_order(unpack_codes(packed, 4), scales, biases)
+    return packed, scales, biases, words, scale_bias
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def correctness() -> None:
+    """Worst relative error of a row against float64 math on the dequantized weights, at odd
+    row counts and every group size; the Triton kernel's beside it."""
+    rows = []
+    for (n, k), group, m in itertools.product([(12288, 4096), (1024, 2816), (4096, 11264)], (32, 64, 128),
+                                              (1, 3, 8, 17, 64, 100)):
+        torch.manual_seed(m)
+        w = torch.randn(n, k, device="cuda") * 0.02
+        packed, scales, biases = quantize_affine(w, 4, group)
+        words, scale_bias = to_fragment_order(unpack_codes(packed, 4), scales, biases)
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        ref = x.double() @ dequantize_affine(packed, scales, biases, 4, group, torch.float64).T
+        row_err = lambda out: ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+        for config in (MmaConfig(4, 1, 1, 4, 1), MmaConfig(2, 4, 2, 3, 4)):
+            mma_err = row_err(int4_mma_linear(x, words, scale_bias, group, config))
+            rows.append({"n": n, "k": k, "group": group, "m": m, "config": str(config), "mma": mma_err})
+        try:
+            rows[-1]["triton"] = row_err(quantized_linear(x, packed, scales, biases, WeightKind.INT4, group))
+        except ValueError:  # a tiling the Triton kernels do not have (K = 11264 at group 128)
+            rows[-1]["triton"] = None
+        print(f"n={n} k={k} g={group} m={m}: mma {rows[-2]['mma']:.2e} / {rows[-1]['mma']:.2e}, triton {rows[-1]['triton']}",
+              flush=True)
+    RESULTS["errors"] = rows
+    RESULTS["worst_mma_error"] = max(r["mma"] for r in rows)
+    save()
+
+
+def time_shape(n: int, k: int, m: int, configs: list[MmaConfig]) -> dict[str, object]:
+    copies = max(2, min(64, -(-L2_FLUSH_BYTES // (n * k // 2))))
+    layers = [layer(n, k, seed) for seed in range(copies)]
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    bf16 = [torch.randn(n, k, device="cuda").bfloat16() for _ in range(max(2, min(16, -(-L2_FLUSH_BYTES // (2 * n * k)))))]
+    row: dict[str, object] = {"n": n, "k": k, "m": m}
+    row["bf16_us"] = graph_time_us([lambda w=w: F.linear(x, w) for w in bf16])
+    del bf16
+    row["triton_us"] = graph_time_us([lambda p=p: quantized_linear(x, p[0], p[1], p[2], WeightKind.INT4, GROUP)
+                                      for p in layers])
+    best = None
+    for config in configs:
+        if config.split_k > 1 and k % (config.split_k * 64):
+            continue
+        try:
+            us = graph_time_us([lambda p=p: int4_mma_linear(x, p[3], p[4], GROUP, config) for p in layers], replays=7)
+        except Exception as exc:  # a launch shape this GPU refuses (shared memory, registers)
+            print("skip", config, str(exc)[:120], flush=True)
+            continue
+        if best is None or us < best[0]:
+            best = (us, config)
+    row["mma_us"], row["mma_config"] = best[0], list(best[1].__dict__.values())
+    row["mma_default_us"] = graph_time_us([lambda p=p: int4_mma_linear(x, p[3], p[4], GROUP) for p in layers])
+    print(row, flush=True)
+    return row
+
+
+def precompile(configs: list[MmaConfig]) -> None:
+    major, minor = torch.cuda.get_device_capability()
+    tasks = {(min(8, (m + 7) // 8), MmaConfig(c.warps_n, c.warps_k, c.strips, c.stages, min(c.split_k, 2)))
+             for m in ROWS for c in configs}
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:  # NVRTC runs outside the GIL
+        list(pool.map(lambda task: int4_mma.kernel_cubin(task[0], task[1], GROUP, f"sm_{major}{minor}"), tasks))
+    print(f"compiled {len(tasks)} kernels in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def main() -> None:
+    correctness()
+    configs = candidates()
+    precompile(configs)
+    rows = []
+    for (n, k), m in itertools.product(TEMPORAL_SHAPES + ([] if QUICK else DEPFORMER_SHAPES), ROWS):
+        rows.append(time_shape(n, k, m, configs))
+        RESULTS["shapes"] = rows
+        save()
+    # A frame's temporal products: 32 layers of the four shapes.
+    for m in ROWS:
+        per = [r for r in rows if r["m"] == m and (r["n"], r["k"]) in TEMPORAL_SHAPES]
+        RESULTS[f"frame_temporal_ms_rows{m}"] = {col: 32 * sum(r[col] for r in per) / 1000
+                                                 for col in ("bf16_us", "triton_us", "mma_us", "mma_default_us")}
+        print(m, RESULTS[f"frame_temporal_ms_rows{m}"], flush=True)
+    save()
+
+
+if __name__ == "__main__":
+    main()
