@@ -89,10 +89,10 @@ FUSED_DEPFORMER_PAYS_UP_TO = 1
 
 # Frames of this many rows or more run the temporal int4 layers on the int4 tensor-core kernel
 # (`Kernels.int4_tensor_cores_from_rows`). A frame's 128 temporal int4 products on an H200
-# (bench/int4_mma.py, run AC): 8 rows 3.90 -> 2.93 ms, 32 rows 4.93 -> 3.99, 64 rows 5.93 ->
-# 5.46 (cuBLAS on bf16 weights: 4.08 / 4.17 / 4.15); at one row the Triton GEMV on MLX's order
-# keeps 2.09 against 2.86, at two 2.80 against 2.91.
-INT4_TENSOR_CORES_PAY_FROM = 3
+# (bench/int4_mma.py, run AC), the Triton int4 kernels -> the tensor-core kernel (cuBLAS on bf16
+# weights): 1 row 2.09 -> 1.96 ms (4.02), 2 rows 2.87 -> 2.03 (3.98), 8 rows 4.01 -> 2.10
+# (4.01), 32 rows 5.00 -> 3.37 (4.15), 64 rows 6.00 -> 5.74 (4.16).
+INT4_TENSOR_CORES_PAY_FROM = 1
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,8 @@ class Kernels:
 
     `int4_tensor_cores_from_rows`: a frame runner for at least this many rows rearranges the
     temporal transformer's int4 layers for the int4 tensor-core kernel (`kernels/int4_mma.py`,
-    `quantize.use_int4_tensor_cores`), faster than the Triton int4 kernels from 8 rows on; below
-    it they keep MLX's order, which the one-row GEMV reads faster (0: never).
+    `quantize.use_int4_tensor_cores`), faster than the Triton int4 kernels at every row count
+    measured (`INT4_TENSOR_CORES_PAY_FROM`); 0: never (they keep MLX's order and the Triton kernels).
     """
 
     ring_attention: bool = False
@@ -204,7 +204,9 @@ class GatedFFN(nn.Module):
         own kernel (32 a one-conversation frame's temporal layers)."""
         rows = x.numel() // x.shape[-1]
         operands = kernel_operands(self.linear_in) if kernels.gemv and rows <= GEMV_MAX_ROWS else None
-        if operands is None or not kernels_can_run(x):
+        # The int4 tensor-core kernel has no gate in its epilogue: the compiled frame fuses the
+        # gate into one element-wise kernel after it.
+        if operands is None or operands[3] == WeightKind.INT4_MMA or not kernels_can_run(x):
             return silu_gate(linear(self.linear_in, x, kernels))
         gated = cuda_op("quantized_gated_linear")(x.reshape(rows, -1).contiguous(), *operands)
         return gated.reshape(*x.shape[:-1], gated.shape[-1])

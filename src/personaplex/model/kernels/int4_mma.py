@@ -112,6 +112,10 @@ typedef unsigned short u16;
 #define SB_ENTRIES (GROUP < KC ? KC / GROUP : 1)
 #define SB_BYTES (BLOCK_STRIPS * SB_ENTRIES * 64)
 #define STAGE_BYTES (X_BYTES + W_BYTES + SB_BYTES)
+#define X_PIECES (X_ROWS * 8)                    /* 16-byte copies a stage: x, weights, scales */
+#define W_PIECES (BLOCK_STRIPS * 32)
+#define SB_PIECES (BLOCK_STRIPS * SB_ENTRIES * 4)
+#define CEIL(a, b) (((a) + (b) - 1) / (b))
 
 __device__ __forceinline__ void copy16(u32 dst, const void* src, bool valid) {
     // Asynchronous 16-byte copy to shared memory; zeros where !valid.
@@ -124,55 +128,17 @@ __device__ __forceinline__ float half_to_float(u32 h) {
     return f;
 }
 
-__device__ __forceinline__ float code_plus_128(u32 bits) {
-    // The code in bits 16-19 of `bits`, under the bits of 128.0: the float 128 + q.
+__device__ __forceinline__ u32 codes_plus_128(u32 bits) {
+    // Codes in bits 0-3 and 16-19 of `bits`, under the bits of bf16 128.0: the pair 128 + q.
     u32 r;
-    asm("lop3.b32 %0, %1, 0xF0000, 0x43000000, 0xEA;" : "=r"(r) : "r"(bits));
-    return __uint_as_float(r);
-}
-
-__device__ __forceinline__ u32 bf16_pair(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(r) : "r"(bits));
     return r;
-}
-
-__device__ __forceinline__ void dequantize(u32 w, float s0, float b0, float s1, float b1, u32 a[4]) {
-    // Register j: codes j and j + 4; rows g (j even, scale s0) or g + 8 (j odd, s1).
-    a[0] = bf16_pair(fmaf(code_plus_128(w << 16), s0, b0), fmaf(code_plus_128(w), s0, b0));
-    a[1] = bf16_pair(fmaf(code_plus_128(w << 12), s1, b1), fmaf(code_plus_128(w >> 4), s1, b1));
-    a[2] = bf16_pair(fmaf(code_plus_128(w << 8), s0, b0), fmaf(code_plus_128(w >> 8), s0, b0));
-    a[3] = bf16_pair(fmaf(code_plus_128(w << 4), s1, b1), fmaf(code_plus_128(w >> 12), s1, b1));
 }
 
 __device__ __forceinline__ void mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void load_stage(u32 stage, const u16* x, const uint4* w, const char* sb,
-                                           int M, int K, int m0, int strip0, int strips, int k0, int tid) {
-    for (int i = tid; i < X_ROWS * 8; i += THREADS) {  // x: rows of 8 pieces of 16 bytes
-        int row = i >> 3, piece = i & 7, m = m0 + row;
-        bool ok = m < M;
-        copy16(stage + row * X_STRIDE_WORDS * 4 + piece * 16, x + (size_t)(ok ? m : 0) * K + k0 + piece * 8, ok);
-    }
-    u32 w_stage = stage + X_BYTES;
-    int chunks = K / KC;
-    for (int i = tid; i < BLOCK_STRIPS * 32; i += THREADS) {  // weights: 16 bytes a lane a strip
-        int strip = strip0 + (i >> 5);
-        bool ok = strip < strips;
-        copy16(w_stage + i * 16, w + ((size_t)(ok ? strip : 0) * chunks + k0 / KC) * 32 + (i & 31), ok);
-    }
-    u32 sb_stage = w_stage + W_BYTES;
-    int groups = K / GROUP;
-    for (int i = tid; i < BLOCK_STRIPS * SB_ENTRIES * 4; i += THREADS) {  // 64 bytes a strip a group
-        int entry = i >> 2, strip = strip0 + entry / SB_ENTRIES;
-        bool ok = strip < strips;
-        size_t group = (size_t)(ok ? strip : 0) * groups + k0 / GROUP + entry % SB_ENTRIES;
-        copy16(sb_stage + i * 16, sb + group * 64 + (i & 3) * 16, ok);
-    }
 }
 
 __device__ __forceinline__ u16 to_bf16(float v) {
@@ -208,28 +174,71 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_mma(
     const int warp_n = warp % WARPS_N, warp_k = warp / WARPS_N;
     const int g = lane >> 2, t = lane & 3;
     const int strips = N / 16, strip0 = blockIdx.x * BLOCK_STRIPS, m0 = blockIdx.y * X_ROWS;
-    const int k_begin = blockIdx.z * k_slice, iters = k_slice / KC;
+    const int k_begin = blockIdx.z * k_slice, iters = k_slice / KC, chunks = K / KC, groups = K / GROUP;
     const u32 smem_base = (u32)__cvta_generic_to_shared(smem);
 
-    float acc[STRIPS][M_TILES][4];
-    #pragma unroll
-    for (int s = 0; s < STRIPS; ++s)
+    // This thread's share of a stage's copies: its first piece of each kind, the next ones a
+    // constant stride further (THREADS / 8 rows of x, THREADS / 32 strips of weights).
+    const int x_row = tid >> 3;
+    const u16* x_src = x + (size_t)(m0 + x_row) * K + (tid & 7) * 8 + k_begin;
+    const u32 x_dst = x_row * X_STRIDE_WORDS * 4 + (tid & 7) * 16;
+    const int w_strip = tid >> 5;
+    const uint4* w_src = w + ((size_t)(strip0 + w_strip) * chunks + k_begin / KC) * 32 + lane;
+    auto load_stage = [&](int slot, int chunk) {  // chunk: index from k_begin
+        const u32 stage = smem_base + slot * STAGE_BYTES;
         #pragma unroll
-        for (int j = 0; j < M_TILES; ++j)
+        for (int p = 0; p < CEIL(X_PIECES, THREADS); ++p) {
+            const int row = x_row + p * (THREADS / 8);
+            if (X_PIECES % THREADS == 0 || row < X_ROWS) {
+                const bool ok = m0 + row < M;
+                copy16(stage + x_dst + p * (THREADS / 8) * X_STRIDE_WORDS * 4,
+                       ok ? x_src + (size_t)p * (THREADS / 8) * K + chunk * KC : x, ok);
+            }
+        }
+        #pragma unroll
+        for (int p = 0; p < CEIL(W_PIECES, THREADS); ++p) {
+            const int strip = w_strip + p * (THREADS / 32);
+            if (W_PIECES % THREADS == 0 || strip < BLOCK_STRIPS) {
+                const bool ok = strip0 + strip < strips;
+                copy16(stage + X_BYTES + (tid + p * THREADS) * 16,
+                       ok ? w_src + ((size_t)p * (THREADS / 32) * chunks + chunk) * 32 : (const uint4*)x, ok);
+            }
+        }
+        #pragma unroll
+        for (int p = 0; p < CEIL(SB_PIECES, THREADS); ++p) {
+            const int i = tid + p * THREADS, entry = i >> 2, strip = strip0 + entry / SB_ENTRIES;
+            if (SB_PIECES % THREADS == 0 || i < SB_PIECES) {
+                const bool ok = strip < strips;
+                const size_t group = (size_t)strip * groups + (k_begin + chunk * KC) / GROUP + entry % SB_ENTRIES;
+                copy16(stage + X_BYTES + W_BYTES + i * 16, ok ? sb + group * 64 + (i & 3) * 16 : (const char*)x, ok);
+            }
+        }
+    };
+
+    // Sums over the whole slice (acc), over the current group (group_acc: the codes' 128 + q
+    // times x), and of x over the current group (x_sum, from a product with an all-ones A).
+    // At the end of a group: acc += scale * group_acc + (bias - 128 * scale) * x_sum, which is
+    // sum((q * scale + bias) * x) with the scale and bias applied once a group, not a weight.
+    float acc[STRIPS][M_TILES][4], group_acc[STRIPS][M_TILES][4], x_sum[M_TILES][4];
+    #pragma unroll
+    for (int j = 0; j < M_TILES; ++j)
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            x_sum[j][c] = 0.f;
             #pragma unroll
-            for (int c = 0; c < 4; ++c) acc[s][j][c] = 0.f;
+            for (int s = 0; s < STRIPS; ++s) acc[s][j][c] = group_acc[s][j][c] = 0.f;
+        }
+    const u32 ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};  // bf16 pairs of 1.0
 
     #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < iters) load_stage(smem_base + s * STAGE_BYTES, x, w, sb, M, K, m0, strip0, strips, k_begin + s * KC, tid);
+        if (s < iters) load_stage(s, s);
         asm volatile("cp.async.commit_group;\n" ::);
     }
     for (int it = 0; it < iters; ++it) {
         asm volatile("cp.async.wait_group %0;\n" :: "n"(STAGES - 2));
         __syncthreads();  // chunk `it` is in; every warp is done with the slot refilled next
-        int next = it + STAGES - 1;
-        if (next < iters)
-            load_stage(smem_base + (next % STAGES) * STAGE_BYTES, x, w, sb, M, K, m0, strip0, strips, k_begin + next * KC, tid);
+        if (it + STAGES - 1 < iters) load_stage((it + STAGES - 1) % STAGES, it + STAGES - 1);
         asm volatile("cp.async.commit_group;\n" ::);
 
         const unsigned char* stage = smem + (it % STAGES) * STAGE_BYTES;
@@ -241,23 +250,51 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_mma(
         for (int s = 0; s < STRIPS; ++s) words[s] = ws[(warp_n * STRIPS + s) * 32 + lane];
         #pragma unroll
         for (int step = 0; step < 4; ++step) {
-            if (step % WARPS_K != warp_k) continue;
-            const int entry = GROUP < KC ? step * 16 / GROUP : 0;
-            u32 a[STRIPS][4];
-            #pragma unroll
-            for (int s = 0; s < STRIPS; ++s) {
-                uint2 p = sbs[((warp_n * STRIPS + s) * SB_ENTRIES + entry) * 8 + g];
-                float s0 = half_to_float(p.x & 0xFFFF), s1 = half_to_float(p.y & 0xFFFF);
-                float b0 = fmaf(-128.f, s0, half_to_float(p.x >> 16)), b1 = fmaf(-128.f, s1, half_to_float(p.y >> 16));
-                u32 word = step == 0 ? words[s].x : step == 1 ? words[s].y : step == 2 ? words[s].z : words[s].w;
-                dequantize(word, s0, b0, s1, b1, a[s]);
-            }
-            #pragma unroll
-            for (int j = 0; j < M_TILES; ++j) {
-                const u32* row = xs + (8 * j + g) * X_STRIDE_WORDS + step * 8 + t;
-                u32 b0 = row[0], b1 = row[4];
+            if (step % WARPS_K == warp_k) {
+                u32 a[STRIPS][4];
                 #pragma unroll
-                for (int s = 0; s < STRIPS; ++s) mma(acc[s][j], a[s], b0, b1);
+                for (int s = 0; s < STRIPS; ++s) {
+                    const u32 word = step == 0 ? words[s].x : step == 1 ? words[s].y : step == 2 ? words[s].z : words[s].w;
+                    // Register r of the fragment: codes r and r + 4 of the word (layout: to_fragment_order).
+                    #pragma unroll
+                    for (int r = 0; r < 4; ++r) a[s][r] = codes_plus_128(word >> (4 * r));
+                }
+                #pragma unroll
+                for (int j = 0; j < M_TILES; ++j) {
+                    const u32* row = xs + (8 * j + g) * X_STRIDE_WORDS + step * 8 + t;
+                    const u32 b0 = row[0], b1 = row[4];
+                    #pragma unroll
+                    for (int s = 0; s < STRIPS; ++s) mma(group_acc[s][j], a[s], b0, b1);
+                    mma(x_sum[j], ones, b0, b1);
+                }
+            }
+            // A group ends after this step: every warp applies its own part of the group's sums.
+            // (A slice of K may also end inside a 128-input group: its part is applied there.)
+            const bool group_ends = GROUP <= KC ? (step + 1) * 16 % GROUP == 0
+                                                : step == 3 && (((k_begin / KC + it) & (GROUP / KC - 1)) == GROUP / KC - 1
+                                                                || it == iters - 1);
+            if (group_ends) {
+                const int entry = GROUP < KC ? step * 16 / GROUP : 0;
+                #pragma unroll
+                for (int s = 0; s < STRIPS; ++s) {
+                    const uint2 p = sbs[((warp_n * STRIPS + s) * SB_ENTRIES + entry) * 8 + g];
+                    // rows g (c < 2) and g + 8 (c >= 2) of the strip
+                    const float scale[2] = {half_to_float(p.x & 0xFFFF), half_to_float(p.y & 0xFFFF)};
+                    const float shifted_bias[2] = {fmaf(-128.f, scale[0], half_to_float(p.x >> 16)),
+                                                   fmaf(-128.f, scale[1], half_to_float(p.y >> 16))};
+                    #pragma unroll
+                    for (int j = 0; j < M_TILES; ++j)
+                        #pragma unroll
+                        for (int c = 0; c < 4; ++c) {
+                            acc[s][j][c] = fmaf(scale[c >> 1], group_acc[s][j][c],
+                                                fmaf(shifted_bias[c >> 1], x_sum[j][c & 1], acc[s][j][c]));
+                            group_acc[s][j][c] = 0.f;
+                        }
+                }
+                #pragma unroll
+                for (int j = 0; j < M_TILES; ++j)
+                    #pragma unroll
+                    for (int c = 0; c < 4; ++c) x_sum[j][c] = 0.f;
             }
         }
     }
@@ -369,19 +406,23 @@ def _kernel(device: int, m_tiles: int, config: MmaConfig, group_size: int):
 
 
 # The fastest launch shape per (rows bucket, N, K) of the temporal layers, from the sweep of
-# bench/int4_mma.py on an H200 (bench/results/h200-int4-mma.json; values: warps_n, warps_k,
-# strips, stages, split_k).
+# bench/int4_mma.py on an H200 (bench/results/h200-int4-mma.json; rows buckets 2, 8, 32, 64;
+# values: warps_n, warps_k, strips, stages, split_k).
 _TUNED_H200: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {
-    (8, 12288, 4096): (4, 1, 2, 4, 8),
+    (2, 12288, 4096): (2, 1, 2, 4, 8),
+    (8, 12288, 4096): (2, 1, 2, 4, 8),
     (32, 12288, 4096): (4, 1, 2, 4, 4),
     (64, 12288, 4096): (4, 1, 2, 4, 4),
-    (8, 4096, 4096): (8, 1, 1, 4, 8),
+    (2, 4096, 4096): (2, 1, 2, 4, 8),
+    (8, 4096, 4096): (2, 1, 2, 4, 8),
     (32, 4096, 4096): (4, 1, 2, 4, 8),
     (64, 4096, 4096): (4, 1, 2, 4, 8),
-    (8, 22528, 4096): (4, 1, 2, 4, 8),
-    (32, 22528, 4096): (4, 1, 2, 4, 8),
-    (64, 22528, 4096): (4, 1, 2, 4, 2),
-    (8, 4096, 11264): (8, 1, 1, 4, 8),
+    (2, 22528, 4096): (2, 1, 2, 4, 8),
+    (8, 22528, 4096): (4, 1, 2, 4, 4),
+    (32, 22528, 4096): (4, 1, 2, 4, 2),
+    (64, 22528, 4096): (4, 1, 2, 4, 4),
+    (2, 4096, 11264): (2, 1, 2, 4, 8),
+    (8, 4096, 11264): (2, 1, 2, 4, 8),
     (32, 4096, 11264): (4, 1, 2, 4, 8),
     (64, 4096, 11264): (4, 1, 2, 4, 8),
 }
@@ -389,13 +430,13 @@ _TUNED_H200: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {
 
 def default_config(m: int, n: int, k: int) -> MmaConfig:
     """The launch shape measured fastest for this product (`_TUNED_H200`), else the one the
-    sweep chose most: 4 warps of two strips (128 rows a block), K split 8 ways (4 for wide
-    layers at more than 8 rows) so that short-lived blocks fill every SM."""
-    bucket = next(b for b in (8, 32, 64) if m <= b) if m <= 64 else 64
+    sweep chose most: warps of two strips (64 rows a block up to 8 rows of x, 128 beyond) and K
+    split 8 ways, so that short-lived blocks fill every SM."""
+    bucket = next((b for b in (2, 8, 32) if m <= b), 64)
     tuned = _TUNED_H200.get((bucket, n, k))
     if tuned is not None:
         return MmaConfig(*tuned)
-    return MmaConfig(warps_n=4, warps_k=1, strips=2, stages=4, split_k=4 if n >= 12288 and m > 8 else 8)
+    return MmaConfig(warps_n=2 if m <= 8 else 4, warps_k=1, strips=2, stages=4, split_k=8)
 
 
 def available(device: torch.device) -> bool:

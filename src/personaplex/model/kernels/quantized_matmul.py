@@ -516,10 +516,7 @@ def quantized_gated_linear(
     if n % 2:
         raise ValueError(f"a gated product needs an even number of weight rows (two halves), got {n}")
     if kind == WeightKind.INT4_MMA:
-        # The tensor-core kernel has no gate in its epilogue: the gate follows the product,
-        # rounded where `_store_gated_row` rounds (the product, silu(a), silu(a) * b).
-        gate, value = int4_mma_linear(x, weight, scales, group_size).chunk(2, dim=-1)
-        return torch.nn.functional.silu(gate) * value
+        raise ValueError("the int4 tensor-core kernel has no gate in its epilogue: run the product, then the gate")
     config = fit_config(replace(config or default_config(kind, m, n, k), split_k=1), kind, k, group_size)
     if config.block_m != 1 or config.block_n < 2:
         raise ValueError(f"a gated product runs on the GEMV kernel with at least 2 weight rows a program, not {config}")
