@@ -13,17 +13,20 @@ weights from 8 rows on. This kernel keeps the weights streaming while it multipl
 - **One pipeline of asynchronous copies** (`cp.async`, STAGES chunks of 64 inputs in flight)
   brings x's chunk, the weights and their group scales into shared memory while the warps
   multiply the chunk that has arrived.
-- **Codes to bf16 by bit operations**: each code lands in bits 16-19 under 128.0's bits (one
-  `lop3`), and (128 + q) * scale + (bias - 128 * scale) is q * scale + bias in one float FMA,
-  rounded once to bf16: the dequantized weight the readable path multiplies, as the Triton
-  kernels compute it.
+- **Codes to bf16 by bit operations, scales once a group**: one `lop3` puts codes r and r + 4
+  of a word under the bits of bf16 128.0, the fragment's register r as the pair 128 + q. The
+  mma sums (128 + q) * x over a group, a second mma with an all-ones A sums x over it, and at
+  the group's end scale * the first + (bias - 128 * scale) * the second is the group's
+  sum((q * scale + bias) * x): no instruction per weight beyond the `lop3`, and each weight
+  exact (the Triton kernels round it to bf16 first). A frame's temporal int4 products on an
+  H200, 1 / 8 / 32 / 64 rows: 2.09 / 4.01 / 5.00 / 6.00 ms on the Triton kernels, 1.96 / 2.10 /
+  3.37 / 5.74 here (docs/PERFORMANCE.md, run AC).
 
 Warps split a block's 16-row strips (WARPS_N) and each 64-input chunk's four 16-input steps
 (WARPS_K, summed in shared memory at the end); blocks split N, then 64-row chunks of x, then K
 (`split_k`: partial sums meet in a zeroed float32 buffer through atomic adds, then are cast;
 a last-block-adds-up variant with no extra kernels measured slower, docs/QUANTIZATION.md).
-Needs a GPU of
-compute capability 8.0 or newer (bf16 `mma.sync`), N a multiple of 16 and K of 64.
+Needs a GPU of compute capability 8.0 or newer (bf16 `mma.sync`), N a multiple of 16 and K of 64.
 """
 
 from __future__ import annotations
