@@ -38,6 +38,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import device_index
+
 CHUNK_INPUTS = 64  # inputs a pipeline stage brings in (4 steps of the mma's 16)
 STRIP_ROWS = 16  # output rows of one A fragment
 MAX_TILE_ROWS = 64  # rows of x a block takes (8 mma tiles of 8); more rows take more blocks
@@ -461,22 +463,24 @@ def int4_mma_linear(x: torch.Tensor, words: torch.Tensor, scale_bias: torch.Tens
     """x [M, K] @ dequant(W).T -> [M, N] in x's dtype, W in fragment order (`to_fragment_order`)."""
     m, k = x.shape
     n = words.shape[0]
+    if m == 0:
+        return x.new_empty((0, n))
     config = config or default_config(m, n, k)
     split_k = config.split_k
     while split_k > 1 and k % (split_k * CHUNK_INPUTS):
         split_k //= 2
     m_tiles = min(MAX_TILE_ROWS, m + 7 & ~7) // 8
-    kernel = _kernel(x.device.index if x.device.index is not None else torch.cuda.current_device(), m_tiles,
-                     MmaConfig(config.warps_n, config.warps_k, config.strips, config.stages, split_k), group_size)
+    kernel = _kernel(device_index(x.device), m_tiles, replace(config, split_k=split_k), group_size)
     x16 = x.to(torch.bfloat16).contiguous()
     out = torch.empty((m, n), device=x.device, dtype=torch.bfloat16)
     # With K split, the blocks' atomic float32 sums; without, unused (any tensor will do).
     partial_sums = torch.zeros((m, n), device=x.device, dtype=torch.float32) if split_k > 1 else out
     block_strips = config.warps_n * config.strips
     grid = (math.ceil(n // STRIP_ROWS / block_strips), math.ceil(m / (m_tiles * 8)), split_k)
-    kernel(grid=grid, block=(config.warps_n * config.warps_k * 32, 1, 1),
-           args=[x16, words, scale_bias, out, partial_sums, m, n, k, k // split_k],
-           shared_mem=shared_bytes(m_tiles, config, group_size))
+    with torch.cuda.device(x.device):  # the launch goes to the current device's current stream
+        kernel(grid=grid, block=(config.warps_n * config.warps_k * 32, 1, 1),
+               args=[x16, words, scale_bias, out, partial_sums, m, n, k, k // split_k],
+               shared_mem=shared_bytes(m_tiles, config, group_size))
     if split_k > 1:
         out = partial_sums
     return out if out.dtype == x.dtype else out.to(x.dtype)
