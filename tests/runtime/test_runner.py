@@ -171,3 +171,44 @@ def test_defaults_follow_the_device(engine):
 def test_compile_tuning_is_checked_when_the_runner_is_built(engine):
     with pytest.raises(ValueError, match="unknown compile tuning 'fastest'"):
         FrameRunner(engine.lm, engine.mimi, 1, compile_tuning="fastest")
+
+
+def test_int4_layers_rearranged_for_the_tensor_cores_give_the_same_frames(tiny_folder, tmp_path, monkeypatch):
+    """A runner with `Kernels.int4_tensor_cores_from_rows` hands the temporal int4 layers to the
+    tensor-core kernel's layout. The kernel is CUDA C: here on the CPU it is declared available,
+    so the runner rearranges the layers, which then compute on their dequantized weights. Those
+    are the same weights, so the frames are the same, token for token and sample for sample."""
+    from personaplex import PersonaPlex
+    from personaplex.model.config import LMConfig
+    from personaplex.model.kernels import int4_mma
+    from personaplex.model.layers import Kernels
+    from personaplex.model.quantize import Int4Linear, Int4TensorCoreLinear
+    from tests.fixtures.mlx_folder import make_mlx_model_folder
+    from tests.fixtures.tiny_lm import random_lm
+
+    # An MLX 4-bit folder: every linear input a multiple of the 64-wide groups, as the real model's are.
+    lm_config = LMConfig(dim=128, num_heads=4, num_layers=2, hidden_scale=3.0, card=2048, text_card=256,
+                         context=384, depformer_dim=128, depformer_num_heads=4, depformer_num_layers=2,
+                         depformer_dim_feedforward=384)
+    folder = make_mlx_model_folder(tmp_path / "mlx", random_lm(lm_config, seed=1), 4, tiny_folder)
+    engine = PersonaPlex.from_pretrained(folder, device="cpu", dtype=torch.float32, max_sessions=2)
+    in_proj = lambda: engine.lm.transformer.layers[0].self_attn.in_proj  # noqa: E731
+    audio = user_audio(3)
+
+    def frames(kernels: Kernels) -> tuple[list, list]:
+        runner = FrameRunner(engine.lm, engine.mimi, 2, use_graphs=False, kernels=kernels)
+        runner.join(0, engine.persona(), GREEDY)
+        tokens, pcm = [], []
+        for frame in range(FRAMES):
+            runner.run(torch.from_numpy(audio[frame]).expand(2, -1).contiguous(), torch.zeros(2, dtype=torch.bool))
+            tokens.append(runner.tokens[0].tolist())
+            pcm.append(runner.agent_pcm[0, 0].numpy().copy())
+        return tokens, pcm
+
+    expected_tokens, expected_pcm = frames(Kernels(int4_tensor_cores_from_rows=3))  # two rows: below it
+    assert type(in_proj()) is Int4Linear
+    monkeypatch.setattr(int4_mma, "available", lambda device: True)
+    tokens, pcm = frames(Kernels(int4_tensor_cores_from_rows=2))
+    assert type(in_proj()) is Int4TensorCoreLinear
+    assert tokens == expected_tokens
+    np.testing.assert_array_equal(np.stack(pcm), np.stack(expected_pcm))
