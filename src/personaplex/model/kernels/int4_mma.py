@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -446,14 +447,21 @@ def default_config(m: int, n: int, k: int) -> MmaConfig:
 
 def available(device: torch.device) -> bool:
     """Whether this kernel can run on `device`: a CUDA GPU with bf16 tensor cores (compute
-    capability 8.0 or newer) and the NVRTC library that compiles it."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
-        return False
-    from torch.cuda import _utils as cuda_utils
+    capability 8.0 or newer) for which NVRTC compiles it (the library present, the GPU one it
+    knows). Tried once a device; where it cannot, the int4 layers stay with the Triton kernels."""
+    return device.type == "cuda" and _compiles_for(device_index(device))
 
+
+@functools.cache
+def _compiles_for(device: int) -> bool:
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False
     try:
-        cuda_utils._get_nvrtc_library()
-    except OSError:
+        kernel_cubin(1, default_config(1, STRIP_ROWS, CHUNK_INPUTS), 64, f"sm_{major}{minor}")
+    except (OSError, RuntimeError) as exc:  # no NVRTC library, or a GPU it cannot compile for
+        warnings.warn(f"the int4 tensor-core kernel cannot be compiled here ({exc}); int4 stays on the Triton kernels",
+                      stacklevel=3)
         return False
     return True
 
