@@ -59,10 +59,6 @@ def layer(n: int, k: int, seed: int = 0):
     return packed, scales, biases, words, scale_bias
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
 def correctness() -> None:
     """Worst relative error of a row against float64 math on the dequantized weights, at odd
     row counts and every group size; the Triton kernel's beside it."""
@@ -119,8 +115,7 @@ def time_shape(n: int, k: int, m: int, configs: list[MmaConfig]) -> dict[str, ob
 
 def precompile(configs: list[MmaConfig]) -> None:
     major, minor = torch.cuda.get_device_capability()
-    tasks = {(min(8, (m + 7) // 8), MmaConfig(c.warps_n, c.warps_k, c.strips, c.stages, min(c.split_k, 2)))
-             for m in ROWS for c in configs}
+    tasks = {int4_mma.compiled_shape(m, c) for m in ROWS for c in configs}
     start = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:  # NVRTC runs outside the GIL
         list(pool.map(lambda task: int4_mma.kernel_cubin(task[0], task[1], GROUP, f"sm_{major}{minor}"), tasks))

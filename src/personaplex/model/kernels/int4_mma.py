@@ -397,14 +397,20 @@ def kernel_cubin(m_tiles: int, config: MmaConfig, group_size: int, arch: str) ->
     return nvrtc_compile(kernel_source(m_tiles, config, group_size), "int4_mma", arch, cuda_utils._get_nvrtc_library())
 
 
+def compiled_shape(rows: int, config: MmaConfig) -> tuple[int, MmaConfig]:
+    """What one compiled kernel serves: its mma tiles of x rows (8 rows each, up to
+    MAX_TILE_ROWS a block) and its launch shape, with split_k 2 standing for any split (the
+    code depends only on whether K is split)."""
+    return min(MAX_TILE_ROWS, rows + 7 & ~7) // 8, replace(config, split_k=min(config.split_k, 2))
+
+
 @functools.cache
 def _kernel(device: int, m_tiles: int, config: MmaConfig, group_size: int):
     """The kernel loaded on one device, ready to launch."""
     from torch.cuda import _utils as cuda_utils  # PyTorch's loader of CUDA modules and launcher
 
     major, minor = torch.cuda.get_device_capability(device)
-    code = replace(config, split_k=min(config.split_k, 2))  # the code depends only on whether K is split
-    cubin = kernel_cubin(m_tiles, code, group_size, f"sm_{major}{minor}")
+    cubin = kernel_cubin(*compiled_shape(m_tiles * 8, config), group_size, f"sm_{major}{minor}")
     with torch.cuda.device(device):
         kernel = cuda_utils._cuda_load_module(cubin, ["int4_mma"])["int4_mma"]
         kernel.set_shared_memory_config(shared_bytes(m_tiles, config, group_size))
@@ -458,7 +464,7 @@ def _compiles_for(device: int) -> bool:
     if major < 8:
         return False
     try:
-        kernel_cubin(1, default_config(1, STRIP_ROWS, CHUNK_INPUTS), 64, f"sm_{major}{minor}")
+        kernel_cubin(*compiled_shape(1, default_config(1, STRIP_ROWS, CHUNK_INPUTS)), 64, f"sm_{major}{minor}")
     except (OSError, RuntimeError) as exc:  # no NVRTC library, or a GPU it cannot compile for
         warnings.warn(f"the int4 tensor-core kernel cannot be compiled here ({exc}); int4 stays on the Triton kernels",
                       stacklevel=3)
@@ -477,18 +483,19 @@ def int4_mma_linear(x: torch.Tensor, words: torch.Tensor, scale_bias: torch.Tens
     split_k = config.split_k
     while split_k > 1 and k % (split_k * CHUNK_INPUTS):
         split_k //= 2
-    m_tiles = min(MAX_TILE_ROWS, m + 7 & ~7) // 8
+    m_tiles = compiled_shape(m, config)[0]
     kernel = _kernel(device_index(x.device), m_tiles, replace(config, split_k=split_k), group_size)
     x16 = x.to(torch.bfloat16).contiguous()
-    out = torch.empty((m, n), device=x.device, dtype=torch.bfloat16)
-    # With K split, the blocks' atomic float32 sums; without, unused (any tensor will do).
-    partial_sums = torch.zeros((m, n), device=x.device, dtype=torch.float32) if split_k > 1 else out
+    # With K split, the blocks' atomic float32 sums (the kernel's `partial_sums`); without, its
+    # bf16 `out`. The kernel takes both pointers and writes only the one its code uses.
+    if split_k > 1:
+        out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((m, n), device=x.device, dtype=torch.bfloat16)
     block_strips = config.warps_n * config.strips
     grid = (math.ceil(n // STRIP_ROWS / block_strips), math.ceil(m / (m_tiles * 8)), split_k)
     with torch.cuda.device(x.device):  # the launch goes to the current device's current stream
         kernel(grid=grid, block=(config.warps_n * config.warps_k * 32, 1, 1),
-               args=[x16, words, scale_bias, out, partial_sums, m, n, k, k // split_k],
+               args=[x16, words, scale_bias, out, out, m, n, k, k // split_k],
                shared_mem=shared_bytes(m_tiles, config, group_size))
-    if split_k > 1:
-        out = partial_sums
     return out if out.dtype == x.dtype else out.to(x.dtype)
