@@ -12,6 +12,7 @@ docs/QUANTIZATION.md.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -110,8 +111,6 @@ def kernel_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     if isinstance(layer, Fp8Linear):
         return quantized_linear(x, layer.weight_fp8, layer.scales.float(), None, WeightKind.FP8, 1)
-    if isinstance(layer, Int4TensorCoreLinear):
-        return quantized_linear(x, *layer.kernel_operands())
     assert isinstance(layer, AffineQuantizedLinear)
     kind = WeightKind.INT4 if layer.bits == 4 else WeightKind.INT8
     return quantized_linear(x, layer.qweight, layer.scales, layer.biases, kind, layer.group_size)
@@ -205,11 +204,16 @@ def test_every_code_reads_exactly(scale: str, rows: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the int4 tensor-core kernel is CUDA C: it has no CPU variant")
+@pytest.mark.parametrize("dequantize", [False, True], ids=["exact", "dequantized"])
 @pytest.mark.parametrize("group_size", [64, 32, 128])
-def test_int4_tensor_core_kernel_matches_float_math(group_size: int) -> None:
+def test_int4_tensor_core_kernel_matches_float_math(group_size: int, dequantize: bool) -> None:
     """The int4 tensor-core kernel (`kernels/int4_mma.py`) on every LM linear shape of the 7B
     model (other group sizes: every shape whose inputs they divide), every row count from 1 to
-    64 and 100 (two tiles of x rows), against float64 math on the layer's dequantized weights."""
+    64 and 100 (two tiles of x rows), against float64 math on the layer's dequantized weights;
+    each row count with its tuned launch shape, in both variants (scales once a group on exact
+    products, or weights dequantized to bf16 in registers)."""
+    from personaplex.model.kernels.int4_mma import default_config, int4_mma_linear
+
     device = torch.device("cuda")
     shapes = linear_shapes(lm_config("cuda"))
     generator = torch.Generator(device=device).manual_seed(0)
@@ -223,23 +227,26 @@ def test_int4_tensor_core_kernel_matches_float_math(group_size: int) -> None:
         x = torch.randn(100, in_features, device=device, generator=generator).bfloat16()
         expected = x.double() @ weight.t()
         for m in [*range(1, 65), 100]:
-            out = kernel_product(layer, x[:m].contiguous()).double()
+            config = replace(default_config(m, out_features, in_features), dequantize=dequantize)
+            out = int4_mma_linear(x[:m].contiguous(), layer.words, layer.scale_bias, group_size, config).double()
             assert out.shape == (m, out_features)
             error = ((out - expected[:m]).norm(dim=1) / expected[:m].norm(dim=1)).max().item()
             key = f"{name} {out_features}x{in_features}"
             worst[key] = max(worst.get(key, 0.0), error)
-    record(f"int4 tensor-core kernel vs its dequantized weights, worst row: g{group_size} [cuda]", worst)
+    variant = "dequantized" if dequantize else "exact"
+    record(f"int4 tensor-core kernel ({variant}) vs its dequantized weights, worst row: g{group_size} [cuda]", worst)
     assert max(worst.values()) < KERNEL_BOUND, worst
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="the int4 tensor-core kernel is CUDA C: it has no CPU variant")
+@pytest.mark.parametrize("dequantize", [False, True], ids=["exact", "dequantized"])
 @pytest.mark.parametrize("rows", [1, 9, 70])
-def test_int4_tensor_core_kernel_reads_every_code_exactly(rows: int) -> None:
+def test_int4_tensor_core_kernel_reads_every_code_exactly(rows: int, dequantize: bool) -> None:
     """As `test_every_code_reads_exactly` for the tensor-core layout: codes that change along
     the inputs and x one-hot, each row at another input, so each output is exactly one weight
     (a code in the wrong place of a fragment fails)."""
-    from personaplex.model.kernels.int4_mma import int4_mma_linear, to_fragment_order
+    from personaplex.model.kernels.int4_mma import default_config, int4_mma_linear, to_fragment_order
 
     device = torch.device("cuda")
     outputs, inputs = 48, 256
@@ -249,7 +256,7 @@ def test_int4_tensor_core_kernel_reads_every_code_exactly(rows: int) -> None:
     words, scale_bias = to_fragment_order(codes, scales, biases)
     picked = (37 * torch.arange(rows, device=device) + 5) % inputs
     x = torch.nn.functional.one_hot(picked, inputs).bfloat16()
-    out = int4_mma_linear(x, words, scale_bias, 64)
+    out = int4_mma_linear(x, words, scale_bias, 64, replace(default_config(rows, outputs, inputs), dequantize=dequantize))
     assert torch.equal(out.float(), codes[:, picked].t().float() / 2 - 4)
 
 

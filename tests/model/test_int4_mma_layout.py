@@ -66,9 +66,21 @@ def test_shapes_outside_the_layout_are_refused() -> None:
 
 
 def test_source_names_every_constant() -> None:
-    source = kernel_source(4, MmaConfig(warps_n=2, warps_k=2, strips=1, stages=3, split_k=2), 32)
-    for line in ("#define M_TILES 4", "#define WARPS_K 2", "#define GROUP 32", "#define SPLIT 1", "#define STAGES 3"):
+    source = kernel_source(4, MmaConfig(warps_n=2, warps_k=2, strips=1, stages=3, split_k=2, dequantize=True), 32)
+    for line in ("#define M_TILES 4", "#define WARPS_K 2", "#define GROUP 32", "#define SPLIT 2", "#define STAGES 3",
+                 "#define DEQUANTIZE 1"):
         assert line in source
+    assert "#define DEQUANTIZE 0" in kernel_source(1, MmaConfig(), 64)
+
+
+def test_cluster_sums_only_where_the_gpu_has_clusters() -> None:
+    from personaplex.model.kernels.int4_mma import for_capability
+
+    config = MmaConfig(split_k=8, cluster_sums=True)
+    assert for_capability(config, (9, 0)) == config  # Hopper: thread-block clusters
+    assert not for_capability(config, (8, 6)).cluster_sums  # Ampere: atomic adds
+    source = kernel_source(1, for_capability(config, (8, 0)), 64)
+    assert "#define CLUSTER_SUMS 0" in source and "#define SPLIT 8" in source
 
 
 def test_tensor_core_layer_holds_the_same_weights() -> None:

@@ -89,9 +89,9 @@ FUSED_DEPFORMER_PAYS_UP_TO = 1
 
 # Frames of this many rows or more run the temporal int4 layers on the int4 tensor-core kernel
 # (`Kernels.int4_tensor_cores_from_rows`). A frame's 128 temporal int4 products on an H200
-# (bench/int4_mma.py, run AC), the Triton int4 kernels -> the tensor-core kernel (cuBLAS on bf16
-# weights): 1 row 2.09 -> 1.96 ms (4.02), 2 rows 2.87 -> 2.03 (3.98), 8 rows 4.01 -> 2.10
-# (4.01), 32 rows 5.00 -> 3.37 (4.15), 64 rows 6.00 -> 5.74 (4.16).
+# (bench/int4_mma.py, run AD), the Triton int4 kernels -> the tensor-core kernel (cuBLAS on bf16
+# weights): 2 rows 2.78 -> 1.85 ms (3.92), 8 rows 3.86 -> 1.90 (4.06), 32 rows 4.91 -> 3.07
+# (4.17), 64 rows 5.90 -> 4.28 (4.16).
 INT4_TENSOR_CORES_PAY_FROM = 1
 
 

@@ -12,21 +12,31 @@ weights from 8 rows on. This kernel keeps the weights streaming while it multipl
   vector per 16 rows x 64 inputs, every byte of it used, with no exchange between lanes.
 - **One pipeline of asynchronous copies** (`cp.async`, STAGES chunks of 64 inputs in flight)
   brings x's chunk, the weights and their group scales into shared memory while the warps
-  multiply the chunk that has arrived.
-- **Codes to bf16 by bit operations, scales once a group**: one `lop3` puts codes r and r + 4
-  of a word under the bits of bf16 128.0, the fragment's register r as the pair 128 + q. The
-  mma sums (128 + q) * x over a group, a second mma with an all-ones A sums x over it, and at
-  the group's end scale * the first + (bias - 128 * scale) * the second is the group's
-  sum((q * scale + bias) * x): no instruction per weight beyond the `lop3`, and each weight
-  exact (the Triton kernels round it to bf16 first). A frame's temporal int4 products on an
-  H200, 1 / 8 / 32 / 64 rows: 2.09 / 4.01 / 5.00 / 6.00 ms on the Triton kernels, 1.96 / 2.10 /
-  3.37 / 5.74 here (docs/PERFORMANCE.md, run AC).
+  multiply the chunk that has arrived; one `ldmatrix` reads the B fragments of two tiles of x.
+- **Codes to bf16 by bit operations**: one `lop3` puts codes r and r + 4 of a word under the
+  bits of bf16 128.0, the fragment's register r as the pair 128 + q. Then, one of two ways
+  (`MmaConfig.dequantize`, chosen by rows of x):
+  - *scales once a group* (few rows): the mma sums (128 + q) * x over a group, a second mma
+    with an all-ones A sums x over it, and at the group's end scale * the first + (bias - 128 *
+    scale) * the second is the group's sum((q * scale + bias) * x): no instruction per weight
+    beyond the `lop3`, and each weight exact. The group and x sums cost registers and a
+    third more products, which is what many rows cannot afford;
+  - *weights dequantized in registers* (from DEQUANTIZE_FROM_ROWS rows): (128 + q) * scale +
+    (bias - 128 * scale) in float32, rounded once to bf16 (the Triton kernels' rounding),
+    straight into the one set of sums.
+- **K split over the blocks of a tile**, their sums added up either in a thread-block
+  cluster through distributed shared memory (`cluster_sums`, Hopper: no extra kernels) or by
+  atomic adds into a zeroed float32 buffer then cast (two more kernels, but no block waits on
+  another: faster for some shapes at 64 rows).
+
+A frame's temporal int4 products on an H200, 2 / 8 / 32 / 64 rows (docs/PERFORMANCE.md, run
+AD): 2.78 / 3.86 / 4.91 / 5.90 ms on the Triton kernels, 1.85 / 1.90 / 3.07 / 4.28 here, cuBLAS
+reading bf16 3.92 / 4.06 / 4.17 / 4.16.
 
 Warps split a block's 16-row strips (WARPS_N) and each 64-input chunk's four 16-input steps
-(WARPS_K, summed in shared memory at the end); blocks split N, then 64-row chunks of x, then K
-(`split_k`: partial sums meet in a zeroed float32 buffer through atomic adds, then are cast;
-a last-block-adds-up variant with no extra kernels measured slower, docs/QUANTIZATION.md).
-Needs a GPU of compute capability 8.0 or newer (bf16 `mma.sync`), N a multiple of 16 and K of 64.
+(WARPS_K, summed in shared memory at the end); blocks split N, then 64-row chunks of x, then K.
+Needs a GPU of compute capability 8.0 or newer (bf16 `mma.sync`; clusters 9.0), N a multiple
+of 16 and K of 64.
 """
 
 from __future__ import annotations
@@ -53,6 +63,15 @@ class MmaConfig:
     strips: int = 1  # 16-row strips each warp multiplies
     stages: int = 4  # chunks in flight
     split_k: int = 1  # blocks sharing K
+    # Weights to bf16 in registers, q * scale + bias in float32 rounded once (the Triton kernels'
+    # rounding), instead of the exact products with scales once a group: no group sums, no x
+    # sums, a third fewer products, for many rows of x where those registers cost occupancy.
+    dequantize: bool = False
+    min_blocks: int = 0  # blocks an SM the registers are capped for (0: the compiler's choice)
+    # With K split: the blocks of a tile as one cluster adding up their sums in distributed
+    # shared memory, or else atomic adds into a zeroed float32 buffer then cast (two more
+    # kernels, but blocks that never wait on one another: faster at 64 rows of x).
+    cluster_sums: bool = True
 
 
 def fits(out_features: int, in_features: int) -> bool:
@@ -141,16 +160,51 @@ __device__ __forceinline__ u32 codes_plus_128(u32 bits) {
     return r;
 }
 
-__device__ __forceinline__ void mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+__device__ __forceinline__ void load_scales(const uint2* sbs, int entry, int g, float scale[2], float shifted_bias[2]) {
+    // (scale, bias - 128 * scale) of rows g and g + 8 of a strip: the affine map of a code seen
+    // as 128 + q (codes_plus_128).
+    const uint2 p = sbs[entry * 8 + g];
+    scale[0] = half_to_float(p.x & 0xFFFF);
+    scale[1] = half_to_float(p.y & 0xFFFF);
+    shifted_bias[0] = fmaf(-128.f, scale[0], half_to_float(p.x >> 16));
+    shifted_bias[1] = fmaf(-128.f, scale[1], half_to_float(p.y >> 16));
 }
 
 __device__ __forceinline__ u16 to_bf16(float v) {
     u16 h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
+}
+
+__device__ __forceinline__ u32 to_bf16_pair(float low, float high) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(high), "f"(low));
+    return r;
+}
+
+__device__ __forceinline__ u32 dequantize_pair(u32 pair, float scale, float shifted_bias) {
+    // A pair 128 + q of bf16 -> the pair q * scale + bias, in float32 rounded once. A bf16 in
+    // the top half of a word is the float32 of the same value.
+    const float low = __uint_as_float(pair << 16), high = __uint_as_float(pair & 0xFFFF0000u);
+    return to_bf16_pair(fmaf(low, scale, shifted_bias), fmaf(high, scale, shifted_bias));
+}
+
+__device__ __forceinline__ void load_b_fragments(u32 b[4], u32 address, bool two_tiles) {
+    // The mma's B fragments of two 8-row tiles of x (b[0], b[1]: tile j's inputs 0-7 and 8-15;
+    // b[2], b[3]: tile j + 1's) by one `ldmatrix`: lane 8i + r gives the address of row r of
+    // matrix i, and receives (row lane / 4, inputs 2 (lane % 4), + 1) of each, which is the
+    // fragment. With one tile left, the first two matrices.
+    if (two_tiles)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(address));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(b[0]), "=r"(b[1]) : "r"(address));
+}
+
+__device__ __forceinline__ void mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 template <typename Visit>
@@ -172,7 +226,35 @@ __device__ __forceinline__ void for_each_output(float (&acc)[STRIPS][M_TILES][4]
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) int4_mma(
+#if MIN_BLOCKS
+#define LAUNCH_BOUNDS __launch_bounds__(THREADS, MIN_BLOCKS)  /* registers capped for MIN_BLOCKS blocks an SM */
+#else
+#define LAUNCH_BOUNDS __launch_bounds__(THREADS)
+#endif
+
+#if SPLIT > 1 && CLUSTER_SUMS
+#define TILE_COLUMNS (BLOCK_STRIPS * 16)
+#define TILE_STRIDE (TILE_COLUMNS + 4)  /* floats a row of a block's sums: lanes g, 2t in different banks */
+
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ float2 load_from_block(u32 address, int rank) {
+    // Two floats at `address` of the shared memory of block `rank` of this cluster.
+    u32 remote;
+    float2 v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
+    asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(remote) : "memory");
+    return v;
+}
+
+#define CLUSTER __cluster_dims__(1, 1, SPLIT)
+#else
+#define CLUSTER
+#endif
+
+extern "C" __global__ void LAUNCH_BOUNDS CLUSTER int4_mma(
         const u16* __restrict__ x, const uint4* __restrict__ w, const char* __restrict__ sb, u16* __restrict__ out,
         float* __restrict__ partial_sums, int M, int N, int K, int k_slice) {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -221,20 +303,34 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_mma(
         }
     };
 
-    // Sums over the whole slice (acc), over the current group (group_acc: the codes' 128 + q
-    // times x), and of x over the current group (x_sum, from a product with an all-ones A).
-    // At the end of a group: acc += scale * group_acc + (bias - 128 * scale) * x_sum, which is
-    // sum((q * scale + bias) * x) with the scale and bias applied once a group, not a weight.
-    float acc[STRIPS][M_TILES][4], group_acc[STRIPS][M_TILES][4], x_sum[M_TILES][4];
+    // Sums over the whole slice (acc). With scales once a group, also sums over the current
+    // group (group_acc: the codes' 128 + q times x) and of x over it (x_sum, from a product with
+    // an all-ones A); at the end of a group, acc += scale * group_acc + (bias - 128 * scale) *
+    // x_sum, which is sum((q * scale + bias) * x) with the scale and bias applied once a group,
+    // not a weight. DEQUANTIZE: the weights themselves, in bf16, straight into acc.
+    float acc[STRIPS][M_TILES][4];
+#if DEQUANTIZE
+    float (&products)[STRIPS][M_TILES][4] = acc;
+    float scale[STRIPS][2], shifted_bias[STRIPS][2];
+#else
+    float group_acc[STRIPS][M_TILES][4], x_sum[M_TILES][4];
+    float (&products)[STRIPS][M_TILES][4] = group_acc;
+    const u32 ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};  // bf16 pairs of 1.0
     #pragma unroll
     for (int j = 0; j < M_TILES; ++j)
         #pragma unroll
         for (int c = 0; c < 4; ++c) {
             x_sum[j][c] = 0.f;
             #pragma unroll
-            for (int s = 0; s < STRIPS; ++s) acc[s][j][c] = group_acc[s][j][c] = 0.f;
+            for (int s = 0; s < STRIPS; ++s) group_acc[s][j][c] = 0.f;
         }
-    const u32 ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};  // bf16 pairs of 1.0
+#endif
+    #pragma unroll
+    for (int s = 0; s < STRIPS; ++s)
+        #pragma unroll
+        for (int j = 0; j < M_TILES; ++j)
+            #pragma unroll
+            for (int c = 0; c < 4; ++c) acc[s][j][c] = 0.f;
 
     #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -248,7 +344,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_mma(
         asm volatile("cp.async.commit_group;\n" ::);
 
         const unsigned char* stage = smem + (it % STAGES) * STAGE_BYTES;
-        const u32* xs = (const u32*)stage;
+        // This lane's row of the 8x8 matrices `ldmatrix` reads (load_b_fragments).
+        const u32 x_fragments = smem_base + (it % STAGES) * STAGE_BYTES
+                                + ((lane & 7) + 8 * (lane >> 4)) * X_STRIDE_WORDS * 4 + ((lane >> 3) & 1) * 16;
         const uint4* ws = (const uint4*)(stage + X_BYTES);
         const uint2* sbs = (const uint2*)(stage + X_BYTES + W_BYTES);
         uint4 words[STRIPS];
@@ -256,38 +354,55 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_mma(
         for (int s = 0; s < STRIPS; ++s) words[s] = ws[(warp_n * STRIPS + s) * 32 + lane];
         #pragma unroll
         for (int step = 0; step < 4; ++step) {
+            const int entry = GROUP < KC ? step * 16 / GROUP : 0;  // this step's group in the stage
             if (step % WARPS_K == warp_k) {
+#if DEQUANTIZE
+                // this warp's first step of the chunk, or the first of another group
+                if (step < WARPS_K || (GROUP < KC && (step - WARPS_K) * 16 / GROUP != entry))
+                    #pragma unroll
+                    for (int s = 0; s < STRIPS; ++s)
+                        load_scales(sbs + (warp_n * STRIPS + s) * SB_ENTRIES * 8, entry, g, scale[s], shifted_bias[s]);
+#endif
                 u32 a[STRIPS][4];
                 #pragma unroll
                 for (int s = 0; s < STRIPS; ++s) {
                     const u32 word = step == 0 ? words[s].x : step == 1 ? words[s].y : step == 2 ? words[s].z : words[s].w;
-                    // Register r of the fragment: codes r and r + 4 of the word (layout: to_fragment_order).
+                    // Register r of the fragment: codes r and r + 4 of the word (layout:
+                    // to_fragment_order), of row g for even r, g + 8 for odd.
                     #pragma unroll
-                    for (int r = 0; r < 4; ++r) a[s][r] = codes_plus_128(word >> (4 * r));
+                    for (int r = 0; r < 4; ++r) {
+                        a[s][r] = codes_plus_128(word >> (4 * r));
+#if DEQUANTIZE
+                        a[s][r] = dequantize_pair(a[s][r], scale[s][r & 1], shifted_bias[s][r & 1]);
+#endif
+                    }
                 }
                 #pragma unroll
-                for (int j = 0; j < M_TILES; ++j) {
-                    const u32* row = xs + (8 * j + g) * X_STRIDE_WORDS + step * 8 + t;
-                    const u32 b0 = row[0], b1 = row[4];
+                for (int j = 0; j < M_TILES; j += 2) {
+                    u32 b[4];  // B fragments (inputs 0-7, 8-15 of the step) of tiles j and j + 1
+                    load_b_fragments(b, x_fragments + (j * 8 * X_STRIDE_WORDS + step * 8) * 4, j + 1 < M_TILES);
                     #pragma unroll
-                    for (int s = 0; s < STRIPS; ++s) mma(group_acc[s][j], a[s], b0, b1);
-                    mma(x_sum[j], ones, b0, b1);
+                    for (int jj = j; jj < j + 2 && jj < M_TILES; ++jj) {
+                        const u32 b0 = b[2 * (jj - j)], b1 = b[2 * (jj - j) + 1];
+                        #pragma unroll
+                        for (int s = 0; s < STRIPS; ++s) mma(products[s][jj], a[s], b0, b1);
+#if !DEQUANTIZE
+                        mma(x_sum[jj], ones, b0, b1);
+#endif
+                    }
                 }
             }
+#if !DEQUANTIZE
             // A group ends after this step: every warp applies its own part of the group's sums.
             // (A slice of K may also end inside a 128-input group: its part is applied there.)
             const bool group_ends = GROUP <= KC ? (step + 1) * 16 % GROUP == 0
                                                 : step == 3 && (((k_begin / KC + it) & (GROUP / KC - 1)) == GROUP / KC - 1
                                                                 || it == iters - 1);
             if (group_ends) {
-                const int entry = GROUP < KC ? step * 16 / GROUP : 0;
                 #pragma unroll
                 for (int s = 0; s < STRIPS; ++s) {
-                    const uint2 p = sbs[((warp_n * STRIPS + s) * SB_ENTRIES + entry) * 8 + g];
-                    // rows g (c < 2) and g + 8 (c >= 2) of the strip
-                    const float scale[2] = {half_to_float(p.x & 0xFFFF), half_to_float(p.y & 0xFFFF)};
-                    const float shifted_bias[2] = {fmaf(-128.f, scale[0], half_to_float(p.x >> 16)),
-                                                   fmaf(-128.f, scale[1], half_to_float(p.y >> 16))};
+                    float scale[2], shifted_bias[2];  // rows g (c < 2) and g + 8 (c >= 2) of the strip
+                    load_scales(sbs + (warp_n * STRIPS + s) * SB_ENTRIES * 8, entry, g, scale, shifted_bias);
                     #pragma unroll
                     for (int j = 0; j < M_TILES; ++j)
                         #pragma unroll
@@ -302,6 +417,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_mma(
                     #pragma unroll
                     for (int c = 0; c < 4; ++c) x_sum[j][c] = 0.f;
             }
+#endif
         }
     }
 
@@ -333,13 +449,41 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_mma(
         }
     }
 
+#if SPLIT > 1 && CLUSTER_SUMS
+    // The SPLIT blocks of a tile, one a slice of K, are one cluster: each puts its partial sums
+    // in its own shared memory, then adds up every block's sums over its share of the tile's
+    // columns (distributed shared memory) and writes them.
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();  // every warp is done with the pipeline's shared memory
+    float* tile = (float*)smem;
     if (warp_k == 0) for_each_output(acc, strip0 + warp_n * STRIPS, strips, m0, M, g, t, [&](int m, int n, float v) {
-#if SPLIT
+        tile[(m - m0) * TILE_STRIDE + n - strip0 * 16] = v;
+    });
+    cluster_sync();  // every block's sums are in place
+    const int columns = TILE_COLUMNS / SPLIT, first_column = blockIdx.z * columns, rows = min(X_ROWS, M - m0);
+    for (int i = tid; i < rows * columns / 2; i += THREADS) {
+        const int m = i / (columns / 2), column = first_column + 2 * (i % (columns / 2)), n = strip0 * 16 + column;
+        if (n >= N) continue;  // the last tile's strips past N
+        const u32 mine = smem_base + (m * TILE_STRIDE + column) * 4;
+        float low = 0.f, high = 0.f;
+        #pragma unroll
+        for (int rank = 0; rank < SPLIT; ++rank) {
+            const float2 theirs = load_from_block(mine, rank);
+            low += theirs.x;
+            high += theirs.y;
+        }
+        *(u32*)(out + (size_t)(m0 + m) * N + n) = to_bf16_pair(low, high);
+    }
+    cluster_sync();  // no block leaves while another reads its shared memory
+#else
+    if (warp_k == 0) for_each_output(acc, strip0 + warp_n * STRIPS, strips, m0, M, g, t, [&](int m, int n, float v) {
+#if SPLIT > 1
         atomicAdd(partial_sums + (size_t)m * N + n, v);
 #else
         out[(size_t)m * N + n] = to_bf16(v);
 #endif
     });
+#endif
 }
 """
 
@@ -347,16 +491,21 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_mma(
 def kernel_source(m_tiles: int, config: MmaConfig, group_size: int) -> str:
     """The kernel's CUDA C for one shape of launch (its constants as #defines)."""
     constants = dict(M_TILES=m_tiles, WARPS_N=config.warps_n, WARPS_K=config.warps_k, STRIPS=config.strips,
-                     STAGES=config.stages, GROUP=group_size, SPLIT=int(config.split_k > 1))
+                     STAGES=config.stages, GROUP=group_size, SPLIT=config.split_k,
+                     DEQUANTIZE=int(config.dequantize), MIN_BLOCKS=config.min_blocks,
+                     CLUSTER_SUMS=int(config.cluster_sums))
     return "".join(f"#define {name} {value}\n" for name, value in constants.items()) + _SOURCE
 
 
 def shared_bytes(m_tiles: int, config: MmaConfig, group_size: int) -> int:
-    """Dynamic shared memory of a launch: the pipeline's stages, or the warps' partial sums."""
+    """Dynamic shared memory of a launch: the pipeline's stages, the warps' partial sums, or
+    with sums added up in a cluster the block's tile of them (rows of x by the block's columns,
+    4 floats of padding)."""
     block_strips = config.warps_n * config.strips
     stage = m_tiles * 8 * 36 * 4 + block_strips * 512 + block_strips * max(1, CHUNK_INPUTS // group_size) * 64
     partial = (config.warps_k - 1) * block_strips * m_tiles * 4 * 32 * 4
-    return max(config.stages * stage, partial)
+    tile = m_tiles * 8 * (block_strips * STRIP_ROWS + 4) * 4 if config.split_k > 1 and config.cluster_sums else 0
+    return max(config.stages * stage, partial, tile)
 
 
 def nvrtc_compile(source: str, name: str, arch: str, library: ctypes.CDLL) -> bytes:
@@ -399,9 +548,8 @@ def kernel_cubin(m_tiles: int, config: MmaConfig, group_size: int, arch: str) ->
 
 def compiled_shape(rows: int, config: MmaConfig) -> tuple[int, MmaConfig]:
     """What one compiled kernel serves: its mma tiles of x rows (8 rows each, up to
-    MAX_TILE_ROWS a block) and its launch shape, with split_k 2 standing for any split (the
-    code depends only on whether K is split)."""
-    return min(MAX_TILE_ROWS, rows + 7 & ~7) // 8, replace(config, split_k=min(config.split_k, 2))
+    MAX_TILE_ROWS a block) and its launch shape."""
+    return min(MAX_TILE_ROWS, rows + 7 & ~7) // 8, config
 
 
 @functools.cache
@@ -417,38 +565,49 @@ def _kernel(device: int, m_tiles: int, config: MmaConfig, group_size: int):
     return kernel
 
 
-# The fastest launch shape per (rows bucket, N, K) of the temporal layers, from the sweep of
+# The fastest launch shape per (rows bucket, N, K) of the temporal layers, from the sweeps of
 # bench/int4_mma.py on an H200 (bench/results/h200-int4-mma.json; rows buckets 2, 8, 32, 64;
-# values: warps_n, warps_k, strips, stages, split_k).
-_TUNED_H200: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {
-    (2, 12288, 4096): (2, 1, 2, 4, 8),
-    (8, 12288, 4096): (2, 1, 2, 4, 8),
-    (32, 12288, 4096): (4, 1, 2, 4, 4),
-    (64, 12288, 4096): (4, 1, 2, 4, 4),
-    (2, 4096, 4096): (2, 1, 2, 4, 8),
-    (8, 4096, 4096): (2, 1, 2, 4, 8),
-    (32, 4096, 4096): (4, 1, 2, 4, 8),
-    (64, 4096, 4096): (4, 1, 2, 4, 8),
-    (2, 22528, 4096): (2, 1, 2, 4, 8),
-    (8, 22528, 4096): (4, 1, 2, 4, 4),
-    (32, 22528, 4096): (4, 1, 2, 4, 2),
-    (64, 22528, 4096): (4, 1, 2, 4, 4),
-    (2, 4096, 11264): (2, 1, 2, 4, 8),
-    (8, 4096, 11264): (2, 1, 2, 4, 8),
-    (32, 4096, 11264): (4, 1, 2, 4, 8),
-    (64, 4096, 11264): (4, 1, 2, 4, 8),
+# values: MmaConfig's fields in order).
+_TUNED_H200: dict[tuple[int, int, int], tuple[int, int, int, int, int, bool, int, bool]] = {
+    (2, 12288, 4096): (4, 1, 2, 4, 8, False, 0, True),
+    (8, 12288, 4096): (4, 1, 2, 4, 8, False, 0, True),
+    (32, 12288, 4096): (4, 1, 1, 4, 2, True, 2, True),
+    (64, 12288, 4096): (4, 1, 2, 4, 4, True, 0, False),
+    (2, 4096, 4096): (4, 1, 1, 4, 8, False, 0, True),
+    (8, 4096, 4096): (4, 1, 1, 4, 8, False, 0, True),
+    (32, 4096, 4096): (8, 1, 1, 4, 8, True, 2, False),
+    (64, 4096, 4096): (8, 1, 1, 4, 8, True, 2, False),
+    (2, 22528, 4096): (4, 1, 2, 4, 4, False, 0, True),
+    (8, 22528, 4096): (4, 1, 2, 4, 4, False, 0, True),
+    (32, 22528, 4096): (4, 1, 4, 4, 4, True, 0, True),
+    (64, 22528, 4096): (4, 1, 2, 4, 4, True, 4, True),
+    (2, 4096, 11264): (2, 1, 2, 4, 8, False, 0, False),
+    (8, 4096, 11264): (2, 1, 2, 4, 8, False, 0, False),
+    (32, 4096, 11264): (4, 1, 2, 4, 8, True, 2, False),
+    (64, 4096, 11264): (4, 1, 2, 4, 8, True, 0, False),
 }
+# Rows of x from which weights are dequantized in registers: the table's 32-row bucket (swept at
+# 32 and 64 rows, where it won; at 8 rows a weight so dequantized serves too few products).
+DEQUANTIZE_FROM_ROWS = 9
 
 
 def default_config(m: int, n: int, k: int) -> MmaConfig:
     """The launch shape measured fastest for this product (`_TUNED_H200`), else the one the
-    sweep chose most: warps of two strips (64 rows a block up to 8 rows of x, 128 beyond) and K
-    split 8 ways, so that short-lived blocks fill every SM."""
+    sweeps chose most: four warps of two strips (128 rows of the weights a block) and K split,
+    so that short-lived blocks fill every SM; weights dequantized in registers from
+    DEQUANTIZE_FROM_ROWS rows of x, the split's sums added up in a cluster up to 8."""
     bucket = next((b for b in (2, 8, 32) if m <= b), 64)
     tuned = _TUNED_H200.get((bucket, n, k))
     if tuned is not None:
         return MmaConfig(*tuned)
-    return MmaConfig(warps_n=2 if m <= 8 else 4, warps_k=1, strips=2, stages=4, split_k=8)
+    return MmaConfig(warps_n=4, warps_k=1, strips=2, stages=4, split_k=8 if m <= 8 else 4,
+                     dequantize=m >= DEQUANTIZE_FROM_ROWS, cluster_sums=m <= 8)
+
+
+def for_capability(config: MmaConfig, capability: tuple[int, int]) -> MmaConfig:
+    """The launch shape as a GPU of this compute capability can take it: sums added up in a
+    cluster need Hopper's thread-block clusters (9.0); before, atomic adds."""
+    return config if capability >= (9, 0) else replace(config, cluster_sums=False)
 
 
 def available(device: torch.device) -> bool:
@@ -464,7 +623,8 @@ def _compiles_for(device: int) -> bool:
     if major < 8:
         return False
     try:
-        kernel_cubin(*compiled_shape(1, default_config(1, STRIP_ROWS, CHUNK_INPUTS)), 64, f"sm_{major}{minor}")
+        probe = for_capability(default_config(1, STRIP_ROWS, CHUNK_INPUTS), (major, minor))
+        kernel_cubin(*compiled_shape(1, probe), 64, f"sm_{major}{minor}")
     except (OSError, RuntimeError) as exc:  # no NVRTC library, or a GPU it cannot compile for
         warnings.warn(f"the int4 tensor-core kernel cannot be compiled here ({exc}); int4 stays on the Triton kernels",
                       stacklevel=3)
@@ -483,17 +643,18 @@ def int4_mma_linear(x: torch.Tensor, words: torch.Tensor, scale_bias: torch.Tens
     split_k = config.split_k
     while split_k > 1 and k % (split_k * CHUNK_INPUTS):
         split_k //= 2
+    config = for_capability(replace(config, split_k=split_k), torch.cuda.get_device_capability(x.device))
     m_tiles = compiled_shape(m, config)[0]
-    kernel = _kernel(device_index(x.device), m_tiles, replace(config, split_k=split_k), group_size)
+    kernel = _kernel(device_index(x.device), m_tiles, config, group_size)
     x16 = x.to(torch.bfloat16).contiguous()
-    # With K split, the blocks' atomic float32 sums (the kernel's `partial_sums`); without, its
-    # bf16 `out`. The kernel takes both pointers and writes only the one its code uses.
-    if split_k > 1:
+    # The kernel writes bf16 `out`, or with atomic sums the float32 `partial_sums`: it takes
+    # both pointers and writes only the one its code uses.
+    if split_k > 1 and not config.cluster_sums:
         out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     else:
         out = torch.empty((m, n), device=x.device, dtype=torch.bfloat16)
     block_strips = config.warps_n * config.strips
-    grid = (math.ceil(n // STRIP_ROWS / block_strips), math.ceil(m / (m_tiles * 8)), split_k)
+    grid = (math.ceil(n // STRIP_ROWS / block_strips), math.ceil(m / (m_tiles * 8)), split_k)  # z: K's slices
     with torch.cuda.device(x.device):  # the launch goes to the current device's current stream
         kernel(grid=grid, block=(config.warps_n * config.warps_k * 32, 1, 1),
                args=[x16, words, scale_bias, out, out, m, n, k, k // split_k],
