@@ -2,7 +2,7 @@
 kernel and cuBLAS reading bf16, per LM linear shape and rows of x, with a sweep of its launch
 shapes, and its error against float math on its own dequantized weights.
 
-Run on the GPU machine: `PYTHONPATH=src:bench python3 bench/int4_mma.py [--quick]`; writes
+Run on the GPU machine: `PYTHONPATH=src:bench python3 bench/int4_mma.py [--quick] [--rows 32,64]`; writes
 $OUT/int4_mma.json. Timing as bench/linear_kernels.py: each product inside a CUDA graph over
 enough weight copies that they do not fit in L2, median of 15 replays.
 """
@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from graph_timing import graph_time_us  # bench/, the script's folder
 
 from personaplex.model.kernels import int4_mma
-from personaplex.model.kernels.int4_mma import MmaConfig, int4_mma_linear, to_fragment_order
+from personaplex.model.kernels.int4_mma import DEQUANTIZE_FROM_ROWS, MmaConfig, int4_mma_linear, to_fragment_order
 from personaplex.model.kernels.quantized_matmul import WeightKind, quantized_linear
 from personaplex.model.quantize import dequantize_affine, quantize_affine, unpack_codes
 
@@ -38,12 +39,27 @@ RESULTS: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": t
 
 WARP_SHAPES = [(4, 1, 1), (8, 1, 1), (4, 1, 2), (2, 1, 2), (2, 2, 1), (4, 2, 1), (2, 4, 1), (1, 4, 1), (1, 4, 2),
                (2, 4, 2)]
+# With weights dequantized in registers a warp holds no group or x sums: room for more strips.
+DEQUANTIZED_WARP_SHAPES = WARP_SHAPES + [(4, 1, 4), (2, 1, 4), (8, 1, 2), (2, 2, 4)]
 SPLITS = [1, 2, 4, 8]
+MIN_BLOCKS = [0, 2, 3, 4]
+
+
+def argument(flag: str, default: str) -> str:
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
+
+
+ROWS = [int(m) for m in argument("--rows", ",".join(map(str, ROWS))).split(",")]
 
 
 def candidates() -> list[MmaConfig]:
     stages = [4] if QUICK else [4, 8, 12]
-    return [MmaConfig(wn, wk, s, st, sk) for (wn, wk, s), st, sk in itertools.product(WARP_SHAPES, stages, SPLITS)]
+    exact = [MmaConfig(wn, wk, s, st, sk) for (wn, wk, s), st, sk in itertools.product(WARP_SHAPES, stages, SPLITS)]
+    dequantized = [MmaConfig(wn, wk, s, st, sk, dequantize=True, min_blocks=b)
+                   for (wn, wk, s), st, sk, b in itertools.product(DEQUANTIZED_WARP_SHAPES, stages, SPLITS, MIN_BLOCKS)]
+    # With K split, its sums added up in a cluster or by atomic adds.
+    return [replace(c, cluster_sums=cluster) for c in exact + dequantized for cluster in (True, False)
+            if cluster or c.split_k > 1]
 
 
 def save() -> None:
@@ -59,6 +75,12 @@ def layer(n: int, k: int, seed: int = 0):
     return packed, scales, biases, words, scale_bias
 
 
+# Two launch shapes of each variant (exact with scales once a group, dequantized weights), K's
+# split summed in a cluster or by atomic adds.
+CHECKED_CONFIGS = (MmaConfig(4, 1, 1, 4, 1), MmaConfig(2, 4, 2, 3, 4), MmaConfig(4, 1, 2, 4, 2, dequantize=True),
+                   MmaConfig(2, 2, 1, 3, 4, dequantize=True, cluster_sums=False))
+
+
 def correctness() -> None:
     """Worst relative error of a row against float64 math on the dequantized weights, at odd
     row counts and every group size; the Triton kernel's beside it."""
@@ -72,17 +94,19 @@ def correctness() -> None:
         x = torch.randn(m, k, device="cuda").bfloat16()
         ref = x.double() @ dequantize_affine(packed, scales, biases, 4, group, torch.float64).T
         row_err = lambda out: ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
-        for config in (MmaConfig(4, 1, 1, 4, 1), MmaConfig(2, 4, 2, 3, 4)):
+        for config in CHECKED_CONFIGS:
             mma_err = row_err(int4_mma_linear(x, words, scale_bias, group, config))
-            rows.append({"n": n, "k": k, "group": group, "m": m, "config": str(config), "mma": mma_err})
+            rows.append({"n": n, "k": k, "group": group, "m": m, "config": str(config), "mma": mma_err,
+                         "dequantize": config.dequantize})
         try:
             rows[-1]["triton"] = row_err(quantized_linear(x, packed, scales, biases, WeightKind.INT4, group))
         except ValueError:  # a tiling the Triton kernels do not have (K = 11264 at group 128)
             rows[-1]["triton"] = None
-        print(f"n={n} k={k} g={group} m={m}: mma {rows[-2]['mma']:.2e} / {rows[-1]['mma']:.2e}, triton {rows[-1]['triton']}",
-              flush=True)
+        errors = " / ".join(f"{r['mma']:.2e}" for r in rows[-len(CHECKED_CONFIGS):])
+        print(f"n={n} k={k} g={group} m={m}: mma {errors}, triton {rows[-1]['triton']}", flush=True)
     RESULTS["errors"] = rows
-    RESULTS["worst_mma_error"] = max(r["mma"] for r in rows)
+    for dequantize in (False, True):
+        RESULTS[f"worst_mma_error_dequantize_{dequantize}"] = max(r["mma"] for r in rows if r["dequantize"] == dequantize)
     save()
 
 
@@ -98,7 +122,7 @@ def time_shape(n: int, k: int, m: int, configs: list[MmaConfig]) -> dict[str, ob
                                       for p in layers])
     best = None
     for config in configs:
-        if config.split_k > 1 and k % (config.split_k * 64):
+        if config.split_k > 1 and k % (config.split_k * 64) or config.dequantize and m < DEQUANTIZE_FROM_ROWS:
             continue
         try:
             us = graph_time_us([lambda p=p: int4_mma_linear(x, p[3], p[4], GROUP, config) for p in layers], replays=7)
