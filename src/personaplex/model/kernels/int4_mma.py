@@ -557,7 +557,7 @@ def _kernel(device: int, m_tiles: int, config: MmaConfig, group_size: int):
     """The kernel loaded on one device, ready to launch."""
     from torch.cuda import _utils as cuda_utils  # PyTorch's loader of CUDA modules and launcher
 
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = _capability(device)
     cubin = kernel_cubin(*compiled_shape(m_tiles * 8, config), group_size, f"sm_{major}{minor}")
     with torch.cuda.device(device):
         kernel = cuda_utils._cuda_load_module(cubin, ["int4_mma"])["int4_mma"]
@@ -604,6 +604,12 @@ def default_config(m: int, n: int, k: int) -> MmaConfig:
                      dequantize=m >= DEQUANTIZE_FROM_ROWS, cluster_sums=m <= 8)
 
 
+@functools.cache
+def _capability(device: int) -> tuple[int, int]:
+    """A GPU's compute capability, asked once (every launch needs it)."""
+    return torch.cuda.get_device_capability(device)
+
+
 def for_capability(config: MmaConfig, capability: tuple[int, int]) -> MmaConfig:
     """The launch shape as a GPU of this compute capability can take it: sums added up in a
     cluster need Hopper's thread-block clusters (9.0); before, atomic adds."""
@@ -619,7 +625,7 @@ def available(device: torch.device) -> bool:
 
 @functools.cache
 def _compiles_for(device: int) -> bool:
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = _capability(device)
     if major < 8:
         return False
     try:
@@ -643,9 +649,10 @@ def int4_mma_linear(x: torch.Tensor, words: torch.Tensor, scale_bias: torch.Tens
     split_k = config.split_k
     while split_k > 1 and k % (split_k * CHUNK_INPUTS):
         split_k //= 2
-    config = for_capability(replace(config, split_k=split_k), torch.cuda.get_device_capability(x.device))
+    device = device_index(x.device)
+    config = for_capability(replace(config, split_k=split_k), _capability(device))
     m_tiles = compiled_shape(m, config)[0]
-    kernel = _kernel(device_index(x.device), m_tiles, config, group_size)
+    kernel = _kernel(device, m_tiles, config, group_size)
     x16 = x.to(torch.bfloat16).contiguous()
     # The kernel writes bf16 `out`, or with atomic sums the float32 `partial_sums`: it takes
     # both pointers and writes only the one its code uses.
