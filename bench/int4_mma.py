@@ -122,8 +122,8 @@ def time_shape(n: int, k: int, m: int, configs: list[MmaConfig]) -> dict[str, ob
                                       for p in layers])
     best = None
     for config in configs:
-        if config.split_k > 1 and k % (config.split_k * 64) or config.dequantize and m < DEQUANTIZE_FROM_ROWS:
-            continue
+        if int4_mma.fit_split_k(config, k) != config or config.dequantize and m < DEQUANTIZE_FROM_ROWS:
+            continue  # a shape the launch would change, or the dequantized variant where it cannot pay
         try:
             us = graph_time_us([lambda p=p: int4_mma_linear(x, p[3], p[4], GROUP, config) for p in layers], replays=7)
         except Exception as exc:  # a launch shape this GPU refuses (shared memory, registers)

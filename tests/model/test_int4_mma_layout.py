@@ -73,6 +73,14 @@ def test_source_names_every_constant() -> None:
     assert "#define DEQUANTIZE 0" in kernel_source(1, MmaConfig(), 64)
 
 
+def test_split_of_k_halved_until_its_slices_are_whole_chunks() -> None:
+    from personaplex.model.kernels.int4_mma import fit_split_k
+
+    assert fit_split_k(MmaConfig(split_k=8), 11264).split_k == 8  # 1408 inputs a slice: 22 chunks
+    assert fit_split_k(MmaConfig(split_k=8), 2816).split_k == 4  # 352 would not be whole chunks; 704 are
+    assert fit_split_k(MmaConfig(split_k=8), 64).split_k == 1
+
+
 def test_cluster_sums_only_where_the_gpu_has_clusters() -> None:
     from personaplex.model.kernels.int4_mma import for_capability
 

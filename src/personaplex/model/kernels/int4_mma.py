@@ -604,6 +604,14 @@ def default_config(m: int, n: int, k: int) -> MmaConfig:
                      dequantize=m >= DEQUANTIZE_FROM_ROWS, cluster_sums=m <= 8)
 
 
+def fit_split_k(config: MmaConfig, k: int) -> MmaConfig:
+    """The launch shape with K's split halved until each slice is whole chunks of K."""
+    split_k = config.split_k
+    while split_k > 1 and k % (split_k * CHUNK_INPUTS):
+        split_k //= 2
+    return replace(config, split_k=split_k)
+
+
 @functools.cache
 def _capability(device: int) -> tuple[int, int]:
     """A GPU's compute capability, asked once (every launch needs it)."""
@@ -645,12 +653,9 @@ def int4_mma_linear(x: torch.Tensor, words: torch.Tensor, scale_bias: torch.Tens
     n = words.shape[0]
     if m == 0:
         return x.new_empty((0, n))
-    config = config or default_config(m, n, k)
-    split_k = config.split_k
-    while split_k > 1 and k % (split_k * CHUNK_INPUTS):
-        split_k //= 2
     device = device_index(x.device)
-    config = for_capability(replace(config, split_k=split_k), _capability(device))
+    config = for_capability(fit_split_k(config or default_config(m, n, k), k), _capability(device))
+    split_k = config.split_k
     m_tiles = compiled_shape(m, config)[0]
     kernel = _kernel(device, m_tiles, config, group_size)
     x16 = x.to(torch.bfloat16).contiguous()
