@@ -57,8 +57,10 @@ for stage in "$@"; do
                 timeout "${LINEAR_TIMEOUT:-300}" python3 bench/linear_kernels.py --gemv-depformer 2>&1 | grep -v Warning | tail -9 ;;
         ring)  # the ring-attention kernel's launch shapes at the frame's calls (RING_ARGS="--launches quick": four)
                 timeout "${RING_TIMEOUT:-400}" python3 bench/ring_attention_sweep.py ${RING_ARGS:-} 2>&1 | grep -v Warning | tail -12 ;;
+        mma)  # the int4 tensor-core kernel's launch shapes (MMA_ARGS, e.g. "--quick --shapes depformer --rows 8,64")
+                timeout "${MMA_TIMEOUT:-400}" python3 bench/int4_mma.py ${MMA_ARGS:---quick} 2>&1 | grep -v Warning | tail -16 ;;
         profile) timeout "${PROFILE_TIMEOUT:-400}" python3 bench/profile_frame.py --out "$OUT" --rows "${ROWS:-1,32}" --weights "${PROFILE_WEIGHTS:-bf16}" \
-                     --cases "${CASES:-readable,as-written,compiled}" 2>&1 | grep -v Warning | cut -c1-2000 | tail -8 ;;
+                     --cases "${CASES:-readable,as-written,compiled}" ${PROFILE_ARGS:-} 2>&1 | grep -v Warning | cut -c1-2000 | tail -8 ;;
         *) echo "unknown stage $stage" ;;
     esac
 done

@@ -2,7 +2,8 @@
 kernel and cuBLAS reading bf16, per LM linear shape and rows of x, with a sweep of its launch
 shapes, and its error against float math on its own dequantized weights.
 
-Run on the GPU machine: `PYTHONPATH=src:bench python3 bench/int4_mma.py [--quick] [--rows 32,64]`; writes
+Run on the GPU machine: `PYTHONPATH=src:bench python3 bench/int4_mma.py [--quick] [--rows 32,64]
+[--shapes temporal|depformer|all] [--no-check]`; writes
 $OUT/int4_mma.json. Timing as bench/linear_kernels.py: each product inside a CUDA graph over
 enough weight copies that they do not fit in L2, median of 15 replays.
 """
@@ -50,6 +51,9 @@ def argument(flag: str, default: str) -> str:
 
 
 ROWS = [int(m) for m in argument("--rows", ",".join(map(str, ROWS))).split(",")]
+# The LM's products swept: the temporal layers' (--quick's default), the depformer's, or all.
+SHAPES = {"temporal": TEMPORAL_SHAPES, "depformer": DEPFORMER_SHAPES,
+          "all": TEMPORAL_SHAPES + DEPFORMER_SHAPES}[argument("--shapes", "temporal" if QUICK else "all")]
 
 
 def candidates() -> list[MmaConfig]:
@@ -147,20 +151,26 @@ def precompile(configs: list[MmaConfig]) -> None:
 
 
 def main() -> None:
-    correctness()
+    if "--no-check" not in sys.argv:
+        correctness()
     configs = candidates()
     precompile(configs)
     rows = []
-    for (n, k), m in itertools.product(TEMPORAL_SHAPES + ([] if QUICK else DEPFORMER_SHAPES), ROWS):
+    for (n, k), m in itertools.product(SHAPES, ROWS):
         rows.append(time_shape(n, k, m, configs))
         RESULTS["shapes"] = rows
         save()
-    # A frame's temporal products: 32 layers of the four shapes.
-    for m in ROWS:
-        per = [r for r in rows if r["m"] == m and (r["n"], r["k"]) in TEMPORAL_SHAPES]
-        RESULTS[f"frame_temporal_ms_rows{m}"] = {col: 32 * sum(r[col] for r in per) / 1000
-                                                 for col in ("bf16_us", "triton_us", "mma_us", "mma_default_us")}
-        print(m, RESULTS[f"frame_temporal_ms_rows{m}"], flush=True)
+    # A frame's products: the temporal ones 32 layers of the four shapes; the depformer's 8
+    # steps of 6 layers of the last four shapes, and each step's input product (the first).
+    per_frame = {"temporal": {shape: 32 for shape in TEMPORAL_SHAPES},
+                 "depformer": {DEPFORMER_SHAPES[0]: 8} | {shape: 48 for shape in DEPFORMER_SHAPES[1:]}}
+    for (part, counts), m in itertools.product(per_frame.items(), ROWS):
+        per = [r for r in rows if r["m"] == m and (r["n"], r["k"]) in counts]
+        if len(per) < len(counts):
+            continue
+        RESULTS[f"frame_{part}_ms_rows{m}"] = {col: sum(counts[r["n"], r["k"]] * r[col] for r in per) / 1000
+                                               for col in ("bf16_us", "triton_us", "mma_us", "mma_default_us")}
+        print(part, m, RESULTS[f"frame_{part}_ms_rows{m}"], flush=True)
     save()
 
 

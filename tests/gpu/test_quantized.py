@@ -451,7 +451,7 @@ def measure_lm_logits(scale: str, kind: str) -> dict[str, tuple[dict[str, float]
         results[f"{fmt} vs bf16 (forward)"] = (compare_logits(forward, reference), bound)
         streamed = teacher_forced_logits(quantized, codes, streaming=True)
         results[f"{fmt} vs bf16 (streamed)"] = (compare_logits(streamed, reference_streamed), bound)
-        if fmt == "int4" and use_int4_tensor_cores(quantized):  # CUDA: the temporal layers on the tensor-core kernel
+        if fmt == "int4" and use_int4_tensor_cores(quantized):  # CUDA: every int4 layer on the tensor-core kernel
             results["int4 tensor cores vs int4 Triton (forward)"] = (
                 compare_logits(teacher_forced_logits(quantized, codes), forward), FLOOR)
             results["int4 tensor cores vs int4 Triton (streamed)"] = (

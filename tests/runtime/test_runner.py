@@ -174,8 +174,8 @@ def test_compile_tuning_is_checked_when_the_runner_is_built(engine):
 
 
 def test_int4_layers_rearranged_for_the_tensor_cores_give_the_same_frames(tiny_folder, tmp_path, monkeypatch):
-    """A runner with `Kernels.int4_tensor_cores_from_rows` hands the temporal int4 layers to the
-    tensor-core kernel's layout. The kernel is CUDA C: here on the CPU it is declared available,
+    """A runner with `Kernels.int4_tensor_cores_from_rows` hands every int4 layer (the temporal
+    transformer's and the depformer's) to the tensor-core kernel's layout. The kernel is CUDA C: here on the CPU it is declared available,
     so the runner rearranges the layers, which then compute on their dequantized weights. Those
     are the same weights, so the frames are the same, token for token and sample for sample."""
     from personaplex import PersonaPlex
@@ -193,6 +193,7 @@ def test_int4_layers_rearranged_for_the_tensor_cores_give_the_same_frames(tiny_f
     folder = make_mlx_model_folder(tmp_path / "mlx", random_lm(lm_config, seed=1), 4, tiny_folder)
     engine = PersonaPlex.from_pretrained(folder, device="cpu", dtype=torch.float32, max_sessions=2)
     in_proj = lambda: engine.lm.transformer.layers[0].self_attn.in_proj  # noqa: E731
+    depformer_linear_in = lambda: engine.lm.depformer.layers[1].gating[3].linear_in  # noqa: E731
     audio = user_audio(3)
 
     def frames(kernels: Kernels) -> tuple[list, list]:
@@ -206,9 +207,9 @@ def test_int4_layers_rearranged_for_the_tensor_cores_give_the_same_frames(tiny_f
         return tokens, pcm
 
     expected_tokens, expected_pcm = frames(Kernels(int4_tensor_cores_from_rows=3))  # two rows: below it
-    assert type(in_proj()) is Int4Linear
+    assert type(in_proj()) is Int4Linear and type(depformer_linear_in()) is Int4Linear
     monkeypatch.setattr(int4_mma, "available", lambda device: True)
     tokens, pcm = frames(Kernels(int4_tensor_cores_from_rows=2))
-    assert type(in_proj()) is Int4TensorCoreLinear
+    assert type(in_proj()) is Int4TensorCoreLinear and type(depformer_linear_in()) is Int4TensorCoreLinear
     assert tokens == expected_tokens
     np.testing.assert_array_equal(np.stack(pcm), np.stack(expected_pcm))

@@ -277,20 +277,14 @@ def quantize_model(
     return model
 
 
-def temporal_filter(name: str) -> bool:
-    """The temporal transformer's linears: the products of a frame's rows, where the int4
-    tensor-core kernel was measured (docs/QUANTIZATION.md). The depformer's small products stay
-    with the Triton kernels."""
-    return name.startswith("transformer.")
-
-
-def use_int4_tensor_cores(model: nn.Module, include: Callable[[str], bool] = temporal_filter) -> int:
-    """Rearrange every `Int4Linear` whose name passes `include` for the int4 tensor-core kernel
-    (`Int4TensorCoreLinear`), in place, where that kernel can run (a CUDA GPU of compute
-    capability 8.0 or newer with NVRTC; shapes of N % 16 == 0 and K % 64 == 0). Returns how many
-    layers changed. Once only, before any CUDA graph captures the layers' tensors."""
+def use_int4_tensor_cores(model: nn.Module) -> int:
+    """Rearrange every `Int4Linear` (the temporal transformer's and the depformer's) for the
+    int4 tensor-core kernel (`Int4TensorCoreLinear`), in place, where that kernel can run (a
+    CUDA GPU of compute capability 8.0 or newer with NVRTC; shapes of N % 16 == 0 and
+    K % 64 == 0). Returns how many layers changed. Once only, before any CUDA graph captures
+    the layers' tensors."""
     names = [name for name, module in model.named_modules()
-             if type(module) is Int4Linear and include(name) and int4_mma.fits(module.out_features, module.in_features)
+             if type(module) is Int4Linear and int4_mma.fits(module.out_features, module.in_features)
              and int4_mma.available(module.qweight.device)]
     with torch.no_grad():
         for name in names:

@@ -565,9 +565,10 @@ def _kernel(device: int, m_tiles: int, config: MmaConfig, group_size: int):
     return kernel
 
 
-# The fastest launch shape per (rows bucket, N, K) of the temporal layers, from the sweeps of
-# bench/int4_mma.py on an H200 (bench/results/h200-int4-mma.json; rows buckets 2, 8, 32, 64;
-# values: MmaConfig's fields in order).
+# The fastest launch shape per (rows bucket, N, K) of the LM's int4 layers, from the sweeps of
+# bench/int4_mma.py on an H200 (rows buckets 2, 8, 32, 64; values: MmaConfig's fields in order):
+# the temporal layers' (run AD, bench/results/h200-int4-mma.json), then the depformer's (run AE,
+# h200-int4-mma-depformer.json).
 _TUNED_H200: dict[tuple[int, int, int], tuple[int, int, int, int, int, bool, int, bool]] = {
     (2, 12288, 4096): (4, 1, 2, 4, 8, False, 0, True),
     (8, 12288, 4096): (4, 1, 2, 4, 8, False, 0, True),
@@ -585,6 +586,26 @@ _TUNED_H200: dict[tuple[int, int, int], tuple[int, int, int, int, int, bool, int
     (8, 4096, 11264): (2, 1, 2, 4, 8, False, 0, False),
     (32, 4096, 11264): (4, 1, 2, 4, 8, True, 2, False),
     (64, 4096, 11264): (4, 1, 2, 4, 8, True, 0, False),
+    (2, 1024, 4096): (1, 4, 2, 4, 8, False, 0, True),
+    (8, 1024, 4096): (4, 1, 1, 4, 8, False, 0, True),
+    (32, 1024, 4096): (4, 1, 1, 4, 8, True, 2, True),
+    (64, 1024, 4096): (4, 1, 1, 4, 8, True, 2, False),
+    (2, 3072, 1024): (4, 1, 2, 4, 8, False, 0, True),
+    (8, 3072, 1024): (4, 1, 1, 4, 4, False, 0, True),
+    (32, 3072, 1024): (4, 1, 1, 4, 4, True, 2, True),
+    (64, 3072, 1024): (8, 1, 1, 4, 4, True, 2, True),
+    (2, 1024, 1024): (4, 1, 1, 4, 8, False, 0, True),
+    (8, 1024, 1024): (2, 1, 2, 4, 8, False, 0, True),
+    (32, 1024, 1024): (4, 1, 1, 4, 4, True, 2, True),
+    (64, 1024, 1024): (4, 1, 1, 4, 4, True, 2, True),
+    (2, 5632, 1024): (2, 1, 2, 4, 8, False, 0, True),
+    (8, 5632, 1024): (4, 1, 2, 4, 8, False, 0, True),
+    (32, 5632, 1024): (4, 1, 1, 4, 4, True, 2, True),
+    (64, 5632, 1024): (4, 1, 1, 4, 4, True, 2, True),
+    (2, 1024, 2816): (2, 2, 1, 4, 4, False, 0, True),
+    (8, 1024, 2816): (2, 2, 1, 4, 4, False, 0, True),
+    (32, 1024, 2816): (4, 1, 1, 4, 4, True, 2, True),
+    (64, 1024, 2816): (4, 1, 1, 4, 4, True, 2, True),
 }
 # Rows of x from which weights are dequantized in registers: the table's 32-row bucket (swept at
 # 32 and 64 rows, where it won; at 8 rows a weight so dequantized serves too few products).
