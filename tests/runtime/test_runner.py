@@ -174,8 +174,9 @@ def test_compile_tuning_is_checked_when_the_runner_is_built(engine):
 
 
 def test_int4_layers_rearranged_for_the_tensor_cores_give_the_same_frames(tiny_folder, tmp_path, monkeypatch):
-    """A runner with `Kernels.int4_tensor_cores_from_rows` hands every int4 layer (the temporal
-    transformer's and the depformer's) to the tensor-core kernel's layout. The kernel is CUDA C: here on the CPU it is declared available,
+    """A runner with `Kernels.int4_tensor_cores_from_rows` (and `int4_depformer_tensor_cores_from_rows`)
+    at or under its rows hands the temporal (and the depformer's) int4 layers to the tensor-core
+    kernel's layout. The kernel is CUDA C: here on the CPU it is declared available,
     so the runner rearranges the layers, which then compute on their dequantized weights. Those
     are the same weights, so the frames are the same, token for token and sample for sample."""
     from personaplex import PersonaPlex
@@ -209,7 +210,9 @@ def test_int4_layers_rearranged_for_the_tensor_cores_give_the_same_frames(tiny_f
     expected_tokens, expected_pcm = frames(Kernels(int4_tensor_cores_from_rows=3))  # two rows: below it
     assert type(in_proj()) is Int4Linear and type(depformer_linear_in()) is Int4Linear
     monkeypatch.setattr(int4_mma, "available", lambda device: True)
-    tokens, pcm = frames(Kernels(int4_tensor_cores_from_rows=2))
-    assert type(in_proj()) is Int4TensorCoreLinear and type(depformer_linear_in()) is Int4TensorCoreLinear
-    assert tokens == expected_tokens
-    np.testing.assert_array_equal(np.stack(pcm), np.stack(expected_pcm))
+    for kernels, depformer_type in ((Kernels(int4_tensor_cores_from_rows=2, int4_depformer_tensor_cores_from_rows=3), Int4Linear),
+                                    (Kernels(int4_tensor_cores_from_rows=2, int4_depformer_tensor_cores_from_rows=2), Int4TensorCoreLinear)):
+        tokens, pcm = frames(kernels)
+        assert type(in_proj()) is Int4TensorCoreLinear and type(depformer_linear_in()) is depformer_type
+        assert tokens == expected_tokens
+        np.testing.assert_array_equal(np.stack(pcm), np.stack(expected_pcm))

@@ -87,13 +87,20 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 # 1.43 ms at two rows.
 FUSED_DEPFORMER_PAYS_UP_TO = 1
 
-# Frames of this many rows or more run every int4 layer on the int4 tensor-core kernel
-# (`Kernels.int4_tensor_cores_from_rows`). On an H200 (bench/int4_mma.py), the Triton int4
-# kernels -> the tensor-core kernel (cuBLAS on bf16 weights), ms: a frame's 128 temporal
-# products (run AD) 2 rows 2.78 -> 1.85 (3.92), 8 rows 3.86 -> 1.90 (4.06), 32 rows 4.91 -> 3.07
-# (4.17), 64 rows 5.90 -> 4.28 (4.16); its 200 depformer products (run AE) 2 rows 0.93 -> 0.91
-# (1.31), 8 rows 1.45 -> 0.97 (1.15), 32 rows 1.81 -> 1.20 (1.17), 64 rows 2.05 -> 1.52 (1.24).
+# Frames of this many rows or more run the temporal int4 layers on the int4 tensor-core kernel
+# (`Kernels.int4_tensor_cores_from_rows`). A frame's 128 temporal int4 products on an H200
+# (bench/int4_mma.py, run AD), the Triton int4 kernels -> the tensor-core kernel (cuBLAS on bf16
+# weights): 2 rows 2.78 -> 1.85 ms (3.92), 8 rows 3.86 -> 1.90 (4.06), 32 rows 4.91 -> 3.07
+# (4.17), 64 rows 5.90 -> 4.28 (4.16).
 INT4_TENSOR_CORES_PAY_FROM = 1
+
+# Frames of this many rows or more run the depformer's int4 layers on it too
+# (`Kernels.int4_depformer_tensor_cores_from_rows`). A frame's 200 depformer int4 products on an
+# H200 (run AE), as above: 8 rows 1.45 -> 0.97 ms (1.15), 32 rows 1.81 -> 1.20 (1.17), 64 rows
+# 2.05 -> 1.52 (1.24); the int4 frame at 64 rows 12.68 -> 12.20 ms back to back. At one row
+# the whole frame lost (3.96 -> 4.16 ms back to back): up to GEMV_MAX_ROWS rows these products
+# stay on the Triton GEMV.
+INT4_DEPFORMER_TENSOR_CORES_PAY_FROM = GEMV_MAX_ROWS + 1
 
 
 @dataclass(frozen=True)
@@ -130,10 +137,13 @@ class Kernels:
     products of their unfolded input, through `linear` (so the GEMV at one or two rows), instead
     of cuDNN's convolutions (`mimi/conv.py`).
 
-    `int4_tensor_cores_from_rows`: a frame runner for at least this many rows rearranges
-    every int4 layer (temporal and depformer) for the int4 tensor-core kernel (`kernels/int4_mma.py`,
+    `int4_tensor_cores_from_rows`: a frame runner for at least this many rows rearranges the
+    temporal transformer's int4 layers for the int4 tensor-core kernel (`kernels/int4_mma.py`,
     `quantize.use_int4_tensor_cores`), faster than the Triton int4 kernels at every row count
     measured (`INT4_TENSOR_CORES_PAY_FROM`); 0: never (they keep MLX's order and the Triton kernels).
+    `int4_depformer_tensor_cores_from_rows`: the same for the depformer's int4 layers, from more
+    rows (`INT4_DEPFORMER_TENSOR_CORES_PAY_FROM`). Layers are rearranged in place, once: a
+    model's later runners of fewer rows keep them so.
     """
 
     ring_attention: bool = False
@@ -142,11 +152,13 @@ class Kernels:
     gemv: bool = False
     conv_products: bool = False
     int4_tensor_cores_from_rows: int = 0
+    int4_depformer_tensor_cores_from_rows: int = 0
 
     @staticmethod
     def fast() -> "Kernels":
         return Kernels(ring_attention=True, fused_depformer_max_rows=FUSED_DEPFORMER_PAYS_UP_TO, sampling=True,
-                       gemv=True, conv_products=True, int4_tensor_cores_from_rows=INT4_TENSOR_CORES_PAY_FROM)
+                       gemv=True, conv_products=True, int4_tensor_cores_from_rows=INT4_TENSOR_CORES_PAY_FROM,
+                       int4_depformer_tensor_cores_from_rows=INT4_DEPFORMER_TENSOR_CORES_PAY_FROM)
 
 
 READABLE_KERNELS = Kernels()

@@ -277,14 +277,24 @@ def quantize_model(
     return model
 
 
-def use_int4_tensor_cores(model: nn.Module) -> int:
-    """Rearrange every `Int4Linear` (the temporal transformer's and the depformer's) for the
-    int4 tensor-core kernel (`Int4TensorCoreLinear`), in place, where that kernel can run (a
-    CUDA GPU of compute capability 8.0 or newer with NVRTC; shapes of N % 16 == 0 and
-    K % 64 == 0). Returns how many layers changed. Once only, before any CUDA graph captures
-    the layers' tensors."""
+def is_temporal_layer(name: str) -> bool:
+    """A linear of the temporal transformer (one product a frame, of all its rows)."""
+    return name.startswith("transformer.")
+
+
+def is_depformer_layer(name: str) -> bool:
+    """A linear of the depformer: its steps' layers and each step's input product."""
+    return name.startswith(("depformer.", "depformer_in."))
+
+
+def use_int4_tensor_cores(model: nn.Module, include: Callable[[str], bool] = default_filter) -> int:
+    """Rearrange every `Int4Linear` whose name passes `include` (by default the temporal
+    transformer's and the depformer's) for the int4 tensor-core kernel (`Int4TensorCoreLinear`),
+    in place, where that kernel can run (a CUDA GPU of compute capability 8.0 or newer with
+    NVRTC; shapes of N % 16 == 0 and K % 64 == 0). Returns how many layers changed. Once a
+    layer, before any CUDA graph captures its tensors."""
     names = [name for name, module in model.named_modules()
-             if type(module) is Int4Linear and int4_mma.fits(module.out_features, module.in_features)
+             if type(module) is Int4Linear and include(name) and int4_mma.fits(module.out_features, module.in_features)
              and int4_mma.available(module.qweight.device)]
     with torch.no_grad():
         for name in names:

@@ -32,7 +32,7 @@ from ..model.kernels import register_cuda_ops
 from ..model.layers import READABLE_KERNELS, Kernels
 from ..model.lm import LMModel
 from ..model.mimi import Mimi
-from ..model.quantize import use_int4_tensor_cores
+from ..model.quantize import is_depformer_layer, is_temporal_layer, use_int4_tensor_cores
 from .generation import FrameGenerator, StepInputs
 from .persona import SILENCE_CODES, TEXT_PAD, PersonaSnapshot
 from .sampling import SamplingConfig
@@ -92,7 +92,9 @@ class FrameRunner:
         if self.kernels.gemv:
             lm.stack_depformer_inputs()
         if 0 < self.kernels.int4_tensor_cores_from_rows <= batch_size:
-            use_int4_tensor_cores(lm)
+            use_int4_tensor_cores(lm, is_temporal_layer)
+        if 0 < self.kernels.int4_depformer_tensor_cores_from_rows <= batch_size:
+            use_int4_tensor_cores(lm, is_depformer_layer)
         self.generator = FrameGenerator(lm, batch_size, agent_only=True, kv_dtype=kv_dtype, kernels=self.kernels)
         self.codec_state = mimi.init_stream(batch_size)
         agents = lm.config.agent_codebooks
