@@ -114,6 +114,12 @@ def correctness() -> None:
     save()
 
 
+def swept_at(config: MmaConfig, m: int) -> bool:
+    """Whether a launch shape is timed at m rows of x: the dequantized variant only where it can
+    pay (DEQUANTIZE_FROM_ROWS)."""
+    return not config.dequantize or m >= DEQUANTIZE_FROM_ROWS
+
+
 def time_shape(n: int, k: int, m: int, configs: list[MmaConfig]) -> dict[str, object]:
     copies = max(2, min(64, -(-L2_FLUSH_BYTES // (n * k // 2))))
     layers = [layer(n, k, seed) for seed in range(copies)]
@@ -126,8 +132,8 @@ def time_shape(n: int, k: int, m: int, configs: list[MmaConfig]) -> dict[str, ob
                                       for p in layers])
     best = None
     for config in configs:
-        if int4_mma.fit_split_k(config, k) != config or config.dequantize and m < DEQUANTIZE_FROM_ROWS:
-            continue  # a shape the launch would change, or the dequantized variant where it cannot pay
+        if int4_mma.fit_split_k(config, k) != config or not swept_at(config, m):
+            continue  # a shape the launch would change, or a variant not swept at these rows
         try:
             us = graph_time_us([lambda p=p: int4_mma_linear(x, p[3], p[4], GROUP, config) for p in layers], replays=7)
         except Exception as exc:  # a launch shape this GPU refuses (shared memory, registers)
@@ -143,7 +149,7 @@ def time_shape(n: int, k: int, m: int, configs: list[MmaConfig]) -> dict[str, ob
 
 def precompile(configs: list[MmaConfig]) -> None:
     major, minor = torch.cuda.get_device_capability()
-    tasks = {int4_mma.compiled_shape(m, c) for m in ROWS for c in configs}
+    tasks = {(int4_mma.x_tiles(m), c) for m in ROWS for c in configs if swept_at(c, m)}
     start = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:  # NVRTC runs outside the GIL
         list(pool.map(lambda task: int4_mma.kernel_cubin(task[0], task[1], GROUP, f"sm_{major}{minor}"), tasks))

@@ -546,10 +546,10 @@ def kernel_cubin(m_tiles: int, config: MmaConfig, group_size: int, arch: str) ->
     return nvrtc_compile(kernel_source(m_tiles, config, group_size), "int4_mma", arch, cuda_utils._get_nvrtc_library())
 
 
-def compiled_shape(rows: int, config: MmaConfig) -> tuple[int, MmaConfig]:
-    """What one compiled kernel serves: its mma tiles of x rows (8 rows each, up to
-    MAX_TILE_ROWS a block) and its launch shape."""
-    return min(MAX_TILE_ROWS, rows + 7 & ~7) // 8, config
+def x_tiles(rows: int) -> int:
+    """The mma tiles of x rows (8 rows each) a block takes for `rows` rows of x, up to
+    MAX_TILE_ROWS: with the launch shape, what one compiled kernel serves."""
+    return min(MAX_TILE_ROWS, rows + 7 & ~7) // 8
 
 
 @functools.cache
@@ -558,7 +558,7 @@ def _kernel(device: int, m_tiles: int, config: MmaConfig, group_size: int):
     from torch.cuda import _utils as cuda_utils  # PyTorch's loader of CUDA modules and launcher
 
     major, minor = _capability(device)
-    cubin = kernel_cubin(*compiled_shape(m_tiles * 8, config), group_size, f"sm_{major}{minor}")
+    cubin = kernel_cubin(m_tiles, config, group_size, f"sm_{major}{minor}")
     with torch.cuda.device(device):
         kernel = cuda_utils._cuda_load_module(cubin, ["int4_mma"])["int4_mma"]
         kernel.set_shared_memory_config(shared_bytes(m_tiles, config, group_size))
@@ -659,7 +659,7 @@ def _compiles_for(device: int) -> bool:
         return False
     try:
         probe = for_capability(default_config(1, STRIP_ROWS, CHUNK_INPUTS), (major, minor))
-        kernel_cubin(*compiled_shape(1, probe), 64, f"sm_{major}{minor}")
+        kernel_cubin(x_tiles(1), probe, 64, f"sm_{major}{minor}")
     except (OSError, RuntimeError) as exc:  # no NVRTC library, or a GPU it cannot compile for
         warnings.warn(f"the int4 tensor-core kernel cannot be compiled here ({exc}); int4 stays on the Triton kernels",
                       stacklevel=3)
@@ -677,7 +677,7 @@ def int4_mma_linear(x: torch.Tensor, words: torch.Tensor, scale_bias: torch.Tens
     device = device_index(x.device)
     config = for_capability(fit_split_k(config or default_config(m, n, k), k), _capability(device))
     split_k = config.split_k
-    m_tiles = compiled_shape(m, config)[0]
+    m_tiles = x_tiles(m)
     kernel = _kernel(device, m_tiles, config, group_size)
     x16 = x.to(torch.bfloat16).contiguous()
     # The kernel writes bf16 `out`, or with atomic sums the float32 `partial_sums`: it takes
