@@ -35,7 +35,7 @@ from torch import nn
 
 from .api import KV_CACHE_DTYPES
 from .model.config import LMConfig, MimiConfig
-from .model.formats import KV_CACHE_FORMATS
+from .model.formats import KV_CACHE_FORMATS, WEIGHT_FORMATS
 from .model.layers import READABLE_KERNELS, Kernels
 from .model.lm import LMModel
 from .model.random_init import build_random_lm, compare_logits, random_codes, teacher_forced_logits
@@ -401,13 +401,16 @@ class Bench:
 
     # ---- what a user runs by default: the public calls, one conversation
 
-    def public_api(self) -> None:
-        """respond_duplex and respond_realtime on a default engine (graphs on CUDA), and the
-        same with graphs off (the readable frame: what devices without graphs run)."""
-        for use_graphs in (True, False):
+    def public_api(self, weights: list[str]) -> None:
+        """respond_duplex and respond_realtime on a default engine of each weight format (graphs
+        on CUDA), and the bf16 one with graphs off (the readable frame: what devices without
+        graphs run)."""
+        runs = [(fmt, True) for fmt in weights] + ([("bf16", False)] if "bf16" in weights else [])
+        for fmt, use_graphs in runs:
             label = "" if use_graphs else " (graphs off)"
             # The engine lives only inside its section, so one is freed before the next is built.
-            self.guarded(f"public calls{label}", lambda: self.time_public_calls(random_engine(self.device, "bf16", use_graphs=use_graphs), label))
+            self.guarded(f"public calls, {fmt}{label}",
+                         lambda: self.time_public_calls(random_engine(self.device, fmt, use_graphs=use_graphs), label))
 
     def time_public_calls(self, engine: "PersonaPlex", label: str) -> None:
         for path in ("respond_duplex", "respond_realtime"):
@@ -559,7 +562,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-tuning", choices=list(COMPILE_TUNINGS), default="default",
                         help="how hard the compiler tunes the fast frame (runtime/runner.py: COMPILE_TUNINGS)")
     parser.add_argument("--api", action="store_true",
-                        help="time the public calls instead (respond_duplex, respond_realtime; graphs on and off)")
+                        help="time the public calls instead (respond_duplex, respond_realtime) of each --weights "
+                             "format, graphs on, and bf16's with graphs off")
     parser.add_argument("--serve", action="store_true",
                         help="load-test `personaplex serve` with real-time websocket clients instead")
     parser.add_argument("--clients", default="1,8,32,64,128,160", help="with --serve: comma-separated client counts")
@@ -576,12 +580,20 @@ def run(args: argparse.Namespace) -> int:
         from .server import loadtest
 
         return loadtest.run(args)
-    args.sessions = [int(s) for s in str(args.sessions).split(",")]
+    try:
+        args.sessions = [int(s) for s in str(args.sessions).split(",")]
+    except ValueError:
+        raise SystemExit(f"personaplex bench: error: --sessions takes whole numbers, comma-separated (e.g. 1,8,32), "
+                         f"not {args.sessions!r}") from None
+    unknown = [fmt for fmt in args.weights.split(",") if fmt not in WEIGHT_FORMATS]
+    if unknown:
+        raise SystemExit(f"personaplex bench: error: unknown weight format {', '.join(unknown)} in --weights: "
+                         f"use one or more of {', '.join(WEIGHT_FORMATS)}, comma-separated")
     if not torch.cuda.is_available():
         raise SystemExit("personaplex bench: error: the benchmark needs a CUDA GPU")
     bench = Bench(args)
     if args.api:
-        bench.public_api()
+        bench.public_api(args.weights.split(","))
         return 0
     if not args.no_upstream:
         bench.guarded("moshi", bench.upstream)

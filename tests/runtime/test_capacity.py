@@ -36,3 +36,13 @@ def test_bench_command_is_registered_and_needs_a_gpu(capsys):
     except SystemExit as exit:
         code = exit.code
     assert code != 0 and "CUDA GPU" in str(code) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [(["--weights", "bf16,int5"], "unknown weight format int5"),
+                                          (["--sessions", "1,many"], "--sessions takes whole numbers")])
+def test_bench_names_a_bad_flag_before_it_needs_a_gpu(capsys, flags, named):
+    try:
+        code = main(["bench", "--api", *flags])
+    except SystemExit as exit:
+        code = exit.code
+    assert code != 0 and named in str(code) + capsys.readouterr().err
