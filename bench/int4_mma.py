@@ -3,7 +3,7 @@ kernel and cuBLAS reading bf16, per LM linear shape and rows of x, with a sweep 
 shapes, and its error against float math on its own dequantized weights.
 
 Run on the GPU machine: `PYTHONPATH=src:bench python3 bench/int4_mma.py [--quick] [--rows 32,64]
-[--shapes temporal|depformer|all] [--no-check]`; writes
+[--shapes temporal|depformer|all] [--variants all|dequantized] [--stages 4,8,12] [--no-check]`; writes
 $OUT/int4_mma.json. Timing as bench/linear_kernels.py: each product inside a CUDA graph over
 enough weight copies that they do not fit in L2, median of 15 replays.
 """
@@ -57,13 +57,14 @@ SHAPES = {"temporal": TEMPORAL_SHAPES, "depformer": DEPFORMER_SHAPES,
 
 
 def candidates() -> list[MmaConfig]:
-    stages = [4] if QUICK else [4, 8, 12]
+    # Chunks in flight: fewer stages take less shared memory, so more blocks share an SM.
+    stages = [int(s) for s in argument("--stages", "4" if QUICK else "4,8,12").split(",")]
     exact = [MmaConfig(wn, wk, s, st, sk) for (wn, wk, s), st, sk in itertools.product(WARP_SHAPES, stages, SPLITS)]
     dequantized = [MmaConfig(wn, wk, s, st, sk, dequantize=True, min_blocks=b)
                    for (wn, wk, s), st, sk, b in itertools.product(DEQUANTIZED_WARP_SHAPES, stages, SPLITS, MIN_BLOCKS)]
+    swept = {"all": exact + dequantized, "dequantized": dequantized}[argument("--variants", "all")]
     # With K split, its sums added up in a cluster or by atomic adds.
-    return [replace(c, cluster_sums=cluster) for c in exact + dequantized for cluster in (True, False)
-            if cluster or c.split_k > 1]
+    return [replace(c, cluster_sums=cluster) for c in swept for cluster in (True, False) if cluster or c.split_k > 1]
 
 
 def save() -> None:
