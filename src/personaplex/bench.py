@@ -585,7 +585,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise SystemExit(f"personaplex bench: error: --sessions takes whole numbers, comma-separated (e.g. 1,8,32), "
                          f"not {args.sessions!r}") from None
-    unknown = [fmt for fmt in args.weights.split(",") if fmt not in WEIGHT_FORMATS]
+    args.weights = str(args.weights).split(",")
+    unknown = [fmt for fmt in args.weights if fmt not in WEIGHT_FORMATS]
     if unknown:
         raise SystemExit(f"personaplex bench: error: unknown weight format {', '.join(unknown)} in --weights: "
                          f"use one or more of {', '.join(WEIGHT_FORMATS)}, comma-separated")
@@ -593,11 +594,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("personaplex bench: error: the benchmark needs a CUDA GPU")
     bench = Bench(args)
     if args.api:
-        bench.public_api(args.weights.split(","))
+        bench.public_api(args.weights)
         return 0
     if not args.no_upstream:
         bench.guarded("moshi", bench.upstream)
-    for weights in args.weights.split(","):
+    for weights in args.weights:
         bench.guarded(f"ours {weights}", lambda: bench.ours(weights))
     if bench.rows:
         bench.guarded("plot", lambda: plot(bench.rows, bench.out / f"{bench.card.replace(' ', '_')}.png"))
