@@ -3,7 +3,8 @@ kernel and cuBLAS reading bf16, per LM linear shape and rows of x, with a sweep 
 shapes, and its error against float math on its own dequantized weights.
 
 Run on the GPU machine: `PYTHONPATH=src:bench python3 bench/int4_mma.py [--quick] [--rows 32,64]
-[--shapes temporal|depformer|all] [--variants all|dequantized] [--stages 4,8,12] [--no-check]`; writes
+[--shapes temporal|depformer|all] [--variants all|dequantized] [--stages 4,8,12] [--no-check] [--no-sweep]`
+(--no-sweep: the table's launch shapes alone); writes
 $OUT/int4_mma.json. Timing as bench/linear_kernels.py: each product inside a CUDA graph over
 enough weight copies that they do not fit in L2, median of 15 replays.
 """
@@ -142,8 +143,10 @@ def time_shape(n: int, k: int, m: int, configs: list[MmaConfig]) -> dict[str, ob
             continue
         if best is None or us < best[0]:
             best = (us, config)
-    row["mma_us"], row["mma_config"] = best[0], list(best[1].__dict__.values())
     row["mma_default_us"] = graph_time_us([lambda p=p: int4_mma_linear(x, p[3], p[4], GROUP) for p in layers])
+    if best is None:  # --no-sweep: the table's launch shapes alone
+        best = (row["mma_default_us"], int4_mma.default_config(m, n, k))
+    row["mma_us"], row["mma_config"] = best[0], list(best[1].__dict__.values())
     print(row, flush=True)
     return row
 
@@ -160,7 +163,7 @@ def precompile(configs: list[MmaConfig]) -> None:
 def main() -> None:
     if "--no-check" not in sys.argv:
         correctness()
-    configs = candidates()
+    configs = [] if "--no-sweep" in sys.argv else candidates()
     precompile(configs)
     rows = []
     for (n, k), m in itertools.product(SHAPES, ROWS):

@@ -2,7 +2,8 @@
 cuBLAS on the same weights in bf16, each three times (profile the third of each).
 
 Run on the GPU machine (run AF's profile, `h200-int4-wgmma-rejected.json`; its wgmma rows came from
-the rejected variant, which is not in the tree):
+the rejected variant, which is not in the tree; run AH's stall reasons, `h200-runAH.json`, with
+`--set full -o REPORT`, then `ncu -i REPORT --page details --print-details all`):
 
     ncu --clock-control none -k regex:int4_mma --launch-skip 2 --launch-count 4 --section SpeedOfLight \\
         --section Occupancy --section SchedulerStats python3 bench/ncu_int4.py 12288 4096 64 4,1,2,4,4,True,0,False

@@ -238,15 +238,11 @@ def test_int4_tensor_core_kernel_matches_float_math(group_size: int, dequantize:
     assert max(worst.values()) < KERNEL_BOUND, worst
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="the int4 tensor-core kernel is CUDA C: it has no CPU variant")
-@pytest.mark.parametrize("dequantize", [False, True], ids=["exact", "dequantized"])
-@pytest.mark.parametrize("rows", [1, 9, 70])
-def test_int4_tensor_core_kernel_reads_every_code_exactly(rows: int, dequantize: bool) -> None:
-    """As `test_every_code_reads_exactly` for the tensor-core layout: codes that change along
-    the inputs and x one-hot, each row at another input, so each output is exactly one weight
-    (a code in the wrong place of a fragment fails)."""
-    from personaplex.model.kernels.int4_mma import default_config, int4_mma_linear, to_fragment_order
+def one_hot_int4_case(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 48 x 256 int4 layer in tensor-core order whose codes change along the inputs, x one-hot
+    with each row at another input, and the outputs expected, each exactly one weight (a code in
+    the wrong place of a fragment fails): (words, scale_bias, x, expected)."""
+    from personaplex.model.kernels.int4_mma import to_fragment_order
 
     device = torch.device("cuda")
     outputs, inputs = 48, 256
@@ -256,8 +252,32 @@ def test_int4_tensor_core_kernel_reads_every_code_exactly(rows: int, dequantize:
     words, scale_bias = to_fragment_order(codes, scales, biases)
     picked = (37 * torch.arange(rows, device=device) + 5) % inputs
     x = torch.nn.functional.one_hot(picked, inputs).bfloat16()
-    out = int4_mma_linear(x, words, scale_bias, 64, replace(default_config(rows, outputs, inputs), dequantize=dequantize))
-    assert torch.equal(out.float(), codes[:, picked].t().float() / 2 - 4)
+    return words, scale_bias, x, codes[:, picked].t().float() / 2 - 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the int4 tensor-core kernel is CUDA C: it has no CPU variant")
+@pytest.mark.parametrize("dequantize", [False, True], ids=["exact", "dequantized"])
+@pytest.mark.parametrize("rows", [1, 9, 70])
+def test_int4_tensor_core_kernel_reads_every_code_exactly(rows: int, dequantize: bool) -> None:
+    """As `test_every_code_reads_exactly` for the tensor-core layout (`one_hot_int4_case`)."""
+    from personaplex.model.kernels.int4_mma import default_config, int4_mma_linear
+
+    words, scale_bias, x, expected = one_hot_int4_case(rows)
+    config = replace(default_config(rows, words.shape[0], x.shape[1]), dequantize=dequantize)
+    assert torch.equal(int4_mma_linear(x, words, scale_bias, 64, config).float(), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the int4 tensor-core kernel is CUDA C: it has no CPU variant")
+def test_int4_tensor_core_kernel_takes_rows_past_its_indices_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More rows than the kernel's 32-bit indices reach go through in parts: MAX_INDEX made small
+    here (30 rows a part for 100), each output still exactly its one weight."""
+    from personaplex.model.kernels import int4_mma
+
+    words, scale_bias, x, expected = one_hot_int4_case(100)
+    monkeypatch.setattr(int4_mma, "MAX_INDEX", 2 * x.shape[1] * 30)
+    assert torch.equal(int4_mma.int4_mma_linear(x, words, scale_bias, 64).float(), expected)
 
 
 @pytest.mark.parametrize("scale", SCALES)

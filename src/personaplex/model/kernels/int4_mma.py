@@ -13,25 +13,30 @@ weights from 8 rows on. This kernel keeps the weights streaming while it multipl
 - **One pipeline of asynchronous copies** (`cp.async`, STAGES chunks of 64 inputs in flight)
   brings x's chunk, the weights and their group scales into shared memory while the warps
   multiply the chunk that has arrived; one `ldmatrix` reads the B fragments of two tiles of x.
-- **Codes to bf16 by bit operations**: one `lop3` puts codes r and r + 4 of a word under the
-  bits of bf16 128.0, the fragment's register r as the pair 128 + q. Then, one of two ways
-  (`MmaConfig.dequantize`, chosen by rows of x):
-  - *scales once a group* (few rows): the mma sums (128 + q) * x over a group, a second mma
-    with an all-ones A sums x over it, and at the group's end scale * the first + (bias - 128 *
-    scale) * the second is the group's sum((q * scale + bias) * x): no instruction per weight
-    beyond the `lop3`, and each weight exact. The group and x sums cost registers and a
-    third more products, which is what many rows cannot afford;
-  - *weights dequantized in registers* (from DEQUANTIZE_FROM_ROWS rows): (128 + q) * scale +
-    (bias - 128 * scale) in float32, rounded once to bf16 (the Triton kernels' rounding),
-    straight into the one set of sums.
+  Each thread's sources are planned once and moved on a chunk per copy, with no predicate or
+  select in the loop, and the outputs are written at constant offsets from a lane's first
+  (docs/PERFORMANCE.md, run AH: copies and writes were a quarter of the 64-row kernel's
+  instructions).
+- **Codes to numbers by bit operations**, one of two ways (`MmaConfig.dequantize`, chosen by
+  rows of x):
+  - *scales once a group* (few rows): one `lop3` puts codes r and r + 4 of a word under the
+    bits of bf16 128.0, the fragment's register r as the pair 128 + q; the mma sums (128 + q)
+    * x over a group, a second mma with an all-ones A sums x over it, and at the group's end
+    scale * the first + (bias - 128 * scale) * the second is the group's sum((q * scale +
+    bias) * x): no instruction per weight beyond the `lop3`, and each weight exact. The group
+    and x sums cost registers and a third more products, which is what many rows cannot afford;
+  - *weights dequantized in registers* (from DEQUANTIZE_FROM_ROWS rows): three shifts of a word
+    bring each of its codes to bits 16-19 or 12-15, where one `lop3` makes it the float32 128 +
+    q or 128 + q / 16; one fma with the matching scale and shifted bias is q * scale + bias,
+    rounded once to bf16 (the Triton kernels' rounding), straight into the one set of sums.
 - **K split over the blocks of a tile**, their sums added up either in a thread-block
   cluster through distributed shared memory (`cluster_sums`, Hopper: no extra kernels) or by
   atomic adds into a zeroed float32 buffer then cast (two more kernels, but no block waits on
   another: faster for some shapes at 64 rows).
 
 A frame's temporal int4 products on an H200, 2 / 8 / 32 / 64 rows (docs/PERFORMANCE.md, run
-AD): 2.78 / 3.86 / 4.91 / 5.90 ms on the Triton kernels, 1.85 / 1.90 / 3.07 / 4.28 here, cuBLAS
-reading bf16 3.92 / 4.06 / 4.17 / 4.16.
+AH): 2.76 / 3.88 / 4.94 / 5.91 ms on the Triton kernels, 1.75 / 1.81 / 2.95 / 4.14 here, cuBLAS
+reading bf16 4.01 / 3.98 / 4.05 / 4.06.
 
 Warps split a block's 16-row strips (WARPS_N) and each 64-input chunk's four 16-input steps
 (WARPS_K, summed in shared memory at the end); blocks split N, then 64-row chunks of x, then K.
@@ -54,6 +59,7 @@ from . import device_index
 CHUNK_INPUTS = 64  # inputs a pipeline stage brings in (4 steps of the mma's 16)
 STRIP_ROWS = 16  # output rows of one A fragment
 MAX_TILE_ROWS = 64  # rows of x a block takes (8 mma tiles of 8); more rows take more blocks
+MAX_INDEX = 2**31 - 1  # the kernel's indices of x's bytes and of outputs are 32-bit
 
 
 @dataclass(frozen=True)
@@ -141,10 +147,13 @@ typedef unsigned short u16;
 #define W_PIECES (BLOCK_STRIPS * 32)
 #define SB_PIECES (BLOCK_STRIPS * SB_ENTRIES * 4)
 #define CEIL(a, b) (((a) + (b) - 1) / (b))
+#define X_COPIES CEIL(X_PIECES, THREADS)         /* pieces of each kind a thread copies a stage */
+#define W_COPIES CEIL(W_PIECES, THREADS)
+#define SB_COPIES CEIL(SB_PIECES, THREADS)
 
-__device__ __forceinline__ void copy16(u32 dst, const void* src, bool valid) {
-    // Asynchronous 16-byte copy to shared memory; zeros where !valid.
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(valid ? 16 : 0));
+__device__ __forceinline__ void copy16(u32 dst, const void* src, u32 bytes = 16) {
+    // Asynchronous 16-byte copy to shared memory, around the L1: `bytes` of src, zeros after.
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(bytes));
 }
 
 __device__ __forceinline__ float half_to_float(u32 h) {
@@ -182,11 +191,45 @@ __device__ __forceinline__ u32 to_bf16_pair(float low, float high) {
     return r;
 }
 
-__device__ __forceinline__ u32 dequantize_pair(u32 pair, float scale, float shifted_bias) {
-    // A pair 128 + q of bf16 -> the pair q * scale + bias, in float32 rounded once. A bf16 in
-    // the top half of a word is the float32 of the same value.
-    const float low = __uint_as_float(pair << 16), high = __uint_as_float(pair & 0xFFFF0000u);
-    return to_bf16_pair(fmaf(low, scale, shifted_bias), fmaf(high, scale, shifted_bias));
+__device__ __forceinline__ void load_dequantize_scales(const uint2* sbs, int entry, int g, float scale[2],
+                                                       float shifted_bias[2]) {
+    // The affine maps of codes as `dequantize_word` reads them: 128 + q for row g, so (scale,
+    // bias - 128 * scale); 128 + q / 16 for row g + 8, so (16 * scale, bias - 2048 * scale).
+    const uint2 p = sbs[entry * 8 + g];
+    const float row_scale = half_to_float(p.y & 0xFFFF);
+    scale[0] = half_to_float(p.x & 0xFFFF);
+    shifted_bias[0] = fmaf(-128.f, scale[0], half_to_float(p.x >> 16));
+    scale[1] = 16.f * row_scale;
+    shifted_bias[1] = fmaf(-2048.f, row_scale, half_to_float(p.y >> 16));
+}
+
+template <u32 MASK>
+__device__ __forceinline__ float code_as_float(u32 bits) {
+    // The code under MASK (bits 16-19 or 12-15) under the bits of float 128.0: the float 128 + q,
+    // or 128 + q / 16.
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, 0x43000000, 0xEA;" : "=r"(r) : "r"(bits), "n"(MASK));
+    return __uint_as_float(r);
+}
+
+__device__ __forceinline__ void dequantize_word(u32 word, const float scale[2], const float shifted_bias[2],
+                                                u32 a[4]) {
+    // A fragment's four registers, codes r and r + 4 of the word for register r (rows g for
+    // even r, g + 8 for odd: to_fragment_order), as the pairs q * scale + bias in bf16, each
+    // an fma in float32 rounded once. Three shifts of the word bring every code to bits 16-19
+    // (row g's) or 12-15 (row g + 8's), where one lop3 each makes it a float: eleven integer
+    // operations for eight codes, where shifting each code down and splitting bf16 pairs took
+    // fifteen. Codes at bits 12-15 shift the bias by 2048 * scale, whose rounding in float32 is
+    // at most scale * 2^-13, far under the bf16 rounding of the weight.
+    constexpr u32 AT_16 = 0x000F0000u, AT_12 = 0x0000F000u;
+    const u32 right8 = word >> 8, left8 = word << 8, rotated = __funnelshift_l(word, word, 16);
+    auto pair = [&](float low, float high, int row) {
+        return to_bf16_pair(fmaf(low, scale[row], shifted_bias[row]), fmaf(high, scale[row], shifted_bias[row]));
+    };
+    a[0] = pair(code_as_float<AT_16>(rotated), code_as_float<AT_16>(word), 0);   // codes 0, 4
+    a[1] = pair(code_as_float<AT_12>(left8), code_as_float<AT_12>(right8), 1);   // codes 1, 5
+    a[2] = pair(code_as_float<AT_16>(left8), code_as_float<AT_16>(right8), 0);   // codes 2, 6
+    a[3] = pair(code_as_float<AT_12>(word), code_as_float<AT_12>(rotated), 1);   // codes 3, 7
 }
 
 __device__ __forceinline__ void load_b_fragments(u32 b[4], u32 address, bool two_tiles) {
@@ -207,23 +250,36 @@ __device__ __forceinline__ void mma(float c[4], const u32 a[4], u32 b0, u32 b1) 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+template <bool WHOLE, typename Visit>
+__device__ __forceinline__ void visit_outputs(float (&acc)[STRIPS][M_TILES][4], int first_strip, int strips, int m0,
+                                              int M, int N, int g, int t, Visit visit) {
+    // visit(index, sum) for each accumulator's output (m, n), index = m * N + n: c < 2 rows g,
+    // else g + 8 of the strip; x rows 2t + (c & 1) of tile j. WHOLE: the warp's rows of x and
+    // strips all lie inside the output, so none is skipped and each index is the lane's first
+    // plus a constant.
+    const int lane_first = (m0 + 2 * t) * N + first_strip * 16 + g;
+    #pragma unroll
+    for (int j = 0; j < M_TILES; ++j)
+        #pragma unroll
+        for (int odd = 0; odd < 2; ++odd) {
+            const int row_first = lane_first + (8 * j + odd) * N;
+            #pragma unroll
+            for (int s = 0; s < STRIPS; ++s)
+                #pragma unroll
+                for (int half = 0; half < 2; ++half)
+                    if (WHOLE || (m0 + 8 * j + 2 * t + odd < M && first_strip + s < strips))
+                        visit(row_first + 16 * s + 8 * half, acc[s][j][2 * half + odd]);
+        }
+}
+
 template <typename Visit>
 __device__ __forceinline__ void for_each_output(float (&acc)[STRIPS][M_TILES][4], int first_strip, int strips, int m0,
-                                                int M, int g, int t, Visit visit) {
-    // The output (m, n) of each accumulator: c < 2 rows g, else g + 8 of the strip; x rows
-    // 2t + (c & 1) of tile j.
-    #pragma unroll
-    for (int s = 0; s < STRIPS; ++s) {
-        int strip = first_strip + s;
-        if (strip >= strips) continue;
-        #pragma unroll
-        for (int j = 0; j < M_TILES; ++j)
-            #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                int m = m0 + 8 * j + 2 * t + (c & 1);
-                if (m < M) visit(m, strip * 16 + g + (c >> 1) * 8, acc[s][j][c]);
-            }
-    }
+                                                int M, int N, int g, int t, Visit visit) {
+    // As visit_outputs, the blocks inside the output (all but the last of each side) apart.
+    if (m0 + X_ROWS <= M && first_strip + STRIPS <= strips)
+        visit_outputs<true>(acc, first_strip, strips, m0, M, N, g, t, visit);
+    else
+        visit_outputs<false>(acc, first_strip, strips, m0, M, N, g, t, visit);
 }
 
 #if MIN_BLOCKS
@@ -240,11 +296,16 @@ __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
-__device__ __forceinline__ float2 load_from_block(u32 address, int rank) {
-    // Two floats at `address` of the shared memory of block `rank` of this cluster.
+__device__ __forceinline__ u32 cluster_address(u32 address, int rank) {
+    // `address` of this block's shared memory as the same place in block `rank`'s, in the
+    // cluster's shared window (each block's memory one contiguous piece of it).
     u32 remote;
-    float2 v;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
+    return remote;
+}
+
+__device__ __forceinline__ float2 load_from_cluster(u32 remote) {
+    float2 v;
     asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(remote) : "memory");
     return v;
 }
@@ -265,42 +326,53 @@ extern "C" __global__ void LAUNCH_BOUNDS CLUSTER int4_mma(
     const int k_begin = blockIdx.z * k_slice, iters = k_slice / KC, chunks = K / KC, groups = K / GROUP;
     const u32 smem_base = (u32)__cvta_generic_to_shared(smem);
 
-    // This thread's share of a stage's copies: its first piece of each kind, the next ones a
-    // constant stride further (THREADS / 8 rows of x, THREADS / 32 strips of weights).
+    // This thread's share of a stage's copies: each piece's place in a stage, and the byte offset
+    // of its source, set at the slice's first chunk and moved on a chunk after each copy (stages
+    // are loaded in chunk order; offsets carried from chunk to chunk stay in registers, where
+    // offsets worked out from rows and strips were worked out again every chunk). Rows of x past
+    // M are zeros (a copy of no bytes: reading the last row instead made 1 and 2 rows 10-30 %
+    // slower) and strips past N copy the last strip (their products are never written), so no
+    // copy needs a predicate or a select.
+    const char* const x_bytes = (const char*)x;
+    const char* const w_bytes = (const char*)w;
     const int x_row = tid >> 3;
-    const u16* x_src = x + (size_t)(m0 + x_row) * K + (tid & 7) * 8 + k_begin;
     const u32 x_dst = x_row * X_STRIDE_WORDS * 4 + (tid & 7) * 16;
-    const int w_strip = tid >> 5;
-    const uint4* w_src = w + ((size_t)(strip0 + w_strip) * chunks + k_begin / KC) * 32 + lane;
-    auto load_stage = [&](int slot, int chunk) {  // chunk: index from k_begin
+    u32 x_from[X_COPIES], x_size[X_COPIES], w_from[W_COPIES], sb_from[SB_COPIES];
+    #pragma unroll
+    for (int p = 0; p < X_COPIES; ++p) {
+        const int row = m0 + x_row + p * (THREADS / 8);
+        x_from[p] = ((u32)min(row, M - 1) * K + k_begin + (tid & 7) * 8) * 2;
+        x_size[p] = row < M ? 16 : 0;
+    }
+    #pragma unroll
+    for (int p = 0; p < W_COPIES; ++p) {
+        const int strip = min(strip0 + (tid >> 5) + p * (THREADS / 32), strips - 1);
+        w_from[p] = (((u32)strip * chunks + k_begin / KC) * 32 + lane) * 16;
+    }
+    #pragma unroll
+    for (int p = 0; p < SB_COPIES; ++p) {  // a group's scales every chunk, or every other one (GROUP 128)
+        const int i = tid + p * THREADS, entry = i >> 2, strip = min(strip0 + entry / SB_ENTRIES, strips - 1);
+        sb_from[p] = ((u32)strip * groups + entry % SB_ENTRIES) * 64 + (i & 3) * 16;
+    }
+    auto load_next_chunk = [&](int slot, int chunk) {  // chunk: index from k_begin
         const u32 stage = smem_base + slot * STAGE_BYTES;
         #pragma unroll
-        for (int p = 0; p < CEIL(X_PIECES, THREADS); ++p) {
-            const int row = x_row + p * (THREADS / 8);
-            if (X_PIECES % THREADS == 0 || row < X_ROWS) {
-                const bool ok = m0 + row < M;
-                copy16(stage + x_dst + p * (THREADS / 8) * X_STRIDE_WORDS * 4,
-                       ok ? x_src + (size_t)p * (THREADS / 8) * K + chunk * KC : x, ok);
+        for (int p = 0; p < X_COPIES; ++p)
+            if (X_PIECES % THREADS == 0 || tid + p * THREADS < X_PIECES) {
+                copy16(stage + x_dst + p * (THREADS / 8) * X_STRIDE_WORDS * 4, x_bytes + x_from[p], x_size[p]);
+                x_from[p] += KC * 2;
             }
-        }
         #pragma unroll
-        for (int p = 0; p < CEIL(W_PIECES, THREADS); ++p) {
-            const int strip = w_strip + p * (THREADS / 32);
-            if (W_PIECES % THREADS == 0 || strip < BLOCK_STRIPS) {
-                const bool ok = strip0 + strip < strips;
-                copy16(stage + X_BYTES + (tid + p * THREADS) * 16,
-                       ok ? w_src + ((size_t)p * (THREADS / 32) * chunks + chunk) * 32 : (const uint4*)x, ok);
+        for (int p = 0; p < W_COPIES; ++p)
+            if (W_PIECES % THREADS == 0 || tid + p * THREADS < W_PIECES) {
+                copy16(stage + X_BYTES + (tid + p * THREADS) * 16, w_bytes + w_from[p]);
+                w_from[p] += 512;
             }
-        }
+        const char* const sb_chunk = sb + (size_t)((k_begin + chunk * KC) / GROUP) * 64;
         #pragma unroll
-        for (int p = 0; p < CEIL(SB_PIECES, THREADS); ++p) {
-            const int i = tid + p * THREADS, entry = i >> 2, strip = strip0 + entry / SB_ENTRIES;
-            if (SB_PIECES % THREADS == 0 || i < SB_PIECES) {
-                const bool ok = strip < strips;
-                const size_t group = (size_t)strip * groups + (k_begin + chunk * KC) / GROUP + entry % SB_ENTRIES;
-                copy16(stage + X_BYTES + W_BYTES + i * 16, ok ? sb + group * 64 + (i & 3) * 16 : (const char*)x, ok);
-            }
-        }
+        for (int p = 0; p < SB_COPIES; ++p)
+            if (SB_PIECES % THREADS == 0 || tid + p * THREADS < SB_PIECES)
+                copy16(stage + X_BYTES + W_BYTES + (tid + p * THREADS) * 16, sb_chunk + sb_from[p]);
     };
 
     // Sums over the whole slice (acc). With scales once a group, also sums over the current
@@ -334,13 +406,13 @@ extern "C" __global__ void LAUNCH_BOUNDS CLUSTER int4_mma(
 
     #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < iters) load_stage(s, s);
+        if (s < iters) load_next_chunk(s, s);
         asm volatile("cp.async.commit_group;\n" ::);
     }
     for (int it = 0; it < iters; ++it) {
         asm volatile("cp.async.wait_group %0;\n" :: "n"(STAGES - 2));
         __syncthreads();  // chunk `it` is in; every warp is done with the slot refilled next
-        if (it + STAGES - 1 < iters) load_stage((it + STAGES - 1) % STAGES, it + STAGES - 1);
+        if (it + STAGES - 1 < iters) load_next_chunk((it + STAGES - 1) % STAGES, it + STAGES - 1);
         asm volatile("cp.async.commit_group;\n" ::);
 
         const unsigned char* stage = smem + (it % STAGES) * STAGE_BYTES;
@@ -361,7 +433,7 @@ extern "C" __global__ void LAUNCH_BOUNDS CLUSTER int4_mma(
                 if (step < WARPS_K || (GROUP < KC && (step - WARPS_K) * 16 / GROUP != entry))
                     #pragma unroll
                     for (int s = 0; s < STRIPS; ++s)
-                        load_scales(sbs + (warp_n * STRIPS + s) * SB_ENTRIES * 8, entry, g, scale[s], shifted_bias[s]);
+                        load_dequantize_scales(sbs + (warp_n * STRIPS + s) * SB_ENTRIES * 8, entry, g, scale[s], shifted_bias[s]);
 #endif
                 u32 a[STRIPS][4];
                 #pragma unroll
@@ -369,13 +441,12 @@ extern "C" __global__ void LAUNCH_BOUNDS CLUSTER int4_mma(
                     const u32 word = step == 0 ? words[s].x : step == 1 ? words[s].y : step == 2 ? words[s].z : words[s].w;
                     // Register r of the fragment: codes r and r + 4 of the word (layout:
                     // to_fragment_order), of row g for even r, g + 8 for odd.
-                    #pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        a[s][r] = codes_plus_128(word >> (4 * r));
 #if DEQUANTIZE
-                        a[s][r] = dequantize_pair(a[s][r], scale[s][r & 1], shifted_bias[s][r & 1]);
+                    dequantize_word(word, scale[s], shifted_bias[s], a[s]);
+#else
+                    #pragma unroll
+                    for (int r = 0; r < 4; ++r) a[s][r] = codes_plus_128(word >> (4 * r));
 #endif
-                    }
                 }
                 #pragma unroll
                 for (int j = 0; j < M_TILES; j += 2) {
@@ -455,20 +526,28 @@ extern "C" __global__ void LAUNCH_BOUNDS CLUSTER int4_mma(
     // columns (distributed shared memory) and writes them.
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();  // every warp is done with the pipeline's shared memory
-    float* tile = (float*)smem;
-    if (warp_k == 0) for_each_output(acc, strip0 + warp_n * STRIPS, strips, m0, M, g, t, [&](int m, int n, float v) {
-        tile[(m - m0) * TILE_STRIDE + n - strip0 * 16] = v;
-    });
+    if (warp_k == 0) {  // every sum into the block's tile; rows past M, strips past N are never read
+        float* const lane_sums = (float*)smem + 2 * t * TILE_STRIDE + warp_n * STRIPS * 16 + g;
+        #pragma unroll
+        for (int s = 0; s < STRIPS; ++s)
+            #pragma unroll
+            for (int j = 0; j < M_TILES; ++j)
+                #pragma unroll
+                for (int c = 0; c < 4; ++c) lane_sums[(8 * j + (c & 1)) * TILE_STRIDE + 16 * s + 8 * (c >> 1)] = acc[s][j][c];
+    }
+    u32 block_sums[SPLIT];  // the tiles of the cluster's blocks
+    #pragma unroll
+    for (int rank = 0; rank < SPLIT; ++rank) block_sums[rank] = cluster_address(smem_base, rank);
     cluster_sync();  // every block's sums are in place
     const int columns = TILE_COLUMNS / SPLIT, first_column = blockIdx.z * columns, rows = min(X_ROWS, M - m0);
     for (int i = tid; i < rows * columns / 2; i += THREADS) {
         const int m = i / (columns / 2), column = first_column + 2 * (i % (columns / 2)), n = strip0 * 16 + column;
         if (n >= N) continue;  // the last tile's strips past N
-        const u32 mine = smem_base + (m * TILE_STRIDE + column) * 4;
+        const u32 offset = (m * TILE_STRIDE + column) * 4;
         float low = 0.f, high = 0.f;
         #pragma unroll
         for (int rank = 0; rank < SPLIT; ++rank) {
-            const float2 theirs = load_from_block(mine, rank);
+            const float2 theirs = load_from_cluster(block_sums[rank] + offset);
             low += theirs.x;
             high += theirs.y;
         }
@@ -476,11 +555,11 @@ extern "C" __global__ void LAUNCH_BOUNDS CLUSTER int4_mma(
     }
     cluster_sync();  // no block leaves while another reads its shared memory
 #else
-    if (warp_k == 0) for_each_output(acc, strip0 + warp_n * STRIPS, strips, m0, M, g, t, [&](int m, int n, float v) {
+    if (warp_k == 0) for_each_output(acc, strip0 + warp_n * STRIPS, strips, m0, M, N, g, t, [&](int index, float v) {
 #if SPLIT > 1
-        atomicAdd(partial_sums + (size_t)m * N + n, v);
+        atomicAdd(partial_sums + index, v);
 #else
-        out[(size_t)m * N + n] = to_bf16(v);
+        out[index] = to_bf16(v);
 #endif
     });
 #endif
@@ -674,6 +753,9 @@ def int4_mma_linear(x: torch.Tensor, words: torch.Tensor, scale_bias: torch.Tens
     n = words.shape[0]
     if m == 0:
         return x.new_empty((0, n))
+    most_rows = MAX_INDEX // max(n, 2 * k)
+    if m > most_rows:  # more rows than the kernel's 32-bit indices of x and the output reach
+        return torch.cat([int4_mma_linear(part, words, scale_bias, group_size, config) for part in x.split(most_rows)])
     device = device_index(x.device)
     config = for_capability(fit_split_k(config or default_config(m, n, k), k), _capability(device))
     split_k = config.split_k
