@@ -19,22 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from graph_timing import graph_time_us  # bench/, the script's folder
+from int4_mma import GROUP, copies_past_l2, layer
 
-from personaplex.model.kernels.int4_mma import default_config, int4_mma_linear, to_fragment_order
-from personaplex.model.quantize import quantize_affine, unpack_codes
+from personaplex.model.kernels.int4_mma import default_config, int4_mma_linear
 
-GROUP = 64
-L2_FLUSH_BYTES = 160 * 2**20
 OUT = Path(os.environ.get("OUT", "bench/results"))
-
-
-def int4_layers(n: int, k: int, copies: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layers = []
-    for seed in range(copies):
-        torch.manual_seed(seed)
-        packed, scales, biases = quantize_affine(torch.randn(n, k, device="cuda") * 0.02, 4, GROUP)
-        layers.append(to_fragment_order(unpack_codes(packed, 4), scales, biases))
-    return layers
 
 
 def main(n: int, rows: int) -> None:
@@ -45,8 +34,8 @@ def main(n: int, rows: int) -> None:
     timings = []
     for k in (1024, 2048, 4096, 8192):
         x = torch.randn(rows, k, device="cuda").bfloat16()
-        layers = int4_layers(n, k, max(2, min(32, -(-L2_FLUSH_BYTES // (n * k // 2)))))
-        bf16 = [torch.randn(n, k, device="cuda").bfloat16() for _ in range(max(2, -(-L2_FLUSH_BYTES // (2 * n * k))))]
+        layers = [layer(n, k, seed)[3:] for seed in range(copies_past_l2(n * k // 2, 64))]  # (words, scale_bias)
+        bf16 = [torch.randn(n, k, device="cuda").bfloat16() for _ in range(copies_past_l2(2 * n * k, 16))]
         row = {"k": k, "bf16_us": graph_time_us([lambda w=w: F.linear(x, w) for w in bf16])}
         for split in (1, 2, 4, 8):
             config = replace(tuned, split_k=split)

@@ -73,6 +73,12 @@ def save() -> None:
     (OUT / "int4_mma.json").write_text(json.dumps(RESULTS, indent=1))
 
 
+def copies_past_l2(bytes_each: int, most: int) -> int:
+    """Copies of a weight of `bytes_each` bytes enough that together they do not fit in L2 (2
+    to `most`): each product in a timed graph then reads its weights from memory."""
+    return max(2, min(most, -(-L2_FLUSH_BYTES // bytes_each)))
+
+
 def layer(n: int, k: int, seed: int = 0):
     torch.manual_seed(seed)
     w = torch.randn(n, k, device="cuda") * 0.02
@@ -123,10 +129,9 @@ def swept_at(config: MmaConfig, m: int) -> bool:
 
 
 def time_shape(n: int, k: int, m: int, configs: list[MmaConfig]) -> dict[str, object]:
-    copies = max(2, min(64, -(-L2_FLUSH_BYTES // (n * k // 2))))
-    layers = [layer(n, k, seed) for seed in range(copies)]
+    layers = [layer(n, k, seed) for seed in range(copies_past_l2(n * k // 2, 64))]
     x = torch.randn(m, k, device="cuda").bfloat16()
-    bf16 = [torch.randn(n, k, device="cuda").bfloat16() for _ in range(max(2, min(16, -(-L2_FLUSH_BYTES // (2 * n * k)))))]
+    bf16 = [torch.randn(n, k, device="cuda").bfloat16() for _ in range(copies_past_l2(2 * n * k, 16))]
     row: dict[str, object] = {"n": n, "k": k, "m": m}
     row["bf16_us"] = graph_time_us([lambda w=w: F.linear(x, w) for w in bf16])
     del bf16

@@ -5,7 +5,7 @@ Run on the GPU machine (run AF's profile, `h200-int4-wgmma-rejected.json`; its w
 the rejected variant, which is not in the tree; run AH's stall reasons, `h200-runAH.json`, with
 `--set full -o REPORT`, then `ncu -i REPORT --page details --print-details all`):
 
-    ncu --clock-control none -k regex:int4_mma --launch-skip 2 --launch-count 4 --section SpeedOfLight \\
+    PYTHONPATH=src:bench ncu --clock-control none -k regex:int4_mma --launch-skip 2 --launch-count 4 --section SpeedOfLight \\
         --section Occupancy --section SchedulerStats python3 bench/ncu_int4.py 12288 4096 64 4,1,2,4,4,True,0,False
     ncu --clock-control none -k regex:'nvjet|gemm' --launch-skip 2 --launch-count 1 ... (the same program)
 
@@ -19,10 +19,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from personaplex.model.kernels.int4_mma import MmaConfig, default_config, int4_mma_linear, to_fragment_order
-from personaplex.model.quantize import quantize_affine, unpack_codes
+from int4_mma import GROUP, layer  # bench/, the script's folder
 
-GROUP = 64
+from personaplex.model.kernels.int4_mma import MmaConfig, default_config, int4_mma_linear
+from personaplex.model.quantize import dequantize_affine
 
 
 def field(text: str) -> int | bool:
@@ -30,15 +30,13 @@ def field(text: str) -> int | bool:
 
 
 def main(n: int, k: int, rows: int, other: MmaConfig) -> None:
-    weights = torch.randn(n, k, device="cuda") * 0.02
-    packed, scales, biases = quantize_affine(weights, 4, GROUP)
-    words, scale_bias = to_fragment_order(unpack_codes(packed, 4), scales, biases)
+    packed, scales, biases, words, scale_bias = layer(n, k)
     x = torch.randn(rows, k, device="cuda").bfloat16()
     for config in (default_config(rows, n, k), other):
         print(config, flush=True)
         for _ in range(3):
             int4_mma_linear(x, words, scale_bias, GROUP, config)
-    bf16_weights = weights.bfloat16()
+    bf16_weights = dequantize_affine(packed, scales, biases, 4, GROUP, torch.bfloat16)
     for _ in range(3):
         F.linear(x, bf16_weights)
     torch.cuda.synchronize()
