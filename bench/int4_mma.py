@@ -2,7 +2,8 @@
 kernel and cuBLAS reading bf16, per LM linear shape and rows of x, with a sweep of its launch
 shapes, and its error against float math on its own dequantized weights.
 
-Run on the GPU machine: `PYTHONPATH=src:bench python3 bench/int4_mma.py [--quick] [--rows 32,64]
+The gated feed-forwards' first products are also timed with the gate in the kernel's epilogue
+(mma_frame_us, what a frame runs). Run on the GPU machine: `PYTHONPATH=src:bench python3 bench/int4_mma.py [--quick] [--rows 32,64]
 [--shapes temporal|depformer|all] [--variants all|dequantized] [--stages 4,8,12] [--no-check] [--no-sweep]`
 (--no-sweep: the table's launch shapes alone); writes
 $OUT/int4_mma.json. Timing as bench/linear_kernels.py: each product inside a CUDA graph over
@@ -32,6 +33,7 @@ from personaplex.model.quantize import dequantize_affine, quantize_affine, unpac
 
 TEMPORAL_SHAPES = [(12288, 4096), (4096, 4096), (22528, 4096), (4096, 11264)]
 DEPFORMER_SHAPES = [(1024, 4096), (3072, 1024), (1024, 1024), (5632, 1024), (1024, 2816)]
+GATED_SHAPES = {(22528, 4096), (5632, 1024)}  # the gated feed-forwards' first products: also timed with the gate
 ROWS = [1, 2, 8, 32, 64]
 GROUP = 64
 L2_FLUSH_BYTES = 160 * 2**20
@@ -79,11 +81,11 @@ def copies_past_l2(bytes_each: int, most: int) -> int:
     return max(2, min(most, -(-L2_FLUSH_BYTES // bytes_each)))
 
 
-def layer(n: int, k: int, seed: int = 0):
+def layer(n: int, k: int, seed: int = 0, gated: bool = False):
     torch.manual_seed(seed)
     w = torch.randn(n, k, device="cuda") * 0.02
     packed, scales, biases = quantize_affine(w, 4, GROUP)
-    words, scale_bias = to_fragment_order(unpack_codes(packed, 4), scales, biases)
+    words, scale_bias = to_fragment_order(unpack_codes(packed, 4), scales, biases, gated=gated)
     return packed, scales, biases, words, scale_bias
 
 
@@ -129,7 +131,8 @@ def swept_at(config: MmaConfig, m: int) -> bool:
 
 
 def time_shape(n: int, k: int, m: int, configs: list[MmaConfig]) -> dict[str, object]:
-    layers = [layer(n, k, seed) for seed in range(copies_past_l2(n * k // 2, 64))]
+    gated = (n, k) in GATED_SHAPES
+    layers = [layer(n, k, seed, gated) for seed in range(copies_past_l2(n * k // 2, 64))]
     x = torch.randn(m, k, device="cuda").bfloat16()
     bf16 = [torch.randn(n, k, device="cuda").bfloat16() for _ in range(copies_past_l2(2 * n * k, 16))]
     row: dict[str, object] = {"n": n, "k": k, "m": m}
@@ -149,6 +152,9 @@ def time_shape(n: int, k: int, m: int, configs: list[MmaConfig]) -> dict[str, ob
         if best is None or us < best[0]:
             best = (us, config)
     row["mma_default_us"] = graph_time_us([lambda p=p: int4_mma_linear(x, p[3], p[4], GROUP) for p in layers])
+    # A frame's gated products: silu(a) * b in the kernel's epilogue, at the default launch shape.
+    row["mma_frame_us"] = row["mma_default_us"] if not gated else graph_time_us(
+        [lambda p=p: int4_mma_linear(x, p[3], p[4], GROUP, gated=True) for p in layers])
     if best is None:  # --no-sweep: the table's launch shapes alone
         best = (row["mma_default_us"], int4_mma.default_config(m, n, k))
     row["mma_us"], row["mma_config"] = best[0], list(best[1].__dict__.values())
@@ -177,6 +183,7 @@ def main() -> None:
         save()
     # A frame's products: the temporal ones 32 layers of the four shapes; the depformer's 8
     # steps of 6 layers of the last four shapes, and each step's input product (the first).
+    # mma_frame_us: the gated shapes with their gate (bf16 and the others without: a kernel more).
     per_frame = {"temporal": {shape: 32 for shape in TEMPORAL_SHAPES},
                  "depformer": {DEPFORMER_SHAPES[0]: 8} | {shape: 48 for shape in DEPFORMER_SHAPES[1:]}}
     for (part, counts), m in itertools.product(per_frame.items(), ROWS):
@@ -184,7 +191,8 @@ def main() -> None:
         if len(per) < len(counts):
             continue
         RESULTS[f"frame_{part}_ms_rows{m}"] = {col: sum(counts[r["n"], r["k"]] * r[col] for r in per) / 1000
-                                               for col in ("bf16_us", "triton_us", "mma_us", "mma_default_us")}
+                                               for col in ("bf16_us", "triton_us", "mma_us", "mma_default_us",
+                                                           "mma_frame_us")}
         print(part, m, RESULTS[f"frame_{part}_ms_rows{m}"], flush=True)
     save()
 

@@ -280,6 +280,92 @@ def test_int4_tensor_core_kernel_takes_rows_past_its_indices_in_parts(monkeypatc
     assert torch.equal(int4_mma.int4_mma_linear(x, words, scale_bias, 64).float(), expected)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the int4 tensor-core kernel is CUDA C: it has no CPU variant")
+@pytest.mark.parametrize("shape", [(48, 256), (5632, 1024), (22528, 4096)], ids=lambda shape: f"{shape[0]}x{shape[1]}")
+def test_int4_tensor_core_gate_equals_product_then_gate(shape: tuple[int, int]) -> None:
+    """The kernel's gate in its epilogue (the layer's halves interleaved) against the same
+    launch's plain product of the layer in its own order, then silu(a) * b in float64 on its
+    bf16 halves: 1 to 100 rows, the table's launch shapes and every way a block's sums are
+    added up (alone, warps sharing steps, a cluster, atomic adds turned into a cluster); within
+    the gate's one bf16 rounding. The interleaved layer's plain product comes back in order,
+    equal to the other's; and `GatedFFN` takes the gate in the kernel."""
+    from personaplex.model.kernels.int4_mma import MmaConfig, _capability, default_config, int4_mma_linear, launch_config
+
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(4)
+    out_features, in_features = shape
+    int4 = quantize_linear(random_linear(out_features, in_features, "trained-like", device, generator), "int4", 64)
+    plain, interleaved = Int4TensorCoreLinear(int4), Int4TensorCoreLinear(int4, halves_interleaved=True)
+    x = torch.randn(100, in_features, device=device, generator=generator).bfloat16()
+    others = [MmaConfig(split_k=1), MmaConfig(warps_k=2, split_k=2), MmaConfig(split_k=4, cluster_sums=False, dequantize=True)]
+    for m in (1, 2, 8, 9, 33, 64, 100):
+        for requested in (default_config(m, out_features, in_features), *others):
+            config = launch_config(m, out_features, in_features, _capability(0), requested, gated=True)
+            gated = int4_mma_linear(x[:m], interleaved.words, interleaved.scale_bias, 64, config, gated=True)
+            sums = int4_mma_linear(x[:m], plain.words, plain.scale_bias, 64, config).bfloat16().double()
+            gate, value = sums.chunk(2, dim=-1)
+            assert gated.shape == (m, out_features // 2) and gated.dtype == torch.bfloat16
+            torch.testing.assert_close(gated.double(), torch.nn.functional.silu(gate) * value, rtol=2**-7, atol=1e-6,
+                                       msg=f"{m} rows, {config}")
+        assert torch.equal(interleaved(x[:m]), plain(x[:m]))
+    ffn = layers.GatedFFN(in_features, out_features // 2, device=device, dtype=torch.bfloat16)
+    ffn.linear_in = interleaved
+    fast = ffn.gated_input(x[:3, None], Kernels())
+    sums = plain(x[:3, None]).double()
+    torch.testing.assert_close(fast.double(), torch.nn.functional.silu(sums.chunk(2, -1)[0]) * sums.chunk(2, -1)[1],
+                               rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the int4 tensor-core kernel is CUDA C: it has no CPU variant")
+def test_int4_tensor_core_output_dtype_is_what_the_compiler_is_told() -> None:
+    """`int4_mma.output_dtype` (the custom op's declared output, under torch.compile) is what
+    the kernel returns, at every tuned shape and row bucket: float32 sums exactly where atomic
+    adds sum a split K."""
+    from personaplex.model.kernels.int4_mma import _TUNED_H200, int4_mma_linear, output_dtype, sums_in_float32, MmaConfig
+
+    device = torch.device("cuda")
+    seen = set()
+    for (bucket, n, k), fields in _TUNED_H200.items():
+        words = torch.zeros(n, k // 8, dtype=torch.int32, device=device)
+        scale_bias = torch.zeros(n, 2 * k // 64, dtype=torch.float16, device=device)
+        x = torch.zeros(bucket, k, dtype=torch.bfloat16, device=device)
+        out = int4_mma_linear(x, words, scale_bias, 64)
+        assert out.dtype == output_dtype(bucket, n, k, 0, torch.bfloat16), (bucket, n, k)
+        seen.add(sums_in_float32(MmaConfig(*fields)))
+    assert seen == {False, True}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the int4 tensor-core kernel is CUDA C: it has no CPU variant")
+def test_int4_tensor_core_layers_compile_to_what_they_run_eagerly() -> None:
+    """Under torch.compile each int4 product is a custom op whose declared output the compiled
+    code reads as it is: float32 sums where atomic adds sum a split K, cast in the next kernel.
+    Compiled layers (atomic sums, a cluster's) and a gated feed-forward (the gate in the kernel)
+    with a residual add after each give what they give eagerly."""
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(5)
+
+    def tensor_core_layer(n: int, k: int, gated: bool = False) -> Int4TensorCoreLinear:
+        int4 = quantize_linear(random_linear(n, k, "trained-like", device, generator), "int4", 64)
+        return Int4TensorCoreLinear(int4, halves_interleaved=gated)
+
+    cases = [(tensor_core_layer(4096, 4096), 64), (tensor_core_layer(12288, 4096), 1)]
+    ffn = layers.GatedFFN(1024, 2816, device=device, dtype=torch.bfloat16)
+    ffn.linear_in, ffn.linear_out = tensor_core_layer(5632, 1024, gated=True), tensor_core_layer(1024, 2816)
+    for module, rows in [*cases, (ffn, 64)]:
+        x = torch.randn(rows, module.in_features if module is not ffn else 1024, device=device,
+                        generator=generator).bfloat16()
+        step = (lambda v: ffn(v, Kernels.fast()) + v) if module is ffn else (lambda v, m=module: m(v) + v[:, :1])
+        eager = step(x).double()
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)(x).double()
+        # The compiled code may add a product's float32 sums before rounding them to bf16 (one
+        # rounding where eager code has two): a bf16 rounding apart, where a wrongly declared
+        # dtype would read other bytes altogether.
+        assert ((compiled - eager).norm() / eager.norm()).item() < 2**-8
+
+
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("chunk", [8, 16])
 def test_gemv_chunked_accumulator_matches_float_math(scale: str, chunk: int) -> None:

@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personaplex.model.kernels.int4_mma import fits, from_fragment_order, kernel_source, MmaConfig, to_fragment_order
+from personaplex.model.kernels.int4_mma import (
+    MmaConfig,
+    fits,
+    from_fragment_order,
+    interleave_halves,
+    kernel_source,
+    launch_config,
+    separate_halves,
+    to_fragment_order,
+)
 
 
 def random_layer(n: int, k: int, group: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,6 +34,33 @@ def test_fragment_order_round_trips(group: int) -> None:
     assert scale_bias.shape == (48, 2 * 256 // group) and scale_bias.dtype == torch.float16
     back_codes, back_scales, back_biases = from_fragment_order(words, scale_bias)
     assert torch.equal(back_codes, codes) and torch.equal(back_scales, scales) and torch.equal(back_biases, biases)
+
+
+def test_gated_layer_puts_each_strips_gates_beside_their_values() -> None:
+    """A gated layer's rows [a; b]: each 16-row strip holds 8 rows of a then the same 8 of b, so
+    that the lane summing a's row g sums its value's too (row g + 8); the order round-trips."""
+    codes, scales, biases = random_layer(48, 128, 64)
+    rows = torch.arange(48)
+    expected = torch.cat([torch.cat([rows[8 * i:8 * i + 8], 24 + rows[8 * i:8 * i + 8]]) for i in range(3)])
+    assert torch.equal(interleave_halves(rows), expected)
+    assert torch.equal(separate_halves(interleave_halves(codes)), codes)
+    words, scale_bias = to_fragment_order(codes, scales, biases, gated=True)
+    assert torch.equal(words, to_fragment_order(interleave_halves(codes), interleave_halves(scales),
+                                                interleave_halves(biases))[0])
+    back = from_fragment_order(words, scale_bias, gated=True)
+    assert all(torch.equal(got, want) for got, want in zip(back, (codes, scales, biases)))
+
+
+def test_gated_launch_adds_up_a_split_k_where_the_gate_sees_whole_sums() -> None:
+    """The gate needs whole sums: a split K added up by atomic adds goes to the cluster (Hopper),
+    or is not split without clusters; plain products keep the table's choice."""
+    atomic = MmaConfig(split_k=4, cluster_sums=False)
+    assert launch_config(64, 5632, 1024, (9, 0), atomic) == atomic
+    assert launch_config(64, 5632, 1024, (9, 0), atomic, gated=True) == MmaConfig(split_k=4, cluster_sums=True)
+    assert launch_config(64, 5632, 1024, (8, 0), atomic, gated=True).split_k == 1
+    assert launch_config(64, 5632, 1024, (8, 0), MmaConfig(split_k=4)).cluster_sums is False
+    assert "#define GATED 1" in kernel_source(1, MmaConfig(), 64, gated=True)
+    assert "#define GATED 0" in kernel_source(1, MmaConfig(), 64)
 
 
 def test_each_code_sits_where_the_mma_fragment_reads_it() -> None:
@@ -103,6 +139,8 @@ def test_tensor_core_layer_holds_the_same_weights() -> None:
     assert torch.equal(rearranged.dequantized_weight(), layer.dequantized_weight())
     x = torch.randn(3, 256)
     assert torch.equal(rearranged(x), layer(x))  # on the CPU: float math on the dequantized weights
+    gated = Int4TensorCoreLinear(layer, halves_interleaved=True)
+    assert torch.equal(gated.dequantized_weight(), layer.dequantized_weight()) and torch.equal(gated(x), layer(x))
 
 
 def test_layers_stay_in_mlx_order_where_the_kernel_cannot_run() -> None:

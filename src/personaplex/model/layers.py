@@ -212,14 +212,17 @@ class GatedFFN(nn.Module):
         return linear(self.linear_out, self.gated_input(x, kernels), kernels)
 
     def gated_input(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-        """silu(a) * b of the first product. With `kernels.gemv`, up to GEMV_MAX_ROWS rows take
-        the GEMV with the gate in its epilogue: one launch instead of the product and the gate's
-        own kernel (32 a one-conversation frame's temporal layers)."""
+        """silu(a) * b of the first product, in one launch where a kernel has the gate in its
+        epilogue, instead of the product and the gate's own kernel: with `kernels.gemv`, the GEMV
+        up to GEMV_MAX_ROWS rows (32 a one-conversation frame's temporal layers); at any number
+        of rows, the int4 tensor-core kernel, whose layout a frame runner chose for this layer
+        (`Int4TensorCoreLinear.halves_interleaved`)."""
         rows = x.numel() // x.shape[-1]
-        operands = kernel_operands(self.linear_in) if kernels.gemv and rows <= GEMV_MAX_ROWS else None
-        # The int4 tensor-core kernel has no gate in its epilogue: the compiled frame fuses the
-        # gate into one element-wise kernel after it.
-        if operands is None or operands[3] == WeightKind.INT4_MMA or not kernels_can_run(x):
+        operands = kernel_operands(self.linear_in)
+        tensor_cores = getattr(self.linear_in, "halves_interleaved", False) and x.is_cuda
+        gemv = (kernels.gemv and rows <= GEMV_MAX_ROWS and operands is not None
+                and operands[3] != WeightKind.INT4_MMA and kernels_can_run(x))
+        if not (tensor_cores or gemv):
             return silu_gate(linear(self.linear_in, x, kernels))
         gated = cuda_op("quantized_gated_linear")(x.reshape(rows, -1).contiguous(), *operands)
         return gated.reshape(*x.shape[:-1], gated.shape[-1])

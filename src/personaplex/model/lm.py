@@ -384,7 +384,7 @@ class LMModel(nn.Module):
         if kind == WeightKind.PLAIN:
             out = linear(weight, x, kernels)
         else:
-            out = cuda_op("quantized_linear")(x.contiguous(), *self.stacked_depformer_in)
+            out = cuda_op("quantized_linear")(x.contiguous(), *self.stacked_depformer_in).to(x.dtype)
         return out.unflatten(-1, (len(self.depformer_in), -1))
 
     def stack_depformer_inputs(self) -> None:

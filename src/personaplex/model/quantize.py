@@ -28,6 +28,7 @@ from torch import nn
 
 from .formats import WEIGHT_FORMATS
 from .kernels import KernelOperands, WeightKind, cuda_op, int4_mma
+from .layers import GatedFFN
 
 WeightFormat = Literal["bf16", "fp8", "int4", "int8"]
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
@@ -139,27 +140,37 @@ class Int8Linear(AffineQuantizedLinear):
 class Int4TensorCoreLinear(nn.Module):
     """An `Int4Linear` with its codes, scales and biases rearranged for the tensor-core kernel
     (`kernels/int4_mma.py`, CUDA only): the same weights, the same bytes, another order.
-    Made by `use_int4_tensor_cores`; `dequantized_weight` reads the original order back."""
+    Made by `use_int4_tensor_cores`; `dequantized_weight` reads the original order back.
 
-    def __init__(self, layer: Int4Linear):
+    `halves_interleaved`: a gated feed-forward's first layer, its halves a, b interleaved
+    (`int4_mma.interleave_halves`) so that the kernel writes silu(a) * b itself
+    (`quantized_gated_linear`, which `GatedFFN` calls); its plain product is put back in order."""
+
+    def __init__(self, layer: Int4Linear, halves_interleaved: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
-        words, scale_bias = int4_mma.to_fragment_order(unpack_codes(layer.qweight, 4), layer.scales, layer.biases)
+        self.halves_interleaved = halves_interleaved
+        words, scale_bias = int4_mma.to_fragment_order(unpack_codes(layer.qweight, 4), layer.scales, layer.biases,
+                                                       gated=halves_interleaved)
         self.register_buffer("words", words)
         self.register_buffer("scale_bias", scale_bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes, scales, biases = int4_mma.from_fragment_order(self.words, self.scale_bias)
+        codes, scales, biases = int4_mma.from_fragment_order(self.words, self.scale_bias, gated=self.halves_interleaved)
         return dequantize_affine(pack_codes(codes, 4), scales, biases, 4, self.group_size, dtype)
 
     def kernel_operands(self) -> KernelOperands:
         return self.words, self.scale_bias, None, int(WeightKind.INT4_MMA), self.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _kernel_or_dequantized(self, x)
+        out = _kernel_or_dequantized(self, x)
+        if self.halves_interleaved and x.is_cuda:  # the kernel's outputs in the rows' interleaved order
+            out = int4_mma.separate_halves(out.movedim(-1, 0)).movedim(0, -1)
+        return out
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, group_size={self.group_size}, tensor-core order"
+        order = "tensor-core order, halves interleaved" if self.halves_interleaved else "tensor-core order"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, group_size={self.group_size}, {order}"
 
 
 # --------------------------------------------------------------------------- fp8
@@ -210,7 +221,7 @@ def _kernel_or_dequantized(layer: AffineQuantizedLinear | Int4TensorCoreLinear |
     dequantized weight."""
     if x.is_cuda:
         x2d = x.reshape(-1, layer.in_features).contiguous()
-        out = cuda_op("quantized_linear")(x2d, *layer.kernel_operands())
+        out = cuda_op("quantized_linear")(x2d, *layer.kernel_operands()).to(x.dtype)  # int4 tensor cores: maybe float32 sums
         return out.reshape(*x.shape[:-1], layer.out_features)
     return F.linear(x, layer.dequantized_weight(x.dtype))
 
@@ -291,8 +302,9 @@ def use_int4_tensor_cores(model: nn.Module, include: Callable[[str], bool] = def
     """Rearrange every `Int4Linear` whose name passes `include` (by default the temporal
     transformer's and the depformer's) for the int4 tensor-core kernel (`Int4TensorCoreLinear`),
     in place, where that kernel can run (a CUDA GPU of compute capability 8.0 or newer with
-    NVRTC; shapes of N % 16 == 0 and K % 64 == 0). Returns how many layers changed. Once a
-    layer, before any CUDA graph captures its tensors."""
+    NVRTC; shapes of N % 16 == 0 and K % 64 == 0); a `GatedFFN`'s first layer with its halves
+    interleaved, for the gate in the kernel. Returns how many layers changed. Once a layer,
+    before any CUDA graph captures its tensors."""
     names = [name for name, module in model.named_modules()
              if type(module) is Int4Linear and include(name) and int4_mma.fits(module.out_features, module.in_features)
              and int4_mma.available(module.qweight.device)]
@@ -300,5 +312,6 @@ def use_int4_tensor_cores(model: nn.Module, include: Callable[[str], bool] = def
         for name in names:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, attr, Int4TensorCoreLinear(getattr(parent, attr)))
+            gated = isinstance(parent, GatedFFN) and attr == "linear_in"
+            setattr(parent, attr, Int4TensorCoreLinear(getattr(parent, attr), halves_interleaved=gated))
     return len(names)

@@ -31,12 +31,17 @@ weights from 8 rows on. This kernel keeps the weights streaming while it multipl
     rounded once to bf16 (the Triton kernels' rounding), straight into the one set of sums.
 - **K split over the blocks of a tile**, their sums added up either in a thread-block
   cluster through distributed shared memory (`cluster_sums`, Hopper: no extra kernels) or by
-  atomic adds into a zeroed float32 buffer then cast (two more kernels, but no block waits on
-  another: faster for some shapes at 64 rows).
+  atomic adds into a zeroed float32 buffer (one more kernel, the zeroing, but no block waits on
+  another: faster for some shapes at 64 rows), returned as float32 sums for the caller to cast:
+  in a compiled frame the next kernel does it (`sums_in_float32`).
+- **The gate in the epilogue** (`gated`): a gated feed-forward's first layer holds its halves
+  a, b interleaved, 8 rows of each a strip (`interleave_halves`), so that the lane summing a's
+  row sums b's too and writes silu(a) * b: no gate kernel after the product.
 
 A frame's temporal int4 products on an H200, 2 / 8 / 32 / 64 rows (docs/PERFORMANCE.md, run
-AH): 2.76 / 3.88 / 4.94 / 5.91 ms on the Triton kernels, 1.75 / 1.81 / 2.95 / 4.14 here, cuBLAS
-reading bf16 4.01 / 3.98 / 4.05 / 4.06.
+AI, the gated ones with their gate): 2.80 / 3.90 / 4.95 / 5.93 ms on the Triton kernels, 1.76 /
+1.80 / 2.82 / 3.91 here, cuBLAS reading bf16 3.95 / 4.12 / 4.20 / 4.17 (and a gate kernel after
+each gated product).
 
 Warps split a block's 16-row strips (WARPS_N) and each 64-input chunk's four 16-input steps
 (WARPS_K, summed in shared memory at the end); blocks split N, then 64-row chunks of x, then K.
@@ -75,8 +80,8 @@ class MmaConfig:
     dequantize: bool = False
     min_blocks: int = 0  # blocks an SM the registers are capped for (0: the compiler's choice)
     # With K split: the blocks of a tile as one cluster adding up their sums in distributed
-    # shared memory, or else atomic adds into a zeroed float32 buffer then cast (two more
-    # kernels, but blocks that never wait on one another: faster at 64 rows of x).
+    # shared memory, or else atomic adds into a zeroed float32 buffer (one more kernel, but
+    # blocks that never wait on one another: faster at 64 rows of x), returned uncast.
     cluster_sums: bool = True
 
 
@@ -88,9 +93,23 @@ def fits(out_features: int, in_features: int) -> bool:
 # --------------------------------------------------------------------------- layout
 
 
-def to_fragment_order(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def interleave_halves(rows: torch.Tensor) -> torch.Tensor:
+    """A gated layer's rows [a; b] (two halves of N / 2) -> each 16-row strip 8 rows of a, then
+    the same 8 of b: the lane that sums a's row g of a strip sums b's too (row g + 8), and
+    writes silu(a) * b (the kernel's GATED epilogue)."""
+    return rows.reshape(2, rows.shape[0] // 16, 8, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
+
+
+def separate_halves(rows: torch.Tensor) -> torch.Tensor:
+    """Inverse of `interleave_halves`."""
+    return rows.reshape(rows.shape[0] // 16, 2, 8, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
+
+
+def to_fragment_order(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
+                      gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 codes uint8 [N, K] (one code a byte) and fp16 scales, biases [N, K/G] -> the
-    kernel's operands: words int32 [N, K/8] and scale_bias fp16 [N, 2K/G], which are, in memory:
+    kernel's operands: words int32 [N, K/8] and scale_bias fp16 [N, 2K/G]. `gated`: a gated
+    layer's rows, its halves interleaved first (`interleave_halves`). In memory:
 
     - words [N/16 strips][K/64 chunks][32 lanes][4 steps]: lane 4g + t's word of step s holds
       its A fragment of rows 16 strip + (g, g + 8), inputs 64 chunk + 16 s + (2t, 2t + 1,
@@ -101,6 +120,8 @@ def to_fragment_order(codes: torch.Tensor, scales: torch.Tensor, biases: torch.T
     n, k = codes.shape
     if not fits(n, k):
         raise ValueError(f"fragment order needs N % {STRIP_ROWS} == 0 and K % {CHUNK_INPUTS} == 0, got {n} x {k}")
+    if gated:
+        codes, scales, biases = interleave_halves(codes), interleave_halves(scales), interleave_halves(biases)
     # n = 16 strip + 8 h + g; k = 64 chunk + 16 step + 8 e + 2 t + p
     q = codes.to(torch.int32).reshape(n // 16, 2, 8, k // 64, 4, 2, 4, 2)
     #                                  strip h  g  chunk    step e  t  p
@@ -113,7 +134,8 @@ def to_fragment_order(codes: torch.Tensor, scales: torch.Tensor, biases: torch.T
     return words.reshape(n, k // 8).contiguous(), scale_bias.reshape(n, 2 * groups).contiguous()
 
 
-def from_fragment_order(words: torch.Tensor, scale_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def from_fragment_order(words: torch.Tensor, scale_bias: torch.Tensor,
+                        gated: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of `to_fragment_order`: -> codes uint8 [N, K], scales and biases fp16 [N, K/G]."""
     n, k = words.shape[0], words.shape[1] * 8
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
@@ -123,7 +145,8 @@ def from_fragment_order(words: torch.Tensor, scale_bias: torch.Tensor) -> tuple[
     groups = scale_bias.shape[1] // 2
     pairs = scale_bias.reshape(n // 16, groups, 8, 2, 2).permute(0, 3, 2, 1, 4)  # strip, h, g, group, (s, b)
     pairs = pairs.reshape(n, groups, 2)
-    return codes.to(torch.uint8), pairs[..., 0].contiguous(), pairs[..., 1].contiguous()
+    rows = (codes.to(torch.uint8), pairs[..., 0], pairs[..., 1])
+    return tuple((separate_halves(part) if gated else part).contiguous() for part in rows)
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -191,6 +214,17 @@ __device__ __forceinline__ u32 to_bf16_pair(float low, float high) {
     return r;
 }
 
+__device__ __forceinline__ float rounded_to_bf16(float v) {
+    return __uint_as_float((u32)to_bf16(v) << 16);
+}
+
+__device__ __forceinline__ float gated_sum(float gate, float value) {
+    // silu(a) * b of a gated layer's two halves (GATED), each first rounded to bf16 as the plain
+    // product writes them, then in float32 as the compiled frame's gate kernel computes it.
+    const float a = rounded_to_bf16(gate);
+    return a / (1.f + __expf(-a)) * rounded_to_bf16(value);
+}
+
 __device__ __forceinline__ void load_dequantize_scales(const uint2* sbs, int entry, int g, float scale[2],
                                                        float shifted_bias[2]) {
     // The affine maps of codes as `dequantize_word` reads them: 128 + q for row g, so (scale,
@@ -253,22 +287,29 @@ __device__ __forceinline__ void mma(float c[4], const u32 a[4], u32 b0, u32 b1) 
 template <bool WHOLE, typename Visit>
 __device__ __forceinline__ void visit_outputs(float (&acc)[STRIPS][M_TILES][4], int first_strip, int strips, int m0,
                                               int M, int N, int g, int t, Visit visit) {
-    // visit(index, sum) for each accumulator's output (m, n), index = m * N + n: c < 2 rows g,
-    // else g + 8 of the strip; x rows 2t + (c & 1) of tile j. WHOLE: the warp's rows of x and
-    // strips all lie inside the output, so none is skipped and each index is the lane's first
-    // plus a constant.
-    const int lane_first = (m0 + 2 * t) * N + first_strip * 16 + g;
+    // visit(index, value) for each output of the warp's accumulators, index = m * columns + n:
+    // c < 2 rows g, else g + 8 of the strip; x rows 2t + (c & 1) of tile j. GATED: row g of a
+    // strip is the gate of hidden output 8 strip + g, row g + 8 its value (to_fragment_order),
+    // so a lane holds both and visits silu(gate) * value, of N / 2 columns. WHOLE: the warp's
+    // rows of x and strips all lie inside the output, so none is skipped and each index is the
+    // lane's first plus a constant.
+    constexpr int STRIP_OUTPUTS = GATED ? 8 : 16;  // a strip's columns of the output
+    const int columns = GATED ? N / 2 : N;
+    const int lane_first = (m0 + 2 * t) * columns + first_strip * STRIP_OUTPUTS + g;
     #pragma unroll
     for (int j = 0; j < M_TILES; ++j)
         #pragma unroll
         for (int odd = 0; odd < 2; ++odd) {
-            const int row_first = lane_first + (8 * j + odd) * N;
+            const int row_first = lane_first + (8 * j + odd) * columns;
             #pragma unroll
-            for (int s = 0; s < STRIPS; ++s)
-                #pragma unroll
-                for (int half = 0; half < 2; ++half)
-                    if (WHOLE || (m0 + 8 * j + 2 * t + odd < M && first_strip + s < strips))
-                        visit(row_first + 16 * s + 8 * half, acc[s][j][2 * half + odd]);
+            for (int s = 0; s < STRIPS; ++s) {
+                if (!WHOLE && (m0 + 8 * j + 2 * t + odd >= M || first_strip + s >= strips)) continue;
+                if (GATED)
+                    visit(row_first + 8 * s, gated_sum(acc[s][j][odd], acc[s][j][2 + odd]));
+                else
+                    #pragma unroll
+                    for (int half = 0; half < 2; ++half) visit(row_first + 16 * s + 8 * half, acc[s][j][2 * half + odd]);
+            }
         }
 }
 
@@ -291,6 +332,13 @@ __device__ __forceinline__ void for_each_output(float (&acc)[STRIPS][M_TILES][4]
 #if SPLIT > 1 && CLUSTER_SUMS
 #define TILE_COLUMNS (BLOCK_STRIPS * 16)
 #define TILE_STRIDE (TILE_COLUMNS + 4)  /* floats a row of a block's sums: lanes g, 2t in different banks */
+
+__device__ __forceinline__ int tile_column(int strip, int half) {
+    // Where a block's tile of sums holds rows g (half 0) or g + 8 of a strip: each strip's 16 in
+    // order, or GATED every strip's gates (rows g) first, then every strip's values, so that
+    // the outputs a warp gates together are read from contiguous columns (no bank conflicts).
+    return GATED ? half * (TILE_COLUMNS / 2) + strip * 8 : strip * 16 + half * 8;
+}
 
 __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
@@ -527,36 +575,55 @@ extern "C" __global__ void LAUNCH_BOUNDS CLUSTER int4_mma(
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();  // every warp is done with the pipeline's shared memory
     if (warp_k == 0) {  // every sum into the block's tile; rows past M, strips past N are never read
-        float* const lane_sums = (float*)smem + 2 * t * TILE_STRIDE + warp_n * STRIPS * 16 + g;
+        float* const lane_sums = (float*)smem + 2 * t * TILE_STRIDE + g;
         #pragma unroll
         for (int s = 0; s < STRIPS; ++s)
             #pragma unroll
             for (int j = 0; j < M_TILES; ++j)
                 #pragma unroll
-                for (int c = 0; c < 4; ++c) lane_sums[(8 * j + (c & 1)) * TILE_STRIDE + 16 * s + 8 * (c >> 1)] = acc[s][j][c];
+                for (int c = 0; c < 4; ++c)
+                    lane_sums[(8 * j + (c & 1)) * TILE_STRIDE + tile_column(warp_n * STRIPS + s, c >> 1)] = acc[s][j][c];
     }
     u32 block_sums[SPLIT];  // the tiles of the cluster's blocks
     #pragma unroll
     for (int rank = 0; rank < SPLIT; ++rank) block_sums[rank] = cluster_address(smem_base, rank);
     cluster_sync();  // every block's sums are in place
-    const int columns = TILE_COLUMNS / SPLIT, first_column = blockIdx.z * columns, rows = min(X_ROWS, M - m0);
-    for (int i = tid; i < rows * columns / 2; i += THREADS) {
-        const int m = i / (columns / 2), column = first_column + 2 * (i % (columns / 2)), n = strip0 * 16 + column;
-        if (n >= N) continue;  // the last tile's strips past N
+    // Each block adds up and writes its share of the tile's outputs, taken two at a time: two
+    // columns of the tile, or GATED two hidden outputs, their gates two columns of the tile's
+    // first half and their values the same two of its second (tile_column).
+    constexpr int PAIRS = GATED ? TILE_COLUMNS / 4 : TILE_COLUMNS / 2;  // pairs of outputs a row of the tile
+    const int rows = min(X_ROWS, M - m0), items = rows * PAIRS, per_block = CEIL(items, SPLIT);
+    const int last = min(items, ((int)blockIdx.z + 1) * per_block);
+    for (int i = blockIdx.z * per_block + tid; i < last; i += THREADS) {
+        const int m = i / PAIRS, pair = i % PAIRS;
+        const int column = 2 * pair;  // GATED: the gates' (tile_column), the block's hidden outputs
+        if (GATED ? strip0 * 8 + column >= N / 2 : strip0 * 16 + column >= N) continue;  // the last tile's strips past N
         const u32 offset = (m * TILE_STRIDE + column) * 4;
-        float low = 0.f, high = 0.f;
+        float2 sum = {0.f, 0.f}, value = {0.f, 0.f};
         #pragma unroll
         for (int rank = 0; rank < SPLIT; ++rank) {
             const float2 theirs = load_from_cluster(block_sums[rank] + offset);
-            low += theirs.x;
-            high += theirs.y;
+            sum.x += theirs.x;
+            sum.y += theirs.y;
+            if (GATED) {
+                const float2 their_values = load_from_cluster(block_sums[rank] + offset + TILE_COLUMNS / 2 * 4);
+                value.x += their_values.x;
+                value.y += their_values.y;
+            }
         }
-        *(u32*)(out + (size_t)(m0 + m) * N + n) = to_bf16_pair(low, high);
+        if (GATED)
+            *(u32*)(out + (size_t)(m0 + m) * (N / 2) + strip0 * 8 + column) =
+                to_bf16_pair(gated_sum(sum.x, value.x), gated_sum(sum.y, value.y));
+        else
+            *(u32*)(out + (size_t)(m0 + m) * N + strip0 * 16 + column) = to_bf16_pair(sum.x, sum.y);
     }
     cluster_sync();  // no block leaves while another reads its shared memory
 #else
     if (warp_k == 0) for_each_output(acc, strip0 + warp_n * STRIPS, strips, m0, M, N, g, t, [&](int index, float v) {
 #if SPLIT > 1
+#if GATED
+#error "a gated product adds up a split K in the cluster (the gate needs whole sums)"
+#endif
         atomicAdd(partial_sums + index, v);
 #else
         out[index] = to_bf16(v);
@@ -567,12 +634,13 @@ extern "C" __global__ void LAUNCH_BOUNDS CLUSTER int4_mma(
 """
 
 
-def kernel_source(m_tiles: int, config: MmaConfig, group_size: int) -> str:
-    """The kernel's CUDA C for one shape of launch (its constants as #defines)."""
+def kernel_source(m_tiles: int, config: MmaConfig, group_size: int, gated: bool = False) -> str:
+    """The kernel's CUDA C for one shape of launch (its constants as #defines); `gated`: the
+    layer's halves interleaved (`to_fragment_order`), silu(a) * b written."""
     constants = dict(M_TILES=m_tiles, WARPS_N=config.warps_n, WARPS_K=config.warps_k, STRIPS=config.strips,
                      STAGES=config.stages, GROUP=group_size, SPLIT=config.split_k,
                      DEQUANTIZE=int(config.dequantize), MIN_BLOCKS=config.min_blocks,
-                     CLUSTER_SUMS=int(config.cluster_sums))
+                     CLUSTER_SUMS=int(config.cluster_sums), GATED=int(gated))
     return "".join(f"#define {name} {value}\n" for name, value in constants.items()) + _SOURCE
 
 
@@ -618,11 +686,12 @@ def _nvrtc_check(library: ctypes.CDLL, status: int) -> None:
 
 
 @functools.cache
-def kernel_cubin(m_tiles: int, config: MmaConfig, group_size: int, arch: str) -> bytes:
+def kernel_cubin(m_tiles: int, config: MmaConfig, group_size: int, arch: str, gated: bool = False) -> bytes:
     """The kernel compiled for one launch shape and GPU architecture (once a process)."""
     from torch.cuda import _utils as cuda_utils  # PyTorch's loader of the NVRTC library
 
-    return nvrtc_compile(kernel_source(m_tiles, config, group_size), "int4_mma", arch, cuda_utils._get_nvrtc_library())
+    return nvrtc_compile(kernel_source(m_tiles, config, group_size, gated), "int4_mma", arch,
+                         cuda_utils._get_nvrtc_library())
 
 
 def x_tiles(rows: int) -> int:
@@ -632,12 +701,12 @@ def x_tiles(rows: int) -> int:
 
 
 @functools.cache
-def _kernel(device: int, m_tiles: int, config: MmaConfig, group_size: int):
+def _kernel(device: int, m_tiles: int, config: MmaConfig, group_size: int, gated: bool):
     """The kernel loaded on one device, ready to launch."""
     from torch.cuda import _utils as cuda_utils  # PyTorch's loader of CUDA modules and launcher
 
     major, minor = _capability(device)
-    cubin = kernel_cubin(m_tiles, config, group_size, f"sm_{major}{minor}")
+    cubin = kernel_cubin(m_tiles, config, group_size, f"sm_{major}{minor}", gated)
     with torch.cuda.device(device):
         kernel = cuda_utils._cuda_load_module(cubin, ["int4_mma"])["int4_mma"]
         kernel.set_shared_memory_config(shared_bytes(m_tiles, config, group_size))
@@ -746,32 +815,66 @@ def _compiles_for(device: int) -> bool:
     return True
 
 
+def launch_config(m: int, n: int, k: int, capability: tuple[int, int], config: MmaConfig | None = None,
+                  gated: bool = False) -> MmaConfig:
+    """The launch shape `int4_mma_linear` takes: `config`, by default the table's
+    (`default_config`), with K's split fitted (`fit_split_k`) and as the GPU can take it
+    (`for_capability`). Gated, a split K is added up in the cluster, where the gate sees whole
+    sums, or without clusters not split."""
+    config = fit_split_k(config or default_config(m, n, k), k)
+    if gated and config.split_k > 1:
+        config = replace(config, cluster_sums=True)
+    config = for_capability(config, capability)
+    if gated and config.split_k > 1 and not config.cluster_sums:
+        config = replace(config, split_k=1)
+    return config
+
+
+def sums_in_float32(config: MmaConfig) -> bool:
+    """Whether a launch adds up its split K by atomic adds into a zeroed float32 buffer. Then
+    `int4_mma_linear` returns those float32 sums as they are and the caller casts them: in a
+    compiled frame the next kernel does it, where a cast of its own was one more kernel per
+    product (104 of a 64-row int4 frame, 0.17 ms; docs/PERFORMANCE.md, run AI)."""
+    return config.split_k > 1 and not config.cluster_sums
+
+
+def output_dtype(m: int, n: int, k: int, device: int, dtype: torch.dtype, gated: bool = False) -> torch.dtype:
+    """The dtype `int4_mma_linear` returns for x [m, k] of `dtype` and N outputs, at its default
+    launch shape: float32 where K's split is added up by atomic adds, else x's."""
+    return torch.float32 if sums_in_float32(launch_config(m, n, k, _capability(device), gated=gated)) else dtype
+
+
 def int4_mma_linear(x: torch.Tensor, words: torch.Tensor, scale_bias: torch.Tensor, group_size: int,
-                    config: MmaConfig | None = None) -> torch.Tensor:
-    """x [M, K] @ dequant(W).T -> [M, N] in x's dtype, W in fragment order (`to_fragment_order`)."""
+                    config: MmaConfig | None = None, gated: bool = False) -> torch.Tensor:
+    """x [M, K] @ dequant(W).T -> [M, N], W in fragment order (`to_fragment_order`): in x's
+    dtype, or float32 sums where K's split is added up by atomic adds (`sums_in_float32`: the
+    caller casts them). `gated`: W's two halves a, b interleaved (`to_fragment_order(...,
+    gated=True)`), and silu(a) * b written, [M, N / 2] in x's dtype."""
     m, k = x.shape
     n = words.shape[0]
+    device = device_index(x.device)
+    config = launch_config(m, n, k, _capability(device), config, gated)
+    out_dtype = torch.float32 if sums_in_float32(config) else x.dtype
+    outputs = n // 2 if gated else n
     if m == 0:
-        return x.new_empty((0, n))
+        return x.new_empty((0, outputs), dtype=out_dtype)
     most_rows = MAX_INDEX // max(n, 2 * k)
     if m > most_rows:  # more rows than the kernel's 32-bit indices of x and the output reach
-        return torch.cat([int4_mma_linear(part, words, scale_bias, group_size, config) for part in x.split(most_rows)])
-    device = device_index(x.device)
-    config = for_capability(fit_split_k(config or default_config(m, n, k), k), _capability(device))
-    split_k = config.split_k
+        parts = [int4_mma_linear(part, words, scale_bias, group_size, config, gated) for part in x.split(most_rows)]
+        return torch.cat(parts).to(out_dtype)
     m_tiles = x_tiles(m)
-    kernel = _kernel(device, m_tiles, config, group_size)
+    kernel = _kernel(device, m_tiles, config, group_size, gated)
     x16 = x.to(torch.bfloat16).contiguous()
     # The kernel writes bf16 `out`, or with atomic sums the float32 `partial_sums`: it takes
     # both pointers and writes only the one its code uses.
-    if split_k > 1 and not config.cluster_sums:
+    if sums_in_float32(config):
         out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     else:
-        out = torch.empty((m, n), device=x.device, dtype=torch.bfloat16)
+        out = torch.empty((m, outputs), device=x.device, dtype=torch.bfloat16)
     block_strips = config.warps_n * config.strips
-    grid = (math.ceil(n // STRIP_ROWS / block_strips), math.ceil(m / (m_tiles * 8)), split_k)  # z: K's slices
+    grid = (math.ceil(n // STRIP_ROWS / block_strips), math.ceil(m / (m_tiles * 8)), config.split_k)  # z: K's slices
     with torch.cuda.device(x.device):  # the launch goes to the current device's current stream
         kernel(grid=grid, block=(config.warps_n * config.warps_k * 32, 1, 1),
-               args=[x16, words, scale_bias, out, out, m, n, k, k // split_k],
+               args=[x16, words, scale_bias, out, out, m, n, k, k // config.split_k],
                shared_mem=shared_bytes(m_tiles, config, group_size))
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import GEMV_MAX_ROWS, WeightKind
-from .int4_mma import int4_mma_linear
+from . import GEMV_MAX_ROWS, WeightKind, device_index
+from .int4_mma import int4_mma_linear, output_dtype
 
 
 @dataclass(frozen=True)
@@ -463,7 +463,8 @@ def quantized_linear(
     group_size: int,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (rows contiguous) @ dequant(weight).T -> [M, N] in x's dtype.
+    """x [M, K] (rows contiguous) @ dequant(weight).T -> [M, N] in x's dtype (INT4_MMA: float32
+where its split K is added up by atomic adds, `int4_mma.sums_in_float32`; the caller casts).
 
     weight: uint8 [N, K/2] (INT4) or [N, K] (INT8), float8_e4m3fn [N, K] (FP8), a float dtype
     [N, K] (PLAIN); scales/biases: [N, K/group_size] (affine), scales float32 [N] and biases
@@ -510,13 +511,15 @@ def quantized_gated_linear(
     and its gate in one GEMV launch (one or two rows of x): [M, N / 2] in x's dtype. Arguments
     as `quantized_linear`'s; the launch shape is the plain product's, without a split of K
     (the gate needs each sum whole). In the one-row frame this removes the gate's own kernel
-    from each of the temporal layers."""
+    from each of the temporal layers. INT4_MMA (any number of rows): the int4 tensor-core
+    kernel with the gate in its epilogue, on a weight whose halves `to_fragment_order(...,
+    gated=True)` interleaved (80 gate kernels fewer in a frame, docs/PERFORMANCE.md run AI)."""
     m, k = x.shape
     n = weight.shape[0]
     if n % 2:
         raise ValueError(f"a gated product needs an even number of weight rows (two halves), got {n}")
-    if kind == WeightKind.INT4_MMA:
-        raise ValueError("the int4 tensor-core kernel has no gate in its epilogue: run the product, then the gate")
+    if kind == WeightKind.INT4_MMA:  # the layer's halves interleaved (`to_fragment_order(..., gated=True)`)
+        return int4_mma_linear(x, weight, scales, group_size, gated=True)
     config = fit_config(replace(config or default_config(kind, m, n, k), split_k=1), kind, k, group_size)
     if config.block_m != 1 or config.block_n < 2:
         raise ValueError(f"a gated product runs on the GEMV kernel with at least 2 weight rows a program, not {config}")
@@ -543,11 +546,12 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bi
     )
 
 
-def _product_op(name: str, product: Callable[..., torch.Tensor], outputs: Callable[[int], int]):
+def _product_op(name: str, product: Callable[..., torch.Tensor], outputs: Callable[[int], int],
+                sums_dtype: Callable[[torch.Tensor, int, int], torch.dtype]):
     """`product` (`quantized_linear` or `quantized_gated_linear`) with the default tiling as the
     custom op personaplex::`name`, so that torch.compile keeps each product as one opaque call
-    with a known output shape ([M, outputs(N)]) when it compiles the whole frame. `kind` is a
-    `WeightKind` value."""
+    with a known output ([M, outputs(N)] of sums_dtype(x, N, kind)) when it compiles the whole
+    frame. `kind` is a `WeightKind` value."""
 
     def op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, biases: torch.Tensor | None,
            kind: int, group_size: int) -> torch.Tensor:
@@ -555,13 +559,22 @@ def _product_op(name: str, product: Callable[..., torch.Tensor], outputs: Callab
 
     def shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, biases: torch.Tensor | None,
               kind: int, group_size: int) -> torch.Tensor:
-        return x.new_empty(x.shape[0], outputs(weight.shape[0]))
+        return x.new_empty(x.shape[0], outputs(weight.shape[0]), dtype=sums_dtype(x, weight.shape[0], kind))
 
     registered = torch.library.custom_op(f"personaplex::{name}", op, mutates_args=())
     registered.register_fake(shape)
     return registered
 
 
+def _linear_dtype(x: torch.Tensor, n: int, kind: int) -> torch.dtype:
+    """What `quantized_linear` returns: x's dtype, or for the int4 tensor-core kernel its own
+    choice (float32 sums where atomic adds sum its split K)."""
+    if kind != WeightKind.INT4_MMA:
+        return x.dtype
+    return output_dtype(x.shape[0], n, x.shape[1], device_index(x.device), x.dtype)
+
+
 # The entry points the layers call.
-quantized_linear_op = _product_op("quantized_linear", quantized_linear, lambda rows: rows)
-quantized_gated_linear_op = _product_op("quantized_gated_linear", quantized_gated_linear, lambda rows: rows // 2)
+quantized_linear_op = _product_op("quantized_linear", quantized_linear, lambda rows: rows, _linear_dtype)
+quantized_gated_linear_op = _product_op("quantized_gated_linear", quantized_gated_linear, lambda rows: rows // 2,
+                                        lambda x, n, kind: x.dtype)
