@@ -596,7 +596,7 @@ extern "C" __global__ void LAUNCH_BOUNDS CLUSTER int4_mma(
     const int last = min(items, ((int)blockIdx.z + 1) * per_block);
     for (int i = blockIdx.z * per_block + tid; i < last; i += THREADS) {
         const int m = i / PAIRS, pair = i % PAIRS;
-        const int column = 2 * pair;  // GATED: the gates' (tile_column), the block's hidden outputs
+        const int column = 2 * pair;  // GATED: the gates' column, also the block's hidden output index
         if (GATED ? strip0 * 8 + column >= N / 2 : strip0 * 16 + column >= N) continue;  // the last tile's strips past N
         const u32 offset = (m * TILE_STRIDE + column) * 4;
         float2 sum = {0.f, 0.f}, value = {0.f, 0.f};
