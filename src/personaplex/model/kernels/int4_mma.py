@@ -860,8 +860,9 @@ def int4_mma_linear(x: torch.Tensor, words: torch.Tensor, scale_bias: torch.Tens
         return x.new_empty((0, outputs), dtype=out_dtype)
     most_rows = MAX_INDEX // max(n, 2 * k)
     if m > most_rows:  # more rows than the kernel's 32-bit indices of x and the output reach
-        parts = [int4_mma_linear(part, words, scale_bias, group_size, config, gated) for part in x.split(most_rows)]
-        return torch.cat(parts).to(out_dtype)
+        # Every part at this launch shape, so every part in out_dtype.
+        return torch.cat([int4_mma_linear(part, words, scale_bias, group_size, config, gated)
+                          for part in x.split(most_rows)])
     m_tiles = x_tiles(m)
     kernel = _kernel(device, m_tiles, config, group_size, gated)
     x16 = x.to(torch.bfloat16).contiguous()

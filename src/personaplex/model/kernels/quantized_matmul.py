@@ -464,7 +464,7 @@ def quantized_linear(
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """x [M, K] (rows contiguous) @ dequant(weight).T -> [M, N] in x's dtype (INT4_MMA: float32
-where its split K is added up by atomic adds, `int4_mma.sums_in_float32`; the caller casts).
+    where its split K is added up by atomic adds, `int4_mma.sums_in_float32`; the caller casts).
 
     weight: uint8 [N, K/2] (INT4) or [N, K] (INT8), float8_e4m3fn [N, K] (FP8), a float dtype
     [N, K] (PLAIN); scales/biases: [N, K/group_size] (affine), scales float32 [N] and biases
